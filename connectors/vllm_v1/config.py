@@ -1,0 +1,106 @@
+"""Connector settings (from kv_connector_extra_config) and the namespace of a model's KV bytes.
+
+Two replicas may exchange blocks only when every input below agrees; anything that changes the
+bytes of a block without changing vLLM's block hash belongs in the namespace (DESIGN.md, Keys).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvstore.keys import Namespace, namespace_digest
+
+
+@dataclass(slots=True, frozen=True)
+class ConnectorConfig:
+    address: str = "tcp://127.0.0.1:5555"
+    timeout_ms: int = 1000  # one daemon call
+    lookup_timeout_ms: int = 200  # scheduler: give up a lookup and report a miss after this
+    lookup_wait_ms: int = 5  # scheduler: wait this long for a lookup before asking again later
+    load_timeout_ms: int = 5000  # worker: a request's whole load, after which vLLM recomputes
+    lease_ms: int = 30_000  # how long the daemon pins hits for a scheduled load
+    retry_interval_ms: int = 1000  # after a failure, skip the daemon for this long
+    epoch: int = 0  # bump to retire every block of the previous model version
+    use_shm: bool = True  # use the shared segment when on the daemon's host
+    save: bool = True  # store newly computed full blocks
+    curve_keys: str | None = None  # client keys from `kvstore keygen`
+    namespace: str = ""  # extra operator-chosen identity (e.g. a weights revision)
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
+        """Build from kv_connector_extra_config, rejecting unknown keys and bad types."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ValueError(f"unknown kvstore connector settings {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in extra.items():
+            default = getattr(cls(), key)
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"kvstore setting {key!r} must be true or false")
+            elif isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"kvstore setting {key!r} must be a non-negative integer")
+            elif value is not None and not isinstance(value, str):
+                raise ValueError(f"kvstore setting {key!r} must be a string")
+            values[key] = value
+        return cls(**values)
+
+
+def model_identity(vllm_config: Any, config: ConnectorConfig) -> dict[str, Any]:
+    """Everything that changes a block's bytes, read from vLLM's config (same in both roles)."""
+    import vllm
+
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    parallel = vllm_config.parallel_config
+    return {
+        "model": model.model,
+        "revision": model.revision,
+        "served": config.namespace,
+        "dtype": str(model.dtype),
+        "kv_cache_dtype": str(cache.cache_dtype),
+        "block_size": cache.block_size,
+        "num_layers": model.get_num_layers(parallel),
+        "num_kv_heads": model.get_num_kv_heads(parallel),
+        "head_size": model.get_head_size(),
+        "attention_backend": str(getattr(vllm_config.attention_config, "backend", None)),
+        "device": _device_kind(),
+        "tp": parallel.tensor_parallel_size,
+        "pp": parallel.pipeline_parallel_size,
+        "vllm": vllm.__version__,
+        "hash_algo": cache.prefix_caching_hash_algo,
+        # A pinned PYTHONHASHSEED changes vLLM's NONE_HASH and with it every block hash.
+        "hash_seed": os.environ.get("PYTHONHASHSEED"),
+    }
+
+
+def make_namespace(vllm_config: Any, config: ConnectorConfig, rank: int = 0) -> Namespace:
+    """The namespace of this model's blocks for one tensor/pipeline-parallel rank."""
+    identity = model_identity(vllm_config, config)
+    identity["rank"] = rank
+    return Namespace(namespace_digest(identity), config.epoch)
+
+
+def _device_kind() -> str:
+    """The device and, on CPUs, the ISA that decides how the attention backend packs pages."""
+    from vllm.platforms import current_platform
+
+    kind = str(current_platform.device_type)
+    if kind != "cpu":
+        return f"{kind}:{current_platform.get_device_name() if hasattr(current_platform, 'get_device_name') else ''}"
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    isa = [name for name in ("amx_bf16", "avx512f", "avx512_bf16", "avx2") if f" {name}" in flags]
+    return f"cpu:{platform.machine()}:{'+'.join(isa)}"

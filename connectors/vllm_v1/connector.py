@@ -1,0 +1,130 @@
+"""KVStoreConnector: vLLM's KVConnectorBase_V1, a thin facade over the scheduler and worker halves.
+
+    kv_transfer_config = {
+        "kv_connector": "KVStoreConnector",
+        "kv_connector_module_path": "connectors.vllm_v1.connector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"address": "tcp://127.0.0.1:5555"},
+    }
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from connectors.vllm_v1.config import ConnectorConfig, make_namespace
+from connectors.vllm_v1.metadata import KVStoreMetadata
+from connectors.vllm_v1.scheduler_side import SchedulerSide
+from connectors.vllm_v1.worker_side import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvstore.connector")
+
+
+class KVStoreConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        config = ConnectorConfig.from_extra(dict(extra))
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            log.warning("kvstore: set kv_load_failure_policy=recompute, or a daemon failure "
+                        "fails requests instead of recomputing them")
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            ns = make_namespace(vllm_config, config, rank=0)
+            self._scheduler = SchedulerSide(config, ns, vllm_config.cache_config.block_size)
+        else:
+            self._worker = WorkerSide(config, make_namespace(vllm_config, config, _rank()))
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is a future miss, never an error
+
+    # --- scheduler side ------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None, "scheduler hook called on a worker"
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        assert self._scheduler is not None, "scheduler hook called on a worker"
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None, "scheduler hook called on a worker"
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request,
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None, "scheduler hook called on a worker"
+        return self._scheduler.request_finished(request)
+
+    # --- worker side ---------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None, "worker hook called on the scheduler"
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None, "worker hook called on the scheduler"
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVStoreMetadata)
+        self._worker.start_load(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are asynchronous: a request runs only after its load has finished
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        return  # whole blocks are saved in wait_for_save, once every layer is written
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None, "worker hook called on the scheduler"
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVStoreMetadata)
+        self._worker.save(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None, "worker hook called on the scheduler"
+        return None, self._worker.get_finished() or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None, "worker hook called on the scheduler"
+        return self._worker.take_failed_block_ids()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
+
+
+def _rank() -> int:
+    """This worker's tensor-parallel rank (0 outside a distributed setup)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # not initialized (single process, tests)
+        return 0

@@ -1,0 +1,191 @@
+"""Scheduler-side half of the connector: decides what to load and save. Never touches tensors.
+
+Runs in vLLM's EngineCore process. Daemon calls go through one background thread, so the
+scheduler waits at most lookup_wait_ms per attempt; when a lookup is slower it answers "ask me
+again" (None), and after lookup_timeout_ms it reports a miss and vLLM recomputes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore.client import Client, LookupResult
+from kvstore.errors import KVStoreError
+from kvstore.keys import Namespace
+
+from connectors.vllm_v1.config import ConnectorConfig
+from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec, SaveSpec
+
+log = logging.getLogger("kvstore.connector")
+
+
+@dataclass(slots=True)
+class _ReqState:
+    request: Any  # vllm.v1.request.Request
+    start_block: int  # first block after vLLM's own (VRAM) prefix-cache hit
+    lookup: Future[LookupResult] | None
+    deadline_s: float  # give the lookup up after this
+    num_hit_blocks: int = 0
+    lease: int | None = None  # held by the scheduler until the load is handed to a worker
+    pool_blocks: tuple[int, int] = (0, 0)  # [start, end) blocks loaded from the pool
+    num_saved_blocks: int = 0  # blocks [0, n) already handed to the worker for saving
+
+
+class SchedulerSide:
+    def __init__(self, config: ConnectorConfig, ns: Namespace, block_size: int) -> None:
+        self.config = config
+        self.ns = ns
+        self.block_size = block_size
+        self._reqs: dict[str, _ReqState] = {}
+        self._loads: list[LoadSpec] = []
+        self._down_until_s = 0.0
+        self._local = threading.local()
+        # One thread owns the daemon socket (clients are not thread-safe).
+        self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-sched")
+
+    # --- vLLM hooks --------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        st = self._reqs.get(request.request_id)
+        start_block = num_computed_tokens // self.block_size
+        if st is None or st.start_block != start_block:
+            if st is not None:
+                self._release(st)
+            st = self._start_lookup(request, start_block)
+            self._reqs[request.request_id] = st
+        if st.lookup is not None and not self._resolve(st):
+            return None, False  # still waiting; the scheduler asks again next step
+        tokens = st.num_hit_blocks * self.block_size
+        return tokens, tokens > 0
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            return
+        if num_external_tokens == 0:
+            self._release(st)  # not chosen (or the second call after a finished load)
+            return
+        num_blocks = num_external_tokens // self.block_size
+        start, end = st.start_block, st.start_block + num_blocks
+        block_ids = blocks.get_block_ids()[0][start:end]
+        hashes = [bytes(h) for h in request.block_hashes[start:end]]
+        self._loads.append(LoadSpec(request.request_id, hashes, list(block_ids), st.lease))
+        st.lease = None  # the worker releases it after copying
+        st.pool_blocks = (start, end)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVStoreMetadata:
+        meta = KVStoreMetadata(loads=self._loads, saves=self._saves(scheduler_output))
+        self._loads = []
+        return meta
+
+    def request_finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
+        st = self._reqs.pop(request.request_id, None)
+        if st is None:
+            return False, None
+        self._release(st)
+        start, end = st.pool_blocks
+        return False, {"kvstore_pool_tokens": (end - start) * self.block_size}
+
+    def shutdown(self) -> None:
+        self._calls.shutdown(wait=False, cancel_futures=True)
+
+    # --- lookups -----------------------------------------------------------------------------
+    def _start_lookup(self, request: Any, start_block: int) -> _ReqState:
+        # Never claim the whole prompt: vLLM must compute at least one token itself.
+        end_block = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
+        now = time.monotonic()
+        st = _ReqState(request, start_block, None, now + self.config.lookup_timeout_ms / 1000)
+        if end_block <= start_block or now < self._down_until_s:
+            return st
+        hashes = [bytes(h) for h in request.block_hashes[start_block:end_block]]
+        st.lookup = self._calls.submit(self._lookup_call, hashes)
+        return st
+
+    def _resolve(self, st: _ReqState) -> bool:
+        """Settle st's lookup if it has finished or run out of time; False while still pending."""
+        assert st.lookup is not None
+        wait_futures([st.lookup], timeout=self.config.lookup_wait_ms / 1000)
+        if not st.lookup.done():
+            if time.monotonic() < st.deadline_s:
+                return False
+            st.lookup.add_done_callback(self._release_late)  # give a late lease back
+            log.warning("kvstore lookup slower than %d ms: treating as a miss",
+                        self.config.lookup_timeout_ms)
+            self._mark_down()
+        else:
+            try:
+                result = st.lookup.result()
+                st.num_hit_blocks, st.lease = result.num_hits, result.lease
+            except KVStoreError as exc:
+                log.warning("kvstore lookup failed (%s): treating as a miss", exc)
+                self._mark_down()
+        st.lookup = None
+        return True
+
+    def _lookup_call(self, hashes: list[bytes]) -> LookupResult:
+        return self._client().lookup(self.ns, hashes, lease_ms=self.config.lease_ms)
+
+    def _release(self, st: _ReqState) -> None:
+        if st.lookup is not None:
+            st.lookup.add_done_callback(self._release_late)
+            st.lookup = None
+        if st.lease is not None:
+            self._calls.submit(self._release_call, st.lease)
+            st.lease = None
+
+    def _release_late(self, fut: Future[LookupResult]) -> None:
+        if not fut.cancelled() and fut.exception() is None and fut.result().lease is not None:
+            self._calls.submit(self._release_call, fut.result().lease)
+
+    def _release_call(self, lease: int) -> None:
+        try:
+            self._client().release(lease)
+        except KVStoreError:
+            pass  # leases expire on their own
+
+    def _client(self) -> Client:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = Client(
+                self.config.address, self.config.timeout_ms / 1000,
+                curve_dir=self.config.curve_keys, use_shm=False)
+        return client
+
+    def _mark_down(self) -> None:
+        self._down_until_s = time.monotonic() + self.config.retry_interval_ms / 1000
+
+    # --- saves -------------------------------------------------------------------------------
+    def _saves(self, scheduler_output: Any) -> list[SaveSpec]:
+        """Blocks that become full this step and did not come from the pool."""
+        block_state = scheduler_output.kv_connector_block_state
+        if not self.config.save or block_state is None:
+            return []
+        saves = []
+        for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            request = st.request
+            num_full = min((request.num_computed_tokens + num_scheduled) // self.block_size,
+                           len(request.block_hashes))
+            pool_start, pool_end = st.pool_blocks
+            # Blocks loaded from the pool are there already; blocks from vLLM's own cache may not
+            # be (evicted), and the daemon skips the ones it holds without any copy.
+            indices = [i for i in range(st.num_saved_blocks, num_full)
+                       if not pool_start <= i < pool_end]
+            table = block_state.get_block_ids(req_id) if indices else None
+            if table is None:
+                continue
+            hashes = request.block_hashes
+            saves.append(SaveSpec(
+                req_id,
+                [bytes(hashes[i]) for i in indices],
+                [bytes(hashes[i - 1]) if i > 0 else None for i in indices],
+                [table[0][i] for i in indices]))
+            st.num_saved_blocks = num_full
+        return saves

@@ -1,0 +1,205 @@
+"""Worker-side half of the connector: the only code that copies KV tensors.
+
+Loads run on a background thread (vLLM schedules the request again only after get_finished
+reports it), each bounded by load_timeout_ms; whatever happens, every load is reported finished,
+with the blocks it could not fill reported as failed so vLLM recomputes them. Saves run in
+wait_for_save, after the forward pass has filled the blocks: reserve slots, copy, commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import torch
+
+from kvstore.client import Client, SlotRef
+from kvstore.errors import KVStoreError
+from kvstore.keys import Namespace
+
+from connectors.vllm_v1.blocks import PagedKV
+from connectors.vllm_v1.config import ConnectorConfig
+from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec, SaveSpec
+
+log = logging.getLogger("kvstore.connector")
+
+
+class WorkerSide:
+    def __init__(self, config: ConnectorConfig, ns: Namespace) -> None:
+        self.config = config
+        self.ns = ns
+        self.kv: PagedKV | None = None
+        self._jobs: queue.Queue[LoadSpec | None] = queue.Queue()
+        self._done: queue.Queue[tuple[str, list[int]]] = queue.Queue()
+        self._failed_block_ids: set[int] = set()
+        self._save_client: Client | None = None
+        self._save_down_until_s = 0.0
+        self._loader = threading.Thread(target=self._load_loop, name="kvstore-load", daemon=True)
+        self._pool_tensor: torch.Tensor | None = None  # the segment as uint8, for the save client
+        self._registered: set[int] = set()  # data_ptrs registered as page-locked (CUDA)
+        # (client, segment token) -> the segment as uint8; a restarted daemon has a new token
+        self._pool_tensors: dict[tuple[int, bytes], torch.Tensor] = {}
+
+    # --- vLLM hooks --------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        try:
+            self.kv = PagedKV(kv_caches)
+        except ValueError as exc:
+            log.error("kvstore connector disabled: %s", exc)  # vLLM recomputes everything
+            return
+        log.info("kvstore: %d KV layers, %d bytes per block, namespace %s",
+                 len(self.kv.layers), self.kv.block_bytes, self.ns.name.hex())
+        self._loader.start()
+
+    def start_load(self, meta: KVStoreMetadata) -> None:
+        for spec in meta.loads:
+            if self.kv is None or not self._loader.is_alive():
+                self._done.put((spec.req_id, list(spec.block_ids)))
+            else:
+                self._jobs.put(spec)
+
+    def save(self, meta: KVStoreMetadata) -> None:
+        if not meta.saves or self.kv is None or time.monotonic() < self._save_down_until_s:
+            return
+        try:
+            self._save(meta.saves)
+        except (KVStoreError, OSError) as exc:
+            # Best effort: a lost save is a future miss. Skip the daemon for a while.
+            log.warning("kvstore save skipped (%s)", exc)
+            self._save_down_until_s = time.monotonic() + self.config.retry_interval_ms / 1000
+
+    def get_finished(self) -> set[str]:
+        finished = set()
+        while True:
+            try:
+                req_id, failed = self._done.get_nowait()
+            except queue.Empty:
+                return finished
+            finished.add(req_id)
+            self._failed_block_ids.update(failed)
+
+    def take_failed_block_ids(self) -> set[int]:
+        failed, self._failed_block_ids = self._failed_block_ids, set()
+        return failed
+
+    def shutdown(self) -> None:
+        self._jobs.put(None)
+        if self._save_client is not None:
+            self._save_client.close()
+
+    # --- loads (background thread) -------------------------------------------------------------
+    def _load_loop(self) -> None:
+        client = self._new_client()
+        while (spec := self._jobs.get()) is not None:
+            num_loaded = 0
+            try:
+                num_loaded = self._load(client, spec)
+            except Exception as exc:  # anything: report and let vLLM recompute
+                log.warning("kvstore load of %s failed (%s): recomputing", spec.req_id, exc)
+            if num_loaded < len(spec.block_ids):
+                log.info("kvstore: %s loaded %d of %d blocks", spec.req_id, num_loaded,
+                         len(spec.block_ids))
+            self._done.put((spec.req_id, spec.block_ids[num_loaded:]))
+        client.close()
+
+    def _load(self, client: Client, spec: LoadSpec) -> int:
+        """Fill spec's blocks from the pool; returns how many leading blocks are now valid."""
+        assert self.kv is not None
+        deadline = time.monotonic() + self.config.load_timeout_ms / 1000
+        if client.has_shm():
+            pool = self._pool_of(client)
+            with client.pinned(self.ns, spec.hashes, spec.lease) as refs:
+                num = self._scatter_refs(pool, refs, spec.block_ids, deadline)
+                _sync(self.kv.device)  # copies must land before the lease lets the slots go
+            return num
+        staging = torch.empty((len(spec.hashes), self.kv.block_bytes), dtype=torch.uint8)
+        num = client.get_into(self.ns, spec.hashes, [row.numpy() for row in staging], spec.lease)
+        for i in range(num):
+            if time.monotonic() > deadline:
+                return i
+            self.kv.scatter(spec.block_ids[i], staging[i])
+        _sync(self.kv.device)
+        return num
+
+    def _scatter_refs(self, pool: torch.Tensor, refs: list[SlotRef], block_ids: list[int],
+                      deadline: float) -> int:
+        assert self.kv is not None
+        for i, (ref, block_id) in enumerate(zip(refs, block_ids)):
+            if ref.nbytes != self.kv.block_bytes or time.monotonic() > deadline:
+                if ref.nbytes != self.kv.block_bytes:
+                    log.error("kvstore: pooled block of %d bytes, expected %d: namespace clash?",
+                              ref.nbytes, self.kv.block_bytes)
+                return i
+            self.kv.scatter(block_id, pool[ref.slot:ref.slot + ref.nbytes])
+        return len(refs)
+
+    # --- saves (vLLM's worker thread) ------------------------------------------------------------
+    def _save(self, saves: list[SaveSpec]) -> None:
+        assert self.kv is not None
+        if self._save_client is None:
+            self._save_client = self._new_client()
+        client = self._save_client
+        hashes = [h for s in saves for h in s.hashes]
+        parents = [p for s in saves for p in s.parents]
+        block_ids = [b for s in saves for b in s.block_ids]
+        if client.has_shm():
+            pool = self._pool_of(client)
+            refs, _ = client.reserve(self.ns, [(h, p, self.kv.block_bytes)
+                                               for h, p in zip(hashes, parents)])
+            written = []
+            try:
+                for block_hash, block_id, ref in zip(hashes, block_ids, refs):
+                    if ref is not None:
+                        self.kv.gather(block_id, pool[ref.slot:ref.slot + ref.nbytes])
+                        written.append((block_hash, ref))
+                _sync(self.kv.device)
+            except BaseException:
+                client.abort(self.ns, written)
+                raise
+            if written:
+                client.commit(self.ns, written)
+            return
+        # Another host: gather into a staging buffer and send it as frames.
+        staging = torch.empty((len(block_ids), self.kv.block_bytes), dtype=torch.uint8)
+        for row, block_id in zip(staging, block_ids):
+            self.kv.gather(block_id, row)
+        _sync(self.kv.device)
+        client.put(self.ns, [(h, p, row.numpy()) for h, p, row in zip(hashes, parents, staging)])
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _new_client(self) -> Client:
+        return Client(self.config.address, self.config.timeout_ms / 1000,
+                      curve_dir=self.config.curve_keys, use_shm=self.config.use_shm)
+
+    def _pool_of(self, client: Client) -> torch.Tensor:
+        """The client's mapped segment as a uint8 tensor (page-locked for DMA under CUDA)."""
+        assert client.pool is not None
+        key = (id(client), client.pool.token)
+        tensor = self._pool_tensors.get(key)
+        if tensor is None:
+            tensor = torch.frombuffer(client.pool.buffer, dtype=torch.uint8)
+            self._pool_tensors[key] = tensor
+            if self.kv is not None and self.kv.device.type == "cuda":
+                _register_host_memory(tensor, self._registered)
+        return tensor
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _register_host_memory(tensor: torch.Tensor, registered: set[int]) -> None:
+    """cudaHostRegister the mapped segment once, so GPU copies to slots are DMA, not staged."""
+    ptr = tensor.data_ptr()
+    if ptr in registered:
+        return
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(ptr, tensor.numel(), 0)
+    if int(err) != 0:
+        log.warning("kvstore: cudaHostRegister of the pool failed (%s); copies will be staged", err)
+        return
+    registered.add(ptr)

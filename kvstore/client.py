@@ -1,0 +1,367 @@
+"""The daemon's client: a DEALER socket with a deadline on every call, reconnect, batching, and,
+on the daemon's host, direct access to pool slots through the shared segment.
+
+Not thread-safe: give each thread its own Client. Any failure to get an answer in time raises
+ServerUnavailable, which callers treat as a miss; the next call reconnects and says HELLO again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from kvstore import protocol
+from kvstore.errors import ProtocolError, ServerError, ServerUnavailable, VersionMismatch
+from kvstore.keys import BlockHash, Namespace, SlotId
+from kvstore.pool import Pool
+from kvstore.protocol import Op
+
+_LINGER_MS = 0  # a dead daemon must not make close() or Context.term() hang
+_SNDHWM = 1000  # requests queued while disconnected; beyond this send fails fast
+_CONNECT_TIMEOUT_MS = 1000  # give up a TCP connect attempt after this, then retry
+_RECONNECT_IVL_MS = 100  # fast rejoin after a daemon restart
+_RECONNECT_IVL_MAX_MS = 1000
+
+Buffer = Any  # anything exporting a writable (or readable, for puts) buffer: memoryview, numpy
+
+
+@dataclass(slots=True, frozen=True)
+class LookupResult:
+    num_hits: int
+    lease: int | None
+
+
+@dataclass(slots=True, frozen=True)
+class PutResult:
+    num_stored: int
+    num_present: int
+    num_full: int
+
+
+@dataclass(slots=True, frozen=True)
+class SlotRef:
+    """A reserved or pinned slot of the shared segment: where a block's bytes live."""
+
+    slot: SlotId
+    nbytes: int
+
+
+class Client:
+    """One connection to one daemon."""
+
+    def __init__(self, address: str, timeout_s: float = 1.0, *, ctx: zmq.Context | None = None,
+                 curve_dir: str | Path | None = None, use_shm: bool = True) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.use_shm = use_shm
+        self._ctx = ctx or zmq.Context.instance()
+        self._curve = _load_client_keys(Path(curve_dir)) if curve_dir else None
+        self._ids = itertools.count(1)
+        self._sock: zmq.Socket | None = None
+        self._hello: dict[str, Any] | None = None
+        self.pool: Pool | None = None  # the daemon's segment, when on its host
+
+    # --- connection ------------------------------------------------------------------------
+    def connect(self) -> dict[str, Any]:
+        """Say HELLO (connecting if needed) and attach the segment when on the daemon's host."""
+        if self._sock is None:
+            self._sock = self._new_socket()
+        reply = self._call(protocol.encode_request(Op.HELLO, next(self._ids),
+                                                   version=protocol.VERSION))
+        self._hello = reply
+        if self.pool is not None and self.pool.token != reply["token"]:
+            self.pool.close()  # the daemon restarted with a new segment
+            self.pool = None
+        if self.use_shm and self.pool is None:
+            self.pool = Pool.attach(reply["segment"], reply["token"])
+        return reply
+
+    @property
+    def is_local(self) -> bool:
+        """Whether slots are reachable through shared memory (same host as the daemon)."""
+        return self.pool is not None
+
+    def has_shm(self) -> bool:
+        """Connect if needed; True when the shared segment is attached (same host)."""
+        return self._shm_ready()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(_LINGER_MS)
+            self._sock = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        self._hello = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    # --- small calls -----------------------------------------------------------------------
+    def ping(self) -> float:
+        """Round-trip time in seconds."""
+        start = time.perf_counter()
+        self._request(Op.PING)
+        return time.perf_counter() - start
+
+    def lookup(self, ns: Namespace, hashes: Sequence[bytes], lease_ms: int = 0) -> LookupResult:
+        """How many of hashes are stored as a consecutive prefix; lease_ms > 0 pins them."""
+        reply = self._request(Op.LOOKUP, ns=ns, hashes=list(hashes), lease_ms=lease_ms)
+        return LookupResult(reply["num_hits"], reply["lease"])
+
+    def release(self, lease: int) -> bool:
+        return bool(self._request(Op.RELEASE, lease=lease)["released"])
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._request(Op.STATS)["stats"])
+
+    def invalidate(self, name: bytes, below_epoch: int | None = None) -> int:
+        return int(self._request(Op.INVALIDATE, name=name, below_epoch=below_epoch)["num_dropped"])
+
+    # --- reads -----------------------------------------------------------------------------
+    def get_into(self, ns: Namespace, hashes: Sequence[bytes], dests: Sequence[Buffer],
+                 lease: int | None = None) -> int:
+        """Copy the stored prefix of hashes into dests (one buffer per block); returns how many.
+
+        Same host: one memcpy per block straight from the slot. Other hosts: the payload frames
+        are received directly into dests, with no intermediate buffer.
+        """
+        if len(dests) < len(hashes):
+            raise ValueError("need one destination buffer per hash")
+        if self._shm_ready():
+            with self.pinned(ns, hashes, lease) as refs:
+                assert self.pool is not None
+                for ref, dest in zip(refs, dests):
+                    _as_bytes(dest)[:ref.nbytes] = self.pool.view(ref.slot, ref.nbytes)
+                return len(refs)
+        header = protocol.encode_request(Op.GET, next(self._ids), ns=ns, hashes=list(hashes),
+                                         lease=lease, shm=False)
+        return self._call(header, dests=[_as_bytes(d) for d in dests])["num_hits"]
+
+    def get(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None = None) -> list[bytes]:
+        """The stored prefix of hashes as bytes (a copy; use get_into or pinned on hot paths)."""
+        if self._shm_ready():
+            with self.pinned(ns, hashes, lease) as refs:
+                assert self.pool is not None
+                return [bytes(self.pool.view(r.slot, r.nbytes)) for r in refs]
+        header = protocol.encode_request(Op.GET, next(self._ids), ns=ns, hashes=list(hashes),
+                                         lease=lease, shm=False)
+        reply = self._call(header, dests=None)
+        return reply.get("blocks", [])  # a miss carries no payload frames, hence no "blocks"
+
+    @contextmanager
+    def pinned(self, ns: Namespace, hashes: Sequence[bytes],
+               lease: int | None = None) -> Iterator[list[SlotRef]]:
+        """Slot references of the stored prefix, pinned until the block exits (same host only).
+
+        Read them with self.pool.view(ref.slot, ref.nbytes): zero-copy access to the pool.
+        """
+        if not self._shm_ready():
+            raise RuntimeError("pinned() needs the daemon's shared segment (same host)")
+        reply = self._request(Op.GET, ns=ns, hashes=list(hashes), lease=lease, shm=True,
+                              token=self._token())
+        refs = [SlotRef(SlotId(s), n) for s, n in zip(reply["slots"], reply["sizes"])]
+        try:
+            yield refs
+        finally:
+            if reply["lease"] is not None:
+                try:
+                    self.release(reply["lease"])
+                except ServerUnavailable:
+                    pass  # the lease expires on its own
+
+    # --- writes ----------------------------------------------------------------------------
+    def put(self, ns: Namespace, blocks: Sequence[tuple[bytes, bytes | None, Buffer]]) -> PutResult:
+        """Store (hash, parent_hash, bytes) blocks, root first; blocks already stored are skipped."""
+        if self._shm_ready():
+            return self._put_shm(ns, blocks)
+        views = [memoryview(data).cast("B") for _, _, data in blocks]
+        header = protocol.encode_request(
+            Op.PUT, next(self._ids), ns=ns, blocks=[[h, p] for h, p, _ in blocks],
+            sizes=[len(v) for v in views])
+        payload = [c for v in views for c in protocol.chunk(v)]
+        reply = self._call(header, payload=payload)
+        return PutResult(reply["num_stored"], reply["num_present"], reply["num_full"])
+
+    def reserve(self, ns: Namespace,
+                blocks: Sequence[tuple[bytes, bytes | None, int]]) -> tuple[list[SlotRef | None], int]:
+        """Two-phase write, step 1 (same host): a slot per (hash, parent, nbytes), or None."""
+        if self._hello is None:
+            self.connect()  # the request carries the token HELLO hands out
+        reply = self._request(Op.RESERVE, ns=ns, blocks=[list(b) for b in blocks],
+                              token=self._token())
+        refs = [None if s is None else SlotRef(SlotId(s), b[2])
+                for s, b in zip(reply["slots"], blocks)]
+        return refs, reply["num_full"]
+
+    def commit(self, ns: Namespace, written: Sequence[tuple[bytes, SlotRef]]) -> int:
+        """Two-phase write, step 2: make written slots readable; returns how many committed."""
+        reply = self._request(Op.COMMIT, ns=ns, blocks=[[h, r.slot] for h, r in written])
+        return int(reply["num_done"])
+
+    def abort(self, ns: Namespace, reserved: Sequence[tuple[bytes, SlotRef]]) -> int:
+        reply = self._request(Op.ABORT, ns=ns, blocks=[[h, r.slot] for h, r in reserved])
+        return int(reply["num_done"])
+
+    def _put_shm(self, ns: Namespace,
+                 blocks: Sequence[tuple[bytes, bytes | None, Buffer]]) -> PutResult:
+        views = [memoryview(data).cast("B") for _, _, data in blocks]
+        refs, num_full = self.reserve(ns, [(h, p, len(v)) for (h, p, _), v in
+                                           zip(blocks, views)])
+        written = []
+        assert self.pool is not None
+        try:
+            for (block_hash, _, _), view, ref in zip(blocks, views, refs):
+                if ref is not None:
+                    self.pool.view(ref.slot, ref.nbytes)[:] = view
+                    written.append((block_hash, ref))
+        except BaseException:
+            self.abort(ns, written)
+            raise
+        num_stored = self.commit(ns, written) if written else 0
+        return PutResult(num_stored, len(blocks) - len(written) - num_full, num_full)
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _shm_ready(self) -> bool:
+        if self._hello is None:
+            self.connect()
+        return self.pool is not None
+
+    def _token(self) -> bytes:
+        assert self._hello is not None
+        return bytes(self._hello["token"])
+
+    def _request(self, op: Op, **fields: Any) -> dict[str, Any]:
+        if self._hello is None:
+            self.connect()
+        try:
+            return self._call(protocol.encode_request(op, next(self._ids), **fields))
+        except ServerError as exc:
+            if exc.code != "stale_segment":
+                raise
+        # The daemon restarted between calls: re-attach and retry once with the new token.
+        self.connect()
+        if "token" in fields:
+            fields["token"] = self._token()
+        return self._call(protocol.encode_request(op, next(self._ids), **fields))
+
+    def _call(self, header: bytes, payload: Sequence[Any] = (),
+              dests: list[memoryview] | None = None) -> dict[str, Any]:
+        """Send one request and wait for its reply until the deadline (Lazy Pirate)."""
+        if self._sock is None:
+            self._sock = self._new_socket()
+        req_id = protocol.decode_header(header)["id"]
+        sock = self._sock
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            sock.send_multipart([header, *payload], copy=False)
+            while True:
+                remaining_ms = int((deadline - time.monotonic()) * 1000)
+                if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
+                    break
+                reply = self._receive(sock, req_id, dests)
+                if reply is not None:
+                    return _check(reply)
+        except zmq.ZMQError as exc:
+            self._reset()
+            raise ServerUnavailable(f"{self.address}: {exc.strerror}") from None
+        self._reset()
+        raise ServerUnavailable(f"no reply from {self.address} within {self.timeout_s:.3g} s")
+
+    def _receive(self, sock: zmq.Socket, req_id: int,
+                 dests: list[memoryview] | None) -> dict[str, Any] | None:
+        """Read one whole reply; None if it answered an earlier, abandoned request."""
+        reply = protocol.decode_header(sock.recv())
+        if reply.get("id") != req_id:
+            _drain(sock)
+            return None
+        sizes = reply.get("sizes") or []
+        if not sock.getsockopt(zmq.RCVMORE):
+            return reply
+        if dests is None:  # get(): collect copies
+            blocks = [bytes(_recv_block(sock, memoryview(bytearray(n)), n)) for n in sizes]
+            reply["blocks"] = blocks
+        else:
+            for n, dest in zip(sizes, dests):
+                if len(dest) < n:
+                    _drain(sock)
+                    raise ValueError(f"destination buffer of {len(dest)} bytes < block of {n}")
+                _recv_block(sock, dest, n)
+        _drain(sock)
+        return reply
+
+    def _new_socket(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, _LINGER_MS)
+        sock.setsockopt(zmq.SNDHWM, _SNDHWM)
+        sock.setsockopt(zmq.RCVTIMEO, int(self.timeout_s * 1000))
+        sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, _CONNECT_TIMEOUT_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a peer that is not connected
+        if self._curve is not None:
+            public, secret, server = self._curve
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server
+        sock.connect(self.address)
+        return sock
+
+    def _reset(self) -> None:
+        """Drop the socket (and any late replies queued on it); the next call starts afresh."""
+        if self._sock is not None:
+            self._sock.close(_LINGER_MS)
+        self._sock = None
+        self._hello = None
+
+
+def _check(reply: dict[str, Any]) -> dict[str, Any]:
+    if reply.get("ok"):
+        return reply
+    code, msg = str(reply.get("error")), str(reply.get("msg"))
+    if code == "version":
+        raise VersionMismatch(code, msg)
+    raise ServerError(code, msg)
+
+
+def _recv_block(sock: zmq.Socket, dest: memoryview, nbytes: int) -> memoryview:
+    """Receive one block's frames straight into dest[:nbytes]."""
+    offset = 0
+    while offset < nbytes:
+        if not sock.getsockopt(zmq.RCVMORE):
+            raise ProtocolError("reply ended before a block was complete")
+        want = min(protocol.CHUNK_BYTES, nbytes - offset)
+        got = sock.recv_into(dest[offset:offset + want])
+        if got != want:
+            raise ProtocolError(f"payload frame of {got} bytes, expected {want}")
+        offset += got
+    return dest[:nbytes]
+
+
+def _drain(sock: zmq.Socket) -> None:
+    while sock.getsockopt(zmq.RCVMORE):
+        sock.recv()
+
+
+def _as_bytes(buf: Buffer) -> memoryview:
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _load_client_keys(keys: Path) -> tuple[bytes, bytes, bytes]:
+    from zmq.auth import load_certificate
+
+    public, secret = load_certificate(keys / "client.key_secret")
+    server_public, _ = load_certificate(keys / "server.key")
+    if secret is None:
+        raise ValueError(f"{keys / 'client.key_secret'} holds no secret key")
+    return public, secret, server_public

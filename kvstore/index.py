@@ -1,0 +1,160 @@
+"""Bookkeeping of stored blocks: key -> entry, parent links, pins (leases), reservations, expiry.
+
+Pure: no sockets, no memory, no clock of its own (callers pass `now`). The Store decides what to
+evict and allocate; this module only keeps the records consistent.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from kvstore.keys import BlockHash, Key, Namespace, SlotId
+
+
+class State(enum.Enum):
+    RESERVED = 1  # slot taken, bytes being written; invisible to readers
+    COMMITTED = 2  # readable
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    key: Key
+    slot: SlotId
+    nbytes: int
+    parent_hash: BlockHash | None
+    state: State
+    deadline_s: float  # RESERVED: abandon deadline; COMMITTED: TTL expiry (inf without TTL)
+    parent: Entry | None = None  # set at commit when the parent is resident
+    num_children: int = 0  # committed resident children linked to this entry
+    num_pins: int = 0
+    num_hits: int = 0
+    is_live: bool = True  # False once removed from the table; the slot may still be pinned
+
+    @property
+    def is_evictable(self) -> bool:
+        return (
+            self.is_live and self.state is State.COMMITTED
+            and self.num_pins == 0 and self.num_children == 0
+        )
+
+
+@dataclass(slots=True)
+class Lease:
+    entries: list[Entry]
+    deadline_s: float
+
+
+@dataclass(slots=True)
+class Index:
+    """All records of the pool, by namespace then block hash."""
+
+    tables: dict[Namespace, dict[BlockHash, Entry]] = field(default_factory=dict)
+    leases: dict[int, Lease] = field(default_factory=dict)
+    _lease_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    _lease_heap: list[tuple[float, int]] = field(default_factory=list)
+    _reserve_heap: list[tuple[float, int, Entry]] = field(default_factory=list)
+    _ttl_heap: list[tuple[float, int, Entry]] = field(default_factory=list)
+    _seq: Iterator[int] = field(default_factory=itertools.count)
+    num_entries: int = 0
+
+    def get(self, key: Key) -> Entry | None:
+        table = self.tables.get(key[0])
+        return table.get(key[1]) if table else None
+
+    def prefix(self, ns: Namespace, hashes: Iterable[BlockHash], now: float) -> list[Entry]:
+        """Committed, unexpired entries matching hashes as a consecutive prefix."""
+        table = self.tables.get(ns)
+        found: list[Entry] = []
+        if not table:
+            return found
+        for block_hash in hashes:
+            entry = table.get(block_hash)
+            if entry is None or entry.state is not State.COMMITTED or entry.deadline_s <= now:
+                break
+            found.append(entry)
+        return found
+
+    def add_reserved(self, key: Key, slot: SlotId, nbytes: int,
+                     parent_hash: BlockHash | None, deadline_s: float) -> Entry:
+        assert self.get(key) is None, f"key already present: {key!r}"
+        entry = Entry(key, slot, nbytes, parent_hash, State.RESERVED, deadline_s)
+        self.tables.setdefault(key[0], {})[key[1]] = entry
+        self.num_entries += 1
+        heapq.heappush(self._reserve_heap, (deadline_s, next(self._seq), entry))
+        return entry
+
+    def commit(self, entry: Entry, expiry_s: float) -> None:
+        """Make a reserved entry readable and link it under its resident parent."""
+        assert entry.state is State.RESERVED and entry.is_live, "commit of a non-reserved entry"
+        entry.state = State.COMMITTED
+        entry.deadline_s = expiry_s
+        if entry.parent_hash is not None:
+            parent = self.get((entry.key[0], entry.parent_hash))
+            if parent is not None and parent.state is State.COMMITTED:
+                entry.parent = parent
+                parent.num_children += 1
+        if expiry_s != float("inf"):
+            heapq.heappush(self._ttl_heap, (expiry_s, next(self._seq), entry))
+
+    def detach(self, entry: Entry) -> None:
+        """Remove an entry from the table; its slot is freed by the caller once unpinned."""
+        assert entry.is_live, "detach of a dead entry"
+        table = self.tables[entry.key[0]]
+        del table[entry.key[1]]
+        if not table:
+            del self.tables[entry.key[0]]
+        self.num_entries -= 1
+        entry.is_live = False
+        if entry.parent is not None:
+            entry.parent.num_children -= 1
+            entry.parent = None
+
+    def pin(self, entries: list[Entry], deadline_s: float) -> int:
+        """Pin entries under a new lease until deadline_s; returns the lease id."""
+        lease_id = next(self._lease_ids)
+        for entry in entries:
+            entry.num_pins += 1
+        self.leases[lease_id] = Lease(entries, deadline_s)
+        heapq.heappush(self._lease_heap, (deadline_s, lease_id))
+        return lease_id
+
+    def unpin(self, lease_id: int) -> list[Entry] | None:
+        """Drop a lease; returns its entries, or None when the lease is unknown or expired."""
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            return None
+        for entry in lease.entries:
+            entry.num_pins -= 1
+            assert entry.num_pins >= 0, "negative pin count"
+        return lease.entries
+
+    def expired_leases(self, now: float) -> list[int]:
+        """Ids of leases past their deadline (still held; the caller unpins them)."""
+        expired = []
+        while self._lease_heap and self._lease_heap[0][0] <= now:
+            _, lease_id = heapq.heappop(self._lease_heap)
+            if lease_id in self.leases:
+                expired.append(lease_id)
+        return expired
+
+    def expired_reservations(self, now: float) -> list[Entry]:
+        """Reserved entries past their abandon deadline."""
+        return self._pop_due(self._reserve_heap, now, State.RESERVED)
+
+    def expired_entries(self, now: float) -> list[Entry]:
+        """Committed entries past their TTL."""
+        return self._pop_due(self._ttl_heap, now, State.COMMITTED)
+
+    @staticmethod
+    def _pop_due(heap: list[tuple[float, int, Entry]], now: float, state: State) -> list[Entry]:
+        due = []
+        while heap and heap[0][0] <= now:
+            deadline_s, _, entry = heapq.heappop(heap)
+            # Stale heap rows (entry since committed, removed or re-dated) are skipped.
+            if entry.is_live and entry.state is state and entry.deadline_s == deadline_s:
+                due.append(entry)
+        return due

@@ -1,0 +1,310 @@
+"""The kvstore wire protocol: frames, messages, limits and their validation. No sockets here.
+
+Transport
+    ZeroMQ DEALER (client) -> ROUTER (daemon), over tcp:// or ipc://. Every message is multipart:
+
+        frame 0      msgpack map, the header: {"v": VERSION, "op": Op, "id": request id, ...}
+        frames 1..n  raw payload bytes (only PUT requests and TCP GET replies carry any)
+
+    KV bytes never travel inside msgpack, and nothing is ever pickled. The ROUTER prepends the
+    peer identity; replies go back with the same identity and echo the request id, so a client may
+    pipeline many requests and match replies by id.
+
+Payload chunking
+    A block's bytes are split into frames of at most CHUNK_BYTES (the last one shorter), because
+    ZeroMQ's throughput falls several-fold for single frames of tens of MiB. Block i of sizes[i]
+    bytes therefore takes ceil(sizes[i] / CHUNK_BYTES) consecutive frames. num_frames() computes it.
+
+Lifecycle
+    HELLO first: the client sends its version; a daemon of another version answers the error
+    "version". The reply names the shared-memory segment and a random token written into the
+    segment's header page: a client that can open the segment and read the same token is on the
+    same host and may use slot references instead of payload frames (the shared-memory path).
+    Every shared-memory request carries that token; after a daemon restart the token changes, the
+    daemon answers "stale_segment" and the client says HELLO again and re-attaches.
+
+Messages (request fields -> reply fields; every reply has "ok": true and echoes "id")
+    HELLO      {version}                          -> {version, segment, segment_bytes, token,
+                                                      page_bytes, chunk_bytes}
+    PING       {}                                 -> {}
+    LOOKUP     {ns, hashes, lease_ms}             -> {num_hits, lease}
+               How many of hashes (chained, root first) are stored as a consecutive prefix. With
+               lease_ms > 0 the hits are pinned for that long (lease = id, or nil when num_hits is
+               0), so eviction cannot take them before they are read. lease_ms = 0 changes nothing.
+    GET        {ns, hashes, lease, shm, token}    -> {num_hits, sizes, lease, slots}
+               Reads the stored prefix of hashes; with a lease id from LOOKUP, reads under it.
+               shm=false: the bytes follow as payload frames. shm=true: slots lists the byte
+               offset of each block in the segment, pinned under lease until RELEASE or expiry.
+    RESERVE    {ns, blocks: [[hash, parent, nbytes]...], token}
+                                                  -> {slots, num_full}
+               Two-phase write, step 1 (shared memory only): a slot offset per block, nil where
+               the block is already stored or being written, or the pool is full (num_full counts
+               those). A reserved slot is invisible to readers and reclaimed after a deadline.
+    COMMIT     {ns, blocks: [[hash, slot]...]}    -> {num_done}   step 2: make written slots readable
+    ABORT      {ns, blocks: [[hash, slot]...]}    -> {num_done}   give reserved slots back
+    PUT        {ns, blocks: [[hash, parent]...], sizes} + payload frames
+                                                  -> {num_stored, num_present, num_full}
+               The TCP write: reserve, copy and commit in one message, for clients on other hosts.
+    RELEASE    {lease}                            -> {released}
+    STATS      {}                                 -> {stats: map}
+    INVALIDATE {name, below_epoch}                -> {num_dropped}
+               Drop every block of a namespace name (all epochs), or only epochs < below_epoch.
+
+    ns is [name (bin, <= 64 bytes), epoch (int >= 0)]; hashes are bin (1..64 bytes); parent is a
+    hash or nil.
+
+Errors
+    {"ok": false, "id": id or nil, "error": code, "msg": text}. Codes: "version", "bad_request"
+    (the request broke this spec; the daemon logs it and keeps serving), "stale_segment",
+    "too_large" (a block larger than one page), "busy". Nothing a client sends can crash the
+    daemon, leak a slot, or grow its memory past the bounds in this module.
+
+Versioning
+    VERSION changes whenever a message changes meaning. There is no negotiation: both ends must
+    run the same version, and HELLO says so clearly when they don't.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from kvstore.errors import ProtocolError
+from kvstore.keys import MAX_HASH_BYTES, MAX_NAME_BYTES, BlockHash, Namespace
+
+VERSION = 1
+CHUNK_BYTES = 4 * 1024 * 1024  # ZeroMQ moves 2-4 MiB frames ~4x faster than 32 MiB ones
+MAX_HEADER_BYTES = 1 << 20  # 8192 hashes of 64 bytes plus overhead fit easily
+MAX_BLOCKS = 8192  # per request; a 128k-token prompt at block size 16
+MAX_LEASE_MS = 600_000
+
+
+class Op(enum.IntEnum):
+    HELLO = 1
+    PING = 2
+    LOOKUP = 3
+    GET = 4
+    RESERVE = 5
+    COMMIT = 6
+    ABORT = 7
+    PUT = 8
+    RELEASE = 9
+    STATS = 10
+    INVALIDATE = 11
+
+
+@dataclass(slots=True, frozen=True)
+class Request:
+    """A decoded, validated request. Fields not used by op keep their defaults."""
+
+    op: Op
+    req_id: int
+    version: int = VERSION
+    ns: Namespace | None = None
+    hashes: tuple[BlockHash, ...] = ()
+    parents: tuple[BlockHash | None, ...] = ()
+    sizes: tuple[int, ...] = ()
+    slots: tuple[int, ...] = ()
+    lease: int | None = None
+    lease_ms: int = 0
+    shm: bool = False
+    token: bytes = b""
+    name: bytes = b""
+    below_epoch: int | None = None
+
+
+def num_frames(nbytes: int) -> int:
+    """How many payload frames carry a block of nbytes."""
+    return max(1, -(-nbytes // CHUNK_BYTES))
+
+
+def chunk(view: memoryview) -> list[memoryview]:
+    """Split one block's bytes into payload frames (views, no copy)."""
+    if len(view) <= CHUNK_BYTES:
+        return [view]
+    return [view[i:i + CHUNK_BYTES] for i in range(0, len(view), CHUNK_BYTES)]
+
+
+def pack(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def encode_request(op: Op, req_id: int, **fields: Any) -> bytes:
+    """The header frame of a request; fields use the wire names of the module docstring."""
+    header = {"v": VERSION, "op": int(op), "id": req_id}
+    if "ns" in fields and isinstance(fields["ns"], Namespace):
+        fields["ns"] = [fields["ns"].name, fields["ns"].epoch]
+    header.update(fields)
+    return pack(header)
+
+
+def encode_reply(req_id: int | None, **fields: Any) -> bytes:
+    return pack({"v": VERSION, "id": req_id, "ok": True, **fields})
+
+
+def encode_error(req_id: int | None, code: str, msg: str) -> bytes:
+    return pack({"v": VERSION, "id": req_id, "ok": False, "error": code, "msg": msg})
+
+
+def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
+    """Unpack a header frame into a map; raises ProtocolError on anything else."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True,
+                                 max_bin_len=MAX_HEADER_BYTES, max_array_len=MAX_BLOCKS * 3)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"header is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a msgpack map")
+    return header
+
+
+def decode_request(frames: list[bytes | memoryview]) -> Request:
+    """Validate a request's frames (header first) into a Request; raises ProtocolError."""
+    if not frames:
+        raise ProtocolError("empty message")
+    h = decode_header(frames[0])
+    req_id = _int(h, "id", lo=0, hi=2**63)
+    try:
+        op = Op(_int(h, "op", lo=1, hi=len(Op)))
+    except ValueError:
+        raise ProtocolError(f"unknown op {h.get('op')!r}") from None
+    decoder = _DECODERS[op]
+    fields = decoder(h)
+    num_payload = len(frames) - 1
+    expected = sum(num_frames(n) for n in fields.get("sizes", ())) if op is Op.PUT else 0
+    if num_payload != expected:
+        raise ProtocolError(f"{op.name} carries {num_payload} payload frames, expected {expected}")
+    return Request(op=op, req_id=req_id, **fields)
+
+
+# --- field validators -------------------------------------------------------------------------
+def _int(h: dict[str, Any], key: str, lo: int = 0, hi: int = 2**63,
+         optional: bool = False) -> Any:
+    value = h.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(f"{key!r} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _bool(h: dict[str, Any], key: str) -> bool:
+    value = h.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{key!r} must be a boolean")
+    return value
+
+
+def _bin(value: Any, what: str, max_len: int, min_len: int = 1) -> bytes:
+    if not isinstance(value, bytes) or not min_len <= len(value) <= max_len:
+        raise ProtocolError(f"{what} must be {min_len}..{max_len} bytes of binary")
+    return value
+
+
+def _ns(h: dict[str, Any]) -> Namespace:
+    value = h.get("ns")
+    if not isinstance(value, list) or len(value) != 2:
+        raise ProtocolError("'ns' must be [name, epoch]")
+    name = _bin(value[0], "namespace name", MAX_NAME_BYTES)
+    epoch = _int({"epoch": value[1]}, "epoch", lo=0)
+    return Namespace(name, epoch)
+
+
+def _list(h: dict[str, Any], key: str) -> list[Any]:
+    value = h.get(key)
+    if not isinstance(value, list) or len(value) > MAX_BLOCKS:
+        raise ProtocolError(f"{key!r} must be a list of at most {MAX_BLOCKS} items")
+    return value
+
+
+def _hashes(h: dict[str, Any]) -> tuple[BlockHash, ...]:
+    return tuple(BlockHash(_bin(x, "a block hash", MAX_HASH_BYTES)) for x in _list(h, "hashes"))
+
+
+def _pairs(h: dict[str, Any], width: int) -> list[list[Any]]:
+    rows = _list(h, "blocks")
+    for row in rows:
+        if not isinstance(row, list) or len(row) != width:
+            raise ProtocolError(f"each of 'blocks' must be a list of {width} items")
+    return rows
+
+
+def _parent(value: Any) -> BlockHash | None:
+    return None if value is None else BlockHash(_bin(value, "a parent hash", MAX_HASH_BYTES))
+
+
+def _token(h: dict[str, Any]) -> bytes:
+    return _bin(h.get("token"), "'token'", 64)
+
+
+def _size(value: Any) -> int:
+    return _int({"nbytes": value}, "nbytes", lo=1, hi=2**40)
+
+
+def _slot(value: Any) -> int:
+    return _int({"slot": value}, "slot", lo=0, hi=2**48)
+
+
+def _hello(h: dict[str, Any]) -> dict[str, Any]:
+    return {"version": _int(h, "version", lo=0, hi=2**31)}
+
+
+def _empty(h: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+def _lookup(h: dict[str, Any]) -> dict[str, Any]:
+    return {"ns": _ns(h), "hashes": _hashes(h),
+            "lease_ms": _int(h, "lease_ms", lo=0, hi=MAX_LEASE_MS)}
+
+
+def _get(h: dict[str, Any]) -> dict[str, Any]:
+    shm = _bool(h, "shm")
+    return {"ns": _ns(h), "hashes": _hashes(h), "lease": _int(h, "lease", optional=True),
+            "shm": shm, "token": _token(h) if shm else b""}
+
+
+def _reserve(h: dict[str, Any]) -> dict[str, Any]:
+    rows = _pairs(h, 3)
+    return {"ns": _ns(h), "token": _token(h),
+            "hashes": tuple(BlockHash(_bin(r[0], "a block hash", MAX_HASH_BYTES)) for r in rows),
+            "parents": tuple(_parent(r[1]) for r in rows),
+            "sizes": tuple(_size(r[2]) for r in rows)}
+
+
+def _finish(h: dict[str, Any]) -> dict[str, Any]:
+    rows = _pairs(h, 2)
+    return {"ns": _ns(h),
+            "hashes": tuple(BlockHash(_bin(r[0], "a block hash", MAX_HASH_BYTES)) for r in rows),
+            "slots": tuple(_slot(r[1]) for r in rows)}
+
+
+def _put(h: dict[str, Any]) -> dict[str, Any]:
+    rows = _pairs(h, 2)
+    sizes = tuple(_size(x) for x in _list(h, "sizes"))
+    if len(sizes) != len(rows):
+        raise ProtocolError("'sizes' must have one entry per block")
+    return {"ns": _ns(h), "sizes": sizes,
+            "hashes": tuple(BlockHash(_bin(r[0], "a block hash", MAX_HASH_BYTES)) for r in rows),
+            "parents": tuple(_parent(r[1]) for r in rows)}
+
+
+def _release(h: dict[str, Any]) -> dict[str, Any]:
+    return {"lease": _int(h, "lease")}
+
+
+def _invalidate(h: dict[str, Any]) -> dict[str, Any]:
+    return {"name": _bin(h.get("name"), "'name'", MAX_NAME_BYTES),
+            "below_epoch": _int(h, "below_epoch", optional=True)}
+
+
+_DECODERS = {
+    Op.HELLO: _hello, Op.PING: _empty, Op.LOOKUP: _lookup, Op.GET: _get,
+    Op.RESERVE: _reserve, Op.COMMIT: _finish, Op.ABORT: _finish, Op.PUT: _put,
+    Op.RELEASE: _release, Op.STATS: _empty, Op.INVALIDATE: _invalidate,
+}

@@ -1,0 +1,388 @@
+"""The daemon's ZeroMQ ROUTER loop: decode, dispatch to the Store, reply. No cache logic here.
+
+One thread owns the socket, the store and the pool, so no locks are needed. Every error a client
+can cause is answered with an error reply; the loop itself only stops on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from kvstore import protocol
+from kvstore.config import ServeConfig
+from kvstore.errors import ProtocolError
+from kvstore.index import Entry
+from kvstore.keys import Namespace, SlotId
+from kvstore.pool import HEADER_BYTES, Pool
+from kvstore.protocol import Op, Request
+from kvstore.slabs import Slabs
+from kvstore.store import Limits, Store
+from kvstore.policy import POLICIES
+
+log = logging.getLogger("kvstore.server")
+
+_POLL_MS = 50  # how often the loop wakes to expire leases and notice signals when idle
+_LINGER_MS = 0  # on shutdown, drop undelivered replies: clients time out and retry
+_SNDHWM = 10_000  # replies queued per peer before ROUTER drops; bounds memory per slow client
+_RCVHWM = 10_000
+
+
+class AddressInUse(Exception):
+    """A bind address is taken by another process."""
+
+
+@dataclass
+class Counters:
+    num_requests: dict[str, int] = field(default_factory=dict)
+    num_errors: int = 0
+    bytes_in: dict[str, int] = field(default_factory=lambda: {"tcp": 0, "shm": 0})
+    bytes_out: dict[str, int] = field(default_factory=lambda: {"tcp": 0, "shm": 0})
+
+
+class Server:
+    """Serves one Store over one ROUTER socket bound to every configured address."""
+
+    def __init__(self, config: ServeConfig, pool: Pool, ctx: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.pool = pool
+        page = config.effective_page_bytes()
+        slabs = Slabs(HEADER_BYTES, (pool.size_bytes - HEADER_BYTES) // page, page)
+        assert slabs.num_pages >= 1, "segment smaller than one page"
+        limits = Limits(lease_s=config.lease_s, reserve_s=config.reserve_s, ttl_s=config.ttl_s)
+        self.store = Store(slabs, POLICIES[config.policy](), limits, clock)
+        self.counters = Counters()
+        self.ctx = ctx or zmq.Context()
+        self._auth: Any = None
+        self.sock = self._bind()
+        self._in_flight: list[tuple[zmq.MessageTracker, int]] = []  # TCP GET sends holding pins
+        self._stopping = False
+        self._handlers: dict[Op, Callable[[Request, list[zmq.Frame]], list[Any]]] = {
+            Op.HELLO: self._hello, Op.PING: self._ping, Op.LOOKUP: self._lookup, Op.GET: self._get,
+            Op.RESERVE: self._reserve, Op.COMMIT: self._commit, Op.ABORT: self._abort,
+            Op.PUT: self._put, Op.RELEASE: self._release, Op.STATS: self._stats,
+            Op.INVALIDATE: self._invalidate,
+        }
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def _bind(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, _LINGER_MS)
+        sock.setsockopt(zmq.SNDHWM, _SNDHWM)
+        sock.setsockopt(zmq.RCVHWM, _RCVHWM)
+        # Bound one frame: no payload frame is larger than a chunk, no header larger than its max.
+        sock.setsockopt(zmq.MAXMSGSIZE, max(protocol.CHUNK_BYTES, protocol.MAX_HEADER_BYTES))
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
+        if self.config.curve_dir is not None:
+            self._enable_curve(sock)
+        for addr in self.config.bind_addresses():
+            try:
+                sock.bind(addr)
+            except zmq.ZMQError as exc:
+                sock.close(0)
+                if exc.errno == zmq.EADDRINUSE:
+                    raise AddressInUse(f"address {addr} is already in use") from None
+                raise AddressInUse(f"cannot listen on {addr}: {exc.strerror}") from None
+        return sock
+
+    def _enable_curve(self, sock: zmq.Socket) -> None:
+        from zmq.auth import load_certificate
+        from zmq.auth.thread import ThreadAuthenticator
+
+        keys = self.config.curve_dir
+        assert keys is not None
+        public, secret = load_certificate(keys / "server.key_secret")
+        assert secret is not None, "server.key_secret holds no secret key"
+        # ZAP: only clients whose public keys sit in DIR/clients/ may connect.
+        self._auth = ThreadAuthenticator(self.ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(keys / "clients"))
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_server = True
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to finish its current request and exit (signal-handler safe)."""
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        try:
+            while not self._stopping:
+                try:
+                    ready = dict(poller.poll(_POLL_MS))
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EINTR:
+                        continue  # a signal arrived; the loop condition decides
+                    raise
+                if ready:
+                    self._drain()
+                self._maintain()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.sock.close(0)
+        if self._auth is not None:
+            self._auth.stop()
+        self.ctx.term()
+        self.pool.close()
+
+    # --- the loop --------------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Handle every message already queued, without blocking."""
+        for _ in range(1000):  # bounded so maintenance still runs under a flood
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        identity, body = frames[0], frames[1:]
+        req_id = None
+        try:
+            request = protocol.decode_request([f.buffer for f in body])
+            req_id = request.req_id
+            name = request.op.name.lower()
+            self.counters.num_requests[name] = self.counters.num_requests.get(name, 0) + 1
+            reply = self._handlers[request.op](request, body[1:])
+        except ProtocolError as exc:
+            self.counters.num_errors += 1
+            log.warning("bad request from %s: %s", identity.bytes.hex(), exc)
+            reply = [protocol.encode_error(req_id, "bad_request", str(exc))]
+        except _Refused as exc:
+            self.counters.num_errors += 1
+            reply = [protocol.encode_error(req_id, exc.code, str(exc))]
+        except Exception as exc:  # a bug must not take the pool down with it
+            self.counters.num_errors += 1
+            log.exception("internal error handling a request")
+            reply = [protocol.encode_error(req_id, "internal", f"{type(exc).__name__}: {exc}")]
+        self._send(identity, reply)
+
+    def _send(self, identity: zmq.Frame, reply: list[Any]) -> None:
+        tracked = reply[-1] if reply and isinstance(reply[-1], _Pinned) else None
+        try:
+            if tracked is None:
+                self.sock.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
+                return
+            # A tracked send needs fresh frames: pass the received identity as bytes.
+            tracker = self.sock.send_multipart([identity.bytes, *reply[:-1]], zmq.NOBLOCK,
+                                               copy=False, track=True)
+            self._in_flight.append((tracker, tracked.lease_id))
+        except Exception as exc:  # peer queue full (HWM) or gone: drop; the client times out
+            self.counters.num_errors += 1
+            log.warning("reply dropped: %s", exc)
+            if tracked is not None:
+                self.store.unpin(tracked.lease_id)
+
+    def _maintain(self) -> None:
+        """Release pins of finished zero-copy sends and expire leases and reservations."""
+        if self._in_flight:
+            still = []
+            for tracker, lease_id in self._in_flight:
+                if tracker.done:
+                    self.store.unpin(lease_id)
+                else:
+                    still.append((tracker, lease_id))
+            self._in_flight = still
+        self.store.expire()
+
+    # --- handlers: each returns [header, *payloads] (optionally ending in _Pinned) -----------
+    def _hello(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+        if req.version != protocol.VERSION:
+            raise _Refused("version", f"daemon speaks protocol {protocol.VERSION}, client "
+                                      f"{req.version}: install the same kvstore version on both")
+        return [protocol.encode_reply(
+            req.req_id, version=protocol.VERSION, segment=self.pool.path.name,
+            segment_bytes=self.pool.size_bytes, token=self.pool.token,
+            page_bytes=self.store.slabs.page_bytes, chunk_bytes=protocol.CHUNK_BYTES,
+            pid=os.getpid())]
+
+    def _ping(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+        return [protocol.encode_reply(req.req_id)]
+
+    def _lookup(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+        assert req.ns is not None
+        _check_distinct(req.hashes)
+        if req.lease_ms == 0:
+            num_hits, lease = self.store.lookup(req.ns, req.hashes), None
+        else:
+            entries, lease = self.store.pin(req.ns, req.hashes, req.lease_ms / 1000)
+            num_hits = len(entries)
+        return [protocol.encode_reply(req.req_id, num_hits=num_hits, lease=lease)]
+
+    def _get(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+        assert req.ns is not None
+        _check_distinct(req.hashes)
+        if req.shm:
+            self._check_token(req.token)
+        entries, lease = self._entries_for_get(req)
+        sizes = [e.nbytes for e in entries]
+        if req.shm:
+            self.counters.bytes_out["shm"] += sum(sizes)
+            return [protocol.encode_reply(req.req_id, num_hits=len(entries), sizes=sizes,
+                                          lease=lease, slots=[e.slot for e in entries])]
+        header = protocol.encode_reply(req.req_id, num_hits=len(entries), sizes=sizes, lease=None)
+        if not entries:
+            return [header]
+        # Zero-copy: frames are views of the slots, so the slots stay pinned under a lease of
+        # our own until ZeroMQ reports the send done (see _maintain).
+        own = self.store.index.pin(entries, float("inf"))
+        if lease is not None:
+            self.store.unpin(lease)
+        payload = [c for e in entries for c in protocol.chunk(self.pool.view(e.slot, e.nbytes))]
+        self.counters.bytes_out["tcp"] += sum(sizes)
+        return [header, *payload, _Pinned(own)]
+
+    def _entries_for_get(self, req: Request) -> tuple[list[Entry], int | None]:
+        assert req.ns is not None
+        if req.lease is not None:
+            held = self.store.lease_entries(req.lease)
+            if held is not None and all(e.is_live for e in held):
+                n = _matching_prefix(held, req.ns, req.hashes)
+                return held[:n], req.lease
+        return self.store.pin(req.ns, req.hashes)
+
+    def _reserve(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+        assert req.ns is not None
+        self._check_token(req.token)
+        self._check_sizes(req.sizes)
+        result = self.store.reserve(req.ns, list(zip(req.hashes, req.parents, req.sizes)))
+        return [protocol.encode_reply(req.req_id, slots=result.slots, num_full=result.num_full)]
+
+    def _commit(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+        assert req.ns is not None
+        num_done = 0
+        for block_hash, slot in zip(req.hashes, req.slots):
+            if self.store.commit(req.ns, block_hash, SlotId(slot)):
+                num_done += 1
+                entry = self.store.index.get((req.ns, block_hash))
+                self.counters.bytes_in["shm"] += entry.nbytes if entry else 0
+        return [protocol.encode_reply(req.req_id, num_done=num_done)]
+
+    def _abort(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+        assert req.ns is not None
+        num_done = sum(self.store.abort(req.ns, h, SlotId(s)) for h, s in zip(req.hashes, req.slots))
+        return [protocol.encode_reply(req.req_id, num_done=num_done)]
+
+    def _put(self, req: Request, payload: list[zmq.Frame]) -> list[Any]:
+        assert req.ns is not None
+        self._check_sizes(req.sizes)
+        blocks = _split_payload(payload, req.sizes)  # validates before any slot is taken
+        result = self.store.reserve(req.ns, list(zip(req.hashes, req.parents, req.sizes)))
+        num_stored = 0
+        for block_hash, frames, slot in zip(req.hashes, blocks, result.slots):
+            if slot is None:
+                continue
+            offset = slot
+            for frame in frames:
+                view = frame.buffer
+                self.pool.buffer[offset:offset + len(view)] = view
+                offset += len(view)
+            self.store.commit(req.ns, block_hash, slot)
+            num_stored += 1
+        self.counters.bytes_in["tcp"] += sum(
+            n for n, slot in zip(req.sizes, result.slots) if slot is not None)
+        num_present = len(req.hashes) - num_stored - result.num_full
+        return [protocol.encode_reply(req.req_id, num_stored=num_stored,
+                                      num_present=num_present, num_full=result.num_full)]
+
+    def _release(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+        assert req.lease is not None
+        return [protocol.encode_reply(req.req_id, released=self.store.unpin(req.lease))]
+
+    def _stats(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+        return [protocol.encode_reply(req.req_id, stats=self.stats())]
+
+    def _invalidate(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+        num = self.store.invalidate(req.name, req.below_epoch)
+        log.info("invalidated %d blocks of namespace %s", num, req.name.hex())
+        return [protocol.encode_reply(req.req_id, num_dropped=num)]
+
+    # --- helpers ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.store.occupancy(),
+            "pool_bytes": self.pool.size_bytes,
+            "namespaces": {name.hex(): {"hits": s.num_hits, "misses": s.num_misses,
+                                        "evictions": s.num_evictions, "stored": s.num_stored}
+                           for name, s in self.store.stats.items()},
+            "requests": dict(self.counters.num_requests),
+            "errors": self.counters.num_errors,
+            "bytes_in": dict(self.counters.bytes_in),
+            "bytes_out": dict(self.counters.bytes_out),
+        }
+
+    def _check_token(self, token: bytes) -> None:
+        if token != self.pool.token:
+            raise _Refused("stale_segment", "segment token does not match: say HELLO again")
+
+    def _check_sizes(self, sizes: tuple[int, ...]) -> None:
+        for nbytes in sizes:
+            if not self.store.slabs.fits(nbytes):
+                raise _Refused("too_large", f"a block of {nbytes} bytes does not fit a page of "
+                                            f"{self.store.slabs.page_bytes} bytes (--page-size)")
+
+
+class _Refused(Exception):
+    """A well-formed request the daemon will not serve; becomes an error reply with code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True, frozen=True)
+class _Pinned:
+    """Marks a reply whose payload frames are slot views pinned under lease_id until sent."""
+
+    lease_id: int
+
+
+def _split_payload(payload: list[zmq.Frame], sizes: tuple[int, ...]) -> list[list[zmq.Frame]]:
+    """Group payload frames per block, checking each group adds up to its block's size."""
+    blocks, idx = [], 0
+    for nbytes in sizes:
+        num = protocol.num_frames(nbytes)
+        frames = payload[idx:idx + num]
+        idx += num
+        if sum(len(f.buffer) for f in frames) != nbytes:
+            raise ProtocolError(f"payload frames of a block do not add up to its size {nbytes}")
+        blocks.append(frames)
+    return blocks
+
+
+def _matching_prefix(entries: list[Entry], ns: Namespace, hashes: tuple[bytes, ...]) -> int:
+    """How many leased entries match (ns, hashes) from the start. The namespace counts too: two
+    models share vLLM's block hashes, so a lease of one must never read the other's bytes
+    (tests/integration/test_roundtrip.py::test_lease_of_one_namespace_never_reads_another)."""
+    n = 0
+    for entry, block_hash in zip(entries, hashes):
+        if entry.key != (ns, block_hash):
+            break
+        n += 1
+    return n
+
+
+def _check_distinct(hashes: tuple[bytes, ...]) -> None:
+    """Refuse a chain that repeats a hash (a real chain never does).
+
+    NOTE: a lease over a repeated entry makes Store._free_dead free its slot twice once the
+    entry is dropped, an AssertionError that stopped the daemon at lease expiry
+    (tests/integration/test_robustness.py::test_repeated_hashes_are_refused_and_daemon_survives).
+    """
+    if len(set(hashes)) != len(hashes):
+        raise ProtocolError("'hashes' repeats a hash; a chain lists each block once")

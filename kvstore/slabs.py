@@ -1,0 +1,118 @@
+"""Size classes over the shared segment: fixed pages, each carved into equal slots of one size.
+
+Pure bookkeeping of offsets; never touches memory. A page serves exactly one slot size while any
+of its slots is in use and returns to the free list when the last one is freed, so models with
+different block sizes share one segment and waste at most a page tail (less than one slot) per page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvstore.keys import SlotId
+
+SLOT_ALIGN_BYTES = 64  # cache-line alignment keeps memcpy and DMA on their fast paths
+
+
+def round_up(nbytes: int, align: int) -> int:
+    """Round nbytes up to a multiple of align."""
+    return -(-nbytes // align) * align
+
+
+@dataclass(slots=True)
+class _Page:
+    offset: int
+    slot_bytes: int = 0  # 0 while the page is free
+    free_slots: list[SlotId] = field(default_factory=list)
+    num_used: int = 0
+
+
+class Slabs:
+    """Allocates slots of a block's rounded size from pages of page_bytes each."""
+
+    def __init__(self, base_offset: int, num_pages: int, page_bytes: int) -> None:
+        if num_pages < 1:
+            raise ValueError("the pool must hold at least one page")
+        self.page_bytes = page_bytes
+        self._base = base_offset
+        self._pages = [_Page(base_offset + i * page_bytes) for i in range(num_pages)]
+        self._free_pages = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
+        self._partial: dict[int, set[int]] = {}  # slot_bytes -> pages with a free slot
+
+    @property
+    def num_pages(self) -> int:
+        return len(self._pages)
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free_pages)
+
+    def slot_bytes_for(self, nbytes: int) -> int:
+        """The slot size a block of nbytes occupies."""
+        return round_up(max(nbytes, 1), SLOT_ALIGN_BYTES)
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a block of nbytes can ever be stored (it must fit in one page)."""
+        return 0 < nbytes and self.slot_bytes_for(nbytes) <= self.page_bytes
+
+    def can_alloc(self, nbytes: int) -> bool:
+        """Whether alloc(nbytes) would succeed now."""
+        return bool(self._partial.get(self.slot_bytes_for(nbytes))) or bool(self._free_pages)
+
+    def alloc(self, nbytes: int) -> SlotId | None:
+        """Take a slot for nbytes; None (and no change) when no page has room."""
+        slot_bytes = self.slot_bytes_for(nbytes)
+        partial = self._partial.get(slot_bytes)
+        if partial:
+            page_idx = next(iter(partial))
+        elif self._free_pages and slot_bytes <= self.page_bytes:
+            page_idx = self._free_pages.pop()
+            self._open_page(page_idx, slot_bytes)
+            partial = self._partial.setdefault(slot_bytes, set())
+            partial.add(page_idx)
+        else:
+            return None
+        page = self._pages[page_idx]
+        slot = page.free_slots.pop()
+        page.num_used += 1
+        if not page.free_slots:
+            partial.discard(page_idx)
+        return slot
+
+    def free(self, slot: SlotId) -> None:
+        """Return a slot; its page goes back to the free list when empty."""
+        page_idx = self.page_of(slot)
+        page = self._pages[page_idx]
+        assert page.num_used > 0 and slot not in page.free_slots, f"double free of slot {slot}"
+        page.free_slots.append(slot)
+        page.num_used -= 1
+        if page.num_used == 0:
+            self._partial[page.slot_bytes].discard(page_idx)
+            page.slot_bytes, page.free_slots = 0, []
+            self._free_pages.append(page_idx)
+        else:
+            self._partial[page.slot_bytes].add(page_idx)
+
+    def page_of(self, slot: SlotId) -> int:
+        """Index of the page holding slot."""
+        return (slot - self._base) // self.page_bytes
+
+    def page_slot_bytes(self, page_idx: int) -> int:
+        return self._pages[page_idx].slot_bytes
+
+    def page_num_used(self, page_idx: int) -> int:
+        return self._pages[page_idx].num_used
+
+    def num_slots_used(self) -> int:
+        return sum(p.num_used for p in self._pages)
+
+    def bytes_wasted(self) -> int:
+        """Bytes in open pages that no slot of the page's size can use (page tails)."""
+        return sum(self.page_bytes % p.slot_bytes for p in self._pages if p.slot_bytes)
+
+    def _open_page(self, page_idx: int, slot_bytes: int) -> None:
+        page = self._pages[page_idx]
+        num_slots = self.page_bytes // slot_bytes
+        page.slot_bytes = slot_bytes
+        # Reversed so pop() hands out slots in address order: sequential writes stay sequential.
+        page.free_slots = [SlotId(page.offset + i * slot_bytes) for i in range(num_slots - 1, -1, -1)]

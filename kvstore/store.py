@@ -1,0 +1,229 @@
+"""The pool's state machine: index + eviction policy + slab allocator, and the only place they meet.
+
+Pure and single-threaded: it hands out slot offsets and never touches the bytes (server.py does,
+through pool.py). Time comes from an injected clock so tests can drive expiry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kvstore.index import Entry, Index, State
+from kvstore.keys import BlockHash, Namespace, SlotId
+from kvstore.policy import LRU, LeafLRU
+from kvstore.slabs import Slabs
+
+MAX_LEASES = 65_536  # leases are client-created; bound them so a client cannot grow the daemon
+MAX_NAMESPACE_STATS = 1024  # per-namespace counters beyond this are pooled under b"" (bounded)
+INF = float("inf")
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    lease_s: float = 10.0  # default pin time after lookup; clients may ask for less or more
+    max_lease_s: float = 60.0
+    reserve_s: float = 10.0  # an unfinished write is reclaimed after this
+    ttl_s: float | None = None  # committed blocks expire after this, when set
+
+
+@dataclass(slots=True)
+class NamespaceStats:
+    num_hits: int = 0  # blocks found by lookups
+    num_misses: int = 0  # blocks asked for and not found
+    num_evictions: int = 0
+    num_stored: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Reservation:
+    """Outcome of reserve(): a slot per block, None where the block is present or in flight."""
+
+    slots: list[SlotId | None]
+    num_full: int  # blocks refused because the pool is full of pinned or reserved blocks
+
+
+@dataclass
+class Store:
+    slabs: Slabs
+    policy: LRU = field(default_factory=LeafLRU)
+    limits: Limits = field(default_factory=Limits)
+    clock: Callable[[], float] = time.monotonic
+    index: Index = field(default_factory=Index)
+    stats: dict[bytes, NamespaceStats] = field(default_factory=dict)
+    num_evictions: int = 0
+
+    # --- reads -----------------------------------------------------------------------------
+    def lookup(self, ns: Namespace, hashes: Sequence[BlockHash]) -> int:
+        """How many of hashes are stored as a consecutive prefix. Changes nothing."""
+        return len(self.index.prefix(ns, hashes, self.clock()))
+
+    def pin(self, ns: Namespace, hashes: Sequence[BlockHash],
+            lease_s: float | None = None) -> tuple[list[Entry], int | None]:
+        """Find the stored prefix of hashes and pin it under a lease; records hits and recency."""
+        now = self.clock()
+        found = self.index.prefix(ns, hashes, now)
+        stats = self._ns_stats(ns)
+        stats.num_hits += len(found)
+        stats.num_misses += len(hashes) - len(found)
+        if not found or len(self.index.leases) >= MAX_LEASES:
+            return [], None  # nothing to pin, or no lease to protect it with: a miss
+        # Deepest first, so a parent is always more recent than its children: LRU order then
+        # reaches leaves before the prefixes they hang from.
+        for entry in reversed(found):
+            entry.num_hits += 1
+            self.policy.touch(entry)
+        lease_s = self.limits.lease_s if lease_s is None else min(lease_s, self.limits.max_lease_s)
+        return found, self.index.pin(found, now + lease_s)
+
+    def unpin(self, lease_id: int) -> bool:
+        """Release a lease early; False when it was unknown or already expired."""
+        entries = self.index.unpin(lease_id)
+        if entries is None:
+            return False
+        self._free_dead(entries)
+        return True
+
+    def lease_entries(self, lease_id: int) -> list[Entry] | None:
+        lease = self.index.leases.get(lease_id)
+        return lease.entries if lease else None
+
+    # --- writes ----------------------------------------------------------------------------
+    def reserve(self, ns: Namespace,
+                blocks: Sequence[tuple[BlockHash, BlockHash | None, int]]) -> Reservation:
+        """Take a slot per (hash, parent_hash, nbytes), evicting if needed. Present blocks get None."""
+        now = self.clock()
+        slots: list[SlotId | None] = []
+        num_full = 0
+        for block_hash, parent_hash, nbytes in blocks:
+            if num_full:
+                # The pool refused an earlier block of this chain; a child without it is useless.
+                slots.append(None)
+                num_full += 1
+                continue
+            if self.index.get((ns, block_hash)) is not None:
+                slots.append(None)  # present or being written by another client
+                continue
+            slot = self.slabs.alloc(nbytes)
+            if slot is None and self._make_room(nbytes):
+                slot = self.slabs.alloc(nbytes)
+            if slot is None:
+                num_full += 1
+                slots.append(None)
+                continue
+            self.index.add_reserved((ns, block_hash), slot, nbytes, parent_hash,
+                                    now + self.limits.reserve_s)
+            slots.append(slot)
+        return Reservation(slots, num_full)
+
+    def commit(self, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> bool:
+        """Make a reserved block readable; False when that reservation no longer exists."""
+        entry = self._reserved(ns, block_hash, slot)
+        if entry is None:
+            return False
+        expiry = INF if self.limits.ttl_s is None else self.clock() + self.limits.ttl_s
+        self.index.commit(entry, expiry)
+        self.policy.insert(entry)
+        self._ns_stats(ns).num_stored += 1
+        return True
+
+    def abort(self, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> bool:
+        """Drop a reservation and free its slot; False when it no longer exists."""
+        entry = self._reserved(ns, block_hash, slot)
+        if entry is None:
+            return False
+        self._remove(entry)
+        return True
+
+    # --- maintenance -----------------------------------------------------------------------
+    def invalidate(self, name: bytes, below_epoch: int | None = None) -> int:
+        """Drop a namespace's blocks (all epochs, or epochs < below_epoch); returns how many."""
+        doomed = [
+            entry
+            for ns, table in self.index.tables.items()
+            if ns.name == name and (below_epoch is None or ns.epoch < below_epoch)
+            for entry in table.values()
+        ]
+        for entry in doomed:
+            self._remove(entry)
+        return len(doomed)
+
+    def expire(self) -> int:
+        """Drop expired leases, abandoned reservations and TTL-expired blocks; returns a count."""
+        now = self.clock()
+        count = 0
+        for lease_id in self.index.expired_leases(now):
+            count += self.unpin(lease_id)
+        for entry in self.index.expired_reservations(now) + self.index.expired_entries(now):
+            self._remove(entry)
+            count += 1
+        return count
+
+    def occupancy(self) -> dict[str, int]:
+        """Counts for stats replies and metrics."""
+        states = Counter(e.state for t in self.index.tables.values() for e in t.values())
+        return {
+            "num_blocks": states[State.COMMITTED],
+            "num_reserved": states[State.RESERVED],
+            "num_leases": len(self.index.leases),
+            "num_slots_used": self.slabs.num_slots_used(),
+            "num_pages": self.slabs.num_pages,
+            "num_free_pages": self.slabs.num_free_pages,
+            "page_bytes": self.slabs.page_bytes,
+            "bytes_stored": sum(e.nbytes for t in self.index.tables.values() for e in t.values()),
+            "num_evictions": self.num_evictions,
+        }
+
+    # --- internals -------------------------------------------------------------------------
+    def _make_room(self, nbytes: int) -> bool:
+        """Evict until a slot of nbytes' size class can be had; all or nothing."""
+        if not self.slabs.fits(nbytes):
+            return False
+        want = self.slabs.slot_bytes_for(nbytes)
+        victims: list[Entry] = []
+        page_used: dict[int, int] = {}
+        for entry in self.policy.victims():
+            assert entry.num_pins == 0 and entry.state is State.COMMITTED, "policy yielded a pinned block"
+            victims.append(entry)
+            page_idx = self.slabs.page_of(entry.slot)
+            if self.slabs.page_slot_bytes(page_idx) == want:
+                break  # its slot serves this size class directly
+            left = page_used.get(page_idx, self.slabs.page_num_used(page_idx)) - 1
+            page_used[page_idx] = left
+            if left == 0:
+                break  # a whole page frees up and can take any size class
+        else:
+            return False  # not enough evictable blocks: change nothing
+        for entry in victims:
+            self._ns_stats(entry.key[0]).num_evictions += 1
+            self._remove(entry)
+        self.num_evictions += len(victims)
+        return True
+
+    def _reserved(self, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> Entry | None:
+        entry = self.index.get((ns, block_hash))
+        if entry is None or entry.state is not State.RESERVED or entry.slot != slot:
+            return None
+        return entry
+
+    def _remove(self, entry: Entry) -> None:
+        """Take an entry out of the index and policy; free its slot unless a lease still pins it."""
+        if entry.state is State.COMMITTED:
+            self.policy.remove(entry)
+        self.index.detach(entry)
+        if entry.num_pins == 0:
+            self.slabs.free(entry.slot)
+
+    def _free_dead(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            if not entry.is_live and entry.num_pins == 0:
+                self.slabs.free(entry.slot)
+
+    def _ns_stats(self, ns: Namespace) -> NamespaceStats:
+        stats = self.stats.get(ns.name)
+        if stats is None:
+            name = ns.name if len(self.stats) < MAX_NAMESPACE_STATS else b""
+            stats = self.stats.setdefault(name, NamespaceStats())
+        return stats

@@ -1,0 +1,113 @@
+"""Start the real `kvstore serve` as a subprocess on loopback, for integration and e2e tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvstore.client import Client
+from kvstore.errors import ServerUnavailable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll predicate until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not reached within {timeout_s} s")
+
+
+@dataclass
+class Daemon:
+    """A running daemon process and how to reach it."""
+
+    pool_size: str = "256MiB"
+    page_size: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    segment: str = field(default_factory=lambda: f"kvstore-test-{uuid.uuid4().hex[:12]}")
+    client_keys: Path | None = None  # with --curve-keys: the keys the readiness check uses
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> Daemon:
+        args = [sys.executable, "-m", "kvstore.cli", "serve", "--pool-size", self.pool_size,
+                "--tcp", self.address, "--segment", self.segment, "--log-level", "WARNING",
+                *self.extra_args]
+        if self.page_size:
+            args += ["--page-size", self.page_size]
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.segment}.log"
+        with open(self.log_path, "wb") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        def answers() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.output()}")
+            try:
+                with Client(self.address, timeout_s=0.5, use_shm=False,
+                            curve_dir=self.client_keys) as client:
+                    client.ping()
+                return True
+            except ServerUnavailable:
+                return False
+
+        wait_until(answers, timeout_s, what="daemon ready")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        if sig == signal.SIGKILL:  # a killed daemon leaves its segment; tests clean it up
+            Path("/dev/shm", self.segment).unlink(missing_ok=True)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL and reap, leaving the segment behind exactly as a crash would."""
+        assert self.proc is not None, "daemon not running"
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    @property
+    def segment_path(self) -> Path:
+        return Path("/dev/shm", self.segment)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
