@@ -92,3 +92,62 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class ReplicaProcess:
+    """A replica started as `python -m bench.replica`, driven through its stdin and stdout."""
+
+    def __init__(self, model: str, kvstore: str | None = None, extra: dict[str, Any] | None = None,
+                 log_path: str | None = None, env: dict[str, str] | None = None,
+                 **flags: Any) -> None:
+        import subprocess
+
+        args = [sys.executable, "-m", "bench.replica", "--model", model]
+        if kvstore:
+            args += ["--kvstore", kvstore, "--extra", json.dumps(extra or {})]
+        for name, value in flags.items():
+            flag = "--" + name.replace("_", "-")
+            args += [flag] if value is True else [flag, str(value)]
+        self.log = open(log_path, "w") if log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        line = self._read_line(timeout_s)
+        if not json.loads(line).get("ready"):
+            raise RuntimeError(f"replica did not start: {line!r}")
+
+    def request(self, prompt: list[int], max_tokens: int = 8, timeout_s: float = 120.0) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return dict(json.loads(self._read_line(timeout_s)))
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the replica's own VRAM prefix cache (tier 0)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"reset_prefix_cache": True}) + "\n")
+        self.proc.stdin.flush()
+        self._read_line(60.0)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _read_line(self, timeout_s: float) -> str:
+        import select
+
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        if not ready:
+            raise TimeoutError(f"replica gave no answer within {timeout_s} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"replica exited with {self.proc.wait()}")
+        return line

@@ -272,6 +272,10 @@ class Client:
                 reply = self._receive(sock, req_id, dests)
                 if reply is not None:
                     return _check(reply)
+        except zmq.Again:  # IMMEDIATE: the send waited SNDTIMEO for a connection that never came
+            self._reset()
+            raise ServerUnavailable(f"cannot reach {self.address} within {self.timeout_s:.3g} s "
+                                    f"(is the daemon running?)") from None
         except zmq.ZMQError as exc:
             self._reset()
             raise ServerUnavailable(f"{self.address}: {exc.strerror}") from None

@@ -28,7 +28,7 @@ class Entry:
     parent_hash: BlockHash | None
     state: State
     deadline_s: float  # RESERVED: abandon deadline; COMMITTED: TTL expiry (inf without TTL)
-    parent: Entry | None = None  # set at commit when the parent is resident
+    parent: Entry | None = None  # linked while both this entry and its parent are committed
     num_children: int = 0  # committed resident children linked to this entry
     num_pins: int = 0
     num_hits: int = 0
@@ -58,6 +58,9 @@ class Index:
     _lease_heap: list[tuple[float, int]] = field(default_factory=list)
     _reserve_heap: list[tuple[float, int, Entry]] = field(default_factory=list)
     _ttl_heap: list[tuple[float, int, Entry]] = field(default_factory=list)
+    # Committed entries by (namespace, parent hash), whether or not that parent is resident: a
+    # parent committed after its children (two writers, or a re-stored prefix) adopts them.
+    _by_parent: dict[Key, set[Entry]] = field(default_factory=dict)
     _seq: Iterator[int] = field(default_factory=itertools.count)
     num_entries: int = 0
 
@@ -88,15 +91,21 @@ class Index:
         return entry
 
     def commit(self, entry: Entry, expiry_s: float) -> None:
-        """Make a reserved entry readable and link it under its resident parent."""
+        """Make a reserved entry readable and link it to its resident parent and children."""
         assert entry.state is State.RESERVED and entry.is_live, "commit of a non-reserved entry"
         entry.state = State.COMMITTED
         entry.deadline_s = expiry_s
-        if entry.parent_hash is not None:
-            parent = self.get((entry.key[0], entry.parent_hash))
+        parent_key = _parent_key(entry)
+        if parent_key is not None:
+            self._by_parent.setdefault(parent_key, set()).add(entry)
+            parent = self.get(parent_key)
             if parent is not None and parent.state is State.COMMITTED:
-                entry.parent = parent
-                parent.num_children += 1
+                _link(entry, parent)  # entry has no children yet, so this closes no cycle
+        for child in self._by_parent.get(entry.key, ()):
+            # NOTE: client input may chain hashes in a cycle; linking one would make every block
+            # on it a non-leaf forever (tests/unit/test_store.py).
+            if child.parent is None and not _is_ancestor(child, entry):
+                _link(child, entry)
         if expiry_s != float("inf"):
             heapq.heappush(self._ttl_heap, (expiry_s, next(self._seq), entry))
 
@@ -109,9 +118,19 @@ class Index:
             del self.tables[entry.key[0]]
         self.num_entries -= 1
         entry.is_live = False
+        parent_key = _parent_key(entry)
+        if entry.state is State.COMMITTED and parent_key is not None:
+            siblings = self._by_parent[parent_key]
+            siblings.discard(entry)
+            if not siblings:
+                del self._by_parent[parent_key]
         if entry.parent is not None:
             entry.parent.num_children -= 1
             entry.parent = None
+        for child in self._by_parent.get(entry.key, ()):
+            if child.parent is entry:  # orphaned until this key is committed again
+                child.parent = None
+        entry.num_children = 0
 
     def pin(self, entries: list[Entry], deadline_s: float) -> int:
         """Pin entries under a new lease until deadline_s; returns the lease id."""
@@ -158,3 +177,25 @@ class Index:
             if entry.is_live and entry.state is state and entry.deadline_s == deadline_s:
                 due.append(entry)
         return due
+
+
+def _parent_key(entry: Entry) -> Key | None:
+    """The key of entry's parent; None for a root, or a block naming itself as its parent."""
+    if entry.parent_hash is None or entry.parent_hash == entry.key[1]:
+        return None
+    return (entry.key[0], entry.parent_hash)
+
+
+def _link(child: Entry, parent: Entry) -> None:
+    child.parent = parent
+    parent.num_children += 1
+
+
+def _is_ancestor(candidate: Entry, entry: Entry) -> bool:
+    """Whether candidate is entry or lies on entry's chain of linked parents."""
+    node: Entry | None = entry
+    while node is not None:
+        if node is candidate:
+            return True
+        node = node.parent
+    return False

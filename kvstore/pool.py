@@ -93,15 +93,24 @@ class Pool:
         return self.buffer[offset:offset + nbytes]
 
     def close(self) -> None:
-        """Unmap; the owner also removes the segment's name."""
+        """Let the mapping go; the owner also unmaps it and removes the segment's name.
+
+        A client never unmaps explicitly: tensors made with torch.frombuffer point into the
+        mapping without holding a buffer export, so an explicit unmap could leave them dangling.
+        The mapping is freed when the last view of it is garbage collected.
+        """
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+        if not self.is_owner:
+            return
         try:
             self.buffer.release()
             self._map.close()
         except BufferError:
             pass  # a view is still exported (e.g. a frame in flight); the OS unmaps at exit
-        os.close(self._fd)
-        if self.is_owner:
-            self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
 
 
 def _shm_free_bytes() -> int:

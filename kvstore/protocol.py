@@ -77,7 +77,7 @@ from kvstore.keys import MAX_HASH_BYTES, MAX_NAME_BYTES, BlockHash, Namespace
 
 VERSION = 1
 CHUNK_BYTES = 4 * 1024 * 1024  # ZeroMQ moves 2-4 MiB frames ~4x faster than 32 MiB ones
-MAX_HEADER_BYTES = 1 << 20  # 8192 hashes of 64 bytes plus overhead fit easily
+MAX_HEADER_BYTES = 2 << 20  # MAX_BLOCKS rows of two 64-byte hashes and a size (~1.2 MB) fit
 MAX_BLOCKS = 8192  # per request; a 128k-token prompt at block size 16
 MAX_LEASE_MS = 600_000
 

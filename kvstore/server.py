@@ -216,7 +216,6 @@ class Server:
 
     def _lookup(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
         assert req.ns is not None
-        _check_distinct(req.hashes)
         if req.lease_ms == 0:
             num_hits, lease = self.store.lookup(req.ns, req.hashes), None
         else:
@@ -226,7 +225,6 @@ class Server:
 
     def _get(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
         assert req.ns is not None
-        _check_distinct(req.hashes)
         if req.shm:
             self._check_token(req.token)
         entries, lease = self._entries_for_get(req)
@@ -375,14 +373,3 @@ def _matching_prefix(entries: list[Entry], ns: Namespace, hashes: tuple[bytes, .
             break
         n += 1
     return n
-
-
-def _check_distinct(hashes: tuple[bytes, ...]) -> None:
-    """Refuse a chain that repeats a hash (a real chain never does).
-
-    NOTE: a lease over a repeated entry makes Store._free_dead free its slot twice once the
-    entry is dropped, an AssertionError that stopped the daemon at lease expiry
-    (tests/integration/test_robustness.py::test_repeated_hashes_are_refused_and_daemon_survives).
-    """
-    if len(set(hashes)) != len(hashes):
-        raise ProtocolError("'hashes' repeats a hash; a chain lists each block once")

@@ -57,7 +57,9 @@ class Slabs:
 
     def can_alloc(self, nbytes: int) -> bool:
         """Whether alloc(nbytes) would succeed now."""
-        return bool(self._partial.get(self.slot_bytes_for(nbytes))) or bool(self._free_pages)
+        slot_bytes = self.slot_bytes_for(nbytes)
+        return bool(self._partial.get(slot_bytes)) or (
+            bool(self._free_pages) and slot_bytes <= self.page_bytes)
 
     def alloc(self, nbytes: int) -> SlotId | None:
         """Take a slot for nbytes; None (and no change) when no page has room."""

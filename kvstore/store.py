@@ -217,7 +217,8 @@ class Store:
             self.slabs.free(entry.slot)
 
     def _free_dead(self, entries: list[Entry]) -> None:
-        for entry in entries:
+        # A lookup may name a hash twice, so a lease can hold an entry twice: free its slot once.
+        for entry in {id(e): e for e in entries}.values():
             if not entry.is_live and entry.num_pins == 0:
                 self.slabs.free(entry.slot)
 

@@ -24,7 +24,10 @@ def parse_size(text: str | int) -> int:
     if not match:
         raise ValueError(f"not a size: {text!r} (examples: 8GiB, 512MiB, 1073741824)")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_FACTORS[(unit or "").lower()])
+    factor = _SIZE_FACTORS.get((unit or "").lower())
+    if factor is None:  # the pattern also admits 'i' and 'ib' with no prefix
+        raise ValueError(f"not a size: {text!r} (examples: 8GiB, 512MiB, 1073741824)")
+    return int(float(number) * factor)
 
 
 def format_size(num_bytes: float) -> str:

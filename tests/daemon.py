@@ -63,7 +63,7 @@ class Daemon:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
+    def wait_ready(self, timeout_s: float = 60.0) -> None:  # generous: CI machines are shared
         def answers() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:

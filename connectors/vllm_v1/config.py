@@ -22,12 +22,16 @@ class ConnectorConfig:
     lookup_wait_ms: int = 5  # scheduler: wait this long for a lookup before asking again later
     load_timeout_ms: int = 5000  # worker: a request's whole load, after which vLLM recomputes
     lease_ms: int = 30_000  # how long the daemon pins hits for a scheduled load
-    retry_interval_ms: int = 1000  # after a failure, skip the daemon for this long
+    save_timeout_ms: int = 200  # one save call; saves run inside vLLM's step, keep this short
+    retry_interval_ms: int = 1000  # after a failure, skip the daemon this long (doubling to 32x)
     epoch: int = 0  # bump to retire every block of the previous model version
     use_shm: bool = True  # use the shared segment when on the daemon's host
     save: bool = True  # store newly computed full blocks
     curve_keys: str | None = None  # client keys from `kvstore keygen`
     namespace: str = ""  # extra operator-chosen identity (e.g. a weights revision)
+    # Fault injection for tests only: wait this long before each load, so a test can kill the
+    # daemon between a lookup that hit and the load that follows it.
+    fault_load_delay_ms: int = 0
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
@@ -92,7 +96,10 @@ def _device_kind() -> str:
 
     kind = str(current_platform.device_type)
     if kind != "cpu":
-        return f"{kind}:{current_platform.get_device_name() if hasattr(current_platform, 'get_device_name') else ''}"
+        try:
+            return f"{kind}:{current_platform.get_device_name()}"
+        except Exception:  # the name only narrows the namespace further
+            return kind
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:

@@ -19,6 +19,7 @@ from kvstore.client import Client, LookupResult
 from kvstore.errors import KVStoreError
 from kvstore.keys import Namespace
 
+from connectors.vllm_v1.breaker import Breaker
 from connectors.vllm_v1.config import ConnectorConfig
 from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec, SaveSpec
 
@@ -35,6 +36,8 @@ class _ReqState:
     lease: int | None = None  # held by the scheduler until the load is handed to a worker
     pool_blocks: tuple[int, int] = (0, 0)  # [start, end) blocks loaded from the pool
     num_saved_blocks: int = 0  # blocks [0, n) already handed to the worker for saving
+    is_load_issued: bool = False  # one load per request: a failed one is never retried
+    load_block_ids: list[int] | None = None  # vLLM blocks the load fills, until it finishes
 
 
 class SchedulerSide:
@@ -44,7 +47,7 @@ class SchedulerSide:
         self.block_size = block_size
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadSpec] = []
-        self._down_until_s = 0.0
+        self._breaker = Breaker(config.retry_interval_ms / 1000)
         self._local = threading.local()
         # One thread owns the daemon socket (clients are not thread-safe).
         self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-sched")
@@ -52,6 +55,10 @@ class SchedulerSide:
     # --- vLLM hooks --------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._reqs.get(request.request_id)
+        if st is not None and st.is_load_issued:
+            # Asked again after a load was issued: it failed (or the request was preempted).
+            # Offering the same hit again could loop forever on a broken daemon; recompute.
+            return 0, False
         start_block = num_computed_tokens // self.block_size
         if st is None or st.start_block != start_block:
             if st is not None:
@@ -77,11 +84,26 @@ class SchedulerSide:
         self._loads.append(LoadSpec(request.request_id, hashes, list(block_ids), st.lease))
         st.lease = None  # the worker releases it after copying
         st.pool_blocks = (start, end)
+        st.is_load_issued = True
+        st.load_block_ids = list(block_ids)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVStoreMetadata:
         meta = KVStoreMetadata(loads=self._loads, saves=self._saves(scheduler_output))
         self._loads = []
         return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """Count only the blocks a finished load really filled (vLLM recomputes the rest)."""
+        invalid = connector_output.invalid_block_ids
+        for req_id in connector_output.finished_recving or ():
+            st = self._reqs.get(req_id)
+            if st is None or st.load_block_ids is None:
+                continue
+            start, _ = st.pool_blocks
+            num_ok = next((i for i, b in enumerate(st.load_block_ids) if b in invalid),
+                          len(st.load_block_ids))
+            st.pool_blocks = (start, start + num_ok)
+            st.load_block_ids = None
 
     def request_finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
         st = self._reqs.pop(request.request_id, None)
@@ -100,7 +122,7 @@ class SchedulerSide:
         end_block = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
         now = time.monotonic()
         st = _ReqState(request, start_block, None, now + self.config.lookup_timeout_ms / 1000)
-        if end_block <= start_block or now < self._down_until_s:
+        if end_block <= start_block or self._breaker.is_open():
             return st
         hashes = [bytes(h) for h in request.block_hashes[start_block:end_block]]
         st.lookup = self._calls.submit(self._lookup_call, hashes)
@@ -116,14 +138,15 @@ class SchedulerSide:
             st.lookup.add_done_callback(self._release_late)  # give a late lease back
             log.warning("kvstore lookup slower than %d ms: treating as a miss",
                         self.config.lookup_timeout_ms)
-            self._mark_down()
+            self._breaker.failure()
         else:
             try:
                 result = st.lookup.result()
                 st.num_hit_blocks, st.lease = result.num_hits, result.lease
+                self._breaker.success()
             except KVStoreError as exc:
                 log.warning("kvstore lookup failed (%s): treating as a miss", exc)
-                self._mark_down()
+                self._breaker.failure()
         st.lookup = None
         return True
 
@@ -155,9 +178,6 @@ class SchedulerSide:
                 self.config.address, self.config.timeout_ms / 1000,
                 curve_dir=self.config.curve_keys, use_shm=False)
         return client
-
-    def _mark_down(self) -> None:
-        self._down_until_s = time.monotonic() + self.config.retry_interval_ms / 1000
 
     # --- saves -------------------------------------------------------------------------------
     def _saves(self, scheduler_output: Any) -> list[SaveSpec]:

@@ -21,6 +21,7 @@ from kvstore.errors import KVStoreError
 from kvstore.keys import Namespace
 
 from connectors.vllm_v1.blocks import PagedKV
+from connectors.vllm_v1.breaker import Breaker
 from connectors.vllm_v1.config import ConnectorConfig
 from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec, SaveSpec
 
@@ -36,7 +37,7 @@ class WorkerSide:
         self._done: queue.Queue[tuple[str, list[int]]] = queue.Queue()
         self._failed_block_ids: set[int] = set()
         self._save_client: Client | None = None
-        self._save_down_until_s = 0.0
+        self._save_breaker = Breaker(config.retry_interval_ms / 1000)
         self._loader = threading.Thread(target=self._load_loop, name="kvstore-load", daemon=True)
         self._pool_tensor: torch.Tensor | None = None  # the segment as uint8, for the save client
         self._registered: set[int] = set()  # data_ptrs registered as page-locked (CUDA)
@@ -62,14 +63,15 @@ class WorkerSide:
                 self._jobs.put(spec)
 
     def save(self, meta: KVStoreMetadata) -> None:
-        if not meta.saves or self.kv is None or time.monotonic() < self._save_down_until_s:
+        if not meta.saves or self.kv is None or self._save_breaker.is_open():
             return
         try:
             self._save(meta.saves)
+            self._save_breaker.success()
         except (KVStoreError, OSError) as exc:
             # Best effort: a lost save is a future miss. Skip the daemon for a while.
             log.warning("kvstore save skipped (%s)", exc)
-            self._save_down_until_s = time.monotonic() + self.config.retry_interval_ms / 1000
+            self._save_breaker.failure()
 
     def get_finished(self) -> set[str]:
         finished = set()
@@ -95,6 +97,8 @@ class WorkerSide:
         client = self._new_client()
         while (spec := self._jobs.get()) is not None:
             num_loaded = 0
+            if self.config.fault_load_delay_ms:
+                time.sleep(self.config.fault_load_delay_ms / 1000)
             try:
                 num_loaded = self._load(client, spec)
             except Exception as exc:  # anything: report and let vLLM recompute
@@ -110,8 +114,9 @@ class WorkerSide:
         assert self.kv is not None
         deadline = time.monotonic() + self.config.load_timeout_ms / 1000
         if client.has_shm():
-            pool = self._pool_of(client)
             with client.pinned(self.ns, spec.hashes, spec.lease) as refs:
+                # Only now: the call may have re-attached a restarted daemon's new segment.
+                pool = self._pool_of(client)
                 num = self._scatter_refs(pool, refs, spec.block_ids, deadline)
                 _sync(self.kv.device)  # copies must land before the lease lets the slots go
             return num
@@ -140,15 +145,16 @@ class WorkerSide:
     def _save(self, saves: list[SaveSpec]) -> None:
         assert self.kv is not None
         if self._save_client is None:
-            self._save_client = self._new_client()
+            self._save_client = self._new_client(self.config.save_timeout_ms)
         client = self._save_client
         hashes = [h for s in saves for h in s.hashes]
         parents = [p for s in saves for p in s.parents]
         block_ids = [b for s in saves for b in s.block_ids]
         if client.has_shm():
-            pool = self._pool_of(client)
             refs, _ = client.reserve(self.ns, [(h, p, self.kv.block_bytes)
                                                for h, p in zip(hashes, parents)])
+            # Only now: reserve may have re-attached a restarted daemon's new segment.
+            pool = self._pool_of(client)
             written = []
             try:
                 for block_hash, block_id, ref in zip(hashes, block_ids, refs):
@@ -170,8 +176,8 @@ class WorkerSide:
         client.put(self.ns, [(h, p, row.numpy()) for h, p, row in zip(hashes, parents, staging)])
 
     # --- helpers -----------------------------------------------------------------------------
-    def _new_client(self) -> Client:
-        return Client(self.config.address, self.config.timeout_ms / 1000,
+    def _new_client(self, timeout_ms: int | None = None) -> Client:
+        return Client(self.config.address, (timeout_ms or self.config.timeout_ms) / 1000,
                       curve_dir=self.config.curve_keys, use_shm=self.config.use_shm)
 
     def _pool_of(self, client: Client) -> torch.Tensor:
@@ -180,6 +186,8 @@ class WorkerSide:
         key = (id(client), client.pool.token)
         tensor = self._pool_tensors.get(key)
         if tensor is None:
+            # Drop this client's view of a previous segment so its mapping can be unmapped.
+            self._pool_tensors = {k: v for k, v in self._pool_tensors.items() if k[0] != id(client)}
             tensor = torch.frombuffer(client.pool.buffer, dtype=torch.uint8)
             self._pool_tensors[key] = tensor
             if self.kv is not None and self.kv.device.type == "cuda":

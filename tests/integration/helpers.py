@@ -16,6 +16,9 @@ from kvstore.client import Client
 from tests.daemon import wait_until
 
 MiB = 1024 * 1024
+# Deadline of calls in tests that are not about timing. Generous: the machine may be shared with
+# other jobs, and a call that succeeds returns at once anyway.
+CALL_S = 10.0
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -37,7 +40,7 @@ def as_chain(hashes: list[bytes], datas: list[bytes]) -> list[tuple[bytes, bytes
 
 def stats(address: str, curve_dir: Path | None = None) -> dict[str, Any]:
     """The daemon's stats through a short-lived TCP client."""
-    with Client(address, timeout_s=2.0, use_shm=False, curve_dir=curve_dir) as client:
+    with Client(address, timeout_s=CALL_S, use_shm=False, curve_dir=curve_dir) as client:
         return client.stats()
 
 
@@ -75,4 +78,5 @@ def assert_terminates(ctx: zmq.Context, timeout_s: float = 5.0) -> None:
 
 def is_mapped(segment: str) -> bool:
     """Whether this process still maps the named shared-memory segment."""
-    return any(f"/dev/shm/{segment}" in line for line in Path("/proc/self/maps").read_text().splitlines())
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return any(f"/dev/shm/{segment}" in line for line in maps)

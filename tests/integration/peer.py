@@ -51,7 +51,7 @@ def get(client: Client, directory: Path, out: Path) -> dict[str, object]:
 
 def main(argv: list[str]) -> int:
     command, address, mode, directory = argv[:4]
-    with Client(address, timeout_s=5.0, use_shm=(mode == "shm")) as client:
+    with Client(address, timeout_s=10.0, use_shm=(mode == "shm")) as client:
         if command == "put":
             summary = put(client, Path(directory))
         else:

@@ -6,7 +6,8 @@ import pytest
 
 from kvstore.client import Client
 from kvstore.keys import Namespace
-from tests.integration.helpers import MiB, as_chain, chain_hashes, random_blocks, wait_stats
+from tests.integration.helpers import (
+    CALL_S, MiB, as_chain, chain_hashes, random_blocks, wait_stats)
 
 # 32 MiB of 4 MiB pages holding 1 MiB blocks: exactly 32 slots.
 POOL, PAGE, BLOCK, CAPACITY = "32MiB", "4MiB", MiB, 32
@@ -32,12 +33,12 @@ def _stored(client: Client, hashes: list[bytes]) -> list[bytes]:
     return [h for h in hashes if client.lookup(NS, [h]).num_hits]
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_full_pool_evicts_a_chains_tail_before_its_root(make_daemon, ctx):
     """Under pressure the oldest chain loses its tail first; its root and the newer chain stay."""
     d = _small_pool(make_daemon)
     old, new = chain_hashes("old", 8), chain_hashes("new", 24)
-    with Client(d.address, 2.0, ctx=ctx) as client:
+    with Client(d.address, CALL_S, ctx=ctx) as client:
         assert client.put(NS, as_chain(old, random_blocks(1, [BLOCK] * 8))).num_stored == 8
         assert client.put(NS, as_chain(new, [bytes(BLOCK)] * 24)).num_stored == 24
         assert client.stats()["num_free_pages"] == 0
@@ -52,11 +53,11 @@ def test_full_pool_evicts_a_chains_tail_before_its_root(make_daemon, ctx):
         assert s["num_slots_used"] == CAPACITY
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_pool_never_holds_more_than_its_capacity(make_daemon, ctx):
     """Filling three times past capacity keeps the newest blocks and never exceeds the pool."""
     d = _small_pool(make_daemon)
-    with Client(d.address, 2.0, ctx=ctx, use_shm=False) as client:
+    with Client(d.address, CALL_S, ctx=ctx, use_shm=False) as client:
         hashes = _fill(client, "flood", 3 * CAPACITY, check_capacity=True)
         assert _stored(client, hashes) == hashes[-CAPACITY:]
         s = client.stats()
@@ -64,23 +65,23 @@ def test_pool_never_holds_more_than_its_capacity(make_daemon, ctx):
         assert s["num_blocks"] == s["num_slots_used"] == CAPACITY
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_recently_read_blocks_outlive_unread_ones(make_daemon, ctx):
     """A get refreshes recency: the block read last survives while older unread ones go."""
     d = _small_pool(make_daemon)
-    with Client(d.address, 2.0, ctx=ctx) as client:
+    with Client(d.address, CALL_S, ctx=ctx) as client:
         first = _fill(client, "first", CAPACITY)
         assert client.get(NS, [first[0]]) == [bytes(BLOCK)]
         _fill(client, "more", CAPACITY - 1)
         assert _stored(client, first) == [first[0]]
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_leased_blocks_survive_pressure_until_released(make_daemon, ctx):
     """Blocks pinned by lookup(lease_ms) outlast a full pool's churn, and go once released."""
     d = _small_pool(make_daemon)
     pinned = chain_hashes("pinned", 4)
-    with Client(d.address, 2.0, ctx=ctx) as client:
+    with Client(d.address, CALL_S, ctx=ctx) as client:
         client.put(NS, as_chain(pinned, [bytes(BLOCK)] * 4))
         lookup = client.lookup(NS, pinned, lease_ms=60_000)
         assert lookup.num_hits == 4 and lookup.lease is not None
@@ -93,11 +94,11 @@ def test_leased_blocks_survive_pressure_until_released(make_daemon, ctx):
         assert client.lookup(NS, pinned).num_hits == 0
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_pool_full_of_leased_blocks_refuses_puts_without_evicting(make_daemon, ctx):
     """With every slot leased a put reports num_full and changes nothing."""
     d = _small_pool(make_daemon)
-    with Client(d.address, 2.0, ctx=ctx) as client:
+    with Client(d.address, CALL_S, ctx=ctx) as client:
         hashes = _fill(client, "all", CAPACITY)
         lookup = client.lookup(NS, hashes, lease_ms=60_000)
         assert lookup.num_hits == CAPACITY
@@ -109,44 +110,41 @@ def test_pool_full_of_leased_blocks_refuses_puts_without_evicting(make_daemon, c
         assert client.put(NS, [(b"now-fits", None, bytes(BLOCK))]).num_stored == 1
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_lookup_lease_expires_on_its_own_then_block_is_evictable(make_daemon, ctx):
     """A lookup lease of lease_ms ends by itself; the block is then evicted like any other."""
     d = _small_pool(make_daemon)
-    with Client(d.address, 2.0, ctx=ctx) as client:
+    with Client(d.address, CALL_S, ctx=ctx) as client:
         client.put(NS, [(b"short", None, bytes(BLOCK))])
         assert client.lookup(NS, [b"short"], lease_ms=300).num_hits == 1
         _fill(client, "during", CAPACITY)
         assert client.lookup(NS, [b"short"]).num_hits == 1, "evicted while leased"
-        wait_stats(d.address, lambda s: s["num_leases"] == 0, 5.0, "lease expiry")
+        wait_stats(d.address, lambda s: s["num_leases"] == 0, 20.0, "lease expiry")
         _fill(client, "expired", CAPACITY)
         assert client.lookup(NS, [b"short"]).num_hits == 0
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_read_pin_is_held_for_the_daemons_lease_setting(make_daemon, ctx):
     """A pinned() read holds its slots for --lease seconds at most, then they are evictable."""
     d = _small_pool(make_daemon, "--lease", "0.5")
-    with Client(d.address, 2.0, ctx=ctx) as client:
+    with Client(d.address, CALL_S, ctx=ctx) as client:
         held = _fill(client, "held", 2)
         with client.pinned(NS, [held[0]]) as refs:
             assert [r.nbytes for r in refs] == [BLOCK]
             assert client.stats()["num_leases"] == 1
             _fill(client, "churn", CAPACITY)
             assert _stored(client, held) == [held[0]]
-            wait_stats(d.address, lambda s: s["num_leases"] == 0, 5.0, "--lease expiry")
+            wait_stats(d.address, lambda s: s["num_leases"] == 0, 20.0, "--lease expiry")
             _fill(client, "after", CAPACITY)
             assert _stored(client, held) == []
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="index.py: Index.commit links a block whose parent hash is "
-                                       "its own hash as its own child, so leaf-first LRU never "
-                                       "evicts it (see the integration report)")
+@pytest.mark.timeout(90)
 def test_block_naming_itself_as_parent_is_still_evictable(make_daemon, ctx):
     """A block whose parent hash equals its own hash is evicted like any other unleased block."""
     d = _small_pool(make_daemon)
-    with Client(d.address, 2.0, ctx=ctx) as client:
+    with Client(d.address, CALL_S, ctx=ctx) as client:
         client.put(NS, [(b"self", b"self", bytes(BLOCK))])
         _fill(client, "churn", 2 * CAPACITY)
         assert client.lookup(NS, [b"self"]).num_hits == 0, "an unleased block outlived 2x churn"

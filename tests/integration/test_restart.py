@@ -14,12 +14,12 @@ from kvstore.client import Client
 from kvstore.errors import ServerUnavailable
 from kvstore.keys import Namespace
 from tests.daemon import Daemon, free_port, wait_until
-from tests.integration.helpers import random_blocks
+from tests.integration.helpers import CALL_S, random_blocks
 
 NS = Namespace(b"model-a")
 _SEGMENT_HEADER = struct.Struct("<8sQ16s")  # pool.py's header page: magic, owner pid, token
 TIMEOUT_S = 0.5
-SLACK_S = 0.5  # process scheduling on a loaded 2-core machine
+SLACK_S = 1.5  # process scheduling on a loaded, possibly shared 2-core machine
 
 
 def _unavailable_within_timeout(call) -> float:  # type: ignore[no-untyped-def]
@@ -31,7 +31,7 @@ def _unavailable_within_timeout(call) -> float:  # type: ignore[no-untyped-def]
     return elapsed
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
 def test_same_client_fails_fast_while_daemon_down_and_works_after_restart(daemon, ctx, use_shm):
     """Every call raises ServerUnavailable within the timeout while down; after restart it works."""
@@ -54,11 +54,11 @@ def test_same_client_fails_fast_while_daemon_down_and_works_after_restart(daemon
             assert client.stats()["bytes_in"]["shm"] == len(data)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_restart_between_calls_reattaches_the_new_segment_without_an_error(daemon, ctx):
     """A daemon restarted between two calls is rejoined transparently (stale segment -> HELLO)."""
     data = random_blocks(2, [4096])[0]
-    with Client(daemon.address, 2.0, ctx=ctx) as client:
+    with Client(daemon.address, CALL_S, ctx=ctx) as client:
         client.put(NS, [(b"first", None, data)])
         old_token = client.pool.token
         daemon.restart()
@@ -69,7 +69,7 @@ def test_restart_between_calls_reattaches_the_new_segment_without_an_error(daemo
             assert bytes(client.pool.view(refs[0].slot, refs[0].nbytes)) == data
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_sigkill_mid_run_turns_calls_into_misses_then_recovers(daemon, ctx):
     """A client loop never hangs across a SIGKILL: calls fail within the timeout, then succeed."""
     data = random_blocks(3, [64 * 1024])[0]
@@ -92,13 +92,13 @@ def test_sigkill_mid_run_turns_calls_into_misses_then_recovers(daemon, ctx):
     worker = threading.Thread(target=run)
     worker.start()
     try:
-        wait_until(lambda: len(outcomes) >= 20, 10.0, what="traffic before the kill")
+        wait_until(lambda: len(outcomes) >= 20, 30.0, what="traffic before the kill")
         daemon.kill()
         assert daemon.segment_path.exists(), "SIGKILL leaves the segment behind"
-        wait_until(lambda: outcomes[-1][0] == "unavailable", 5.0, what="calls failing")
+        wait_until(lambda: outcomes[-1][0] == "unavailable", 20.0, what="calls failing")
         daemon.start()  # the same segment name: the stale segment is replaced
         n = len(outcomes)
-        wait_until(lambda: any(o == "ok" for o, _ in outcomes[n:]), 10.0, what="recovery")
+        wait_until(lambda: any(o == "ok" for o, _ in outcomes[n:]), 30.0, what="recovery")
     finally:
         recovered.set()
         worker.join(10.0)
@@ -110,7 +110,7 @@ def test_sigkill_mid_run_turns_calls_into_misses_then_recovers(daemon, ctx):
     assert slowest < 2 * TIMEOUT_S + SLACK_S, f"an iteration took {slowest:.2f} s"
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_client_of_a_daemon_that_never_started_fails_within_timeout(ctx):
     """With nothing listening, calls raise ServerUnavailable within the timeout, repeatedly."""
     with Client(f"tcp://127.0.0.1:{free_port()}", TIMEOUT_S, ctx=ctx) as client:
@@ -119,7 +119,7 @@ def test_client_of_a_daemon_that_never_started_fails_within_timeout(ctx):
         _unavailable_within_timeout(lambda: client.get(NS, [b"x"]))
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_restarted_daemon_replaces_segment_left_by_a_killed_one(make_daemon):
     """A daemon started on the segment name of a SIGKILLed one removes the stale segment."""
     d: Daemon = make_daemon().start()

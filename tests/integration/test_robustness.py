@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,20 +14,22 @@ import zmq
 
 from kvstore import protocol
 from kvstore.client import Client
-from kvstore.errors import ServerError
 from kvstore.keys import Namespace
 from kvstore.protocol import MAX_BLOCKS, MAX_HEADER_BYTES, MAX_LEASE_MS, VERSION, Op
 from tests.integration.helpers import (
-    MiB, chain_hashes, random_blocks, raw_dealer, stats, wait_stats)
+    CALL_S, MiB, chain_hashes, random_blocks, raw_dealer, stats, wait_stats)
 
 NUM_MESSAGES = 10_000
 BATCH = 250  # messages in flight at once; well under both sides' high-water marks
 SEED = 20240611
 LEGIT = Namespace(b"legit")
 FUZZ_NAMES = [b"fuzz-0", b"fuzz-1", b"x" * 64]
-FUZZ_HASHES = [b"h%d" % i for i in range(12)]
+FUZZ_HASHES = [b"h%d" % i for i in range(5)]  # few: fuzz lookups hit what fuzz puts stored
 PAGE_BYTES = 8 * MiB
 VALID_SIZES = [1, 63, 64, 100, 4096]  # few size classes: fuzz writes cannot fill the pool
+# Mostly writes and reads of a few keys, so fuzz reads hit (and lease) what fuzz writes stored.
+VALID_OP_WEIGHTS = {Op.HELLO: 1, Op.PING: 1, Op.LOOKUP: 6, Op.GET: 4, Op.RESERVE: 2, Op.COMMIT: 1,
+                    Op.ABORT: 1, Op.PUT: 6, Op.RELEASE: 1, Op.STATS: 1, Op.INVALIDATE: 1}
 # Values that break some field's type, range or length (and a few that happen to be valid).
 GARBAGE: list[Any] = [
     None, True, False, 0, -1, 1, 7, 2**31, 2**63, 2**64 - 1, -(2**63), 0.5, float("nan"),
@@ -52,16 +53,20 @@ class Fuzzer:
         kinds = [(self.random_frames, 12), (self.non_map, 6), (self.wrong_fields, 10),
                  (self.garbage_values, 22), (self.garbage_in_rows, 8),
                  (self.wrong_frame_counts, 10), (self.huge, 2),
-                 (self.bad_token, 6), (self.random_op, 6), (self.valid, 18)]
+                 (self.bad_token, 5), (self.oversized_block, 1), (self.random_op, 6),
+                 (self.valid, 18)]
         make = self.rng.choices([k for k, _ in kinds], weights=[w for _, w in kinds])[0]
         return make()
 
     # --- building blocks -------------------------------------------------------------------
     def _ns(self) -> list[Any]:
-        return [self.rng.choice(FUZZ_NAMES), self.rng.choice([0, 1])]
+        return [self.rng.choice(FUZZ_NAMES), self.rng.choice([0, 0, 0, 1])]
 
     def _hashes(self) -> list[bytes]:
-        return self.rng.sample(FUZZ_HASHES, self.rng.randint(1, 4))
+        hashes = self.rng.sample(FUZZ_HASHES, self.rng.randint(1, 4))
+        if self.rng.random() < 0.1:
+            hashes.append(self.rng.choice(hashes))  # a chain that repeats a block
+        return hashes
 
     def _fields(self, op: Op) -> tuple[dict[str, Any], list[bytes]]:
         """A valid request's fields and payload for op."""
@@ -89,7 +94,8 @@ class Fuzzer:
             hashes, sizes = self._hashes(), []
             blocks = [[h, r.choice([None, r.choice(FUZZ_HASHES)])] for h in hashes]
             sizes = [r.choice(VALID_SIZES) for _ in hashes]
-            return {"ns": self._ns(), "blocks": blocks, "sizes": sizes}, [r.randbytes(n) for n in sizes]
+            payload = [r.randbytes(n) for n in sizes]
+            return {"ns": self._ns(), "blocks": blocks, "sizes": sizes}, payload
         if op is Op.RELEASE:
             return {"lease": r.randint(1, 50)}, []
         return {"name": r.choice(FUZZ_NAMES), "below_epoch": r.choice([None, 0, 1, 5])}, []
@@ -100,7 +106,7 @@ class Fuzzer:
 
     # --- message kinds ---------------------------------------------------------------------
     def valid(self) -> list[bytes]:
-        op = self.rng.choice(list(Op))
+        op = self.rng.choices(list(VALID_OP_WEIGHTS), weights=list(VALID_OP_WEIGHTS.values()))[0]
         fields, payload = self._fields(op)
         return [self._header(op, fields), *payload]
 
@@ -194,6 +200,12 @@ class Fuzzer:
             fields["shm"] = True
         return [self._header(op, fields)]
 
+    def oversized_block(self) -> list[bytes]:
+        """A well-formed reservation of a block that no page can hold."""
+        fields, _ = self._fields(Op.RESERVE)
+        fields["blocks"][-1][2] = self.rng.choice([PAGE_BYTES + 1, 2**40])
+        return [self._header(Op.RESERVE, fields)]
+
     def random_op(self) -> list[bytes]:
         r = self.rng
         op = r.choice([0, -1, 12, 13, 99, 2**32, r.randint(-5, 30)])
@@ -207,7 +219,7 @@ def _replies(sock: zmq.Socket, n: int) -> Iterator[dict[str, Any]]:
         yield protocol.decode_header(frames[0])
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_ten_thousand_hostile_messages_leave_the_daemon_serving_and_leak_free(make_daemon, ctx):
     """10,000 malformed or random messages each get a reply; no slot, lease or reservation leaks."""
     d = make_daemon(pool_size="128MiB", page_size="8MiB",
@@ -219,8 +231,7 @@ def test_ten_thousand_hostile_messages_leave_the_daemon_serving_and_leak_free(ma
     counts = {"ok": 0, "error": 0}
     codes: set[str] = set()
     leases: set[int] = set()
-    started = time.monotonic()
-    with Client(d.address, 5.0, ctx=ctx) as client, raw_dealer(ctx, d.address, 10_000) as sock:
+    with Client(d.address, CALL_S, ctx=ctx) as client, raw_dealer(ctx, d.address, 10_000) as sock:
         assert client.put(LEGIT, legit).num_stored == 3
         fuzzer = Fuzzer(rng, bytes(client.connect()["token"]))
         for _ in range(NUM_MESSAGES // BATCH):
@@ -234,7 +245,6 @@ def test_ten_thousand_hostile_messages_leave_the_daemon_serving_and_leak_free(ma
                 fuzzer.slots += [s for s in reply.get("slots") or [] if s is not None][:2]
             # Legit traffic keeps working between the batches.
             assert client.get(LEGIT, legit_hashes) == legit_data
-        fuzz_s = time.monotonic() - started
 
         assert counts["ok"] + counts["error"] == NUM_MESSAGES
         assert counts["ok"] > 500 and counts["error"] > 5000, counts
@@ -244,11 +254,11 @@ def test_ten_thousand_hostile_messages_leave_the_daemon_serving_and_leak_free(ma
         for lease in leases:
             sock.send_multipart([msgpack.packb({"v": VERSION, "op": Op.RELEASE, "id": 1,
                                                 "lease": lease})])
-        list(_replies(sock, len(leases)))
-    s = wait_stats(d.address, lambda s: s["num_reserved"] == 0 and s["num_leases"] == 0, 10.0,
+        assert all(r["ok"] for r in _replies(sock, len(leases)))
+    s = wait_stats(d.address, lambda s: s["num_reserved"] == 0 and s["num_leases"] == 0, 20.0,
                    "fuzz leases and reservations gone")
     assert s["errors"] == counts["error"]
-    with Client(d.address, 5.0, ctx=ctx) as client:
+    with Client(d.address, CALL_S, ctx=ctx) as client:
         for name in s["namespaces"]:
             if bytes.fromhex(name) != LEGIT.name:
                 client.invalidate(bytes.fromhex(name))
@@ -257,38 +267,40 @@ def test_ten_thousand_hostile_messages_leave_the_daemon_serving_and_leak_free(ma
                 s["num_evictions"]) == (3, 3, 0, 0, 0)
         assert client.get(LEGIT, legit_hashes) == legit_data
         assert client.put(LEGIT, [(b"after", legit_hashes[-1], b"a" * 777)]).num_stored == 1
-    with Client(d.address, 5.0, ctx=ctx, use_shm=False) as tcp_client:
+    with Client(d.address, CALL_S, ctx=ctx, use_shm=False) as tcp_client:
         assert tcp_client.get(LEGIT, [*legit_hashes, b"after"]) == [*legit_data, b"a" * 777]
     assert d.proc.poll() is None, "daemon died"
     assert "Traceback" not in d.output()
-    assert fuzz_s < 60, f"the fuzz took {fuzz_s:.1f} s"
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
-def test_repeated_hashes_are_refused_and_daemon_survives(make_daemon, ctx, use_shm):
-    """A chain repeating a hash is bad_request; a lease over it cannot crash the daemon later."""
-    d = make_daemon(extra_args=["--lease", "0.3"]).start()
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("end", ["expiry", "release"])
+def test_lease_naming_a_block_twice_frees_it_once_when_dropped(make_daemon, ctx, end):
+    """A lease over a repeated hash, its block invalidated, ends without crashing the daemon."""
+    d = make_daemon().start()
     ns = Namespace(b"model-a")
-    with Client(d.address, 2.0, ctx=ctx, use_shm=use_shm) as client:
-        client.put(ns, [(b"a", None, b"1" * 1000)])
-        for call in (lambda: client.lookup(ns, [b"a", b"a"], lease_ms=300),
-                     lambda: client.get(ns, [b"a", b"a"])):
-            with pytest.raises(ServerError) as err:
-                call()
-            assert err.value.code == "bad_request"
-        # What crashed it before: a lease over the same entry twice, the entry dropped, expiry.
-        client.lookup(ns, [b"a"], lease_ms=300)
-        assert client.invalidate(b"model-a") == 1
-        wait_stats(d.address, lambda s: s["num_leases"] == 0, 5.0, "lease expiry")
-        assert client.stats()["num_slots_used"] == 0
+    with Client(d.address, CALL_S, ctx=ctx, use_shm=False) as client:
+        client.put(ns, [(b"a", None, b"1" * 1000), (b"b", b"a", b"2" * 1000)])
+        lease = client.lookup(ns, [b"a", b"a"], lease_ms=300).lease
+        assert lease is not None
+        assert client.invalidate(b"model-a") == 2
+        assert client.stats()["num_slots_used"] == 1, "the leased slot must outlive invalidate"
+        if end == "release":
+            assert client.release(lease)
+        wait_stats(d.address, lambda s: s["num_leases"] == 0 and s["num_slots_used"] == 0, 20.0,
+                   "lease gone and slot freed")
+        # The freed slot is reusable exactly once: two new blocks take two distinct slots.
+        fresh = [(b"c", None, b"3" * 1000), (b"d", b"c", b"4" * 1000)]
+        assert client.put(ns, fresh).num_stored == 2
+        assert client.get(ns, [b"c", b"d"]) == [b"3" * 1000, b"4" * 1000]
     assert d.proc.poll() is None, d.output()
+    assert "Traceback" not in d.output()
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_oversized_frame_drops_only_that_connection(daemon, ctx):
     """A frame past the size limit cuts its sender off; other clients keep being served."""
-    with Client(daemon.address, 2.0, ctx=ctx) as client, \
+    with Client(daemon.address, CALL_S, ctx=ctx) as client, \
             raw_dealer(ctx, daemon.address, 500) as sock:
         client.put(Namespace(b"m"), [(b"k", None, b"v" * 100)])
         sock.send_multipart([msgpack.packb({"v": VERSION, "op": Op.PING, "id": 1}),
@@ -299,7 +311,7 @@ def test_oversized_frame_drops_only_that_connection(daemon, ctx):
     assert stats(daemon.address)["num_slots_used"] == 1
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_reply_for_an_unparseable_message_has_no_id_and_says_bad_request(daemon, ctx):
     """Garbage gets an error reply with id nil and code bad_request, and a message text."""
     with raw_dealer(ctx, daemon.address) as sock:

@@ -15,7 +15,7 @@ from kvstore.client import Client
 from kvstore.errors import ServerError
 from kvstore.keys import Namespace
 from tests.integration.helpers import (
-    MiB, REPO, as_chain, chain_hashes, random_blocks, stats)
+    CALL_S, MiB, REPO, as_chain, chain_hashes, random_blocks, stats)
 
 CHUNK = protocol.CHUNK_BYTES
 # One exact chunk, one just past it (2 frames), one of 3 frames with a short tail, and a small one.
@@ -33,11 +33,12 @@ def _write_manifest(directory: Path, ns: str, hashes: list[bytes], datas: list[b
     rows = []
     for i, (h, parent, data) in enumerate(as_chain(hashes, datas)):
         (directory / f"block-{i}.bin").write_bytes(data)
-        rows.append([h.hex(), None if parent is None else parent.hex(), f"block-{i}.bin", len(data)])
+        parent_hex = None if parent is None else parent.hex()
+        rows.append([h.hex(), parent_hex, f"block-{i}.bin", len(data)])
     (directory / "manifest.json").write_text(json.dumps({"ns": ns, "blocks": rows}))
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("writer,reader", [("shm", "shm"), ("tcp", "tcp"), ("shm", "tcp"),
                                            ("tcp", "shm")])
 def test_blocks_put_by_one_process_read_back_byte_identical_by_another(daemon, tmp_path, writer,
@@ -67,13 +68,13 @@ def test_blocks_put_by_one_process_read_back_byte_identical_by_another(daemon, t
                               "tcp": 2 * total if reader == "tcp" else 0}
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
 def test_lookup_counts_only_the_consecutive_stored_prefix(daemon, ctx, use_shm):
     """lookup counts stored blocks from the root up to the first gap, per namespace."""
     ns, other = Namespace(b"model-a"), Namespace(b"model-b")
     hashes = chain_hashes("prefix", 4)
-    with Client(daemon.address, 2.0, ctx=ctx, use_shm=use_shm) as client:
+    with Client(daemon.address, CALL_S, ctx=ctx, use_shm=use_shm) as client:
         assert client.put(ns, as_chain(hashes[:3], random_blocks(2, [4096] * 3))).num_stored == 3
         assert client.lookup(ns, hashes).num_hits == 3
         assert client.lookup(ns, [hashes[0], hashes[1], b"gap", hashes[2]]).num_hits == 2
@@ -85,13 +86,13 @@ def test_lookup_counts_only_the_consecutive_stored_prefix(daemon, ctx, use_shm):
         assert client.stats()["num_leases"] == 0
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
 def test_get_of_missing_blocks_returns_nothing(daemon, ctx, use_shm):
     """get and get_into of blocks never stored return no blocks instead of failing."""
     ns = Namespace(b"model-a")
     dest = np.zeros(4096, dtype=np.uint8)
-    with Client(daemon.address, 2.0, ctx=ctx, use_shm=use_shm) as client:
+    with Client(daemon.address, CALL_S, ctx=ctx, use_shm=use_shm) as client:
         assert client.get(ns, [b"never-stored"]) == []
         assert client.get_into(ns, [b"never-stored"], [dest]) == 0
         assert not dest.any()
@@ -99,14 +100,14 @@ def test_get_of_missing_blocks_returns_nothing(daemon, ctx, use_shm):
         assert client.get(ns, [b"root", b"never-stored"]) == [b"r" * 100]
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
 def test_put_of_stored_blocks_reports_them_present(daemon, ctx, use_shm):
     """Putting blocks again stores nothing and keeps the first bytes."""
     ns = Namespace(b"model-a")
     hashes = chain_hashes("dup", 2)
     first, second = random_blocks(3, [2048, 2048]), random_blocks(4, [2048, 2048])
-    with Client(daemon.address, 2.0, ctx=ctx, use_shm=use_shm) as client:
+    with Client(daemon.address, CALL_S, ctx=ctx, use_shm=use_shm) as client:
         assert client.put(ns, as_chain(hashes, first)).num_stored == 2
         result = client.put(ns, as_chain(hashes, second))
         assert (result.num_stored, result.num_present, result.num_full) == (0, 2, 0)
@@ -114,12 +115,12 @@ def test_put_of_stored_blocks_reports_them_present(daemon, ctx, use_shm):
         assert client.stats()["num_slots_used"] == 2
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
 def test_block_larger_than_a_page_is_refused_as_too_large(make_daemon, ctx, use_shm):
     """A block that cannot fit one page is refused with too_large and takes no slot."""
     d = make_daemon(pool_size="32MiB", page_size="4MiB").start()
-    with Client(d.address, 2.0, ctx=ctx, use_shm=use_shm) as client:
+    with Client(d.address, CALL_S, ctx=ctx, use_shm=use_shm) as client:
         with pytest.raises(ServerError) as err:
             client.put(Namespace(b"m"), [(b"big", None, bytes(4 * MiB + 1))])
         assert err.value.code == "too_large"
@@ -127,12 +128,12 @@ def test_block_larger_than_a_page_is_refused_as_too_large(make_daemon, ctx, use_
         assert client.put(Namespace(b"m"), [(b"ok", None, bytes(4 * MiB))]).num_stored == 1
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
 def test_lease_of_one_namespace_never_reads_another(daemon, ctx, use_shm):
     """A GET under a lease taken in namespace A returns nothing for namespace B's same hashes."""
     a, b = Namespace(b"model-a"), Namespace(b"model-b")
-    with Client(daemon.address, 2.0, ctx=ctx, use_shm=use_shm) as client:
+    with Client(daemon.address, CALL_S, ctx=ctx, use_shm=use_shm) as client:
         client.put(a, [(b"shared-hash", None, b"A" * 512)])
         lease = client.lookup(a, [b"shared-hash"], lease_ms=5000).lease
         assert lease is not None
@@ -141,18 +142,18 @@ def test_lease_of_one_namespace_never_reads_another(daemon, ctx, use_shm):
         assert client.get(a, [b"shared-hash"], lease=lease) == [b"A" * 512]
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_get_into_fills_numpy_destinations_in_place_over_both_paths(daemon, ctx):
     """get_into writes each block into the front of its numpy array and leaves the rest alone."""
     ns = Namespace(b"model-a")
     hashes = chain_hashes("into", 2)
     datas = random_blocks(5, [CHUNK + 4096, 6000])
-    with Client(daemon.address, 2.0, ctx=ctx) as writer:
+    with Client(daemon.address, CALL_S, ctx=ctx) as writer:
         writer.put(ns, as_chain(hashes, datas))
     for use_shm in (True, False):
         dests = [np.full(CHUNK + 8192, 7, dtype=np.uint8), np.full((50, 64), 7, dtype=np.int16)]
         before = [d.tobytes() for d in dests]
-        with Client(daemon.address, 2.0, ctx=ctx, use_shm=use_shm) as reader:
+        with Client(daemon.address, CALL_S, ctx=ctx, use_shm=use_shm) as reader:
             assert reader.get_into(ns, hashes, dests) == 2
         for dest, data, old in zip(dests, datas, before):
             raw = dest.tobytes()

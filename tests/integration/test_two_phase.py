@@ -1,4 +1,4 @@
-"""Two-phase writes: reserve -> write -> commit, invisible until commit, reclaimed when abandoned."""
+"""Two-phase writes: reserve, write, commit; invisible until commit, reclaimed when abandoned."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ import pytest
 
 from kvstore.client import Client
 from kvstore.keys import Namespace
-from tests.integration.helpers import chain_hashes, random_blocks, wait_stats
+from tests.integration.helpers import CALL_S, chain_hashes, random_blocks, wait_stats
 
 NS = Namespace(b"model-a")
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_reserved_block_is_invisible_until_commit(daemon, ctx):
     """Reserved and written but uncommitted blocks miss in lookup and get; commit shows them."""
     hashes = chain_hashes("two-phase", 2)
     datas = random_blocks(1, [5000, 3000])
-    with Client(daemon.address, 2.0, ctx=ctx) as writer, \
-            Client(daemon.address, 2.0, ctx=ctx) as reader:
+    with Client(daemon.address, CALL_S, ctx=ctx) as writer, \
+            Client(daemon.address, CALL_S, ctx=ctx) as reader:
         refs, num_full = writer.reserve(NS, [(hashes[0], None, 5000), (hashes[1], hashes[0], 3000)])
         assert num_full == 0 and all(r is not None for r in refs)
         assert writer.pool is not None
@@ -35,27 +35,27 @@ def test_reserved_block_is_invisible_until_commit(daemon, ctx):
         assert (s["num_reserved"], s["num_blocks"], s["num_slots_used"]) == (0, 2, 2)
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_abandoned_reservation_is_reclaimed_after_reserve_timeout(make_daemon, ctx):
     """A reservation never committed frees its slot after --reserve-timeout; a late commit fails."""
     d = make_daemon(extra_args=["--reserve-timeout", "0.5"]).start()
     hashes = chain_hashes("abandoned", 3)
-    with Client(d.address, 2.0, ctx=ctx) as client:
+    with Client(d.address, CALL_S, ctx=ctx) as client:
         refs, _ = client.reserve(NS, [(h, None, 4096) for h in hashes])
         s = client.stats()
         assert (s["num_reserved"], s["num_slots_used"]) == (3, 3)
         wait_stats(d.address, lambda s: s["num_reserved"] == 0 and s["num_slots_used"] == 0,
-                   5.0, "reservations reclaimed")
+                   20.0, "reservations reclaimed")
         assert client.commit(NS, list(zip(hashes, refs))) == 0
         assert client.lookup(NS, hashes).num_hits == 0
         # The keys are free again: a fresh put stores them.
         assert client.put(NS, [(h, None, bytes(4096)) for h in hashes]).num_stored == 3
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_aborted_reservation_frees_its_slot_at_once(daemon, ctx):
     """abort gives reserved slots back immediately and the key can be written again."""
-    with Client(daemon.address, 2.0, ctx=ctx) as client:
+    with Client(daemon.address, CALL_S, ctx=ctx) as client:
         refs, _ = client.reserve(NS, [(b"aborted", None, 4096)])
         assert client.abort(NS, [(b"aborted", refs[0])]) == 1
         assert client.abort(NS, [(b"aborted", refs[0])]) == 0
@@ -64,11 +64,11 @@ def test_aborted_reservation_frees_its_slot_at_once(daemon, ctx):
         assert client.put(NS, [(b"aborted", None, b"x" * 4096)]).num_stored == 1
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_block_being_written_is_not_reserved_twice(daemon, ctx):
     """While one client writes a block, another client's reserve of it gets no slot."""
-    with Client(daemon.address, 2.0, ctx=ctx) as first, \
-            Client(daemon.address, 2.0, ctx=ctx) as second:
+    with Client(daemon.address, CALL_S, ctx=ctx) as first, \
+            Client(daemon.address, CALL_S, ctx=ctx) as second:
         mine, _ = first.reserve(NS, [(b"contended", None, 4096)])
         theirs, num_full = second.reserve(NS, [(b"contended", None, 4096)])
         assert mine[0] is not None and theirs == [None] and num_full == 0
@@ -81,10 +81,10 @@ def test_block_being_written_is_not_reserved_twice(daemon, ctx):
         assert second.stats()["num_slots_used"] == 1
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(90)
 def test_commit_naming_another_slot_commits_nothing(daemon, ctx):
     """A commit whose slot does not match the reservation is ignored; the real one still works."""
-    with Client(daemon.address, 2.0, ctx=ctx) as client:
+    with Client(daemon.address, CALL_S, ctx=ctx) as client:
         refs, _ = client.reserve(NS, [(b"a", None, 4096), (b"b", None, 4096)])
         assert client.commit(NS, [(b"a", refs[1]), (b"b", refs[0])]) == 0
         assert client.lookup(NS, [b"a"]).num_hits == 0

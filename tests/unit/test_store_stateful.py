@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvstore.index import State
@@ -129,10 +129,16 @@ class StoreMachine(RuleBasedStateMachine):
         return sorted(h for n, h in self.model.blocks if n == ns)
 
     def path(self, ns: Namespace, pick: int, tokens: list[int]) -> bytes:
-        """A hash path: an existing block of ns extended by tokens, capped at MAX_DEPTH."""
+        """A hash path: mostly an existing block of ns, extended by tokens up to MAX_DEPTH."""
         known = self.known_hashes(ns)
-        start = known[pick % len(known)] if known and pick % 3 else b""
-        return (start + bytes(tokens))[:MAX_DEPTH] or bytes(tokens[:1])
+        start = known[pick % len(known)] if known and pick % 4 else b""
+        return (start + bytes(tokens))[:max(len(start), MAX_DEPTH)] or bytes(tokens[:1])
+
+    def probe(self, ns: Namespace, pick: int, tokens: list[int]) -> list[bytes]:
+        """Hashes a lookup sends: mostly the chain to a known block, plus tokens beyond it."""
+        known = self.known_hashes(ns)
+        start = known[pick % len(known)] if known and pick % 4 else b""
+        return chain_of(start + bytes(tokens)) or [b"\x01"]
 
     def eventually_evictable(self) -> set[Key]:
         """Committed blocks some sequence of evictions could take under the store's policy."""
@@ -179,6 +185,8 @@ class StoreMachine(RuleBasedStateMachine):
                 assert still_there, f"a reservation vanished during reserve: {key!r}"
             elif not still_there:
                 evicted.append(key)
+        if evicted:
+            event(f"reserve evicted {min(len(evicted), 3)}+ blocks")
         for key in evicted:
             assert before[key].slot not in pinned_before, f"evicted a pinned block {key!r}"
             del self.model.blocks[key]
@@ -190,8 +198,10 @@ class StoreMachine(RuleBasedStateMachine):
 
     # --- rules -------------------------------------------------------------------------------
     @rule(ns_i=st.integers(0, len(NAMESPACES) - 1), pick=st.integers(0, 1 << 16),
-          tokens=st.lists(st.integers(1, NUM_TOKENS), min_size=1, max_size=MAX_DEPTH))
-    def reserve(self, ns_i: int, pick: int, tokens: list[int]) -> None:
+          tokens=st.lists(st.integers(1, NUM_TOKENS), min_size=1, max_size=MAX_DEPTH),
+          put=st.booleans())
+    def reserve(self, ns_i: int, pick: int, tokens: list[int], put: bool) -> None:
+        """Reserve a chain; with put, commit every granted slot at once, root first (PUT)."""
         ns = NAMESPACES[ns_i]
         leaf = self.path(ns, pick, tokens)
         # Write the tail of the path, starting somewhere below the root (like a partial hit).
@@ -221,9 +231,20 @@ class StoreMachine(RuleBasedStateMachine):
                 assert self.store.index.get(key).state is State.RESERVED
                 self.model.blocks[key] = Block(nbytes, slot, False, now + self.limits.reserve_s)
         if result.num_full:
+            event("reserve refused a block as full")
             key = (ns, bytes(blocks[first_full][0]))
             assert key not in self.model.blocks, f"{key!r} counted full while present"
             self.assert_refusal_is_genuine(nbytes)
+        if put:
+            for (block_hash, _, _), slot in zip(blocks, result.slots):
+                if slot is not None:
+                    self.commit_block((ns, bytes(block_hash)))
+
+    def commit_block(self, key: Key) -> None:
+        block = self.model.blocks[key]
+        assert self.store.commit(key[0], BlockHash(key[1]), block.slot)
+        block.is_committed = True
+        block.deadline_s = float("inf") if self.ttl_s is None else self.clock() + self.ttl_s
 
     def reserved_keys(self) -> list[Key]:
         return sorted((k for k, b in self.model.blocks.items() if not b.is_committed),
@@ -240,9 +261,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert not self.store.commit(key[0], BlockHash(key[1]), block.slot + PAGE_BYTES)
             assert self.snapshot() == snapshot, "a refused commit changed the state"
             return
-        assert self.store.commit(key[0], BlockHash(key[1]), block.slot)
-        block.is_committed = True
-        block.deadline_s = float("inf") if self.ttl_s is None else self.clock() + self.ttl_s
+        self.commit_block(key)
 
     @precondition(lambda self: self.reserved_keys())
     @rule(pick=st.integers(0, 1 << 16))
@@ -258,7 +277,7 @@ class StoreMachine(RuleBasedStateMachine):
           lease_s=st.sampled_from(LEASES_S))
     def pin(self, ns_i: int, pick: int, tokens: list[int], lease_s: float | None) -> None:
         ns = NAMESPACES[ns_i]
-        hashes = chain_of(self.path(ns, pick, [1]) + bytes(tokens))
+        hashes = self.probe(ns, pick, tokens)
         now = self.clock()
         expected = self.model.prefix(ns, hashes, now)
 
@@ -268,6 +287,7 @@ class StoreMachine(RuleBasedStateMachine):
         if not expected:
             assert lease_id is None
             return
+        event(f"pin hit {len(expected)} blocks")
         assert lease_id is not None and lease_id not in self.model.leases
         lease_s = self.limits.lease_s if lease_s is None else min(lease_s, self.limits.max_lease_s)
         items = [(k, self.model.blocks[k].slot, self.model.blocks[k].nbytes) for k in expected]
@@ -277,7 +297,7 @@ class StoreMachine(RuleBasedStateMachine):
           tokens=st.lists(st.integers(1, NUM_TOKENS), max_size=2))
     def lookup(self, ns_i: int, pick: int, tokens: list[int]) -> None:
         ns = NAMESPACES[ns_i]
-        hashes = chain_of(self.path(ns, pick, [1]) + bytes(tokens))
+        hashes = self.probe(ns, pick, tokens)
         snapshot = self.snapshot()
         num_hits = self.store.lookup(ns, [BlockHash(h) for h in hashes])
         assert num_hits == len(self.model.prefix(ns, hashes, self.clock()))
@@ -333,13 +353,14 @@ class StoreMachine(RuleBasedStateMachine):
     def pins_match_leases(self) -> None:
         index = self.store.index
         assert set(index.leases) == set(self.model.leases)
-        num_pins = Counter(slot for lease in self.model.leases.values() for _, slot, _ in lease.items)
+        num_pins = Counter(slot for lease in self.model.leases.values()
+                           for _, slot, _ in lease.items)
         for lease_id, lease in index.leases.items():
             items = self.model.leases[lease_id].items
             assert [(e.key, e.slot) for e in lease.entries] == [(k, s) for k, s, _ in items]
             for entry in lease.entries:
                 assert entry.num_pins == num_pins[entry.slot] >= 1
-                # A pinned block stays readable: still live, or removed on purpose but its slot kept.
+                # A pinned block stays readable: live, or removed on purpose with its slot kept.
                 if entry.is_live:
                     assert self.model.blocks[entry.key].slot == entry.slot
         for table in index.tables.values():
@@ -374,7 +395,8 @@ class StoreMachine(RuleBasedStateMachine):
             slot_bytes = slabs.slot_bytes_for(nbytes)
             assert 0 <= page_idx < NUM_PAGES
             assert slabs.page_slot_bytes(page_idx) == slot_bytes, "slot in a page of another class"
-            assert (slot - page_start) % slot_bytes == 0 and slot + nbytes <= page_start + PAGE_BYTES
+            assert (slot - page_start) % slot_bytes == 0
+            assert slot + nbytes <= page_start + PAGE_BYTES
 
 
 class LeafLRUStoreMachine(StoreMachine):
@@ -390,7 +412,7 @@ class LRUStoreMachine(StoreMachine):
     policy_cls = LRU
 
 
-_SETTINGS = settings(max_examples=150, stateful_step_count=40, deadline=None)
+_SETTINGS = settings(max_examples=150, stateful_step_count=50, deadline=None)
 
 TestStoreWithLeafLRUMatchesModel = LeafLRUStoreMachine.TestCase
 TestStoreWithLeafLRUMatchesModel.settings = _SETTINGS
@@ -399,7 +421,8 @@ TestStoreWithLeafLRUMatchesModel.__doc__ = (
 
 TestStoreWithTTLMatchesModel = LeafLRUWithTTLStoreMachine.TestCase
 TestStoreWithTTLMatchesModel.settings = _SETTINGS
-TestStoreWithTTLMatchesModel.__doc__ = "Store with a TTL expires blocks exactly when the model does."
+TestStoreWithTTLMatchesModel.__doc__ = (
+    "Store with a TTL expires blocks exactly when the model does.")
 
 TestStoreWithPlainLRUMatchesModel = LRUStoreMachine.TestCase
 TestStoreWithPlainLRUMatchesModel.settings = _SETTINGS

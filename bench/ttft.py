@@ -1,0 +1,167 @@
+"""Time to first token on vLLM CPU: recompute, a VRAM (tier 0) hit, a pool hit through shared
+memory and over TCP, and the connector's overhead when every lookup misses.
+
+    python -m bench.ttft [--quick]
+
+A random-weight Llama where prefill dominates (8 layers, hidden 1024, 8 KV heads, float32) runs
+in three replica processes at once: no connector (the baseline), a connector on the shared
+segment, and a connector that only uses TCP frames (as a replica on another host would). TTFT is
+the wall time of a one-token generation inside the replica. Writes bench/results/ttft.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.models import BENCH_MODEL, make_model
+from bench.replica import ReplicaProcess
+
+RESULTS = Path(__file__).parent / "results" / "ttft.json"
+GOALS = {"pool_shm_vs_recompute_4k": 0.2, "miss_overhead": 1.05}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1k and 4k prompts, 2 repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--model-dir", type=Path, default=Path(".cache/bench-model"))
+    args = parser.parse_args()
+    sizes = [1024, 4096] if args.quick else [1024, 4096, 8192]
+    repeats = args.repeats or (2 if args.quick else 3)
+
+    log("making the benchmark model (8 layers, hidden 1024) in", args.model_dir)
+    model = str(make_model(args.model_dir, BENCH_MODEL))
+    logs = Path(tempfile.mkdtemp(prefix="kvstore-ttft-"))
+    address, daemon = start_daemon(logs)
+    flags = {"max_model_len": 9216, "kv_cache_gib": 2, "block_size": 32}
+    replicas: dict[str, ReplicaProcess] = {}
+    try:
+        log(f"starting 3 vLLM CPU replicas (logs in {logs})")
+        replicas = {
+            "base": ReplicaProcess(model, log_path=str(logs / "base.log"), **flags),
+            "shm": ReplicaProcess(model, address, {"load_timeout_ms": 60000},
+                                  log_path=str(logs / "shm.log"), **flags),
+            "tcp": ReplicaProcess(model, address, {"use_shm": False, "load_timeout_ms": 60000},
+                                  log_path=str(logs / "tcp.log"), **flags),
+        }
+        for replica in replicas.values():
+            replica.wait_ready(600)
+        warm_up(replicas)
+        figures = {n: measure(replicas, n, repeats) for n in sizes}
+    finally:
+        for replica in replicas.values():
+            replica.stop()
+        daemon.terminate()
+        daemon.wait(30)
+    report(figures, repeats)
+    return 0
+
+
+def measure(replicas: dict[str, ReplicaProcess], num_tokens: int, repeats: int) -> dict[str, Any]:
+    """Median TTFT of each tier for prompts of num_tokens, each repeat on a fresh prompt."""
+    rng = random.Random(num_tokens)
+    samples: dict[str, list[float]] = {k: [] for k in
+                                       ("recompute", "vram_hit", "miss", "pool_shm", "pool_tcp")}
+    pool_tokens: dict[str, list[int]] = {"pool_shm": [], "pool_tcp": []}
+    for i in range(repeats):
+        log(f"{num_tokens} tokens, repeat {i + 1}/{repeats}")
+        fresh = lambda: [rng.randrange(1, BENCH_MODEL.vocab_size) for _ in range(num_tokens)]  # noqa: E731
+        # Baseline and all-miss take turns on fresh prompts, so drift hits both alike.
+        samples["recompute"].append(ttft(replicas["base"], fresh()))
+        prompt = fresh()
+        samples["miss"].append(ttft(replicas["shm"], prompt))  # misses, then saves the prompt
+        samples["vram_hit"].append(ttft(replicas["shm"], prompt))
+        for tier in ("shm", "tcp"):
+            replicas[tier].reset_prefix_cache()  # drop tier 0: the prompt must come from the pool
+            result = replicas[tier].request(prompt, max_tokens=1, timeout_s=600)
+            samples[f"pool_{tier}"].append(result["seconds"])
+            pool_tokens[f"pool_{tier}"].append(result["pool_tokens"])
+    out: dict[str, Any] = {k: statistics.median(v) for k, v in samples.items()}
+    out["samples"] = samples
+    out["pool_tokens"] = pool_tokens
+    return out
+
+
+def ttft(replica: ReplicaProcess, prompt: list[int]) -> float:
+    return float(replica.request(prompt, max_tokens=1, timeout_s=600)["seconds"])
+
+
+def warm_up(replicas: dict[str, ReplicaProcess]) -> None:
+    """One small request each, so first-call costs stay out of the figures."""
+    rng = random.Random(1)
+    for replica in replicas.values():
+        replica.request([rng.randrange(1, 100) for _ in range(300)], max_tokens=1, timeout_s=600)
+
+
+def start_daemon(logs: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    from tests.daemon import free_port, wait_until
+    from kvstore.client import Client
+    from kvstore.errors import ServerUnavailable
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "kvstore.cli", "serve", "--pool-size", "6GiB", "--tcp", address,
+         "--segment", f"kvstore-ttft-{uuid.uuid4().hex[:8]}"],
+        stdout=open(logs / "daemon.log", "w"), stderr=subprocess.STDOUT)
+
+    def answers() -> bool:
+        try:
+            with Client(address, timeout_s=0.5) as client:
+                client.ping()
+            return True
+        except ServerUnavailable:
+            return False
+
+    wait_until(answers, 60, what="daemon ready")
+    return address, daemon
+
+
+def report(figures: dict[int, dict[str, Any]], repeats: int) -> None:
+    from bench.machine import describe, summary
+
+    print(f"\n{'tokens':>7} {'recompute':>10} {'VRAM hit':>9} {'pool shm':>9} {'pool tcp':>9} "
+          f"{'all-miss':>9}   pool/recompute shm, tcp   miss/recompute")
+    for n, f in figures.items():
+        print(f"{n:>7} {f['recompute']:>9.3f}s {f['vram_hit']:>8.3f}s {f['pool_shm']:>8.3f}s "
+              f"{f['pool_tcp']:>8.3f}s {f['miss']:>8.3f}s   {f['pool_shm'] / f['recompute']:>8.3f}, "
+              f"{f['pool_tcp'] / f['recompute']:.3f}   {f['miss'] / f['recompute']:>10.3f}")
+    key = 4096 if 4096 in figures else max(figures)
+    miss = statistics.median(f["miss"] / f["recompute"] for f in figures.values())
+    result = {
+        "pool_shm_vs_recompute_4k": figures[key]["pool_shm"] / figures[key]["recompute"],
+        "pool_tcp_vs_recompute_4k": figures[key]["pool_tcp"] / figures[key]["recompute"],
+        "miss_overhead": miss,
+        "goals": GOALS,
+        "seconds": {str(n): f for n, f in figures.items()},
+        "parameters": {"model": BENCH_MODEL.__dict__, "dtype": "float32", "block_size": 32,
+                       "repeats": repeats, "ttft": "wall time of a 1-token generate()"},
+        "machine": describe(["vllm", "torch", "pyzmq"]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    result["goals_met"] = {
+        "pool_shm_vs_recompute_4k": result["pool_shm_vs_recompute_4k"] <= GOALS["pool_shm_vs_recompute_4k"],
+        "miss_overhead": result["miss_overhead"] <= GOALS["miss_overhead"]}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\npool hit (shm) at {key} tokens: {result['pool_shm_vs_recompute_4k']:.3f} x recompute "
+          f"(goal <= 0.2); over TCP {result['pool_tcp_vs_recompute_4k']:.3f}; all-miss "
+          f"{result['miss_overhead']:.3f} x no connector (goal <= 1.05)")
+    print(f"machine: {summary(result['machine'])}\nwrote {RESULTS}")
+
+
+def log(*parts: object) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Import direction (STYLE.md): pure modules stay pure, and connectors never reach the daemon."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "kvstore"
+
+# module -> the kvstore modules it may import (None: not checked here)
+ALLOWED: dict[str, set[str]] = {
+    "keys": set(),
+    "errors": set(),
+    "units": set(),
+    "index": {"keys"},
+    "slabs": {"keys"},
+    "policy": {"keys", "index"},
+    "store": {"keys", "index", "policy", "slabs"},
+    "protocol": {"keys", "errors"},
+    "client": {"protocol", "keys", "errors", "pool"},
+}
+NEVER_FROM_CONNECTORS = {"server", "store", "index"}
+
+
+def kvstore_imports(path: Path, package: str) -> set[str]:
+    """The kvstore modules a file imports anywhere (top level, functions, TYPE_CHECKING)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's own package
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            # `from kvstore import protocol` imports a module; `from kvstore.x import y` imports x.
+            names = [f"{module}.{a.name}" if module == "kvstore" else module for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "kvstore" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def test_every_checked_module_exists() -> None:
+    """The rules name real modules, so a rename cannot silently skip a check."""
+    missing = [name for name in ALLOWED if not (PACKAGE / f"{name}.py").exists()]
+    assert not missing
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_module_imports_only_what_the_layering_allows(module: str) -> None:
+    """keys <- index, policy, slabs <- store; protocol only keys/errors; client no server side."""
+    imported = kvstore_imports(PACKAGE / f"{module}.py", "kvstore") - {module}
+    extra = sorted(imported - ALLOWED[module])
+    assert not extra, f"kvstore.{module} imports {extra}"
+
+
+def test_connectors_never_import_the_daemon_side() -> None:
+    """connectors/ use the client, protocol and keys, never server, store or index."""
+    offenders = {}
+    for path in sorted((ROOT / "connectors").rglob("*.py")):
+        package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+        bad = kvstore_imports(path, package) & NEVER_FROM_CONNECTORS
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert not offenders
+
+
+def test_import_checker_sees_every_import_form(tmp_path: Path) -> None:
+    """The checker catches plain, from, aliased, nested and relative imports."""
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "import kvstore.index\n"
+        "import kvstore.slabs as s\n"
+        "from kvstore import store, keys as k\n"
+        "from kvstore.server import Server\n"
+        "from .pool import Pool\n"
+        "def f():\n    from kvstore.client import Client\n")
+    assert kvstore_imports(source, "kvstore") == {
+        "index", "slabs", "store", "keys", "server", "pool", "client"}
+
+
+def test_pure_modules_load_neither_zmq_nor_torch() -> None:
+    """Importing the pure core (index, policy, protocol, store, keys) loads no zmq or torch."""
+    code = (
+        "import json, sys\n"
+        "import kvstore.index, kvstore.policy, kvstore.protocol, kvstore.store, kvstore.keys\n"
+        "print(json.dumps(sorted(m for m in ('zmq', 'torch') if m in sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert json.loads(result.stdout) == []
+
+
+def test_loading_check_would_notice_zmq() -> None:
+    """The subprocess check is live: importing the client does load zmq."""
+    code = "import json, sys, kvstore.client\nprint(json.dumps('zmq' in sys.modules))\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert json.loads(result.stdout) is True

@@ -1,0 +1,232 @@
+"""Store scenarios the state machine reaches rarely or not at all, each pinned down by name."""
+
+from __future__ import annotations
+
+from kvstore.keys import BlockHash, Namespace
+from kvstore.slabs import Slabs
+from kvstore.store import Limits, Store
+from tests.unit.test_store_stateful import FakeClock
+
+NS = Namespace(b"model", 0)
+PAGE_BYTES = 4096
+SMALL_BYTES = 1000  # a 1024-byte slot: four per page
+LARGE_BYTES = 4000  # a 4032-byte slot: one per page
+
+
+def h(name: str) -> BlockHash:
+    return BlockHash(name.encode())
+
+
+def make_store(num_pages: int = 1, **limits: float | None) -> tuple[Store, FakeClock]:
+    clock = FakeClock()
+    store = Store(Slabs(0, num_pages, PAGE_BYTES), limits=Limits(**limits), clock=clock)
+    return store, clock
+
+
+def put(store: Store, blocks: list[tuple[str, str | None]], nbytes: int = SMALL_BYTES,
+        ns: Namespace = NS) -> list[int | None]:
+    """Reserve and commit (hash, parent) blocks root first, like a PUT; returns the slots."""
+    result = store.reserve(ns, [(h(b), None if p is None else h(p), nbytes) for b, p in blocks])
+    for (block, _), slot in zip(blocks, result.slots):
+        if slot is not None:
+            assert store.commit(ns, h(block), slot)
+    return result.slots
+
+
+def test_reserved_block_is_invisible_until_committed() -> None:
+    """A lookup does not see a reserved block; after commit it does."""
+    store, _ = make_store()
+    slot = store.reserve(NS, [(h("a"), None, SMALL_BYTES)]).slots[0]
+    assert slot is not None
+    assert store.lookup(NS, [h("a")]) == 0
+    assert store.commit(NS, h("a"), slot)
+    assert store.lookup(NS, [h("a")]) == 1
+
+
+def test_lookup_counts_only_a_consecutive_prefix() -> None:
+    """A gap in the chain ends the hit, even when later blocks are stored."""
+    store, _ = make_store()
+    put(store, [("a", None), ("b", "a"), ("c", "b")])
+    assert store.lookup(NS, [h("a"), h("b"), h("c")]) == 3
+    assert store.lookup(NS, [h("a"), h("x"), h("c")]) == 1
+    assert store.lookup(NS, [h("b"), h("c")]) == 2  # a prefix of the hashes asked for
+    assert store.lookup(Namespace(b"model", 1), [h("a")]) == 0  # another epoch is another model
+
+
+def test_abandoned_reservation_is_reclaimed_after_its_deadline() -> None:
+    """expire() frees a reservation past reserve_s, and a late commit is refused."""
+    store, clock = make_store(reserve_s=10.0)
+    slot = store.reserve(NS, [(h("a"), None, SMALL_BYTES)]).slots[0]
+    assert slot is not None
+    clock.advance(9.0)
+    assert store.expire() == 0
+    clock.advance(1.0)
+    assert store.expire() == 1
+    assert store.slabs.num_slots_used() == 0
+    assert not store.commit(NS, h("a"), slot)
+
+
+def test_lease_expires_on_its_own_and_is_clamped_to_max_lease() -> None:
+    """A lease asked for longer than max_lease_s ends at max_lease_s."""
+    store, clock = make_store(lease_s=5.0, max_lease_s=8.0)
+    put(store, [("a", None)])
+    entries, lease = store.pin(NS, [h("a")], lease_s=100.0)
+    assert lease is not None and entries[0].num_pins == 1
+    clock.advance(7.9)
+    assert store.expire() == 0
+    clock.advance(0.1)
+    assert store.expire() == 1
+    assert entries[0].num_pins == 0
+    assert not store.unpin(lease)
+
+
+def test_ttl_expires_committed_blocks() -> None:
+    """With ttl_s set a block stops being a hit at its expiry and expire() drops it."""
+    store, clock = make_store(ttl_s=30.0)
+    put(store, [("a", None)])
+    clock.advance(29.0)
+    assert store.lookup(NS, [h("a")]) == 1
+    clock.advance(1.0)
+    assert store.lookup(NS, [h("a")]) == 0
+    assert store.expire() == 1
+    assert store.slabs.num_slots_used() == 0
+
+
+def test_pinned_block_keeps_its_slot_through_invalidate_until_unpinned() -> None:
+    """Invalidate hides a leased block but its slot is not reused before the lease ends."""
+    store, _ = make_store()
+    (slot,) = put(store, [("a", None)])
+    entries, lease = store.pin(NS, [h("a")])
+    assert store.invalidate(NS.name) == 1
+    assert store.lookup(NS, [h("a")]) == 0
+    new_slots = put(store, [(f"n{i}", None) for i in range(4)])
+    assert slot not in new_slots and new_slots.count(None) == 1  # three free slots, one held
+    assert lease is not None and store.unpin(lease)
+    assert store.slabs.num_slots_used() == 3
+
+
+def test_invalidate_below_epoch_keeps_newer_epochs() -> None:
+    """invalidate(name, below_epoch) drops only older epochs of that name."""
+    store, _ = make_store()
+    for epoch in range(3):
+        put(store, [("a", None)], ns=Namespace(NS.name, epoch))
+    put(store, [("a", None)], ns=Namespace(b"other", 0))
+    assert store.invalidate(NS.name, below_epoch=2) == 2
+    assert store.lookup(Namespace(NS.name, 2), [h("a")]) == 1
+    assert store.lookup(Namespace(b"other", 0), [h("a")]) == 1
+    assert store.invalidate(NS.name) == 1
+
+
+def test_full_pool_of_pinned_blocks_refuses_and_changes_nothing() -> None:
+    """reserve returns None with num_full when every slot is pinned, and evicts nothing."""
+    store, _ = make_store()
+    put(store, [("a", None), ("b", "a"), ("c", "b"), ("d", "c")])
+    _, lease = store.pin(NS, [h("a"), h("b"), h("c"), h("d")])
+    result = store.reserve(NS, [(h("x"), None, SMALL_BYTES), (h("y"), h("x"), SMALL_BYTES)])
+    assert result.slots == [None, None] and result.num_full == 2
+    assert store.lookup(NS, [h("a"), h("b"), h("c"), h("d")]) == 4
+    assert store.num_evictions == 0
+
+
+def test_chain_filling_the_pool_is_evicted_for_another_size_class() -> None:
+    """A large block evicts a whole unpinned chain, leaf first, to free a page."""
+    store, _ = make_store()
+    put(store, [("a", None), ("b", "a"), ("c", "b"), ("d", "c")])
+    result = store.reserve(NS, [(h("big"), None, LARGE_BYTES)])
+    assert result.num_full == 0 and result.slots[0] is not None
+    assert store.num_evictions == 4
+    assert store.lookup(NS, [h("a")]) == 0
+
+
+def test_pinned_leaf_keeps_its_whole_chain_against_another_size_class() -> None:
+    """With the chain's leaf leased, nothing of it may go: the large block is refused."""
+    store, _ = make_store()
+    put(store, [("a", None), ("b", "a"), ("c", "b"), ("d", "c")])
+    _, lease = store.pin(NS, [h("a"), h("b"), h("c"), h("d")])
+    assert store.reserve(NS, [(h("big"), None, LARGE_BYTES)]).num_full == 1
+    assert store.num_evictions == 0
+    assert lease is not None and store.unpin(lease)
+    assert store.reserve(NS, [(h("big"), None, LARGE_BYTES)]).num_full == 0
+
+
+def test_parent_committed_after_its_child_counts_the_child() -> None:
+    """Two writers: the child commits before the shared parent, which still becomes its parent."""
+    store, _ = make_store()
+    parent_slot = store.reserve(NS, [(h("p"), None, SMALL_BYTES)]).slots[0]  # writer 1
+    second = store.reserve(NS, [(h("p"), None, SMALL_BYTES), (h("c"), h("p"), SMALL_BYTES)])
+    assert second.slots[0] is None and second.slots[1] is not None  # writer 2: p is in flight
+    assert store.commit(NS, h("c"), second.slots[1])
+    assert parent_slot is not None and store.commit(NS, h("p"), parent_slot)
+    parent, child = store.index.get((NS, h("p"))), store.index.get((NS, h("c")))
+    assert parent.num_children == 1 and child.parent is parent
+    assert [e.key[1] for e in store.policy.victims()] == [b"c", b"p"]
+
+
+def test_re_stored_parent_adopts_children_that_outlived_it() -> None:
+    """A parent that expired before its child and is stored again counts the child again."""
+    store, clock = make_store(ttl_s=10.0)
+    put(store, [("p", None)])
+    clock.advance(5.0)
+    put(store, [("c", "p")])
+    clock.advance(5.0)
+    assert store.expire() == 1  # p only
+    assert store.index.get((NS, h("c"))).parent is None
+    put(store, [("p", None)])
+    assert store.index.get((NS, h("p"))).num_children == 1
+    assert store.lookup(NS, [h("p"), h("c")]) == 2
+
+
+def test_block_naming_itself_as_parent_can_still_be_evicted() -> None:
+    """A pool filled with self-parented blocks (bad client input) still accepts new blocks."""
+    store, _ = make_store()
+    put(store, [(f"s{i}", f"s{i}") for i in range(4)])
+    assert store.slabs.num_slots_used() == 4
+    assert all(e.num_children == 0 for e in store.index.tables[NS].values())
+    result = store.reserve(NS, [(h("new"), None, SMALL_BYTES)])
+    assert result.num_full == 0 and store.num_evictions == 1
+
+
+def test_hash_cycle_from_client_input_never_locks_blocks() -> None:
+    """Blocks whose parents form a cycle are still evicted when room is needed."""
+    store, _ = make_store()
+    put(store, [("x", "y")])
+    put(store, [("y", "x")])
+    assert sum(e.num_children for e in store.index.tables[NS].values()) <= 1
+    assert store.reserve(NS, [(h("big"), None, LARGE_BYTES)]).num_full == 0
+    assert store.num_evictions == 2
+
+
+def test_lease_naming_a_block_twice_frees_its_slot_once() -> None:
+    """A lookup repeating a hash pins it twice; unpinning after invalidate frees the slot once."""
+    store, _ = make_store()
+    put(store, [("a", None), ("b", None)])
+    entries, lease = store.pin(NS, [h("a"), h("a")])
+    assert len(entries) == 2 and entries[0].num_pins == 2
+    store.invalidate(NS.name)
+    assert lease is not None and store.unpin(lease)
+    assert store.slabs.num_slots_used() == 0
+    slots = put(store, [(f"n{i}", None) for i in range(4)])
+    assert None not in slots and len(set(slots)) == 4  # no slot handed out twice
+
+
+def test_expired_lease_naming_a_block_twice_frees_its_slot_once() -> None:
+    """The same holds when the lease ends by expiry instead of unpin."""
+    store, clock = make_store(lease_s=1.0)
+    put(store, [("a", None)])
+    store.pin(NS, [h("a"), h("a")])
+    store.invalidate(NS.name)
+    clock.advance(1.0)
+    assert store.expire() == 1
+    assert store.slabs.num_slots_used() == 0
+
+
+def test_occupancy_counts_blocks_reservations_and_leases() -> None:
+    """occupancy() reports what the index and slabs hold."""
+    store, _ = make_store(num_pages=2)
+    put(store, [("a", None), ("b", "a")])
+    store.reserve(NS, [(h("r"), None, LARGE_BYTES)])
+    store.pin(NS, [h("a")])
+    occ = store.occupancy()
+    assert (occ["num_blocks"], occ["num_reserved"], occ["num_leases"]) == (2, 1, 1)
+    assert (occ["num_slots_used"], occ["num_pages"], occ["num_free_pages"]) == (3, 2, 0)
+    assert occ["bytes_stored"] == 2 * SMALL_BYTES + LARGE_BYTES
