@@ -109,8 +109,10 @@ class ReplicaProcess:
             flag = "--" + name.replace("_", "-")
             args += [flag] if value is True else [flag, str(value)]
         self.log = open(log_path, "w") if log_path else subprocess.DEVNULL
+        # Its own process group: vLLM's engine and worker processes go down with it.
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, env={**os.environ, **(env or {})})
+                                     stderr=self.log, text=True, env={**os.environ, **(env or {})},
+                                     start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         line = self._read_line(timeout_s)
@@ -131,14 +133,22 @@ class ReplicaProcess:
         self._read_line(60.0)
 
     def stop(self) -> None:
+        """Close stdin (a clean engine shutdown), then kill whatever of the group is left."""
+        import signal
+        import subprocess
+
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
-            self.proc.stdin.close()
             try:
+                self.proc.stdin.close()
                 self.proc.wait(60)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait()
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
     def _read_line(self, timeout_s: float) -> str:
         import select

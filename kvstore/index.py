@@ -138,7 +138,8 @@ class Index:
         for entry in entries:
             entry.num_pins += 1
         self.leases[lease_id] = Lease(entries, deadline_s)
-        heapq.heappush(self._lease_heap, (deadline_s, lease_id))
+        if deadline_s != float("inf"):  # a row that never falls due would stay forever
+            heapq.heappush(self._lease_heap, (deadline_s, lease_id))
         return lease_id
 
     def unpin(self, lease_id: int) -> list[Entry] | None:

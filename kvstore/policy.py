@@ -33,7 +33,11 @@ class LRU:
         self._order.move_to_end(id(entry))
 
     def victims(self) -> Iterator[Entry]:
-        """Entries this policy would evict, first victim first. Do not mutate while iterating."""
+        """Entries in eviction order, first victim first. Do not mutate while iterating.
+
+        The caller evicts a prefix of this sequence, so each entry yielded counts as evicted
+        when the next one is chosen.
+        """
         for entry in self._order.values():
             if self.is_victim(entry):
                 yield entry
@@ -53,6 +57,26 @@ class LeafLRU(LRU):
 
     def is_victim(self, entry: Entry) -> bool:
         return entry.num_pins == 0 and entry.num_children == 0
+
+    def victims(self) -> Iterator[Entry]:
+        """Leaves oldest first; a parent follows as soon as its last child has been yielded.
+
+        Without the cascade a page filled by one chain could never be freed for another size
+        class: only its leaf would ever be offered (tests/unit/test_policy.py).
+        """
+        num_gone: dict[int, int] = {}  # id(parent) -> children yielded so far
+        passed: set[int] = set()
+        for entry in self._order.values():
+            passed.add(id(entry))
+            while entry.num_pins == 0 and entry.num_children == num_gone.get(id(entry), 0):
+                yield entry
+                parent = entry.parent
+                if parent is None:
+                    break
+                num_gone[id(parent)] = num_gone.get(id(parent), 0) + 1
+                if id(parent) not in passed:
+                    break  # more recent than entry: the loop reaches it in LRU order
+                entry = parent
 
 
 POLICIES: dict[str, type[LRU]] = {cls.name: cls for cls in (LRU, LeafLRU)}

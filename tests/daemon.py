@@ -56,27 +56,40 @@ class Daemon:
                 *self.extra_args]
         if self.page_size:
             args += ["--page-size", self.page_size]
-        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.segment}.log"
+        # One log per daemon: two daemons may share a segment name (a test of that refusal).
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.segment}-{self.port}.log"
         with open(self.log_path, "wb") as log:  # the child keeps its own handle
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop()  # a daemon that never got ready must not outlive the test
+                raise
         return self
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:  # generous: CI machines are shared
+        probe_s = [0.5]
+
         def answers() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.output()}")
             try:
-                with Client(self.address, timeout_s=0.5, use_shm=False,
+                with Client(self.address, timeout_s=probe_s[0], use_shm=False,
                             curve_dir=self.client_keys) as client:
                     client.ping()
                 return True
             except ServerUnavailable:
+                # A fixed short probe can miss forever on a loaded machine: wait longer each time.
+                probe_s[0] = min(2 * probe_s[0], 4.0)
                 return False
 
-        wait_until(answers, timeout_s, what="daemon ready")
+        try:
+            wait_until(answers, timeout_s, what="daemon ready")
+        except TimeoutError:
+            raise TimeoutError(f"daemon on {self.address} not ready within {timeout_s} s; "
+                               f"log {self.log_path}: {self.output()!r}") from None
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""

@@ -31,7 +31,7 @@ class PagedKV:
         self.device = self.layers[0].device
 
     def gather(self, block_id: int, dest: torch.Tensor) -> None:
-        """Copy vLLM block block_id into dest (block_bytes int8/uint8 bytes)."""
+        """Copy vLLM block block_id into dest (block_bytes int8 bytes)."""
         offset = 0
         for layer, page in zip(self.layers, self.page_bytes):
             dest[offset:offset + page].copy_(layer[block_id], non_blocking=True)

@@ -39,9 +39,8 @@ class WorkerSide:
         self._save_client: Client | None = None
         self._save_breaker = Breaker(config.retry_interval_ms / 1000)
         self._loader = threading.Thread(target=self._load_loop, name="kvstore-load", daemon=True)
-        self._pool_tensor: torch.Tensor | None = None  # the segment as uint8, for the save client
         self._registered: set[int] = set()  # data_ptrs registered as page-locked (CUDA)
-        # (client, segment token) -> the segment as uint8; a restarted daemon has a new token
+        # (client, segment token) -> the segment as int8; a restarted daemon has a new token
         self._pool_tensors: dict[tuple[int, bytes], torch.Tensor] = {}
 
     # --- vLLM hooks --------------------------------------------------------------------------
@@ -120,7 +119,7 @@ class WorkerSide:
                 num = self._scatter_refs(pool, refs, spec.block_ids, deadline)
                 _sync(self.kv.device)  # copies must land before the lease lets the slots go
             return num
-        staging = torch.empty((len(spec.hashes), self.kv.block_bytes), dtype=torch.uint8)
+        staging = torch.empty((len(spec.hashes), self.kv.block_bytes), dtype=torch.int8)
         num = client.get_into(self.ns, spec.hashes, [row.numpy() for row in staging], spec.lease)
         for i in range(num):
             if time.monotonic() > deadline:
@@ -169,7 +168,7 @@ class WorkerSide:
                 client.commit(self.ns, written)
             return
         # Another host: gather into a staging buffer and send it as frames.
-        staging = torch.empty((len(block_ids), self.kv.block_bytes), dtype=torch.uint8)
+        staging = torch.empty((len(block_ids), self.kv.block_bytes), dtype=torch.int8)
         for row, block_id in zip(staging, block_ids):
             self.kv.gather(block_id, row)
         _sync(self.kv.device)
@@ -181,14 +180,14 @@ class WorkerSide:
                       curve_dir=self.config.curve_keys, use_shm=self.config.use_shm)
 
     def _pool_of(self, client: Client) -> torch.Tensor:
-        """The client's mapped segment as a uint8 tensor (page-locked for DMA under CUDA)."""
+        """The client's mapped segment as an int8 tensor (page-locked for DMA under CUDA)."""
         assert client.pool is not None
         key = (id(client), client.pool.token)
         tensor = self._pool_tensors.get(key)
         if tensor is None:
             # Drop this client's view of a previous segment so its mapping can be unmapped.
             self._pool_tensors = {k: v for k, v in self._pool_tensors.items() if k[0] != id(client)}
-            tensor = torch.frombuffer(client.pool.buffer, dtype=torch.uint8)
+            tensor = torch.frombuffer(client.pool.buffer, dtype=torch.int8)
             self._pool_tensors[key] = tensor
             if self.kv is not None and self.kv.device.type == "cuda":
                 _register_host_memory(tensor, self._registered)

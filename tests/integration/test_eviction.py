@@ -148,3 +148,19 @@ def test_block_naming_itself_as_parent_is_still_evictable(make_daemon, ctx):
         client.put(NS, [(b"self", b"self", bytes(BLOCK))])
         _fill(client, "churn", 2 * CAPACITY)
         assert client.lookup(NS, [b"self"]).num_hits == 0, "an unleased block outlived 2x churn"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(strict=True, reason="store.py: Store.reserve does not protect blocks of the "
+                                       "request that are already stored, so the chain's own root "
+                                       "is the LRU victim for its new child (integration report)")
+def test_extending_a_stored_chain_in_a_full_pool_keeps_its_root(make_daemon, ctx):
+    """Putting [root, child] when root is stored and the pool full evicts another block, not root."""
+    d = _small_pool(make_daemon)
+    with Client(d.address, CALL_S, ctx=ctx) as client:
+        client.put(NS, [(b"root", None, bytes(BLOCK))])
+        _fill(client, "others", CAPACITY - 1)
+        chain = [(b"root", None, bytes(BLOCK)), (b"child", b"root", bytes(BLOCK))]
+        result = client.put(NS, chain)
+        assert (result.num_stored, result.num_present) == (1, 1)
+        assert client.lookup(NS, [b"root", b"child"]).num_hits == 2

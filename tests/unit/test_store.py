@@ -230,3 +230,13 @@ def test_occupancy_counts_blocks_reservations_and_leases() -> None:
     assert (occ["num_blocks"], occ["num_reserved"], occ["num_leases"]) == (2, 1, 1)
     assert (occ["num_slots_used"], occ["num_pages"], occ["num_free_pages"]) == (3, 2, 0)
     assert occ["bytes_stored"] == 2 * SMALL_BYTES + LARGE_BYTES
+
+
+def test_unexpiring_leases_leave_no_rows_behind() -> None:
+    """Leases with no deadline (the daemon's zero-copy sends) do not grow the expiry heap."""
+    store, _ = make_store()
+    put(store, [("a", None)])
+    entry = store.index.get((NS, h("a")))
+    for _ in range(100):
+        assert store.unpin(store.index.pin([entry], float("inf")))
+    assert len(store.index._lease_heap) == 0 and not store.index.leases
