@@ -173,6 +173,9 @@ def decode_request(frames: list[bytes | memoryview]) -> Request:
         op = Op(_int(h, "op", lo=1, hi=len(Op)))
     except ValueError:
         raise ProtocolError(f"unknown op {h.get('op')!r}") from None
+    if op is not Op.HELLO and h.get("v") != VERSION:
+        # HELLO carries the version check with a clear "version" error; others must match.
+        raise ProtocolError(f"header version {h.get('v')!r}, this daemon speaks {VERSION}")
     decoder = _DECODERS[op]
     fields = decoder(h)
     num_payload = len(frames) - 1

@@ -1,0 +1,143 @@
+"""The connector's scheduler half against the real daemon: what it claims, when it asks, and that
+it never holds the scheduler up. Requests are plain records with the fields vLLM's Request has."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from connectors.vllm_v1.config import ConnectorConfig
+from connectors.vllm_v1.scheduler_side import SchedulerSide
+from kvstore.client import Client
+from kvstore.keys import Namespace
+from tests.daemon import Daemon, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+BLOCK = 4
+NS = Namespace(b"sched-test")
+
+
+@dataclass
+class Req:
+    """The fields of vllm.v1.request.Request the scheduler half reads."""
+
+    request_id: str
+    num_tokens: int
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_computed_tokens: int = 0
+
+
+def make_request(req_id: str, num_blocks: int, extra_tokens: int = 1) -> Req:
+    hashes, parent = [], b""
+    for i in range(num_blocks):
+        parent = hashlib.sha256(parent + bytes([i])).digest()
+        hashes.append(parent)
+    return Req(req_id, num_blocks * BLOCK + extra_tokens, hashes)
+
+
+def store(address: str, req: Req, num_blocks: int) -> None:
+    with Client(address) as client:
+        blocks = [(h, req.block_hashes[i - 1] if i else None, np.full(64, i, np.uint8))
+                  for i, h in enumerate(req.block_hashes[:num_blocks])]
+        client.put(NS, blocks)
+
+
+def side(address: str, **overrides: int) -> SchedulerSide:
+    config = ConnectorConfig(address=address, timeout_ms=500, lookup_timeout_ms=300,
+                             lookup_wait_ms=200, retry_interval_ms=1000, **overrides)
+    return SchedulerSide(config, NS, BLOCK)
+
+
+def stats(address: str) -> dict:
+    with Client(address) as client:
+        return client.stats()
+
+
+def test_reports_the_pooled_prefix_after_the_local_hit(daemon: Daemon) -> None:
+    """Hits count from the block after vLLM's own prefix-cache hit."""
+    req = make_request("r", 6)
+    store(daemon.address, req, 4)
+    sched = side(daemon.address)
+    assert sched.get_num_new_matched_tokens(req, 1 * BLOCK) == (3 * BLOCK, True)
+    sched.shutdown()
+
+
+def test_never_claims_the_whole_prompt(daemon: Daemon) -> None:
+    """A prompt made only of pooled full blocks still leaves its last block to vLLM."""
+    req = make_request("r", 5, extra_tokens=0)
+    store(daemon.address, req, 5)
+    sched = side(daemon.address)
+    tokens, _ = sched.get_num_new_matched_tokens(req, 0)
+    assert tokens == 4 * BLOCK < req.num_tokens
+    sched.shutdown()
+
+
+def test_one_lookup_per_request_across_scheduling_attempts(daemon: Daemon) -> None:
+    """Asking again for the same request reuses the first answer (one LOOKUP at the daemon)."""
+    req = make_request("r", 4)
+    store(daemon.address, req, 4)
+    sched = side(daemon.address)
+    first = sched.get_num_new_matched_tokens(req, 0)
+    again = [sched.get_num_new_matched_tokens(req, 0) for _ in range(5)]
+    assert all(a == first for a in again)
+    assert stats(daemon.address)["requests"]["lookup"] == 1
+    sched.shutdown()
+
+
+def test_lease_is_released_when_the_request_finishes_unloaded(daemon: Daemon) -> None:
+    """The lookup pins its hits; a request that finishes without loading gives the pin back."""
+    req = make_request("r", 4)
+    store(daemon.address, req, 4)
+    sched = side(daemon.address)
+    sched.get_num_new_matched_tokens(req, 0)
+    assert stats(daemon.address)["num_leases"] == 1
+    sched.request_finished(req)
+    wait_until(lambda: stats(daemon.address)["num_leases"] == 0, 5, what="lease released")
+    sched.shutdown()
+
+
+def test_no_daemon_is_a_fast_miss_and_later_requests_skip_it() -> None:
+    """Without a daemon the answer is a miss within the lookup budget, then immediate misses."""
+    sched = side("tcp://127.0.0.1:9")  # nothing listens on the discard port
+    req = make_request("r", 4)
+    start = time.monotonic()
+    answer = sched.get_num_new_matched_tokens(req, 0)
+    while answer[0] is None:  # "ask me again" while the lookup is pending
+        answer = sched.get_num_new_matched_tokens(req, 0)
+    assert answer == (0, False)
+    assert time.monotonic() - start < 1.0
+    start = time.monotonic()
+    assert sched.get_num_new_matched_tokens(make_request("r2", 4), 0) == (0, False)
+    assert time.monotonic() - start < 0.05  # the breaker skips the daemon
+    sched.shutdown()
+
+
+def test_a_failed_load_is_not_offered_again(daemon: Daemon) -> None:
+    """After a load was handed to the worker, asking again (the load failed) reports a miss."""
+
+    class Blocks:
+        def get_block_ids(self) -> tuple[list[int], ...]:
+            return (list(range(100, 110)),)
+
+    req = make_request("r", 4)
+    store(daemon.address, req, 4)
+    sched = side(daemon.address)
+    tokens, is_async = sched.get_num_new_matched_tokens(req, 0)
+    assert tokens == 4 * BLOCK and is_async
+    sched.update_state_after_alloc(req, Blocks(), tokens)
+    meta = sched.build_connector_meta(_NoSteps())
+    assert [load.block_ids for load in meta.loads] == [[100, 101, 102, 103]]
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    sched.shutdown()
+
+
+class _NoSteps:
+    """A scheduler output with nothing scheduled (no saves to plan)."""
+
+    kv_connector_block_state = None
+    num_scheduled_tokens: dict[str, int] = {}
