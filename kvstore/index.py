@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -54,7 +55,6 @@ class Index:
 
     tables: dict[Namespace, dict[BlockHash, Entry]] = field(default_factory=dict)
     leases: dict[int, Lease] = field(default_factory=dict)
-    _lease_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _lease_heap: list[tuple[float, int]] = field(default_factory=list)
     _reserve_heap: list[tuple[float, int, Entry]] = field(default_factory=list)
     _ttl_heap: list[tuple[float, int, Entry]] = field(default_factory=list)
@@ -134,7 +134,11 @@ class Index:
 
     def pin(self, entries: list[Entry], deadline_s: float) -> int:
         """Pin entries under a new lease until deadline_s; returns the lease id."""
-        lease_id = next(self._lease_ids)
+        # Random, not sequential: a client cannot release or consume another client's lease
+        # by guessing its id (a slot could then be reused while still being read).
+        lease_id = secrets.randbits(62)
+        while lease_id in self.leases:
+            lease_id = secrets.randbits(62)
         for entry in entries:
             entry.num_pins += 1
         self.leases[lease_id] = Lease(entries, deadline_s)

@@ -94,6 +94,19 @@ class Store:
     def reserve(self, ns: Namespace,
                 blocks: Sequence[tuple[BlockHash, BlockHash | None, int]]) -> Reservation:
         """Take a slot per (hash, parent_hash, nbytes), evicting if needed. Present blocks get None."""
+        # Blocks of this chain that are already stored must not be evicted to make room for
+        # their own children (the chain would lose its root): pin them for the duration.
+        present = [e for h, _, _ in blocks if (e := self.index.get((ns, h))) is not None]
+        for entry in present:
+            entry.num_pins += 1
+        try:
+            return self._reserve(ns, blocks)
+        finally:
+            for entry in present:
+                entry.num_pins -= 1
+
+    def _reserve(self, ns: Namespace,
+                 blocks: Sequence[tuple[BlockHash, BlockHash | None, int]]) -> Reservation:
         now = self.clock()
         slots: list[SlotId | None] = []
         num_full = 0

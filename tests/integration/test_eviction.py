@@ -151,9 +151,6 @@ def test_block_naming_itself_as_parent_is_still_evictable(make_daemon, ctx):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(strict=True, reason="store.py: Store.reserve does not protect blocks of the "
-                                       "request that are already stored, so the chain's own root "
-                                       "is the LRU victim for its new child (integration report)")
 def test_extending_a_stored_chain_in_a_full_pool_keeps_its_root(make_daemon, ctx):
     """Putting [root, child] when root is stored and the pool full evicts another block, not root."""
     d = _small_pool(make_daemon)

@@ -140,11 +140,14 @@ class StoreMachine(RuleBasedStateMachine):
         start = known[pick % len(known)] if known and pick % 4 else b""
         return chain_of(start + bytes(tokens)) or [b"\x01"]
 
-    def eventually_evictable(self) -> set[Key]:
-        """Committed blocks some sequence of evictions could take under the store's policy."""
+    def eventually_evictable(self, protected: set[Key]) -> set[Key]:
+        """Committed blocks some sequence of evictions could take under the store's policy.
+
+        protected: blocks named by the reserve being made, which it never evicts.
+        """
         pinned = self.model.pinned_slots()
         candidates = {k for k, b in self.model.blocks.items()
-                      if b.is_committed and b.slot not in pinned}
+                      if b.is_committed and b.slot not in pinned and k not in protected}
         if not self.is_leaf_first:
             return candidates
         evictable: set[Key] = set()
@@ -157,12 +160,12 @@ class StoreMachine(RuleBasedStateMachine):
                     changed = True
         return evictable
 
-    def assert_refusal_is_genuine(self, nbytes: int) -> None:
+    def assert_refusal_is_genuine(self, nbytes: int, protected: set[Key]) -> None:
         """A block refused as full: no free page, no room in its size class, nothing to evict."""
         slabs = self.store.slabs
         want = slabs.slot_bytes_for(nbytes)
         assert slabs.num_free_pages == 0, "refused a block while a page was free"
-        evictable = self.eventually_evictable()
+        evictable = self.eventually_evictable(protected)
         num_evictable_on_page = Counter(slabs.page_of(self.model.blocks[k].slot) for k in evictable)
         for page_idx in range(slabs.num_pages):
             slot_bytes, num_used = slabs.page_slot_bytes(page_idx), slabs.page_num_used(page_idx)
@@ -173,7 +176,8 @@ class StoreMachine(RuleBasedStateMachine):
             assert num_evictable_on_page[page_idx] < num_used, (
                 f"refused a block while every slot of page {page_idx} could be evicted")
 
-    def check_evictions(self, before: dict[Key, Block], pinned_before: set[int]) -> None:
+    def check_evictions(self, before: dict[Key, Block], pinned_before: set[int],
+                        protected: set[Key]) -> None:
         """Committed blocks that vanished in a reserve were evicted: check each one was allowed."""
         index = self.store.index
         evicted = []
@@ -189,6 +193,7 @@ class StoreMachine(RuleBasedStateMachine):
             event(f"reserve evicted {min(len(evicted), 3)}+ blocks")
         for key in evicted:
             assert before[key].slot not in pinned_before, f"evicted a pinned block {key!r}"
+            assert key not in protected, f"evicted {key!r}, a block of the chain being reserved"
             del self.model.blocks[key]
         if self.is_leaf_first:
             for key in evicted:
@@ -211,13 +216,14 @@ class StoreMachine(RuleBasedStateMachine):
         before = dict(self.model.blocks)
         snapshot = self.snapshot()
         pinned_before = self.model.pinned_slots()
+        protected = {(ns, bytes(h)) for h in hashes} & set(before)
 
         result = self.store.reserve(ns, blocks)
 
         assert len(result.slots) == len(blocks)
         if all(slot is None for slot in result.slots):
             assert self.snapshot() == snapshot, "a reserve that granted nothing changed the state"
-        self.check_evictions(before, pinned_before)
+        self.check_evictions(before, pinned_before, protected)
         first_full = len(blocks) - result.num_full
         now = self.clock()
         for i, (block_hash, _, _) in enumerate(blocks):
@@ -234,7 +240,7 @@ class StoreMachine(RuleBasedStateMachine):
             event("reserve refused a block as full")
             key = (ns, bytes(blocks[first_full][0]))
             assert key not in self.model.blocks, f"{key!r} counted full while present"
-            self.assert_refusal_is_genuine(nbytes)
+            self.assert_refusal_is_genuine(nbytes, protected)
         if put:
             for (block_hash, _, _), slot in zip(blocks, result.slots):
                 if slot is not None:
