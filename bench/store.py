@@ -481,6 +481,19 @@ class Bench:
             s.samples.extend(samples)
         return f"{med:7.3f} ms median of {len(samples)}"
 
+    def settle(self, window_s: float = 0.05, max_s: float = 1.0) -> None:
+        """Wait until the daemon and the raw peer are idle, so that work left over from the last
+        step (freeing received frames, finishing zero-copy sends) does not overlap the next one."""
+        pids = [self.daemon.proc.pid if self.daemon.proc else 0, self.peer.proc.pid or 0]
+        deadline = time.monotonic() + max_s
+        before = sum(_proc_jiffies(p) for p in pids)
+        while time.monotonic() < deadline:
+            time.sleep(window_s)
+            now = sum(_proc_jiffies(p) for p in pids)
+            if now == before:
+                return
+            before = now
+
     def run(self) -> None:
         total = self.p.rounds
         for r in range(total + 1):
@@ -489,6 +502,7 @@ class Bench:
             if r == 1:
                 self.busy.start()
             for s, step in self.steps:
+                self.settle()
                 text = step(s, warm)
                 progress(f"{tag:>14}  {s.name:<8} {text}")
         self.load = self.busy.stop()
@@ -624,8 +638,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(args.out)
     print_table(res)
     print(f"\nwrote {args.out}")
-    if res["load"]["cores_used_by_others"] > 0.25:
-        print("warning: other processes were busy during the run; re-run for clean figures")
+    load = res["load"]
+    if load["cores_used_by_others"] > 0.25 or load["cores_stolen_by_hypervisor"] > 0.1:
+        print("warning: other processes or the hypervisor took CPU during the run; "
+              "re-run for clean figures")
     return 0
 
 

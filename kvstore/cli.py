@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kvstore.config import DEFAULT_TCP, ConfigError, ServeConfig
+from kvstore.config import DEFAULT_POOL_BYTES, DEFAULT_TCP, ConfigError, ServeConfig
 from kvstore.errors import KVStoreError
 from kvstore.keys import BlockHash, Namespace
 from kvstore.policy import DEFAULT_POLICY, POLICIES
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("--pool-size", type=parse_size, default=ServeConfig.pool_bytes,
+    serve.add_argument("--pool-size", type=parse_size, default=DEFAULT_POOL_BYTES,
                        help="shared-memory pool size, e.g. 8GiB (default 2GiB)")
     serve.add_argument("--page-size", type=parse_size, default=None,
                        help="size-class page, must hold one block (default min(64MiB, pool/8))")

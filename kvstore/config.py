@@ -11,6 +11,7 @@ from kvstore.policy import DEFAULT_POLICY, POLICIES
 from kvstore.units import format_size
 
 DEFAULT_TCP = "tcp://127.0.0.1:5555"
+DEFAULT_POOL_BYTES = 2 * 1024**3
 MAX_PAGE_BYTES = 64 * 1024 * 1024  # a page holds 32 Llama-8B blocks of 2 MiB; see slabs.py
 MIN_PAGES = 8  # small pools still get several pages, so two models can share them
 
@@ -21,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass(slots=True, frozen=True)
 class ServeConfig:
-    pool_bytes: int = 2 * 1024**3
+    pool_bytes: int = DEFAULT_POOL_BYTES
     page_bytes: int | None = None  # None: min(64 MiB, pool / 8)
     tcp: tuple[str, ...] = (DEFAULT_TCP,)
     ipc: str | None = None

@@ -6,6 +6,7 @@ can cause is answered with an error reply; the loop itself only stops on SIGTERM
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -124,7 +125,7 @@ class Server:
                 try:
                     ready = dict(poller.poll(_POLL_MS))
                 except zmq.ZMQError as exc:
-                    if exc.errno == zmq.EINTR:
+                    if exc.errno == errno.EINTR:
                         continue  # a signal arrived; the loop condition decides
                     raise
                 if ready:
@@ -181,6 +182,7 @@ class Server:
             # A tracked send needs fresh frames: pass the received identity as bytes.
             tracker = self.sock.send_multipart([identity.bytes, *reply[:-1]], zmq.NOBLOCK,
                                                copy=False, track=True)
+            assert tracker is not None, "a tracked send returns a tracker"
             self._in_flight.append((tracker, tracked.lease_id))
         except Exception as exc:  # peer queue full (HWM) or gone: drop; the client times out
             self.counters.num_errors += 1
@@ -285,7 +287,7 @@ class Server:
         for block_hash, frames, slot in zip(req.hashes, blocks, result.slots):
             if slot is None:
                 continue
-            offset = slot
+            offset: int = slot
             for frame in frames:
                 view = frame.buffer
                 self.pool.buffer[offset:offset + len(view)] = view

@@ -37,7 +37,7 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str 
 class Daemon:
     """A running daemon process and how to reach it."""
 
-    pool_size: str = "256MiB"
+    pool_size: str | None = "256MiB"  # None: the daemon's default
     page_size: str | None = None
     extra_args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
@@ -51,7 +51,8 @@ class Daemon:
         return f"tcp://127.0.0.1:{self.port}"
 
     def start(self, wait: bool = True) -> Daemon:
-        args = [sys.executable, "-m", "kvstore.cli", "serve", "--pool-size", self.pool_size,
+        args = [sys.executable, "-m", "kvstore.cli", "serve",
+                *(["--pool-size", self.pool_size] if self.pool_size else []),
                 "--tcp", self.address, "--segment", self.segment, "--log-level", "WARNING",
                 *self.extra_args]
         if self.page_size:

@@ -39,6 +39,15 @@ def test_serve_prints_its_addresses_and_segment(daemon):
 
 
 @pytest.mark.timeout(90)
+def test_serve_without_flags_uses_the_documented_defaults(make_daemon):
+    """With no --pool-size the daemon reserves its documented default (2 GiB in 64 MiB pages)."""
+    d = make_daemon(pool_size=None).start()
+    assert "(2.0 GiB, 32 pages of 64.0 MiB), policy leaf-lru" in d.output()
+    with Client(d.address, 10.0) as client:
+        assert client.stats()["num_pages"] == 32
+
+
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_daemon_with_exit_0_and_removes_segment(make_daemon, ctx, sig):
     """SIGTERM and SIGINT end serve cleanly: exit 0, segment gone, a last line saying so."""
