@@ -51,7 +51,8 @@ import zmq
 from bench.machine import describe, summary
 from kvstore.client import Client
 from kvstore.keys import Namespace
-from tests.daemon import Daemon
+from kvstore.protocol import CHUNK_BYTES
+from tests.daemon import Daemon  # the integration tests' launcher of the real daemon process
 
 MiB = 1024 * 1024
 BLOCK_TOKENS = 16
@@ -176,7 +177,7 @@ def zero(bufs: list[np.ndarray]) -> None:
 # --- the raw ZeroMQ peer (own process, like the daemon) ----------------------------------------
 def _zmq_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
     """ROUTER: b"get" -> header + num frames of nbytes (copy=False); anything else is echoed."""
-    frames = random_blocks(num, nbytes, seed)
+    frames = [b.data for b in random_blocks(num, nbytes, seed)]  # memoryviews, sent zero-copy
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -294,7 +295,6 @@ class Bench:
     def __init__(self, params: Params) -> None:
         self.p = params
         self.series: dict[str, Series] = {}
-        self.checked: set[str] = set()
         self._put_round = 0
 
     def add(self, name: str, unit: str, label: str, bound: str) -> Series:
@@ -307,7 +307,7 @@ class Bench:
                  f"({p.prefix_bytes // MiB} MiB) and {p.num_blocks} prefaulted destinations")
         self.sources = random_blocks(p.num_blocks, p.block_bytes, SEED)
         self.dests = prefaulted(p.num_blocks, p.block_bytes)
-        self.dest_views = [memoryview(d) for d in self.dests]
+        self.dest_views = [d.data for d in self.dests]
 
         progress("starting the raw ZeroMQ ROUTER peer process (it builds the same 512 MiB)")
         self.peer = RawPeer(p)
@@ -438,7 +438,7 @@ class Bench:
         samples = [self.shm.ping() * 1e3 for _ in range(self.p.rtt_samples)]
         return self._record_latency(s, samples, warm)
 
-    def _fresh_put(self, client: Client, what: str) -> list[tuple[bytes, bytes | None, Any]]:
+    def _fresh_put(self, client: Client) -> list[tuple[bytes, bytes | None, Any]]:
         """Untimed: empty the put namespace and make a new chain of hashes, so every put stores."""
         client.invalidate(self.put_ns.name)
         self._put_round += 1
@@ -446,7 +446,7 @@ class Bench:
         return [(h, par, src) for (h, par), src in zip(keys, self.sources)]
 
     def _put(self, s: Series, warm: bool, client: Client, what: str) -> str:
-        blocks = self._fresh_put(client, what)
+        blocks = self._fresh_put(client)
         t0 = time.perf_counter()
         result = client.put(self.put_ns, blocks)
         dt = time.perf_counter() - t0
@@ -562,7 +562,7 @@ def report(bench: Bench, machine: dict[str, Any], wall_s: float, command: str,
             "num_blocks": p.num_blocks,
             "block_bytes": p.block_bytes,
             "prefix_bytes": p.prefix_bytes,
-            "chunk_bytes": __import__("kvstore.protocol", fromlist=["CHUNK_BYTES"]).CHUNK_BYTES,
+            "chunk_bytes": CHUNK_BYTES,
             "pool_bytes": p.pool_bytes,
             "pool_factor": POOL_FACTOR,
             "working_set": "one stored prefix + one put batch",
@@ -570,8 +570,10 @@ def report(bench: Bench, machine: dict[str, Any], wall_s: float, command: str,
             "hashes": "sha256(parent + index), one namespace",
             "gb": "10^9 bytes",
             "method": "rounds interleave every measurement; round 0 is an untimed warm-up that "
-                      "verifies the bytes; throughput per round = one prefix transfer; latency per "
-                      "round = median of its calls; figures are median/min/max over rounds",
+                      "verifies the bytes; before each step the daemon and the raw peer are let "
+                      "go idle; throughput per round = one prefix transfer; latency per round = "
+                      "median of its calls; figures are median/min/max over rounds; ratios are "
+                      "of the medians (per_round_ratios: the ratio within each round)",
         },
         "load": {"load_avg_before": load_before, "load_avg_after": load_after, **busy},
         "wall_s": round(wall_s, 1),
