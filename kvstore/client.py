@@ -73,8 +73,7 @@ class Client:
         """Say HELLO (connecting if needed) and attach the segment when on the daemon's host."""
         if self._sock is None:
             self._sock = self._new_socket()
-        reply = self._call(protocol.encode_request(Op.HELLO, next(self._ids),
-                                                   version=protocol.VERSION))
+        reply = self._call(Op.HELLO, {"version": protocol.VERSION})
         self._hello = reply
         if self.pool is not None and self.pool.token != reply["token"]:
             self.pool.close()  # the daemon restarted with a new segment
@@ -144,9 +143,8 @@ class Client:
                 for ref, dest in zip(refs, dests):
                     _as_bytes(dest)[:ref.nbytes] = self.pool.view(ref.slot, ref.nbytes)
                 return len(refs)
-        header = protocol.encode_request(Op.GET, next(self._ids), ns=ns, hashes=list(hashes),
-                                         lease=lease, shm=False)
-        return self._call(header, dests=[_as_bytes(d) for d in dests])["num_hits"]
+        fields = {"ns": ns, "hashes": list(hashes), "lease": lease, "shm": False}
+        return self._call(Op.GET, fields, dests=[_as_bytes(d) for d in dests])["num_hits"]
 
     def get(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None = None) -> list[bytes]:
         """The stored prefix of hashes as bytes (a copy; use get_into or pinned on hot paths)."""
@@ -154,9 +152,8 @@ class Client:
             with self.pinned(ns, hashes, lease) as refs:
                 assert self.pool is not None
                 return [bytes(self.pool.view(r.slot, r.nbytes)) for r in refs]
-        header = protocol.encode_request(Op.GET, next(self._ids), ns=ns, hashes=list(hashes),
-                                         lease=lease, shm=False)
-        reply = self._call(header, dests=None)
+        fields = {"ns": ns, "hashes": list(hashes), "lease": lease, "shm": False}
+        reply = self._call(Op.GET, fields, dests=None)
         return reply.get("blocks", [])  # a miss carries no payload frames, hence no "blocks"
 
     @contextmanager
@@ -186,11 +183,10 @@ class Client:
         if self._shm_ready():
             return self._put_shm(ns, blocks)
         views = [memoryview(data).cast("B") for _, _, data in blocks]
-        header = protocol.encode_request(
-            Op.PUT, next(self._ids), ns=ns, blocks=[[h, p] for h, p, _ in blocks],
-            sizes=[len(v) for v in views])
+        fields = {"ns": ns, "blocks": [[h, p] for h, p, _ in blocks],
+                  "sizes": [len(v) for v in views]}
         payload = [c for v in views for c in protocol.chunk(v)]
-        reply = self._call(header, payload=payload)
+        reply = self._call(Op.PUT, fields, payload=payload)
         return PutResult(reply["num_stored"], reply["num_present"], reply["num_full"])
 
     def reserve(self, ns: Namespace,
@@ -245,7 +241,7 @@ class Client:
         if self._hello is None:
             self.connect()
         try:
-            return self._call(protocol.encode_request(op, next(self._ids), **fields))
+            return self._call(op, fields)
         except ServerError as exc:
             if exc.code != "stale_segment":
                 raise
@@ -253,14 +249,15 @@ class Client:
         self.connect()
         if "token" in fields:
             fields["token"] = self._token()
-        return self._call(protocol.encode_request(op, next(self._ids), **fields))
+        return self._call(op, fields)
 
-    def _call(self, header: bytes, payload: Sequence[Any] = (),
+    def _call(self, op: Op, fields: dict[str, Any], payload: Sequence[Any] = (),
               dests: list[memoryview] | None = None) -> dict[str, Any]:
         """Send one request and wait for its reply until the deadline (Lazy Pirate)."""
         if self._sock is None:
             self._sock = self._new_socket()
-        req_id = protocol.decode_header(header)["id"]
+        req_id = next(self._ids)
+        header = protocol.encode_request(op, req_id, **fields)
         sock = self._sock
         deadline = time.monotonic() + self.timeout_s
         try:

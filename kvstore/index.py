@@ -74,11 +74,12 @@ class Index:
         found: list[Entry] = []
         if not table:
             return found
-        for block_hash in hashes:
-            entry = table.get(block_hash)
-            if entry is None or entry.state is not State.COMMITTED or entry.deadline_s <= now:
+        # Hot path (a lookup of a whole prompt): locals instead of attribute and enum lookups.
+        committed, append = State.COMMITTED, found.append
+        for entry in map(table.get, hashes):
+            if entry is None or entry.state is not committed or entry.deadline_s <= now:
                 break
-            found.append(entry)
+            append(entry)
         return found
 
     def add_reserved(self, key: Key, slot: SlotId, nbytes: int,
@@ -132,13 +133,19 @@ class Index:
                 child.parent = None
         entry.num_children = 0
 
-    def pin(self, entries: list[Entry], deadline_s: float) -> int:
-        """Pin entries under a new lease until deadline_s; returns the lease id."""
-        # Random, not sequential: a client cannot release or consume another client's lease
-        # by guessing its id (a slot could then be reused while still being read).
+    def new_lease_id(self) -> int:
+        """An unused lease id. Random, not sequential: a client cannot release or consume
+        another client's lease by guessing its id (a slot could be reused while being read)."""
         lease_id = secrets.randbits(62)
         while lease_id in self.leases:
             lease_id = secrets.randbits(62)
+        return lease_id
+
+    def pin(self, entries: list[Entry], deadline_s: float, lease_id: int | None = None) -> int:
+        """Pin entries under a lease (new, or lease_id from new_lease_id) until deadline_s."""
+        if lease_id is None:
+            lease_id = self.new_lease_id()
+        assert lease_id not in self.leases, "lease id reused"
         for entry in entries:
             entry.num_pins += 1
         self.leases[lease_id] = Lease(entries, deadline_s)

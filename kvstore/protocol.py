@@ -226,7 +226,12 @@ def _list(h: dict[str, Any], key: str) -> list[Any]:
 
 
 def _hashes(h: dict[str, Any]) -> tuple[BlockHash, ...]:
-    return tuple(BlockHash(_bin(x, "a block hash", MAX_HASH_BYTES)) for x in _list(h, "hashes"))
+    values = _list(h, "hashes")
+    # Checked in bulk (C loops), not per hash: a lookup carries a whole prompt's hashes.
+    if values and (set(map(type, values)) != {bytes}
+                   or min(map(len, values)) < 1 or max(map(len, values)) > MAX_HASH_BYTES):
+        raise ProtocolError(f"each block hash must be 1..{MAX_HASH_BYTES} bytes of binary")
+    return tuple(values)
 
 
 def _pairs(h: dict[str, Any], width: int) -> list[list[Any]]:

@@ -66,6 +66,8 @@ class Server:
         self.sock = self._bind()
         self._in_flight: list[tuple[zmq.MessageTracker, int]] = []  # TCP GET sends holding pins
         self._stopping = False
+        # Bookkeeping a handler leaves for after its reply is sent (off the client's latency).
+        self._after_reply: Callable[[], None] | None = None
         self._handlers: dict[Op, Callable[[Request, list[zmq.Frame]], list[Any]]] = {
             Op.HELLO: self._hello, Op.PING: self._ping, Op.LOOKUP: self._lookup, Op.GET: self._get,
             Op.RESERVE: self._reserve, Op.COMMIT: self._commit, Op.ABORT: self._abort,
@@ -172,6 +174,12 @@ class Server:
             log.exception("internal error handling a request")
             reply = [protocol.encode_error(req_id, "internal", f"{type(exc).__name__}: {exc}")]
         self._send(identity, reply)
+        if self._after_reply is not None:
+            after, self._after_reply = self._after_reply, None
+            try:
+                after()
+            except Exception:
+                log.exception("internal error after a reply")
 
     def _send(self, identity: zmq.Frame, reply: list[Any]) -> None:
         tracked = reply[-1] if reply and isinstance(reply[-1], _Pinned) else None
@@ -221,8 +229,12 @@ class Server:
         if req.lease_ms == 0:
             num_hits, lease = self.store.lookup(req.ns, req.hashes), None
         else:
-            entries, lease = self.store.pin(req.ns, req.hashes, req.lease_ms / 1000)
+            # Answer first, pin right after the send: this thread reads no other request in
+            # between, so the client never sees the lease before it holds.
+            entries, lease = self.store.find_to_pin(req.ns, req.hashes)
             num_hits = len(entries)
+            ns, num_asked, lease_s = req.ns, len(req.hashes), req.lease_ms / 1000
+            self._after_reply = lambda: self.store.apply_pin(ns, num_asked, entries, lease, lease_s)
         return [protocol.encode_reply(req.req_id, num_hits=num_hits, lease=lease)]
 
     def _get(self, req: Request, _: list[zmq.Frame]) -> list[Any]:

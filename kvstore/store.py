@@ -63,20 +63,38 @@ class Store:
     def pin(self, ns: Namespace, hashes: Sequence[BlockHash],
             lease_s: float | None = None) -> tuple[list[Entry], int | None]:
         """Find the stored prefix of hashes and pin it under a lease; records hits and recency."""
-        now = self.clock()
-        found = self.index.prefix(ns, hashes, now)
-        stats = self._ns_stats(ns)
-        stats.num_hits += len(found)
-        stats.num_misses += len(hashes) - len(found)
+        found, lease_id = self.find_to_pin(ns, hashes)
+        self.apply_pin(ns, len(hashes), found, lease_id, lease_s)
+        return found, lease_id
+
+    def find_to_pin(self, ns: Namespace,
+                    hashes: Sequence[BlockHash]) -> tuple[list[Entry], int | None]:
+        """What pin() would pin and under which lease id, changing nothing.
+
+        The server answers a lookup with this and calls apply_pin() right after the reply is
+        sent: one thread owns the store, so no other request runs in between.
+        """
+        found = self.index.prefix(ns, hashes, self.clock())
         if not found or len(self.index.leases) >= MAX_LEASES:
             return [], None  # nothing to pin, or no lease to protect it with: a miss
+        return found, self.index.new_lease_id()
+
+    def apply_pin(self, ns: Namespace, num_asked: int, found: list[Entry], lease_id: int | None,
+                  lease_s: float | None = None) -> None:
+        """Pin what find_to_pin() returned, and record hits, misses and recency."""
+        stats = self._ns_stats(ns)
+        stats.num_hits += len(found)
+        stats.num_misses += num_asked - len(found)
+        if lease_id is None:
+            return
         # Deepest first, so a parent is always more recent than its children: LRU order then
         # reaches leaves before the prefixes they hang from.
+        touch = self.policy.touch
         for entry in reversed(found):
             entry.num_hits += 1
-            self.policy.touch(entry)
+            touch(entry)
         lease_s = self.limits.lease_s if lease_s is None else min(lease_s, self.limits.max_lease_s)
-        return found, self.index.pin(found, now + lease_s)
+        self.index.pin(found, self.clock() + lease_s, lease_id)
 
     def unpin(self, lease_id: int) -> bool:
         """Release a lease early; False when it was unknown or already expired."""
