@@ -32,9 +32,12 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
                lease_ms > 0 the hits are pinned for that long (lease = id, or nil when num_hits is
                0), so eviction cannot take them before they are read. lease_ms = 0 changes nothing.
     GET        {ns, hashes, lease, shm, token}    -> {num_hits, sizes, lease, slots}
-               Reads the stored prefix of hashes; with a lease id from LOOKUP, reads under it.
+               Reads the stored prefix of hashes. With a lease id from LOOKUP, reads the leased
+               blocks (hashes may start anywhere in the leased prefix, so a large prefix can be
+               read in several GETs); the lease stays held until RELEASE or expiry.
                shm=false: the bytes follow as payload frames. shm=true: slots lists the byte
-               offset of each block in the segment, pinned under lease until RELEASE or expiry.
+               offset of each block in the segment, pinned under lease (the client's, or a new
+               one when none was given) until RELEASE or expiry.
     RESERVE    {ns, blocks: [[hash, parent, nbytes]...], token}
                                                   -> {slots, num_full}
                Two-phase write, step 1 (shared memory only): a slot offset per block, nil where

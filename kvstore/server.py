@@ -248,13 +248,14 @@ class Server:
             return [protocol.encode_reply(req.req_id, num_hits=len(entries), sizes=sizes,
                                           lease=lease, slots=[e.slot for e in entries])]
         header = protocol.encode_reply(req.req_id, num_hits=len(entries), sizes=sizes, lease=None)
+        if lease is not None and lease != req.lease:
+            self.store.unpin(lease)  # taken for this GET only; the send pins its own below
         if not entries:
             return [header]
         # Zero-copy: frames are views of the slots, so the slots stay pinned under a lease of
-        # our own until ZeroMQ reports the send done (see _maintain).
+        # our own until ZeroMQ reports the send done (see _maintain). A client's lease stays
+        # held: it may read the rest of the leased prefix in further GETs, then RELEASE it.
         own = self.store.index.pin(entries, float("inf"))
-        if lease is not None:
-            self.store.unpin(lease)
         payload = [c for e in entries for c in protocol.chunk(self.pool.view(e.slot, e.nbytes))]
         self.counters.bytes_out["tcp"] += sum(sizes)
         return [header, *payload, _Pinned(own)]
@@ -263,9 +264,12 @@ class Server:
         assert req.ns is not None
         if req.lease is not None:
             held = self.store.lease_entries(req.lease)
-            if held is not None and all(e.is_live for e in held):
-                n = _matching_prefix(held, req.ns, req.hashes)
-                return held[:n], req.lease
+            if held is not None and all(e.is_live for e in held) and req.hashes:
+                # The hashes may start anywhere in the leased prefix (a load read in batches).
+                start = next((i for i, e in enumerate(held) if e.key == (req.ns, req.hashes[0])), 0)
+                n = _matching_prefix(held[start:], req.ns, req.hashes)
+                if n:
+                    return held[start:start + n], req.lease
         return self.store.pin(req.ns, req.hashes)
 
     def _reserve(self, req: Request, _: list[zmq.Frame]) -> list[Any]:

@@ -143,6 +143,26 @@ def test_lease_of_one_namespace_never_reads_another(daemon, ctx, use_shm):
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
+def test_a_leased_prefix_can_be_read_in_batches_and_stays_leased(daemon, ctx, use_shm):
+    """GETs under one lease may start anywhere in the leased prefix; the lease holds until
+    RELEASE (a large prefix is loaded in several calls, each inside its timeout)."""
+    ns = Namespace(b"batches")
+    hashes = chain_hashes("batch", 6)
+    datas = random_blocks(7, [4096] * 6)
+    with Client(daemon.address, CALL_S, ctx=ctx, use_shm=use_shm) as client:
+        client.put(ns, as_chain(hashes, datas))
+        lease = client.lookup(ns, hashes, lease_ms=10_000).lease
+        assert lease is not None
+        assert client.get(ns, hashes[2:4], lease=lease) == datas[2:4]
+        assert client.get(ns, hashes[4:], lease=lease) == datas[4:]
+        if not use_shm:  # a shared-memory read releases its lease when its copy is done
+            assert stats(daemon.address)["num_leases"] == 1
+            assert client.release(lease)
+        assert stats(daemon.address)["num_leases"] == 0
+
+
+@pytest.mark.timeout(90)
 def test_get_into_fills_numpy_destinations_in_place_over_both_paths(daemon, ctx):
     """get_into writes each block into the front of its numpy array and leaves the rest alone."""
     ns = Namespace(b"model-a")
