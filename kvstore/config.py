@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -34,8 +34,6 @@ class ServeConfig:
     lease_s: float = 10.0
     reserve_s: float = 10.0
     ttl_s: float | None = None
-    metrics_port: int | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def effective_page_bytes(self) -> int:
         if self.page_bytes is not None:
