@@ -16,8 +16,9 @@ class PagedKV:
     def __init__(self, kv_caches: dict[str, torch.Tensor]) -> None:
         seen: set[tuple[int, tuple[int, ...]]] = set()
         self.layers: list[torch.Tensor] = []
-        for name in sorted(kv_caches):
-            tensor = kv_caches[name]
+        # In address order: deterministic for replicas with the same config, and the order in
+        # which vLLM lays layers out in its one allocation (see _block_view).
+        for name, tensor in sorted(kv_caches.items(), key=lambda kv: kv[1].data_ptr()):
             key = (tensor.data_ptr(), tuple(tensor.shape))
             if key in seen:
                 continue  # layers sharing one KV cache (cross-layer sharing) are copied once
@@ -29,9 +30,16 @@ class PagedKV:
         self.page_bytes = [layer.shape[1] for layer in self.layers]
         self.block_bytes = sum(self.page_bytes)
         self.device = self.layers[0].device
+        # vLLM 0.32 puts every layer in one allocation at a fixed layer stride: then a block's
+        # pages across all layers are one strided view, and a block moves in one copy_ call
+        # instead of one per layer (each call releases and re-takes the GIL).
+        self.blocks = _block_view(self.layers)
 
     def gather(self, block_id: int, dest: torch.Tensor) -> None:
         """Copy vLLM block block_id into dest (block_bytes int8 bytes)."""
+        if self.blocks is not None:
+            dest.view(len(self.layers), -1).copy_(self.blocks[block_id], non_blocking=True)
+            return
         offset = 0
         for layer, page in zip(self.layers, self.page_bytes):
             dest[offset:offset + page].copy_(layer[block_id], non_blocking=True)
@@ -39,6 +47,9 @@ class PagedKV:
 
     def scatter(self, block_id: int, src: torch.Tensor) -> None:
         """Copy src (block_bytes bytes) into vLLM block block_id."""
+        if self.blocks is not None:
+            self.blocks[block_id].copy_(src.view(len(self.layers), -1), non_blocking=True)
+            return
         offset = 0
         for layer, page in zip(self.layers, self.page_bytes):
             layer[block_id].copy_(src[offset:offset + page], non_blocking=True)
@@ -56,4 +67,24 @@ def _page_view(name: str, tensor: torch.Tensor) -> torch.Tensor:
             f"KV-cache layer {name} of shape {tuple(tensor.shape)} and strides {tensor.stride()} "
             f"does not keep each block's page contiguous; kvstore cannot copy it whole") from None
     assert view.data_ptr() == tensor.data_ptr(), "page view must alias the KV cache"
+    return view
+
+
+def _block_view(layers: list[torch.Tensor]) -> torch.Tensor | None:
+    """[num_blocks, num_layers, page_bytes] over the layers' shared storage, or None when the
+    layers do not sit in one allocation at equal strides with equal pages."""
+    first = layers[0]
+    if len(layers) < 2 or any(
+            layer.shape != first.shape or layer.stride() != first.stride()
+            or layer.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            for layer in layers):
+        return None
+    layer_stride = layers[1].data_ptr() - first.data_ptr()
+    if layer_stride <= 0 or any(b.data_ptr() - a.data_ptr() != layer_stride
+                                for a, b in zip(layers, layers[1:])):
+        return None
+    storage = torch.tensor([], dtype=torch.int8, device=first.device).set_(first.untyped_storage())
+    view = storage.as_strided((first.shape[0], len(layers), first.shape[1]),
+                              (first.stride(0), layer_stride, 1), first.storage_offset())
+    assert view[0, 1].data_ptr() == layers[1][0].data_ptr(), "block view must alias the layers"
     return view
