@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from bench.models import TinyLlama, make_model
 from bench.replica import ReplicaProcess
+from tests.daemon import Daemon
 
 DEMO_MODEL = TinyLlama(num_layers=4, hidden_size=512, num_heads=8, num_kv_heads=8,
                        intermediate_size=1408, vocab_size=4096, max_position_embeddings=4096)
@@ -34,16 +34,14 @@ def main() -> int:
 
     step("making a random-weight Llama (4 layers, hidden 512) in", args.model_dir)
     model = str(make_model(args.model_dir, DEMO_MODEL))
-    address = f"tcp://127.0.0.1:{args.port}"
-    segment = f"kvstore-demo-{uuid.uuid4().hex[:8]}"
     logs = Path(tempfile.mkdtemp(prefix="kvstore-demo-"))
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "kvstore.cli", "serve", "--pool-size", "1GiB", "--tcp", address,
-         "--segment", segment], stdout=open(logs / "daemon.log", "w"), stderr=subprocess.STDOUT)
+    daemon = Daemon(pool_size="1GiB", port=args.port,
+                    segment=f"kvstore-demo-{uuid.uuid4().hex[:8]}")
+    address = daemon.address
     replicas: list[ReplicaProcess] = []
     try:
-        wait_for_daemon(address, daemon)
-        step(f"daemon up on {address}, segment /dev/shm/{segment}; starting two vLLM CPU "
+        daemon.start()  # waits until it answers; says why if it exits (e.g. the port is taken)
+        step(f"daemon up on {address}, segment /dev/shm/{daemon.segment}; starting two vLLM CPU "
              f"replicas (about a minute; logs in {logs})")
         replicas = [ReplicaProcess(model, address, log_path=str(logs / f"replica{i}.log"),
                                    max_model_len=4096) for i in (1, 2)]
@@ -70,30 +68,12 @@ def main() -> int:
     finally:
         for replica in replicas:
             replica.stop()
-        daemon.terminate()
-        daemon.wait(30)
+        daemon.stop()
         step("stopped the replicas and the daemon (segment removed)")
 
 
 def step(*parts: object) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
-
-
-def wait_for_daemon(address: str, daemon: subprocess.Popen[bytes]) -> None:
-    from kvstore.client import Client
-    from kvstore.errors import ServerUnavailable
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if daemon.poll() is not None:
-            raise SystemExit(f"the daemon exited with {daemon.returncode} (port {address} taken?)")
-        try:
-            with Client(address, timeout_s=0.5) as client:
-                client.ping()
-                return
-        except ServerUnavailable:
-            time.sleep(0.2)
-    raise SystemExit("the daemon did not answer within 30 s")
 
 
 def print_table(rows: list[tuple[str, str, dict]]) -> None:

@@ -15,11 +15,9 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +40,10 @@ def main() -> int:
     log("making the benchmark model (8 layers, hidden 1024) in", args.model_dir)
     model = str(make_model(args.model_dir, BENCH_MODEL))
     logs = Path(tempfile.mkdtemp(prefix="kvstore-ttft-"))
-    address, daemon = start_daemon(logs)
+    from tests.daemon import Daemon  # the same daemon process the tests and bench.store start
+
+    daemon = Daemon(pool_size="6GiB").start()
+    address = daemon.address
     flags = {"max_model_len": 9216, "kv_cache_gib": 2, "block_size": 32}
     replicas: dict[str, ReplicaProcess] = {}
     try:
@@ -61,8 +62,7 @@ def main() -> int:
     finally:
         for replica in replicas.values():
             replica.stop()
-        daemon.terminate()
-        daemon.wait(30)
+        daemon.stop()
     report(figures, repeats)
     return 0
 
@@ -101,29 +101,6 @@ def warm_up(replicas: dict[str, ReplicaProcess]) -> None:
     rng = random.Random(1)
     for replica in replicas.values():
         replica.request([rng.randrange(1, 100) for _ in range(300)], max_tokens=1, timeout_s=600)
-
-
-def start_daemon(logs: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    from tests.daemon import free_port, wait_until
-    from kvstore.client import Client
-    from kvstore.errors import ServerUnavailable
-
-    address = f"tcp://127.0.0.1:{free_port()}"
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "kvstore.cli", "serve", "--pool-size", "6GiB", "--tcp", address,
-         "--segment", f"kvstore-ttft-{uuid.uuid4().hex[:8]}"],
-        stdout=open(logs / "daemon.log", "w"), stderr=subprocess.STDOUT)
-
-    def answers() -> bool:
-        try:
-            with Client(address, timeout_s=0.5) as client:
-                client.ping()
-            return True
-        except ServerUnavailable:
-            return False
-
-    wait_until(answers, 60, what="daemon ready")
-    return address, daemon
 
 
 def report(figures: dict[int, dict[str, Any]], repeats: int) -> None:

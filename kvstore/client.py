@@ -19,7 +19,7 @@ import zmq
 
 from kvstore import protocol
 from kvstore.errors import ProtocolError, ServerError, ServerUnavailable, VersionMismatch
-from kvstore.keys import BlockHash, Namespace, SlotId
+from kvstore.keys import Namespace, SlotId
 from kvstore.pool import Pool
 from kvstore.protocol import Op
 

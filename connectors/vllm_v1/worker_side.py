@@ -12,7 +12,6 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
 
 import torch
 
@@ -129,9 +128,7 @@ class WorkerSide:
         """Another host: read the prefix in GETs of about _TCP_BATCH_BYTES, each well inside
         one call's timeout, checking the request's deadline between them."""
         assert self.kv is not None
-        per_batch = max(1, _TCP_BATCH_BYTES // self.kv.block_bytes)
-        staging = torch.empty((min(per_batch, len(spec.hashes)), self.kv.block_bytes),
-                              dtype=torch.int8)
+        per_batch, staging = self._staging(len(spec.hashes))
         rows = [row.numpy() for row in staging]
         num = 0
         try:
@@ -194,9 +191,7 @@ class WorkerSide:
             return
         # Another host: gather into a staging buffer and send it as frames, in PUTs of about
         # _TCP_BATCH_BYTES so each one fits a call's timeout.
-        per_batch = max(1, _TCP_BATCH_BYTES // self.kv.block_bytes)
-        staging = torch.empty((min(per_batch, len(block_ids)), self.kv.block_bytes),
-                              dtype=torch.int8)
+        per_batch, staging = self._staging(len(block_ids))
         for start in range(0, len(block_ids), per_batch):
             batch = range(start, min(start + per_batch, len(block_ids)))
             for row, i in zip(staging, batch):
@@ -206,6 +201,13 @@ class WorkerSide:
                                  for row, i in zip(staging, batch)])
 
     # --- helpers -----------------------------------------------------------------------------
+    def _staging(self, num_blocks: int) -> tuple[int, torch.Tensor]:
+        """Blocks per TCP batch, and a staging buffer of that many blocks (fewer if num_blocks)."""
+        assert self.kv is not None
+        per_batch = max(1, _TCP_BATCH_BYTES // self.kv.block_bytes)
+        rows = min(per_batch, num_blocks)
+        return per_batch, torch.empty((rows, self.kv.block_bytes), dtype=torch.int8)
+
     def _new_client(self, timeout_ms: int | None = None) -> Client:
         return Client(self.config.address, (timeout_ms or self.config.timeout_ms) / 1000,
                       curve_dir=self.config.curve_keys, use_shm=self.config.use_shm)
