@@ -28,6 +28,10 @@ test-fast: venv
 demo: venv
 	$(PY) -m bench.demo
 
+# Every benchmark, each bounded in time, then bench/README.md regenerated (about 30-40 min here).
+bench: venv
+	$(PY) -m bench.report
+
 bench-quick: venv
 	$(PY) -m bench.store --quick
 

@@ -634,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.close()
     load_after = list(os.getloadavg())
     res = report(bench, machine, time.perf_counter() - start, command, load_before, load_after)
+    res["date"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    res["command"] = command
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(res, indent=2) + "\n")
@@ -645,6 +647,32 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: other processes or the hypervisor took CPU during the run; "
               "re-run for clean figures")
     return 0
+
+
+def render(res: dict[str, Any]) -> str:
+    """The bench/README.md section for a store.json result."""
+    p = res["parameters"]
+    lines = [
+        f"{p['num_blocks']} blocks of {p['block_bytes'] >> 20} MiB ({p['prefix_tokens']}-token prefix of "
+        f"{p['model']} at block size {p['block_tokens']}) through a real daemon, interleaved round by "
+        "round with the limits they are measured against.",
+        "",
+        "| ratio | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
+    for name, g in res["goals"].items():
+        met = "yes" if g["met"] else "**no**"
+        lines.append(f"| `{name}` | {g['ratio']:.3f} | {g['goal']} | {met} |")
+    lines += ["", "| measurement | median | min–max | bound |", "|---|---|---|---|"]
+    for f in res["figures"].values():
+        lines.append(f"| {f['what']} | {f['median']:.3g} {f['unit']} | "
+                     f"{f['min']:.3g}–{f['max']:.3g} | {f['bound']} |")
+    load = res["load"]
+    lines += ["", f"{p['rounds']} rounds; during them other processes used "
+              f"{load['cores_used_by_others']:.2f} cores and the hypervisor stole "
+              f"{load['cores_stolen_by_hypervisor']:.2f}. Small-message figures (lookup, round trip) "
+              "swing by about ±20% between runs on a shared VM; the per-round ratio spread is in the JSON."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,13 @@ RESULTS = Path(__file__).parent / "results" / "ttft.json"
 GOALS = {"pool_shm_vs_recompute_4k": 0.2, "miss_overhead": 1.05}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ttft", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1k and 4k prompts, 2 repeats")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--model-dir", type=Path, default=Path(".cache/bench-model"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    command = " ".join(["python", "-m", "bench.ttft", *(argv if argv is not None else sys.argv[1:])])
     sizes = [1024, 4096] if args.quick else [1024, 4096, 8192]
     repeats = args.repeats or (2 if args.quick else 3)
 
@@ -63,7 +64,7 @@ def main() -> int:
         for replica in replicas.values():
             replica.stop()
         daemon.stop()
-    report(figures, repeats)
+    report(figures, repeats, command)
     return 0
 
 
@@ -103,7 +104,7 @@ def warm_up(replicas: dict[str, ReplicaProcess]) -> None:
         replica.request([rng.randrange(1, 100) for _ in range(300)], max_tokens=1, timeout_s=600)
 
 
-def report(figures: dict[int, dict[str, Any]], repeats: int) -> None:
+def report(figures: dict[int, dict[str, Any]], repeats: int, command: str) -> None:
     from bench.machine import describe, summary
 
     print(f"\n{'tokens':>7} {'recompute':>10} {'VRAM hit':>9} {'pool shm':>9} {'pool tcp':>9} "
@@ -124,6 +125,7 @@ def report(figures: dict[int, dict[str, Any]], repeats: int) -> None:
                        "repeats": repeats, "ttft": "wall time of a 1-token generate()"},
         "machine": describe(["vllm", "torch", "pyzmq"]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": command,
     }
     result["goals_met"] = {
         "pool_shm_vs_recompute_4k": result["pool_shm_vs_recompute_4k"] <= GOALS["pool_shm_vs_recompute_4k"],
@@ -134,6 +136,40 @@ def report(figures: dict[int, dict[str, Any]], repeats: int) -> None:
           f"(goal <= 0.2); over TCP {result['pool_tcp_vs_recompute_4k']:.3f}; all-miss "
           f"{result['miss_overhead']:.3f} x no connector (goal <= 1.05)")
     print(f"machine: {summary(result['machine'])}\nwrote {RESULTS}")
+
+
+def render(res: dict[str, Any]) -> str:
+    """The bench/README.md section for a ttft.json result."""
+    p = res["parameters"]
+    m = p["model"]
+    lines = [
+        f"vLLM CPU, a random-weight Llama with {m['num_layers']} layers, hidden {m['hidden_size']}, "
+        f"{m['num_kv_heads']} KV heads, {p['dtype']}, block {p['block_size']}; three replicas (no "
+        "connector, connector over shared memory, connector over TCP only). TTFT is the wall time of "
+        f"a one-token generation; medians of {p['repeats']} fresh prompts. The limit is recompute in "
+        "the same run.",
+        "",
+        "| prompt tokens | recompute | VRAM hit | pool, shm | pool, TCP | all-miss | "
+        "pool/recompute (shm, TCP) | all-miss/recompute |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, f in res["seconds"].items():
+        r = f["recompute"]
+        lines.append(f"| {n} | {r:.2f} s | {f['vram_hit']:.2f} s | {f['pool_shm']:.2f} s | "
+                     f"{f['pool_tcp']:.2f} s | {f['miss']:.2f} s | {f['pool_shm'] / r:.3f}, "
+                     f"{f['pool_tcp'] / r:.3f} | {f['miss'] / r:.3f} |")
+    met = res["goals_met"]
+    lines += [
+        "",
+        f"- `pool_shm_vs_recompute_4k` = {res['pool_shm_vs_recompute_4k']:.3f} (goal <= "
+        f"{res['goals']['pool_shm_vs_recompute_4k']}, {'met' if met['pool_shm_vs_recompute_4k'] else '**missed**'}), "
+        f"`pool_tcp_vs_recompute_4k` = {res['pool_tcp_vs_recompute_4k']:.3f}, `miss_overhead` = "
+        f"{res['miss_overhead']:.3f} (goal <= {res['goals']['miss_overhead']}, "
+        f"{'met' if met['miss_overhead'] else '**missed**'}).",
+        "- An all-miss ratio below 1 means the connector's cost is inside the run-to-run noise of "
+        "this machine (the samples of every repeat are in the JSON).",
+    ]
+    return "\n".join(lines)
 
 
 def log(*parts: object) -> None:
