@@ -67,6 +67,7 @@ class Pool:
         token = secrets.token_bytes(16)
         pool = cls(path, fd, size_bytes, token, is_owner=True)
         _HEADER.pack_into(pool.buffer, 0, _MAGIC, os.getpid(), token)
+        _CREATED_HERE.add(path)
         return pool
 
     @classmethod
@@ -111,11 +112,15 @@ class Pool:
         except BufferError:
             pass  # a view is still exported (e.g. a frame in flight); the OS unmaps at exit
         self.path.unlink(missing_ok=True)
+        _CREATED_HERE.discard(self.path)
 
 
 def _shm_free_bytes() -> int:
     st = os.statvfs(SHM_DIR)
     return st.f_bavail * st.f_frsize
+
+
+_CREATED_HERE: set[Path] = set()  # segments this process created (a same-pid owner that is live)
 
 
 def _remove_if_stale(path: Path) -> None:
@@ -126,6 +131,11 @@ def _remove_if_stale(path: Path) -> None:
     except (OSError, struct.error):
         return
     if magic != _MAGIC:
+        return
+    if pid == os.getpid() and path not in _CREATED_HERE:
+        # In a container the daemon is usually pid 1 (or the same small pid) on every start, so a
+        # segment left by a killed predecessor on a shared /dev/shm names our own pid.
+        path.unlink(missing_ok=True)
         return
     try:
         os.kill(pid, 0)
