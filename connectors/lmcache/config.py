@@ -1,0 +1,73 @@
+"""Plugin settings (LMCache's extra_config under remote_storage_plugin.<name>.*) and the kvstore
+namespace of LMCache's chunks. No I/O, and no lmcache import: plain values in, plain values out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+# Keys LMCache itself reads under the same prefix to find the plugin class.
+_LMCACHE_OWN_KEYS = frozenset({"module_path", "class_name"})
+
+
+@dataclass(slots=True, frozen=True)
+class PluginConfig:
+    address: str = "tcp://127.0.0.1:5555"
+    timeout_ms: int = 1000  # one daemon call; a dead daemon costs at most this per pause
+    retry_interval_ms: int = 1000  # after a failure, skip the daemon this long (doubling to 32x)
+    lease_ms: int = 30_000  # how long a pinned lookup keeps its hits from eviction
+    epoch: int = 0  # bump to retire every chunk stored under the previous epoch
+    namespace: str = ""  # extra operator-chosen identity (e.g. a weights revision)
+    use_shm: bool = True  # use the daemon's shared segment when on its host
+    curve_keys: str | None = None  # client keys from `kvstore keygen`
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None, plugin_name: str) -> PluginConfig:
+        """Read remote_storage_plugin.<plugin_name>.* from extra_config; reject unknown keys."""
+        prefix = f"remote_storage_plugin.{plugin_name}."
+        ours = {k[len(prefix):]: v for k, v in (extra or {}).items() if k.startswith(prefix)}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(ours) - known - _LMCACHE_OWN_KEYS)
+        if unknown:
+            raise ValueError(f"unknown kvstore plugin settings {[prefix + k for k in unknown]}; "
+                             f"known: {sorted(prefix + k for k in known)}")
+        values = {k: _checked(prefix + k, v, getattr(cls(), k))
+                  for k, v in ours.items() if k in known}
+        return cls(**values)
+
+
+def _checked(name: str, value: Any, default: Any) -> Any:
+    """value, if it has the type of the setting's default; a clear error otherwise."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, not {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
+    elif value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, not {value!r}")
+    return value
+
+
+def chunk_identity(lmcache_version: str, config: Any, metadata: Any,
+                   settings: PluginConfig) -> dict[str, Any]:
+    """Everything that changes a stored chunk's bytes but not its LMCache key.
+
+    Read from LMCacheMetadata's fields (not its layer groups), so LMCache's scheduler and worker
+    roles, which see those groups at different times, agree. "connector" keeps LMCache chunks
+    apart from the vLLM connector's blocks, whose identity never carries that field.
+    """
+    return {
+        "connector": "lmcache",
+        "lmcache_version": lmcache_version,
+        "model_name": metadata.model_name,
+        "world_size": metadata.world_size,
+        "chunk_size": metadata.chunk_size,
+        "kv_shape": list(metadata.kv_shape),
+        "kv_dtype": str(metadata.kv_dtype),
+        "use_mla": bool(metadata.use_mla),
+        "use_layerwise": bool(config.use_layerwise),
+        "remote_serde": config.remote_serde,
+        "namespace": settings.namespace,
+    }
