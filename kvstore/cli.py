@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from kvstore.config import DEFAULT_POOL_BYTES, DEFAULT_TCP, ConfigError, ServeConfig
+from kvstore.config import (CONFIG_ENV, DEFAULT_TCP, OPTIONS, ConfigError, Resolved, ServeConfig,
+                            resolve, to_toml)
 from kvstore.errors import KVStoreError
 from kvstore.keys import BlockHash, Namespace
-from kvstore.policy import DEFAULT_POLICY, POLICIES
-from kvstore.units import format_size, parse_size
+from kvstore.units import format_size
+
+_SERVE_EPILOG = f"""\
+Every option can also be set in the environment as KVSTORE_<OPTION> (e.g. KVSTORE_POOL_SIZE=8GiB)
+or in the [serve] table of a TOML file named by --config or {CONFIG_ENV} (e.g. pool_size = "8GiB").
+Precedence, highest first: flags > environment > file > defaults. --print-config shows the
+result and where each value came from. Bad settings exit with code 2."""
+_CLEAR = "\x1b[H\x1b[2J"  # ANSI: cursor home, clear screen (--watch redraws in place)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,42 +39,32 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore", description=__doc__)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the daemon")
-    serve.add_argument("--pool-size", type=parse_size, default=DEFAULT_POOL_BYTES,
-                       help="shared-memory pool size, e.g. 8GiB (default 2GiB)")
-    serve.add_argument("--page-size", type=parse_size, default=None,
-                       help="size-class page, must hold one block (default min(64MiB, pool/8))")
-    serve.add_argument("--tcp", action="append", default=None,
-                       help=f"tcp://HOST:PORT to listen on, repeatable (default {DEFAULT_TCP})")
-    serve.add_argument("--no-tcp", action="store_true", help="listen only on --ipc")
-    serve.add_argument("--ipc", default=None, help="ipc:// path to listen on as well")
-    serve.add_argument("--segment", default="kvstore", help="shared-memory name under /dev/shm")
-    serve.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES))
-    serve.add_argument("--lease", type=float, default=10.0, help="seconds a lookup pins its hits")
-    serve.add_argument("--reserve-timeout", type=float, default=10.0,
-                       help="seconds before an unfinished write is reclaimed")
-    serve.add_argument("--ttl", type=float, default=None, help="seconds a block lives (default forever)")
-    serve.add_argument("--curve-keys", type=Path, default=None,
-                       help="directory from `kvstore keygen`: encrypt and authenticate clients")
-    serve.add_argument("--insecure", action="store_true",
-                       help="allow a non-loopback --tcp address without CURVE keys")
-    serve.add_argument("--log-level", default="INFO",
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve = sub.add_parser("serve", help="run the daemon", epilog=_SERVE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _serve_args(serve)
     serve.set_defaults(func=_serve)
 
     keygen = sub.add_parser("keygen", help="make CURVE keys for the daemon and its clients")
     keygen.add_argument("dir", type=Path)
     keygen.set_defaults(func=_keygen)
 
-    for name, func, text in (("stats", _stats, "print the daemon's counters"),
-                             ("ping", _ping, "check the daemon answers")):
-        p = sub.add_parser(name, help=text)
-        _client_args(p)
-        p.set_defaults(func=func)
+    stats = sub.add_parser("stats", help="show per-namespace blocks, hit rates, hottest prefixes")
+    _client_args(stats)
+    shown = stats.add_mutually_exclusive_group()
+    shown.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                       help="redraw every SECONDS with rates since the last draw, until Ctrl-C")
+    shown.add_argument("--json", action="store_true", help="print the raw STATS reply once")
+    stats.set_defaults(func=_stats)
+
+    ping = sub.add_parser("ping", help="check the daemon answers")
+    _client_args(ping)
+    ping.set_defaults(func=_ping)
 
     inval = sub.add_parser("invalidate", help="drop a namespace's blocks")
     _client_args(inval)
-    inval.add_argument("namespace", help="namespace name as hex (from `kvstore stats`)")
+    inval.add_argument("namespace", nargs="?", default=None,
+                       help="namespace as hex, or a unique prefix of it (from `kvstore stats`)")
+    inval.add_argument("--all", action="store_true", help="drop the blocks of every namespace")
     inval.add_argument("--below-epoch", type=int, default=None,
                        help="drop only epochs lower than this")
     inval.set_defaults(func=_invalidate)
@@ -78,6 +79,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve_args(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--config", type=Path, default=None,
+                       help=f"TOML file with a [serve] table of these options [env {CONFIG_ENV}]")
+    serve.add_argument("--print-config", action="store_true",
+                       help="print the resolved settings as TOML, with the source of each, and exit")
+    defaults = ServeConfig()
+    for option in OPTIONS:
+        default = getattr(defaults, option.field)
+        shown = (format_size(default) if option.name == "pool_size"
+                 else ", ".join(default) if isinstance(default, tuple) else default)
+        text = option.help if "default" in option.help or default in (None, False) \
+            else f"{option.help} (default {shown})"
+        text += f" [env {option.env}]"
+        if option.is_switch:
+            serve.add_argument(option.flag, dest=option.name, action="store_const", const=True,
+                               default=None, help=text)
+        else:  # parsed by config.resolve, so every source gets the same checks and messages
+            serve.add_argument(option.flag, dest=option.name, default=None, help=text,
+                               action="append" if option.name == "tcp" else "store")
+    serve.add_argument("--no-tcp", action="store_true", help="listen only on --ipc")
+
+
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=DEFAULT_TCP, help=f"daemon address (default {DEFAULT_TCP})")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
@@ -88,14 +111,16 @@ def _serve(args: argparse.Namespace) -> int:
     from kvstore.pool import HEADER_BYTES, Pool, PoolError
     from kvstore.server import AddressInUse, Server
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServeConfig(
-        pool_bytes=args.pool_size, page_bytes=args.page_size,
-        tcp=() if args.no_tcp else tuple(args.tcp or [DEFAULT_TCP]), ipc=args.ipc,
-        segment=args.segment, log_level=args.log_level, curve_dir=args.curve_keys,
-        insecure=args.insecure, policy=args.policy, lease_s=args.lease,
-        reserve_s=args.reserve_timeout, ttl_s=args.ttl)
-    config.validate()
+    flags = {option.name: getattr(args, option.name) for option in OPTIONS}
+    if args.no_tcp:
+        flags["tcp"] = []
+    resolved = resolve(flags, os.environ, args.config)
+    if args.print_config:
+        print(to_toml(resolved), end="")
+        return 0
+    config = resolved.config
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     page = config.effective_page_bytes()
     try:
         pool = Pool.create(config.segment, HEADER_BYTES + (config.pool_bytes // page) * page)
@@ -108,6 +133,9 @@ def _serve(args: argparse.Namespace) -> int:
         pool.close()
         print(f"kvstore: error: {exc}", file=sys.stderr)
         return 1
+    if not _serve_metrics(server, resolved):
+        server.close()
+        return 1
     server.install_signal_handlers()
     slabs = server.store.slabs
     print(f"kvstore: listening on {', '.join(config.bind_addresses())}", flush=True)
@@ -117,6 +145,30 @@ def _serve(args: argparse.Namespace) -> int:
     server.serve_forever()
     print("kvstore: stopped, segment removed", flush=True)
     return 0
+
+
+def _serve_metrics(server: Any, resolved: Resolved) -> bool:
+    """Start /metrics; False when a port the operator chose is taken.
+
+    The default port being taken (a second daemon on the node) only costs the metrics: the
+    daemon serves on and says so.
+    """
+    config = resolved.config
+    if not config.metrics_port:
+        return True
+    where = f"{config.metrics_host}:{config.metrics_port}"
+    try:
+        server.metrics.serve(config.metrics_host, config.metrics_port)
+    except OSError as exc:
+        if resolved.sources["metrics_port"] != "default":
+            print(f"kvstore: error: cannot serve metrics on {where}: {exc.strerror} "
+                  f"(set by {resolved.sources['metrics_port']})", file=sys.stderr)
+            return False
+        print(f"kvstore: warning: no metrics: {where} {exc.strerror}; choose a free "
+              f"--metrics-port, or 0 to turn metrics off", file=sys.stderr, flush=True)
+        return True
+    print(f"kvstore: metrics on http://{where}/metrics", flush=True)
+    return True
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -144,10 +196,79 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _stats(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        stats = client.stats()
-    for key, value in stats.items():
-        print(f"{key:>16}: {value}")
-    return 0
+        stats = client.stats()  # unreachable: ServerUnavailable, exit code 2
+        if args.json:
+            print(json.dumps(stats, indent=2, sort_keys=True))
+            return 0
+        if args.watch is None:
+            print(render_stats(stats, args.address), end="")
+            return 0
+        if args.watch <= 0:
+            raise ValueError(f"--watch must be a positive number of seconds, got {args.watch}")
+        return _watch(client, args.address, args.watch, stats)
+
+
+def _watch(client: Any, address: str, interval_s: float, stats: dict[str, Any]) -> int:
+    """Redraw the table every interval_s until Ctrl-C; a lost daemon is shown, not fatal."""
+    previous: tuple[dict[str, Any], float] | None = None
+    taken_s = time.monotonic()
+    try:
+        while True:
+            rates = None if previous is None else (previous[0], taken_s - previous[1])
+            print(_CLEAR + render_stats(stats, address, rates), end="", flush=True)
+            previous = (stats, taken_s)
+            time.sleep(interval_s)
+            try:
+                stats, taken_s = client.stats(), time.monotonic()
+            except KVStoreError as exc:
+                print(f"kvstore: {exc}; retrying", flush=True)
+                previous = None
+    except KeyboardInterrupt:
+        return 0
+
+
+def render_stats(stats: dict[str, Any], address: str,
+                 rates: tuple[dict[str, Any], float] | None = None) -> str:
+    """The `kvstore stats` table; rates = (earlier stats, seconds since) adds per-second columns."""
+    used, capacity = stats["used_bytes"], stats["capacity_bytes"]
+    lines = [
+        f"kvstore {address}: pool {format_size(used)} of {format_size(capacity)} used "
+        f"({100 * used / max(capacity, 1):.1f}%), {stats['num_blocks']} blocks, "
+        f"{stats['num_reserved']} reserved, {stats['num_leases']} leases, "
+        f"{stats['num_evictions']} evictions, {stats['errors']} errors",
+        "",
+        f"{'NAMESPACE':<14}{'BLOCKS':>8}{'BYTES':>12}{'LOOKUPS':>9}{'HIT RATE':>10}"
+        f"{'EVICTIONS':>11}" + (f"{'LOOKUPS/S':>11}{'HIT RATE NOW':>14}" if rates else ""),
+    ]
+    namespaces = sorted(stats["namespaces"].values(), key=lambda n: (-n["blocks"], n["label"]))
+    for ns in namespaces:
+        line = (f"{ns['label']:<14}{ns['blocks']:>8}{format_size(ns['bytes']):>12}"
+                f"{ns['lookups']:>9}{_hit_rate(ns['hits'], ns['misses']):>10}{ns['evictions']:>11}")
+        if rates:
+            before = {n["label"]: n for n in rates[0]["namespaces"].values()}.get(ns["label"], {})
+            delta = {k: ns[k] - before.get(k, 0) for k in ("lookups", "hits", "misses")}
+            now_rate = _hit_rate(delta["hits"], delta["misses"])
+            line += f"{delta['lookups'] / max(rates[1], 1e-9):>11.1f}{now_rate:>14}"
+        lines.append(line)
+    if not namespaces:
+        lines.append("(no namespaces yet)")
+    hot = [(ns["label"], p) for ns in namespaces for p in ns["hottest"]]
+    if hot:
+        lines += ["", "hottest prefixes", f"{'NAMESPACE':<14}{'READS':>8}{'BLOCKS':>8}  LAST BLOCK"]
+        for label, prefix in sorted(hot, key=lambda x: -x[1]["hits"]):
+            lines.append(f"{label:<14}{prefix['hits']:>8}{prefix['blocks']:>8}  {prefix['hash']}")
+    if rates:
+        seconds = max(rates[1], 1e-9)
+        moved = [f"{d} {path} {format_size((stats[k][path] - rates[0][k][path]) / seconds)}/s"
+                 for d, k in (("in", "bytes_in"), ("out", "bytes_out")) for path in ("shm", "tcp")]
+        lines += ["", "bytes " + ", ".join(moved) + f" over the last {rates[1]:.1f} s"]
+    return "\n".join(lines) + "\n"
+
+
+def _hit_rate(num_hits: int, num_misses: int) -> str:
+    """Hit blocks over asked blocks, or '-' when nothing was asked."""
+    asked = num_hits + num_misses
+    return f"{100 * num_hits / asked:.1f}%" if asked else "-"
 
 
 def _ping(args: argparse.Namespace) -> int:
@@ -157,10 +278,34 @@ def _ping(args: argparse.Namespace) -> int:
 
 
 def _invalidate(args: argparse.Namespace) -> int:
+    if (args.namespace is None) == (not args.all):
+        raise ValueError("give a NAMESPACE (hex, or a unique prefix of it) or --all, not both")
     with _client(args) as client:
-        num = client.invalidate(bytes.fromhex(args.namespace), args.below_epoch)
-    print(f"kvstore: dropped {num} blocks")
+        known = [name for name in client.stats()["namespaces"] if name]
+        names = known if args.all else [_match_namespace(args.namespace, known)]
+        total = 0
+        for name in names:
+            num = client.invalidate(bytes.fromhex(name), args.below_epoch)
+            total += num
+            print(f"kvstore: dropped {num} blocks of namespace {name}")
+    if args.all:
+        print(f"kvstore: dropped {total} blocks of {len(names)} namespaces")
     return 0
+
+
+def _match_namespace(prefix: str, known: list[str]) -> str:
+    """The one known namespace name starting with prefix (hex); ValueError naming the choices."""
+    text = prefix.strip().lower()
+    if not text or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"namespace must be hex as `kvstore stats` shows it, got {prefix!r}")
+    matches = [name for name in known if name.startswith(text)]
+    if len(matches) == 1:
+        return matches[0]
+    listed = ", ".join(n[:12] for n in sorted(known)) or "none"
+    if not matches:
+        raise ValueError(f"unknown namespace {prefix!r}: the daemon knows {listed}")
+    raise ValueError(f"namespace {prefix!r} is ambiguous: it starts "
+                     f"{', '.join(sorted(matches))}; give more digits")
 
 
 def _block_key(args: argparse.Namespace) -> tuple[Namespace, BlockHash]:

@@ -1,23 +1,48 @@
-"""Settings of `kvstore serve`, validated in one place."""
+"""Settings of `kvstore serve`: where each comes from, and their validation, in one place.
+
+Every option has one name, used as the TOML key, the flag and the environment variable:
+pool_size is `pool_size = "8GiB"` in the [serve] table of the config file, `--pool-size 8GiB`
+on the command line and KVSTORE_POOL_SIZE=8GiB in the environment.
+
+Precedence, highest first: command-line flags > environment variables (KVSTORE_<OPTION>) > the
+TOML file (--config PATH, or KVSTORE_CONFIG) > built-in defaults. resolve() applies it and
+records where each value came from; `kvstore serve --print-config` shows the result. An empty
+environment variable counts as unset. A bad value, an unknown key in the file or an unusable
+combination raises ConfigError naming the option and where it was set.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+import json
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from kvstore.policy import DEFAULT_POLICY, POLICIES
-from kvstore.units import format_size
+from kvstore.units import format_size, parse_size
 
 DEFAULT_TCP = "tcp://127.0.0.1:5555"
 DEFAULT_POOL_BYTES = 2 * 1024**3
 MAX_PAGE_BYTES = 64 * 1024 * 1024  # a page holds 32 Llama-8B blocks of 2 MiB; see slabs.py
 MIN_PAGES = 8  # small pools still get several pages, so two models can share them
+DEFAULT_METRICS_PORT = 9400  # Prometheus exporters' customary range; 0 turns the endpoint off
+DEFAULT_METRICS_HOST = "127.0.0.1"  # docker passes 0.0.0.0; metrics name models and traffic
+ENV_PREFIX = "KVSTORE_"
+CONFIG_ENV = "KVSTORE_CONFIG"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class ConfigError(ValueError):
     """A setting is invalid; the message names it and says what is allowed."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option  # the option at fault, so resolve() can say where it was set
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,6 +59,8 @@ class ServeConfig:
     lease_s: float = 10.0
     reserve_s: float = 10.0
     ttl_s: float | None = None
+    metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_host: str = DEFAULT_METRICS_HOST
 
     def effective_page_bytes(self) -> int:
         if self.page_bytes is not None:
@@ -50,26 +77,34 @@ class ServeConfig:
         """Raise ConfigError with an operator-facing message when a setting is unusable."""
         page = self.effective_page_bytes()
         if page < 4096 or page % 4096:
-            raise ConfigError(f"--page-size must be a positive multiple of 4 KiB, got {page}")
+            raise ConfigError(f"--page-size must be a positive multiple of 4 KiB, got {page}",
+                              "page_size")
         if self.pool_bytes < page:
             raise ConfigError(f"--pool-size {format_size(self.pool_bytes)} is smaller than one "
-                              f"page ({format_size(page)})")
+                              f"page ({format_size(page)})", "pool_size")
         if self.policy not in POLICIES:
-            raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+            raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}",
+                              "policy")
         if not self.tcp and not self.ipc:
-            raise ConfigError("give at least one of --tcp or --ipc to listen on")
+            raise ConfigError("give at least one of --tcp or --ipc to listen on", "tcp")
         for addr in self.tcp:
             if not addr.startswith("tcp://"):
-                raise ConfigError(f"--tcp address must look like tcp://HOST:PORT, got {addr!r}")
+                raise ConfigError(f"--tcp address must look like tcp://HOST:PORT, got {addr!r}",
+                                  "tcp")
             if not is_loopback(addr) and self.curve_dir is None and not self.insecure:
                 raise ConfigError(
                     f"refusing to listen on {addr} without encryption: pass --curve-keys DIR "
-                    f"(make one with `kvstore keygen DIR`) or --insecure")
-        for name, value in (("--lease", self.lease_s), ("--reserve-timeout", self.reserve_s)):
+                    f"(make one with `kvstore keygen DIR`) or --insecure", "tcp")
+        for name, value in (("lease", self.lease_s), ("reserve_timeout", self.reserve_s)):
             if value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}", name)
         if self.ttl_s is not None and self.ttl_s <= 0:
-            raise ConfigError(f"--ttl must be positive, got {self.ttl_s}")
+            raise ConfigError(f"--ttl must be positive, got {self.ttl_s}", "ttl")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port must be a port number 0..65535 (0: off), "
+                              f"got {self.metrics_port}", "metrics_port")
+        if not self.metrics_host:
+            raise ConfigError("--metrics-host must not be empty", "metrics_host")
 
 
 def is_loopback(addr: str) -> bool:
@@ -81,3 +116,218 @@ def is_loopback(addr: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # '*', interface names and host names may reach other machines
+
+
+# --- where settings come from ----------------------------------------------------------------
+@dataclass(slots=True, frozen=True)
+class Option:
+    """One setting of `kvstore serve`: its name (TOML key), ServeConfig field and parser."""
+
+    name: str
+    field: str
+    parse: Callable[[Any], Any]  # TOML value or text (flag, environment) -> field value
+    help: str
+    is_switch: bool = False  # a flag without a value (--insecure)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"not a size: {value!r} (examples: 8GiB, 512MiB, 1073741824)")
+    return parse_size(value)
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(str(value))
+    except ValueError:
+        raise ValueError(f"not a number of seconds: {value!r}") from None
+
+
+def _port(value: Any) -> int:
+    text = str(value).strip()
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not text.isdigit() \
+            or int(text) > 65535:
+        raise ValueError(f"not a port number 0..65535: {value!r}")
+    return int(text)
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r} (true/false, 1/0, yes/no, on/off)")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"not a string: {value!r}")
+    return value
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    """A TOML list of addresses, or a comma-separated string (flags and environment)."""
+    if isinstance(value, str):
+        return tuple(a.strip() for a in value.split(",") if a.strip())
+    if isinstance(value, list) and all(isinstance(a, str) for a in value):
+        return tuple(value)
+    raise ValueError(f"not a list of addresses: {value!r}")
+
+
+def _path(value: Any) -> Path:
+    return Path(_text(value)).expanduser()
+
+
+def _log_level(value: Any) -> str:
+    level = _text(value).upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"not a log level: {value!r} (one of {', '.join(LOG_LEVELS)})")
+    return level
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("pool_size", "pool_bytes", _size, "shared-memory pool size, e.g. 8GiB"),
+    Option("page_size", "page_bytes", _size,
+           "size-class page, must hold one block (default min(64MiB, pool/8))"),
+    Option("tcp", "tcp", _addresses,
+           "tcp://HOST:PORT addresses to listen on (flag repeatable; env comma-separated)"),
+    Option("ipc", "ipc", _text, "ipc:// path to listen on as well"),
+    Option("segment", "segment", _text, "shared-memory name under /dev/shm"),
+    Option("policy", "policy", _text, f"eviction policy: {', '.join(sorted(POLICIES))}"),
+    Option("lease", "lease_s", _seconds, "seconds a lookup pins its hits"),
+    Option("reserve_timeout", "reserve_s", _seconds,
+           "seconds before an unfinished write is reclaimed"),
+    Option("ttl", "ttl_s", _seconds, "seconds a block lives (default forever)"),
+    Option("curve_keys", "curve_dir", _path,
+           "directory from `kvstore keygen`: encrypt and authenticate clients"),
+    Option("insecure", "insecure", _bool, "allow a non-loopback tcp address without CURVE keys",
+           is_switch=True),
+    Option("log_level", "log_level", _log_level, f"one of {', '.join(LOG_LEVELS)}"),
+    Option("metrics_port", "metrics_port", _port,
+           "port of the Prometheus /metrics endpoint; 0 turns it off"),
+    Option("metrics_host", "metrics_host", _text,
+           "address the metrics endpoint listens on"),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(slots=True, frozen=True)
+class Resolved:
+    """The settings to run with, and where each came from (option name -> source)."""
+
+    config: ServeConfig
+    sources: dict[str, str]
+
+
+def resolve(flags: Mapping[str, Any], env: Mapping[str, str] | None = None,
+            config_path: str | Path | None = None) -> Resolved:
+    """Merge defaults < TOML file < environment < flags into a validated ServeConfig.
+
+    flags maps option names to values given on the command line (absent or None: not given).
+    config_path is --config; without it KVSTORE_CONFIG names the file, if set.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources = {o.name: "default" for o in OPTIONS}
+    if config_path is None and env.get(CONFIG_ENV):
+        config_path = env[CONFIG_ENV]
+    layers: list[tuple[dict[str, Any], Callable[[Option], str]]] = []
+    if config_path is not None:
+        path = Path(config_path).expanduser()
+        layers.append((_read_toml(path), lambda o: f"file {path}"))
+    layers.append(({o.name: env[o.env] for o in OPTIONS if env.get(o.env)},
+                   lambda o: f"env {o.env}"))
+    layers.append(({k: v for k, v in flags.items() if v is not None}, lambda o: f"flag {o.flag}"))
+    for given, where in layers:
+        for name, raw in given.items():
+            option = _BY_NAME[name]
+            try:
+                values[option.field] = option.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{_describe(option, where(option), raw)}: {exc}",
+                                  name) from None
+            sources[name] = where(option)
+    config = replace(ServeConfig(), **values)
+    try:
+        config.validate()
+    except ConfigError as exc:
+        source = sources.get(exc.option or "", "default")
+        if source == "default":
+            raise
+        raise ConfigError(f"{exc} (set by {source})", exc.option) from None
+    return Resolved(config, sources)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The [serve] table of a config file, its keys checked against OPTIONS."""
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown_tables = sorted(set(document) - {"serve"})
+    if unknown_tables:
+        raise ConfigError(f"config file {path}: unknown key {unknown_tables[0]!r} at the top "
+                          f"level (settings go in a [serve] table)")
+    table = document.get("serve", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: 'serve' must be a table ([serve])")
+    for key in table:
+        if key not in _BY_NAME:
+            raise ConfigError(f"config file {path}: unknown key {key!r} in [serve] (known: "
+                              f"{', '.join(sorted(_BY_NAME))})", key)
+    return table
+
+
+def _describe(option: Option, source: str, raw: Any) -> str:
+    if source.startswith("flag"):
+        return f"{option.flag} {raw!r}"
+    if source.startswith("env"):
+        return f"{option.env}={raw!r} (environment)"
+    return f"{option.name} = {raw!r} in {source.removeprefix('file ')}"
+
+
+def to_toml(resolved: Resolved) -> str:
+    """The resolved settings as a [serve] table, each with its source as a comment.
+
+    Valid TOML that resolve() reads back to the same config; unset options are commented out.
+    """
+    lines = ["# kvstore serve: resolved settings (flags > environment > file > defaults)",
+             "[serve]"]
+    for option in OPTIONS:
+        value = getattr(resolved.config, option.field)
+        source = resolved.sources[option.name]
+        if value is None:
+            lines.append(f"# {option.name} is not set  # {source}")
+            continue
+        note = f"{format_size(value)}; " if option.parse is _size else ""
+        lines.append(f"{option.name} = {_toml_value(value)}  # {note}{source}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
+

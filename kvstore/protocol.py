@@ -50,6 +50,8 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
                The TCP write: reserve, copy and commit in one message, for clients on other hosts.
     RELEASE    {lease}                            -> {released}
     STATS      {}                                 -> {stats: map}
+               Occupancy, counters and, per namespace name (hex), blocks, bytes, lookups, hits,
+               misses, evictions and the hottest prefixes (kvstore/server.py Server.stats).
     INVALIDATE {name, below_epoch}                -> {num_dropped}
                Drop every block of a namespace name (all epochs), or only epochs < below_epoch.
 

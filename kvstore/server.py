@@ -12,7 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -22,11 +22,12 @@ from kvstore.config import ServeConfig
 from kvstore.errors import ProtocolError
 from kvstore.index import Entry
 from kvstore.keys import Namespace, SlotId
+from kvstore.metrics import Metrics, ServerCounters, error_kinds, namespace_label
 from kvstore.pool import HEADER_BYTES, Pool
 from kvstore.protocol import Op, Request
 from kvstore.slabs import Slabs
-from kvstore.store import Limits, Store
 from kvstore.policy import POLICIES
+from kvstore.store import Limits, Store
 
 log = logging.getLogger("kvstore.server")
 
@@ -34,18 +35,11 @@ _POLL_MS = 50  # how often the loop wakes to expire leases and notice signals wh
 _LINGER_MS = 0  # on shutdown, drop undelivered replies: clients time out and retry
 _SNDHWM = 10_000  # replies queued per peer before ROUTER drops; bounds memory per slow client
 _RCVHWM = 10_000
+_NUM_HOTTEST = 5  # hottest prefixes per namespace in a STATS reply (`kvstore stats`)
 
 
 class AddressInUse(Exception):
     """A bind address is taken by another process."""
-
-
-@dataclass
-class Counters:
-    num_requests: dict[str, int] = field(default_factory=dict)
-    num_errors: int = 0
-    bytes_in: dict[str, int] = field(default_factory=lambda: {"tcp": 0, "shm": 0})
-    bytes_out: dict[str, int] = field(default_factory=lambda: {"tcp": 0, "shm": 0})
 
 
 class Server:
@@ -60,7 +54,10 @@ class Server:
         assert slabs.num_pages >= 1, "segment smaller than one page"
         limits = Limits(lease_s=config.lease_s, reserve_s=config.reserve_s, ttl_s=config.ttl_s)
         self.store = Store(slabs, POLICIES[config.policy](), limits, clock)
-        self.counters = Counters()
+        self.counters = ServerCounters()
+        self.metrics = Metrics(self.store, self.counters)
+        self._op_names = {op: op.name.lower() for op in Op}
+        self._transfer_path: str | None = None  # set by a handler that moves KV bytes
         self.ctx = ctx or zmq.Context()
         self._auth: Any = None
         self.sock = self._bind()
@@ -137,6 +134,7 @@ class Server:
             self.close()
 
     def close(self) -> None:
+        self.metrics.close()
         self.sock.close(0)
         if self._auth is not None:
             self._auth.stop()
@@ -154,26 +152,34 @@ class Server:
             self._handle(frames)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
+        start_s = time.perf_counter()
         identity, body = frames[0], frames[1:]
-        req_id = None
+        req_id, op = None, None
+        errors = self.counters.num_errors
         try:
             request = protocol.decode_request([f.buffer for f in body])
-            req_id = request.req_id
-            name = request.op.name.lower()
+            req_id, op = request.req_id, request.op
+            name = self._op_names[op]
             self.counters.num_requests[name] = self.counters.num_requests.get(name, 0) + 1
-            reply = self._handlers[request.op](request, body[1:])
+            reply = self._handlers[op](request, body[1:])
         except ProtocolError as exc:
-            self.counters.num_errors += 1
+            errors["protocol"] += 1
             log.warning("bad request from %s: %s", identity.bytes.hex(), exc)
             reply = [protocol.encode_error(req_id, "bad_request", str(exc))]
         except _Refused as exc:
-            self.counters.num_errors += 1
+            errors[exc.code] = errors.get(exc.code, 0) + 1  # codes are literals here: bounded
             reply = [protocol.encode_error(req_id, exc.code, str(exc))]
         except Exception as exc:  # a bug must not take the pool down with it
-            self.counters.num_errors += 1
+            errors["internal"] += 1
             log.exception("internal error handling a request")
             reply = [protocol.encode_error(req_id, "internal", f"{type(exc).__name__}: {exc}")]
         self._send(identity, reply)
+        if op is not None:
+            elapsed_s = time.perf_counter() - start_s
+            self.metrics.request_seconds.observe(self._op_names[op], elapsed_s)
+            if self._transfer_path is not None:
+                self.metrics.transfer_seconds.observe(self._transfer_path, elapsed_s)
+        self._transfer_path = None
         if self._after_reply is not None:
             after, self._after_reply = self._after_reply, None
             try:
@@ -193,7 +199,7 @@ class Server:
             assert tracker is not None, "a tracked send returns a tracker"
             self._in_flight.append((tracker, tracked.lease_id))
         except Exception as exc:  # peer queue full (HWM) or gone: drop; the client times out
-            self.counters.num_errors += 1
+            self.counters.num_errors["dropped"] += 1
             log.warning("reply dropped: %s", exc)
             if tracked is not None:
                 self.store.unpin(tracked.lease_id)
@@ -228,11 +234,16 @@ class Server:
         assert req.ns is not None
         if req.lease_ms == 0:
             num_hits, lease = self.store.lookup(req.ns, req.hashes), None
+            self.store.record_lookup(req.ns, len(req.hashes), num_hits)
         else:
             # Answer first, pin right after the send: this thread reads no other request in
             # between, so the client never sees the lease before it holds.
             entries, lease = self.store.find_to_pin(req.ns, req.hashes)
             num_hits = len(entries)
+            # Counted as found even when no lease could be had (MAX_LEASES): the blocks are
+            # there, and the miss is the lease table's, which the leases gauge shows.
+            self.store.record_lookup(req.ns, len(req.hashes), self.store.lookup(req.ns, req.hashes)
+                                     if lease is None else num_hits)
             ns, num_asked, lease_s = req.ns, len(req.hashes), req.lease_ms / 1000
             self._after_reply = lambda: self.store.apply_pin(ns, num_asked, entries, lease, lease_s)
         return [protocol.encode_reply(req.req_id, num_hits=num_hits, lease=lease)]
@@ -243,6 +254,8 @@ class Server:
             self._check_token(req.token)
         entries, lease = self._entries_for_get(req)
         sizes = [e.nbytes for e in entries]
+        if entries:
+            self._transfer_path = "shm" if req.shm else "tcp"
         if req.shm:
             self.counters.bytes_out["shm"] += sum(sizes)
             return [protocol.encode_reply(req.req_id, num_hits=len(entries), sizes=sizes,
@@ -277,16 +290,27 @@ class Server:
         self._check_token(req.token)
         self._check_sizes(req.sizes)
         result = self.store.reserve(req.ns, list(zip(req.hashes, req.parents, req.sizes)))
+        self.counters.num_full += result.num_full > 0
         return [protocol.encode_reply(req.req_id, slots=result.slots, num_full=result.num_full)]
 
     def _commit(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
         assert req.ns is not None
         num_done = 0
+        reserved_at_s = None
         for block_hash, slot in zip(req.hashes, req.slots):
+            entry = self.store.index.get((req.ns, block_hash))
+            # Read before commit() re-dates the entry: its reserve deadline says when it began.
+            began_s = self.store.reserved_at(entry) if entry is not None else None
             if self.store.commit(req.ns, block_hash, SlotId(slot)):
+                assert entry is not None, "committed a block the index does not hold"
                 num_done += 1
-                entry = self.store.index.get((req.ns, block_hash))
-                self.counters.bytes_in["shm"] += entry.nbytes if entry else 0
+                self.counters.bytes_in["shm"] += entry.nbytes
+                if reserved_at_s is None:
+                    reserved_at_s = began_s
+        if reserved_at_s is not None:
+            # A shared-memory write spans RESERVE, the client's copy and COMMIT.
+            self.metrics.transfer_seconds.observe(
+                "shm", max(0.0, self.store.clock() - reserved_at_s))
         return [protocol.encode_reply(req.req_id, num_done=num_done)]
 
     def _abort(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
@@ -299,6 +323,8 @@ class Server:
         self._check_sizes(req.sizes)
         blocks = _split_payload(payload, req.sizes)  # validates before any slot is taken
         result = self.store.reserve(req.ns, list(zip(req.hashes, req.parents, req.sizes)))
+        self.counters.num_full += result.num_full > 0
+        self._transfer_path = "tcp"
         num_stored = 0
         for block_hash, frames, slot in zip(req.hashes, blocks, result.slots):
             if slot is None:
@@ -330,17 +356,27 @@ class Server:
 
     # --- helpers ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        """The STATS reply: occupancy, per-namespace counts and hottest prefixes, counters."""
         return {
             **self.store.occupancy(),
             "pool_bytes": self.pool.size_bytes,
-            "namespaces": {name.hex(): {"hits": s.num_hits, "misses": s.num_misses,
-                                        "evictions": s.num_evictions, "stored": s.num_stored}
-                           for name, s in self.store.stats.items()},
+            "namespaces": {name.hex(): self._namespace_stats(name)
+                           for name in list(self.store.stats)},
             "requests": dict(self.counters.num_requests),
-            "errors": self.counters.num_errors,
+            "errors": sum(self.counters.num_errors.values()),  # error replies and dropped ones
+            "errors_by_kind": error_kinds(self.store, self.counters),
             "bytes_in": dict(self.counters.bytes_in),
             "bytes_out": dict(self.counters.bytes_out),
         }
+
+    def _namespace_stats(self, name: bytes) -> dict[str, Any]:
+        s = self.store.stats[name]
+        hottest = self.store.hottest(name, _NUM_HOTTEST) if name else []
+        return {"label": namespace_label(name), "lookups": s.num_lookups, "hits": s.num_hits,
+                "misses": s.num_misses, "evictions": s.num_evictions, "stored": s.num_stored,
+                "blocks": s.num_blocks, "bytes": s.num_bytes,
+                "hottest": [{"hash": p.block_hash.hex(), "hits": p.num_hits,
+                             "blocks": p.num_blocks} for p in hottest]}
 
     def _check_token(self, token: bytes) -> None:
         if token != self.pool.token:

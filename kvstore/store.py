@@ -6,6 +6,7 @@ through pool.py). Time comes from an injected clock so tests can drive expiry.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,10 +32,24 @@ class Limits:
 
 @dataclass(slots=True)
 class NamespaceStats:
-    num_hits: int = 0  # blocks found by lookups
-    num_misses: int = 0  # blocks asked for and not found
+    """Counters of one namespace name (all epochs). Only ints: the metrics thread reads them."""
+
+    num_lookups: int = 0  # LOOKUP requests
+    num_hits: int = 0  # blocks asked for by lookups and found
+    num_misses: int = 0  # blocks asked for by lookups and not found
     num_evictions: int = 0
-    num_stored: int = 0
+    num_stored: int = 0  # commits, ever
+    num_blocks: int = 0  # committed blocks resident now
+    num_bytes: int = 0  # their bytes
+
+
+@dataclass(slots=True, frozen=True)
+class HotPrefix:
+    """A prefix that reads keep coming back to: its last block, read count and length in blocks."""
+
+    block_hash: BlockHash
+    num_hits: int
+    num_blocks: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -54,11 +69,26 @@ class Store:
     index: Index = field(default_factory=Index)
     stats: dict[bytes, NamespaceStats] = field(default_factory=dict)
     num_evictions: int = 0
+    num_reclaimed: int = 0  # reservations abandoned past their deadline (a writer timed out)
+    num_blocks: int = 0  # committed blocks, kept as it changes so reading it costs nothing
+    slot_bytes_used: int = 0  # bytes of the slots taken (reserved or committed, or still pinned)
+
+    @property
+    def num_reserved(self) -> int:
+        """Reservations not yet committed or given back."""
+        return self.index.num_entries - self.num_blocks
 
     # --- reads -----------------------------------------------------------------------------
     def lookup(self, ns: Namespace, hashes: Sequence[BlockHash]) -> int:
         """How many of hashes are stored as a consecutive prefix. Changes nothing."""
         return len(self.index.prefix(ns, hashes, self.clock()))
+
+    def record_lookup(self, ns: Namespace, num_asked: int, num_hits: int) -> None:
+        """Count one LOOKUP request and its hit and missed blocks (hit rate, metrics)."""
+        stats = self._ns_stats(ns)
+        stats.num_lookups += 1
+        stats.num_hits += num_hits
+        stats.num_misses += num_asked - num_hits
 
     def pin(self, ns: Namespace, hashes: Sequence[BlockHash],
             lease_s: float | None = None) -> tuple[list[Entry], int | None]:
@@ -81,10 +111,7 @@ class Store:
 
     def apply_pin(self, ns: Namespace, num_asked: int, found: list[Entry], lease_id: int | None,
                   lease_s: float | None = None) -> None:
-        """Pin what find_to_pin() returned, and record hits, misses and recency."""
-        stats = self._ns_stats(ns)
-        stats.num_hits += len(found)
-        stats.num_misses += num_asked - len(found)
+        """Pin what find_to_pin() returned, and record per-block reads and recency."""
         if lease_id is None:
             return
         # Deepest first, so a parent is always more recent than its children: LRU order then
@@ -144,6 +171,7 @@ class Store:
                 num_full += 1
                 slots.append(None)
                 continue
+            self.slot_bytes_used += self.slabs.slot_bytes_for(nbytes)
             self.index.add_reserved((ns, block_hash), slot, nbytes, parent_hash,
                                     now + self.limits.reserve_s)
             slots.append(slot)
@@ -157,8 +185,18 @@ class Store:
         expiry = INF if self.limits.ttl_s is None else self.clock() + self.limits.ttl_s
         self.index.commit(entry, expiry)
         self.policy.insert(entry)
-        self._ns_stats(ns).num_stored += 1
+        stats = self._ns_stats(ns)
+        stats.num_stored += 1
+        stats.num_blocks += 1
+        stats.num_bytes += entry.nbytes
+        self.num_blocks += 1
         return True
+
+    def reserved_at(self, entry: Entry) -> float | None:
+        """When a reserved block's write began, by the store's clock; None once committed."""
+        if entry.state is not State.RESERVED:
+            return None
+        return entry.deadline_s - self.limits.reserve_s
 
     def abort(self, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> bool:
         """Drop a reservation and free its slot; False when it no longer exists."""
@@ -187,10 +225,28 @@ class Store:
         count = 0
         for lease_id in self.index.expired_leases(now):
             count += self.unpin(lease_id)
-        for entry in self.index.expired_reservations(now) + self.index.expired_entries(now):
+        reclaimed = self.index.expired_reservations(now)
+        self.num_reclaimed += len(reclaimed)
+        for entry in reclaimed + self.index.expired_entries(now):
             self._remove(entry)
             count += 1
         return count
+
+    def hottest(self, name: bytes, k: int) -> list[HotPrefix]:
+        """The k most-read prefixes of a namespace name, most reads first.
+
+        A prefix ends at a block no resident child of which was read as often: when a whole
+        chain is read together only its deepest block is listed, not every block of it. Reads
+        are counted per resident block (Entry.num_hits), so this needs no memory of its own and
+        forgets a block when it is evicted. Scans the namespace: for STATS, not hot paths.
+        """
+        entries = [e for ns, table in list(self.index.tables.items()) if ns.name == name
+                   for e in table.values() if e.num_hits and e.state is State.COMMITTED]
+        covered = {id(e.parent) for e in entries
+                   if e.parent is not None and e.parent.num_hits == e.num_hits}
+        ends = [e for e in entries if id(e) not in covered]
+        top = heapq.nlargest(k, ends, key=lambda e: (e.num_hits, _depth(e)))
+        return [HotPrefix(e.key[1], e.num_hits, _depth(e)) for e in top]
 
     def occupancy(self) -> dict[str, int]:
         """Counts for stats replies and metrics."""
@@ -205,6 +261,9 @@ class Store:
             "page_bytes": self.slabs.page_bytes,
             "bytes_stored": sum(e.nbytes for t in self.index.tables.values() for e in t.values()),
             "num_evictions": self.num_evictions,
+            "num_reclaimed": self.num_reclaimed,
+            "capacity_bytes": self.slabs.num_pages * self.slabs.page_bytes,
+            "used_bytes": self.slot_bytes_used,
         }
 
     # --- internals -------------------------------------------------------------------------
@@ -243,15 +302,23 @@ class Store:
         """Take an entry out of the index and policy; free its slot unless a lease still pins it."""
         if entry.state is State.COMMITTED:
             self.policy.remove(entry)
+            stats = self._ns_stats(entry.key[0])
+            stats.num_blocks -= 1
+            stats.num_bytes -= entry.nbytes
+            self.num_blocks -= 1
         self.index.detach(entry)
         if entry.num_pins == 0:
-            self.slabs.free(entry.slot)
+            self._free_slot(entry)
 
     def _free_dead(self, entries: list[Entry]) -> None:
         # A lookup may name a hash twice, so a lease can hold an entry twice: free its slot once.
         for entry in {id(e): e for e in entries}.values():
             if not entry.is_live and entry.num_pins == 0:
-                self.slabs.free(entry.slot)
+                self._free_slot(entry)
+
+    def _free_slot(self, entry: Entry) -> None:
+        self.slabs.free(entry.slot)
+        self.slot_bytes_used -= self.slabs.slot_bytes_for(entry.nbytes)
 
     def _ns_stats(self, ns: Namespace) -> NamespaceStats:
         stats = self.stats.get(ns.name)
@@ -259,3 +326,11 @@ class Store:
             name = ns.name if len(self.stats) < MAX_NAMESPACE_STATS else b""
             stats = self.stats.setdefault(name, NamespaceStats())
         return stats
+
+
+def _depth(entry: Entry) -> int:
+    """Blocks in the resident prefix ending at entry (linked parents are resident)."""
+    depth, node = 1, entry.parent
+    while node is not None:
+        depth, node = depth + 1, node.parent
+    return depth

@@ -57,6 +57,8 @@ class Daemon:
                 *self.extra_args]
         if self.page_size:
             args += ["--page-size", self.page_size]
+        if "--metrics-port" not in self.extra_args:
+            args += ["--metrics-port", "0"]  # parallel daemons must not race for the default 9400
         # One log per daemon: two daemons may share a segment name (a test of that refusal).
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.segment}-{self.port}.log"
         with open(self.log_path, "wb") as log:  # the child keeps its own handle

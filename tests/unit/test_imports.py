@@ -24,6 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"keys", "index", "policy", "slabs"},
     "protocol": {"keys", "errors"},
     "client": {"protocol", "keys", "errors", "pool"},
+    "metrics": {"store", "protocol", "keys", "index", "policy", "slabs"},
+    "config": {"policy", "units"},
 }
 NEVER_FROM_CONNECTORS = {"server", "store", "index"}
 
