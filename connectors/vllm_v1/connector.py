@@ -7,11 +7,16 @@
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"address": "tcp://127.0.0.1:5555"},
     }
+
+With vLLM's stats on, its KV connector stats carry prompt tokens per tier and load/save counters
+(stats.py; Prometheus names vllm:kvstore_*). With its KV cache events on (kv_events_config), the
+blocks the pool holds are published as BlockStored/BlockRemoved with medium "CPU" (events.py).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,12 +28,20 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from connectors.vllm_v1.config import ConnectorConfig, make_namespace
-from connectors.vllm_v1.metadata import KVStoreMetadata
+from connectors.vllm_v1.events import PoolEvents
+from connectors.vllm_v1.metadata import KVStoreMetadata, KVStoreWorkerMeta
 from connectors.vllm_v1.scheduler_side import SchedulerSide
+from connectors.vllm_v1.stats import KVStorePromMetrics, KVStoreStats
 from connectors.vllm_v1.worker_side import WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorStats,
+        PromMetric,
+        PromMetricT,
+    )
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -52,11 +65,17 @@ class KVStoreConnector(KVConnectorBase_V1):
                         "fails requests instead of recomputing them")
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        block_size = vllm_config.cache_config.block_size
+        events_config = vllm_config.kv_events_config
+        has_events = bool(events_config and events_config.enable_kv_cache_events)
         if role == KVConnectorRole.SCHEDULER:
             ns = make_namespace(vllm_config, config, rank=0)
-            self._scheduler = SchedulerSide(config, ns, vllm_config.cache_config.block_size)
+            events = PoolEvents(block_size) if has_events else None
+            self._scheduler = SchedulerSide(config, ns, block_size, events)
         else:
-            self._worker = WorkerSide(config, make_namespace(vllm_config, config, _rank()))
+            rank = _rank()
+            self._worker = WorkerSide(config, make_namespace(vllm_config, config, rank), block_size,
+                                      is_first_rank=rank == 0, report_saves=has_events)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -85,6 +104,27 @@ class KVStoreConnector(KVConnectorBase_V1):
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None, "scheduler hook called on a worker"
         return self._scheduler.request_finished(request)
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        assert self._scheduler is not None, "scheduler hook called on a worker"
+        return self._scheduler.take_events()
+
+    # --- both sides: stats -----------------------------------------------------------------------
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        side = self._scheduler if self._scheduler is not None else self._worker
+        assert side is not None
+        return side.take_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats:
+        return KVStoreStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig,
+                           metric_types: dict[type[PromMetric], type[PromMetricT]],
+                           labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KVStorePromMetrics:
+        return KVStorePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # --- worker side ---------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -117,6 +157,10 @@ class KVStoreConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None, "worker hook called on the scheduler"
         return self._worker.take_failed_block_ids()
+
+    def build_connector_worker_meta(self) -> KVStoreWorkerMeta | None:
+        assert self._worker is not None, "worker hook called on the scheduler"
+        return self._worker.take_saves_meta()
 
     def shutdown(self) -> None:
         if self._worker is not None:

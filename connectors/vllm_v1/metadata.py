@@ -1,10 +1,13 @@
-"""What the scheduler side tells the worker side each step (pickled by vLLM; plain data only)."""
+"""What the scheduler and worker halves tell each other each step (pickled by vLLM; plain data)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
 
 
 @dataclass(slots=True)
@@ -31,3 +34,18 @@ class SaveSpec:
 class KVStoreMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class KVStoreWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler after a step's saves: which planned blocks the pool now holds (saved),
+    and which it may not (dropped: failed, skipped or refused for space)."""
+
+    saved: list[bytes] = field(default_factory=list)
+    dropped: list[bytes] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVStoreWorkerMeta:
+        assert isinstance(other, KVStoreWorkerMeta), f"cannot merge {type(other).__name__}"
+        self.saved.extend(other.saved)
+        self.dropped.extend(other.dropped)
+        return self

@@ -2,7 +2,9 @@
 
 Runs in vLLM's EngineCore process. Daemon calls go through one background thread, so the
 scheduler waits at most lookup_wait_ms per attempt; when a lookup is slower it answers "ask me
-again" (None), and after lookup_timeout_ms it reports a miss and vLLM recomputes.
+again" (None), and after lookup_timeout_ms it reports a miss and vLLM recomputes. It also counts
+prompt tokens per tier (stats.py) and, with vLLM's KV events on, tells routers what the pool
+holds (events.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -21,9 +24,15 @@ from kvstore.keys import Namespace
 
 from connectors.vllm_v1.breaker import Breaker
 from connectors.vllm_v1.config import ConnectorConfig
-from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec, SaveSpec
+from connectors.vllm_v1.events import BlockInfo, PoolEvents, block_info
+from connectors.vllm_v1.metadata import KVStoreMetadata, KVStoreWorkerMeta, LoadSpec, SaveSpec
+from connectors.vllm_v1.stats import KVStoreStats
 
 log = logging.getLogger("kvstore.connector")
+
+# Planned saves remembered until the worker confirms them (for events); the worker answers in the
+# step's own output, so only a lost output leaves entries behind, and the oldest go first.
+_MAX_UNCONFIRMED_BLOCKS = 1 << 14
 
 
 @dataclass(slots=True)
@@ -38,13 +47,20 @@ class _ReqState:
     num_saved_blocks: int = 0  # blocks [0, n) already handed to the worker for saving
     is_load_issued: bool = False  # one load per request: a failed one is never retried
     load_block_ids: list[int] | None = None  # vLLM blocks the load fills, until it finishes
+    end_block: int = 0  # the lookup asked about blocks [start_block, end_block)
+    num_prefill_tokens: int = 0  # tokens to prefill when the lookup was made
+    num_vram_tokens: int = 0  # of those, vLLM's own prefix cache held these
 
 
 class SchedulerSide:
-    def __init__(self, config: ConnectorConfig, ns: Namespace, block_size: int) -> None:
+    def __init__(self, config: ConnectorConfig, ns: Namespace, block_size: int,
+                 events: PoolEvents | None = None) -> None:
         self.config = config
         self.ns = ns
         self.block_size = block_size
+        self.events = events  # None unless vLLM publishes KV cache events
+        self._stats = KVStoreStats()
+        self._unconfirmed: OrderedDict[bytes, BlockInfo] = OrderedDict()  # saves, for events
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadSpec] = []
         self._breaker = Breaker(config.retry_interval_ms / 1000)
@@ -63,7 +79,7 @@ class SchedulerSide:
         if st is None or st.start_block != start_block:
             if st is not None:
                 self._release(st)
-            st = self._start_lookup(request, start_block)
+            st = self._start_lookup(request, start_block, num_computed_tokens)
             self._reqs[request.request_id] = st
         if st.lookup is not None and not self._resolve(st):
             return None, False  # still waiting; the scheduler asks again next step
@@ -94,6 +110,9 @@ class SchedulerSide:
 
     def update_connector_output(self, connector_output: Any) -> None:
         """Count only the blocks a finished load really filled (vLLM recomputes the rest)."""
+        worker_meta = connector_output.kv_connector_worker_meta
+        if isinstance(worker_meta, KVStoreWorkerMeta):
+            self._confirm_saves(worker_meta)
         invalid = connector_output.invalid_block_ids
         for req_id in connector_output.finished_recving or ():
             st = self._reqs.get(req_id)
@@ -111,21 +130,39 @@ class SchedulerSide:
             return False, None
         self._release(st)
         start, end = st.pool_blocks
-        return False, {"kvstore_pool_tokens": (end - start) * self.block_size}
+        pool = (end - start) * self.block_size
+        recomputed = max(0, st.num_prefill_tokens - st.num_vram_tokens - pool)
+        self._stats.add(num_requests=1, vram_tokens=st.num_vram_tokens, pool_tokens=pool,
+                        recomputed_tokens=recomputed)
+        return False, {"kvstore_pool_tokens": pool, "kvstore_vram_tokens": st.num_vram_tokens,
+                       "kvstore_recomputed_tokens": recomputed}
+
+    def take_stats(self) -> KVStoreStats | None:
+        """The counters since the last call, or None when nothing happened."""
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, KVStoreStats()
+        return stats
+
+    def take_events(self) -> list[Any]:
+        return self.events.take() if self.events is not None else []
 
     def shutdown(self) -> None:
         self._calls.shutdown(wait=False, cancel_futures=True)
 
     # --- lookups -----------------------------------------------------------------------------
-    def _start_lookup(self, request: Any, start_block: int) -> _ReqState:
+    def _start_lookup(self, request: Any, start_block: int, num_computed_tokens: int) -> _ReqState:
         # Never claim the whole prompt: vLLM must compute at least one token itself.
         end_block = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
         now = time.monotonic()
-        st = _ReqState(request, start_block, None, now + self.config.lookup_timeout_ms / 1000)
+        st = _ReqState(request, start_block, None, now + self.config.lookup_timeout_ms / 1000,
+                       end_block=end_block, num_prefill_tokens=request.num_tokens,
+                       num_vram_tokens=num_computed_tokens)
         if end_block <= start_block or self._breaker.is_open():
             return st
         hashes = [bytes(h) for h in request.block_hashes[start_block:end_block]]
         st.lookup = self._calls.submit(self._lookup_call, hashes)
+        self._stats.add(num_lookups=1)
         return st
 
     def _resolve(self, st: _ReqState) -> bool:
@@ -139,14 +176,17 @@ class SchedulerSide:
             log.warning("kvstore lookup slower than %d ms: treating as a miss",
                         self.config.lookup_timeout_ms)
             self._breaker.failure()
+            self._stats.add(num_failed_lookups=1)
         else:
             try:
                 result = st.lookup.result()
                 st.num_hit_blocks, st.lease = result.num_hits, result.lease
                 self._breaker.success()
+                self._learn_from_lookup(st)
             except KVStoreError as exc:
                 log.warning("kvstore lookup failed (%s): treating as a miss", exc)
                 self._breaker.failure()
+                self._stats.add(num_failed_lookups=1)
         st.lookup = None
         return True
 
@@ -162,8 +202,11 @@ class SchedulerSide:
             st.lease = None
 
     def _release_late(self, fut: Future[LookupResult]) -> None:
-        if not fut.cancelled() and fut.exception() is None and fut.result().lease is not None:
-            self._calls.submit(self._release_call, fut.result().lease)
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        lease = fut.result().lease
+        if lease is not None:
+            self._calls.submit(self._release_call, lease)
 
     def _release_call(self, lease: int) -> None:
         try:
@@ -202,6 +245,8 @@ class SchedulerSide:
             if table is None:
                 continue
             hashes = request.block_hashes
+            if self.events is not None:
+                self._remember_saves(request, indices)
             saves.append(SaveSpec(
                 req_id,
                 [bytes(hashes[i]) for i in indices],
@@ -209,3 +254,33 @@ class SchedulerSide:
                 [table[0][i] for i in indices]))
             st.num_saved_blocks = num_full
         return saves
+
+    # --- what the pool holds, for KV events ------------------------------------------------------
+    def _learn_from_lookup(self, st: _ReqState) -> None:
+        """A lookup says blocks [start, start + hits) are pooled and the rest of what it asked
+        about is not: announce the first, retract the second if announced (evicted or dropped)."""
+        if self.events is None:
+            return
+        request, num_hits = st.request, st.num_hit_blocks
+        hashes = [bytes(h) for h in request.block_hashes[st.start_block:st.end_block]]
+        new = [(h, block_info(request, st.start_block + i, self.block_size))
+               for i, h in enumerate(hashes[:num_hits]) if not self.events.touch(h)]
+        self._stats.add(announced_blocks=self.events.stored(new),
+                        retracted_blocks=self.events.removed(hashes[num_hits:]))
+
+    def _remember_saves(self, request: Any, indices: list[int]) -> None:
+        for i in indices:
+            block_hash = bytes(request.block_hashes[i])
+            self._unconfirmed[block_hash] = block_info(request, i, self.block_size)
+        while len(self._unconfirmed) > _MAX_UNCONFIRMED_BLOCKS:
+            self._unconfirmed.popitem(last=False)
+
+    def _confirm_saves(self, meta: KVStoreWorkerMeta) -> None:
+        """Announce the blocks the worker confirmed in the pool; forget the ones it dropped."""
+        for block_hash in meta.dropped:
+            self._unconfirmed.pop(block_hash, None)
+        if self.events is None:
+            return
+        saved = [(h, info) for h in meta.saved
+                 if (info := self._unconfirmed.pop(h, None)) is not None]
+        self._stats.add(announced_blocks=self.events.stored(saved))

@@ -4,6 +4,7 @@ Loads run on a background thread (vLLM schedules the request again only after ge
 reports it), each bounded by load_timeout_ms; whatever happens, every load is reported finished,
 with the blocks it could not fill reported as failed so vLLM recomputes them. Saves run in
 wait_for_save, after the forward pass has filled the blocks: reserve slots, copy, commit.
+It counts what it moves (stats.py) and, for KV events, tells the scheduler which saves landed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from kvstore.keys import Namespace
 from connectors.vllm_v1.blocks import PagedKV
 from connectors.vllm_v1.breaker import Breaker
 from connectors.vllm_v1.config import ConnectorConfig
-from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec, SaveSpec
+from connectors.vllm_v1.metadata import KVStoreMetadata, KVStoreWorkerMeta, LoadSpec, SaveSpec
+from connectors.vllm_v1.stats import KVStoreStats
 
 log = logging.getLogger("kvstore.connector")
 
@@ -32,9 +34,18 @@ _TCP_BATCH_BYTES = 32 * 1024 * 1024
 
 
 class WorkerSide:
-    def __init__(self, config: ConnectorConfig, ns: Namespace) -> None:
+    def __init__(self, config: ConnectorConfig, ns: Namespace, block_size: int, *,
+                 is_first_rank: bool = True, report_saves: bool = False) -> None:
         self.config = config
         self.ns = ns
+        self.block_size = block_size
+        # Token counts come from one rank only (every rank moves its own slice of each block);
+        # so do save confirmations, matching the scheduler's lookups in rank 0's namespace.
+        self.is_first_rank = is_first_rank
+        self.report_saves = report_saves and is_first_rank
+        self._stats = KVStoreStats()
+        self._stats_lock = threading.Lock()  # the loader thread adds to it too
+        self._saves_meta = KVStoreWorkerMeta()
         self.kv: PagedKV | None = None
         self._jobs: queue.Queue[LoadSpec | None] = queue.Queue()
         self._done: queue.Queue[tuple[str, list[int]]] = queue.Queue()
@@ -65,18 +76,31 @@ class WorkerSide:
                 self._jobs.put(spec)
 
     def save(self, meta: KVStoreMetadata) -> None:
-        if not meta.saves or self.kv is None or self._save_breaker.is_open():
+        if not meta.saves:
             return
-        try:
-            self._save(meta.saves)
-            self._save_breaker.success()
-        except (KVStoreError, OSError) as exc:
-            # Best effort: a lost save is a future miss. Skip the daemon for a while.
-            log.warning("kvstore save skipped (%s)", exc)
-            self._save_breaker.failure()
+        hashes = [h for s in meta.saves for h in s.hashes]
+        saved: list[bytes] = []
+        if self.kv is None or self._save_breaker.is_open():
+            self._add_stats(num_failed_saves=1)
+        else:
+            start = time.perf_counter()
+            try:
+                saved, num_written = self._save(meta.saves)
+                self._save_breaker.success()
+                self._add_stats(saved_blocks=num_written, save_s=time.perf_counter() - start,
+                                save_bytes=num_written * self.kv.block_bytes)
+            except (KVStoreError, OSError) as exc:
+                # Best effort: a lost save is a future miss. Skip the daemon for a while.
+                log.warning("kvstore save skipped (%s)", exc)
+                self._save_breaker.failure()
+                self._add_stats(num_failed_saves=1)
+        if self.report_saves:
+            landed = set(saved)
+            self._saves_meta.saved.extend(saved)
+            self._saves_meta.dropped.extend(h for h in hashes if h not in landed)
 
     def get_finished(self) -> set[str]:
-        finished = set()
+        finished: set[str] = set()
         while True:
             try:
                 req_id, failed = self._done.get_nowait()
@@ -88,6 +112,22 @@ class WorkerSide:
     def take_failed_block_ids(self) -> set[int]:
         failed, self._failed_block_ids = self._failed_block_ids, set()
         return failed
+
+    def take_stats(self) -> KVStoreStats | None:
+        """The counters since the last call, or None when nothing moved."""
+        with self._stats_lock:
+            if self._stats.is_empty():
+                return None
+            stats, self._stats = self._stats, KVStoreStats()
+            return stats
+
+    def take_saves_meta(self) -> KVStoreWorkerMeta | None:
+        """Which of this step's planned saves the pool now holds, or None when none were planned."""
+        meta = self._saves_meta
+        if not meta.saved and not meta.dropped:
+            return None
+        self._saves_meta = KVStoreWorkerMeta()
+        return meta
 
     def shutdown(self) -> None:
         self._jobs.put(None)
@@ -101,6 +141,7 @@ class WorkerSide:
             num_loaded = 0
             if self.config.fault_load_delay_ms:
                 time.sleep(self.config.fault_load_delay_ms / 1000)
+            start = time.perf_counter()
             try:
                 num_loaded = self._load(client, spec)
             except Exception as exc:  # anything: report and let vLLM recompute
@@ -108,8 +149,23 @@ class WorkerSide:
             if num_loaded < len(spec.block_ids):
                 log.info("kvstore: %s loaded %d of %d blocks", spec.req_id, num_loaded,
                          len(spec.block_ids))
+            # Counted before it is reported finished, so the step that sees it sees its stats;
+            # is_local, not has_shm(): counting must never call a daemon that may be gone.
+            self._count_load(spec, num_loaded, time.perf_counter() - start, client.is_local)
             self._done.put((spec.req_id, spec.block_ids[num_loaded:]))
         client.close()
+
+    def _count_load(self, spec: LoadSpec, num_loaded: int, seconds: float, is_shm: bool) -> None:
+        assert self.kv is not None
+        num_failed = len(spec.block_ids) - num_loaded
+        counts: dict[str, float] = {"num_loads": 1, "load_s": seconds,
+                                    "load_bytes": num_loaded * self.kv.block_bytes}
+        if self.is_first_rank:
+            transport = "loaded_tokens_shm" if is_shm else "loaded_tokens_tcp"
+            counts.update({transport: num_loaded * self.block_size,
+                           "num_failed_loads": int(num_failed > 0),
+                           "failed_load_tokens": num_failed * self.block_size})
+        self._add_stats(**counts)
 
     def _load(self, client: Client, spec: LoadSpec) -> int:
         """Fill spec's blocks from the pool; returns how many leading blocks are now valid."""
@@ -163,7 +219,9 @@ class WorkerSide:
         return len(refs)
 
     # --- saves (vLLM's worker thread) ------------------------------------------------------------
-    def _save(self, saves: list[SaveSpec]) -> None:
+    def _save(self, saves: list[SaveSpec]) -> tuple[list[bytes], int]:
+        """Store the blocks of saves; returns the hashes the pool is known to hold afterwards
+        (written now, or already there) and how many blocks were written."""
         assert self.kv is not None
         if self._save_client is None:
             self._save_client = self._new_client(self.config.save_timeout_ms)
@@ -172,7 +230,7 @@ class WorkerSide:
         parents = [p for s in saves for p in s.parents]
         block_ids = [b for s in saves for b in s.block_ids]
         if client.has_shm():
-            refs, _ = client.reserve(self.ns, [(h, p, self.kv.block_bytes)
+            refs, num_full = client.reserve(self.ns, [(h, p, self.kv.block_bytes)
                                                for h, p in zip(hashes, parents)])
             # Only now: reserve may have re-attached a restarted daemon's new segment.
             pool = self._pool_of(client)
@@ -186,21 +244,30 @@ class WorkerSide:
             except BaseException:
                 client.abort(self.ns, written)
                 raise
-            if written:
-                client.commit(self.ns, written)
-            return
+            num_done = client.commit(self.ns, written) if written else 0
+            return _landed_shm(hashes, refs, num_full, written, num_done), num_done
         # Another host: gather into a staging buffer and send it as frames, in PUTs of about
         # _TCP_BATCH_BYTES so each one fits a call's timeout.
         per_batch, staging = self._staging(len(block_ids))
+        landed: list[bytes] = []
+        num_written = 0
         for start in range(0, len(block_ids), per_batch):
             batch = range(start, min(start + per_batch, len(block_ids)))
             for row, i in zip(staging, batch):
                 self.kv.gather(block_ids[i], row)
             _sync(self.kv.device)
-            client.put(self.ns, [(hashes[i], parents[i], row.numpy())
-                                 for row, i in zip(staging, batch)])
+            result = client.put(self.ns, [(hashes[i], parents[i], row.numpy())
+                                          for row, i in zip(staging, batch)])
+            num_written += result.num_stored
+            if result.num_full == 0:  # else which ones were refused is unknown: claim none
+                landed.extend(hashes[i] for i in batch)
+        return landed, num_written
 
     # --- helpers -----------------------------------------------------------------------------
+    def _add_stats(self, **counts: float) -> None:
+        with self._stats_lock:
+            self._stats.add(**counts)
+
     def _staging(self, num_blocks: int) -> tuple[int, torch.Tensor]:
         """Blocks per TCP batch, and a staging buffer of that many blocks (fewer if num_blocks)."""
         assert self.kv is not None
@@ -225,6 +292,16 @@ class WorkerSide:
             if self.kv is not None and self.kv.device.type == "cuda":
                 _register_host_memory(tensor, self._registered)
         return tensor
+
+
+def _landed_shm(hashes: list[bytes], refs: list[SlotRef | None], num_full: int,
+                written: list[tuple[bytes, SlotRef]], num_done: int) -> list[bytes]:
+    """The hashes a reserve-and-commit left in the pool (in chain order), as far as the replies
+    tell: a short commit or a full pool leave some unknown, and unknown means not claimed."""
+    landed = {h for h, _ in written} if num_done == len(written) else set()
+    if num_full == 0:  # every refused reservation was a block already stored
+        landed.update(h for h, ref in zip(hashes, refs) if ref is None)
+    return [h for h in hashes if h in landed]
 
 
 def _sync(device: torch.device) -> None:
