@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from kvstore.index import Entry, Index, State
 from kvstore.keys import BlockHash, Namespace, SlotId
-from kvstore.policy import LRU, LeafLRU
+from kvstore.policy import LRU, FrequencyLRU
 from kvstore.slabs import Slabs
 
 MAX_LEASES = 65_536  # leases are client-created; bound them so a client cannot grow the daemon
@@ -63,7 +63,7 @@ class Reservation:
 @dataclass
 class Store:
     slabs: Slabs
-    policy: LRU = field(default_factory=LeafLRU)
+    policy: LRU = field(default_factory=FrequencyLRU)  # the daemon's default (bench/eviction.py)
     limits: Limits = field(default_factory=Limits)
     clock: Callable[[], float] = time.monotonic
     index: Index = field(default_factory=Index)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 
 from kvstore.index import Entry, Index
 from kvstore.keys import BlockHash, Namespace, SlotId
-from kvstore.policy import DEFAULT_POLICY, LRU, POLICIES, LeafLRU
+from kvstore.policy import DEFAULT_POLICY, LRU, POLICIES, FrequencyLRU, LeafLRU
 
 NS = Namespace(b"model", 0)
 INF = float("inf")
@@ -184,6 +184,13 @@ class TestLeafLRUContract(PolicyContract):
     policy_cls = LeafLRU
 
 
+class TestFrequencyLRUContract(PolicyContract):
+    """Frequency-aware leaf-first LRU keeps the policy contract (its own tests:
+    tests/unit/test_policy_frequency.py)."""
+
+    policy_cls = FrequencyLRU
+
+
 def test_every_registered_policy_runs_the_contract() -> None:
     """Adding a policy to POLICIES without a contract subclass fails here."""
     covered = {cls.policy_cls for cls in PolicyContract.__subclasses__()}
@@ -191,8 +198,10 @@ def test_every_registered_policy_runs_the_contract() -> None:
 
 
 def test_default_policy_is_leaf_first() -> None:
-    """DESIGN.md, Eviction: the daemon evicts leaves first unless told otherwise."""
-    assert POLICIES[DEFAULT_POLICY] is LeafLRU
+    """DESIGN.md, Eviction: the daemon evicts leaves first unless told otherwise; the default is
+    the frequency-aware variant, measured best by bench/eviction.py."""
+    assert issubclass(POLICIES[DEFAULT_POLICY], LeafLRU)
+    assert POLICIES[DEFAULT_POLICY] is FrequencyLRU
 
 
 # --- leaf-first specifics --------------------------------------------------------------------

@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kvstore.index import State
 from kvstore.keys import BlockHash, Namespace
-from kvstore.policy import LRU, LeafLRU
+from kvstore.policy import LRU, FrequencyLRU, LeafLRU
 from kvstore.slabs import Slabs
 from kvstore.store import Limits, Store
 
@@ -418,6 +418,10 @@ class LRUStoreMachine(StoreMachine):
     policy_cls = LRU
 
 
+class FrequencyLRUStoreMachine(StoreMachine):
+    policy_cls = FrequencyLRU
+
+
 _SETTINGS = settings(max_examples=150, stateful_step_count=50, deadline=None)
 
 TestStoreWithLeafLRUMatchesModel = LeafLRUStoreMachine.TestCase
@@ -434,3 +438,8 @@ TestStoreWithPlainLRUMatchesModel = LRUStoreMachine.TestCase
 TestStoreWithPlainLRUMatchesModel.settings = _SETTINGS
 TestStoreWithPlainLRUMatchesModel.__doc__ = (
     "Store with plain LRU keeps every invariant except leaf-first against the dict model.")
+
+TestStoreWithFrequencyLRUMatchesModel = FrequencyLRUStoreMachine.TestCase
+TestStoreWithFrequencyLRUMatchesModel.settings = _SETTINGS
+TestStoreWithFrequencyLRUMatchesModel.__doc__ = (
+    "Store with the frequency-aware leaf-first LRU keeps every invariant against the dict model.")
