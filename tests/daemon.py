@@ -57,8 +57,9 @@ class Daemon:
                 *self.extra_args]
         if self.page_size:
             args += ["--page-size", self.page_size]
-        if "--metrics-port" not in self.extra_args:
-            args += ["--metrics-port", "0"]  # parallel daemons must not race for the default 9400
+        if not {"--metrics-port", "--config"} & set(self.extra_args):
+            # Parallel daemons must not race for the default 9400 (a config file may set a port).
+            args += ["--metrics-port", "0"]
         # One log per daemon: two daemons may share a segment name (a test of that refusal).
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{self.segment}-{self.port}.log"
         with open(self.log_path, "wb") as log:  # the child keeps its own handle

@@ -42,7 +42,7 @@ def test_serve_prints_its_addresses_and_segment(daemon):
 def test_serve_without_flags_uses_the_documented_defaults(make_daemon):
     """With no --pool-size the daemon reserves its documented default (2 GiB in 64 MiB pages)."""
     d = make_daemon(pool_size=None).start()
-    assert "(2.0 GiB, 32 pages of 64.0 MiB), policy leaf-lru" in d.output()
+    assert "(2.0 GiB, 32 pages of 64.0 MiB), policy freq-lru" in d.output()
     with Client(d.address, 10.0) as client:
         assert client.stats()["num_pages"] == 32
 
