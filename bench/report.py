@@ -128,10 +128,54 @@ def render_readme(statuses: dict[str, str]) -> str:
         "",
         *machine_lines,
     ]
+    headline = _headline()
+    if headline:
+        head += ["", "## Headline", "", *headline]
     if statuses:
         head += ["", "Last `make bench` run:", ""]
         head += [f"- `{name}`: {status}" for name, status in statuses.items()]
     return "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n"
+
+
+def _headline() -> list[str]:
+    """The three figures that decide whether a shared pool pays, each from its own result file;
+    a missing file or key just drops its line (the sections below carry everything)."""
+    lines = []
+    try:
+        replicas = json.loads((RESULTS / "replicas.json").read_text())
+        hit, source = replicas["hit_rate"], replicas.get("source", {})
+        n = max(hit["vram"]["round-robin"], key=int)
+        error = replicas.get("validation_n2_mean_abs_rel_error", {}).get("hit_rate")
+        check = f"; the simulator is within {error:.1%} of the real 2-replica run" if error else ""
+        lines.append(
+            f"- Cross-replica reuse: with {n} replicas ({source.get(n, '?')}) and round-robin routing, "
+            f"the token hit rate is {hit['vram+pool']['round-robin'][n]:.2f} with the shared pool "
+            f"against {hit['vram']['round-robin'][n]:.2f} with each replica's VRAM alone (2 replicas, "
+            f"real: {hit['vram+pool']['round-robin']['2']:.2f} / {hit['vram']['round-robin']['2']:.2f}; "
+            f"one replica: {hit['vram+pool']['round-robin']['1']:.2f} / "
+            f"{hit['vram']['round-robin']['1']:.2f}){check}.")
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        ttft = json.loads((RESULTS / "ttft.json").read_text())
+        lines.append(
+            f"- Time to first token of a 4k-token prompt loaded from the pool: "
+            f"{ttft['pool_shm_vs_recompute_4k']:.3f}x recompute through shared memory, "
+            f"{ttft['pool_tcp_vs_recompute_4k']:.3f}x over TCP; all-miss overhead "
+            f"{ttft['miss_overhead']:.3f}x.")
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        peers = json.loads((RESULTS / "peers.json").read_text())
+        shm = peers["ratios"]["get"]["kvstore_shm_vs_best_peer"]["2MiB"]
+        tcp = peers["ratios"]["get"]["kvstore_tcp_vs_best_tcp_peer"]["2MiB"]
+        lines.append(
+            f"- 2 MiB gets: through shared memory {shm['ratio']:.2f}x the best peer "
+            f"(`{shm['best_peer']}`); over TCP {tcp['ratio']:.2f}x the best TCP peer "
+            f"(`{tcp['best_peer']}`): behind (goals 10x and 3x).")
+    except (OSError, KeyError, ValueError):
+        pass
+    return lines
 
 
 def _date(result: dict[str, Any], path: Path) -> str:
