@@ -3,7 +3,6 @@ setting that changes a block's bytes, from real vLLM engine configs."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
