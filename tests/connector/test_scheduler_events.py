@@ -4,11 +4,7 @@ confirms them, and each finished request reports its prefill tokens per tier."""
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import pytest
 from vllm.distributed.kv_events import BlockRemoved, BlockStored
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
@@ -19,6 +15,8 @@ from connectors.vllm_v1.metadata import KVStoreWorkerMeta
 from connectors.vllm_v1.scheduler_side import SchedulerSide
 from kvstore.client import Client
 from kvstore.keys import Namespace
+from tests.connector import fakes
+from tests.connector.fakes import Req
 from tests.daemon import Daemon
 
 pytestmark = pytest.mark.timeout(60)
@@ -27,39 +25,19 @@ BLOCK = 4
 NS = Namespace(b"sched-events-test")
 
 
-@dataclass
-class Req:
-    """The fields of vllm.v1.request.Request the scheduler half reads."""
-
-    request_id: str
-    all_token_ids: list[int]
-    block_hashes: list[bytes] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    lora_request: Any = None
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-
 def make_request(req_id: str, num_blocks: int, extra_tokens: int = 1) -> Req:
-    tokens = [hash((req_id, i)) % 1000 for i in range(num_blocks * BLOCK + extra_tokens)]
-    hashes, parent = [], req_id.encode()
-    for i in range(num_blocks):
-        block_tokens = repr(tokens[i * BLOCK:(i + 1) * BLOCK]).encode()
-        parent = hashlib.sha256(parent + block_tokens).digest()
-        hashes.append(parent)
-    return Req(req_id, tokens, hashes)
+    return fakes.make_request(req_id, num_blocks, BLOCK, extra_tokens)
+
+
+def store(address: str, req: Req, num_blocks: int) -> None:
+    fakes.store(address, NS, req, num_blocks)
+
+
 
 
 def encoded(hashes: list[bytes]) -> list[int | bytes]:
     return [maybe_convert_block_hash(h) for h in hashes]
 
-
-def store(address: str, req: Req, num_blocks: int) -> None:
-    with Client(address) as client:
-        client.put(NS, [(h, req.block_hashes[i - 1] if i else None, np.full(64, i, np.uint8))
-                        for i, h in enumerate(req.block_hashes[:num_blocks])])
 
 
 def side(address: str) -> SchedulerSide:

@@ -3,17 +3,16 @@ it never holds the scheduler up. Requests are plain records with the fields vLLM
 
 from __future__ import annotations
 
-import hashlib
 import time
-from dataclasses import dataclass, field
 
-import numpy as np
 import pytest
 
 from connectors.vllm_v1.config import ConnectorConfig
 from connectors.vllm_v1.scheduler_side import SchedulerSide
 from kvstore.client import Client
 from kvstore.keys import Namespace
+from tests.connector import fakes
+from tests.connector.fakes import Req
 from tests.daemon import Daemon, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -22,29 +21,15 @@ BLOCK = 4
 NS = Namespace(b"sched-test")
 
 
-@dataclass
-class Req:
-    """The fields of vllm.v1.request.Request the scheduler half reads."""
-
-    request_id: str
-    num_tokens: int
-    block_hashes: list[bytes] = field(default_factory=list)
-    num_computed_tokens: int = 0
-
-
 def make_request(req_id: str, num_blocks: int, extra_tokens: int = 1) -> Req:
-    hashes, parent = [], b""
-    for i in range(num_blocks):
-        parent = hashlib.sha256(parent + bytes([i])).digest()
-        hashes.append(parent)
-    return Req(req_id, num_blocks * BLOCK + extra_tokens, hashes)
+    return fakes.make_request(req_id, num_blocks, BLOCK, extra_tokens)
 
 
 def store(address: str, req: Req, num_blocks: int) -> None:
-    with Client(address) as client:
-        blocks = [(h, req.block_hashes[i - 1] if i else None, np.full(64, i, np.uint8))
-                  for i, h in enumerate(req.block_hashes[:num_blocks])]
-        client.put(NS, blocks)
+    fakes.store(address, NS, req, num_blocks)
+
+
+
 
 
 def side(address: str, **overrides: int) -> SchedulerSide:

@@ -1,0 +1,45 @@
+"""Stand-ins for what the scheduler half reads from vLLM, shared by the scheduler-side tests."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvstore.client import Client
+from kvstore.keys import Namespace
+
+
+@dataclass
+class Req:
+    """The fields of vllm.v1.request.Request the scheduler half reads."""
+
+    request_id: str
+    all_token_ids: list[int]
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    lora_request: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+
+def make_request(req_id: str, num_blocks: int, block_size: int, extra_tokens: int = 1) -> Req:
+    """num_blocks full blocks plus extra_tokens, hashed through the parent as vLLM chains them."""
+    tokens = [hash((req_id, i)) % 1000 for i in range(num_blocks * block_size + extra_tokens)]
+    hashes, parent = [], req_id.encode()
+    for i in range(num_blocks):
+        block_tokens = repr(tokens[i * block_size:(i + 1) * block_size]).encode()
+        parent = hashlib.sha256(parent + block_tokens).digest()
+        hashes.append(parent)
+    return Req(req_id, tokens, hashes)
+
+
+def store(address: str, ns: Namespace, req: Req, num_blocks: int) -> None:
+    """Put req's first num_blocks blocks (small stand-in bytes) into the daemon's pool."""
+    with Client(address) as client:
+        client.put(ns, [(h, req.block_hashes[i - 1] if i else None, np.full(64, i, np.uint8))
+                        for i, h in enumerate(req.block_hashes[:num_blocks])])
