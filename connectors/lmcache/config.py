@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from connectors.vllm_v1.config import checked_setting
+
 # Keys LMCache itself reads under the same prefix to find the plugin class.
 _LMCACHE_OWN_KEYS = frozenset({"module_path", "class_name"})
 
@@ -32,22 +34,10 @@ class PluginConfig:
         if unknown:
             raise ValueError(f"unknown kvstore plugin settings {[prefix + k for k in unknown]}; "
                              f"known: {sorted(prefix + k for k in known)}")
-        values = {k: _checked(prefix + k, v, getattr(cls(), k))
+        values = {k: checked_setting(prefix + k, v, getattr(cls(), k))
                   for k, v in ours.items() if k in known}
         return cls(**values)
 
-
-def _checked(name: str, value: Any, default: Any) -> Any:
-    """value, if it has the type of the setting's default; a clear error otherwise."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, not {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
-    elif value is not None and not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, not {value!r}")
-    return value
 
 
 def chunk_identity(lmcache_version: str, config: Any, metadata: Any,

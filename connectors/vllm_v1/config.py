@@ -42,16 +42,7 @@ class ConnectorConfig:
             raise ValueError(f"unknown kvstore connector settings {unknown}; known: {sorted(known)}")
         values: dict[str, Any] = {}
         for key, value in extra.items():
-            default = getattr(cls(), key)
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise ValueError(f"kvstore setting {key!r} must be true or false")
-            elif isinstance(default, int):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                    raise ValueError(f"kvstore setting {key!r} must be a non-negative integer")
-            elif value is not None and not isinstance(value, str):
-                raise ValueError(f"kvstore setting {key!r} must be a string")
-            values[key] = value
+            values[key] = checked_setting(f"kvstore setting {key!r}", value, getattr(cls(), key))
         return cls(**values)
 
 
@@ -111,3 +102,17 @@ def _device_kind() -> str:
         pass
     isa = [name for name in ("amx_bf16", "avx512f", "avx512_bf16", "avx2") if f" {name}" in flags]
     return f"cpu:{platform.machine()}:{'+'.join(isa)}"
+
+
+def checked_setting(name: str, value: Any, default: Any) -> Any:
+    """value, if it has the type of the setting's default; a clear error naming it otherwise.
+    Shared by the LMCache plugin's settings (connectors/lmcache/config.py)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, not {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
+    elif value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, not {value!r}")
+    return value
