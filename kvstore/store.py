@@ -139,19 +139,15 @@ class Store:
     def reserve(self, ns: Namespace,
                 blocks: Sequence[tuple[BlockHash, BlockHash | None, int]]) -> Reservation:
         """Take a slot per (hash, parent_hash, nbytes), evicting if needed. Present blocks get None."""
-        # Blocks of this chain that are already stored must not be evicted to make room for
-        # their own children (the chain would lose its root): pin them for the duration.
-        present = [e for h, _, _ in blocks if (e := self.index.get((ns, h))) is not None]
-        for entry in present:
-            entry.num_pins += 1
+        guard: list[Entry] = []  # pinned for the duration once eviction is needed (_guard_chains)
         try:
-            return self._reserve(ns, blocks)
+            return self._reserve(ns, blocks, guard)
         finally:
-            for entry in present:
+            for entry in guard:
                 entry.num_pins -= 1
 
-    def _reserve(self, ns: Namespace,
-                 blocks: Sequence[tuple[BlockHash, BlockHash | None, int]]) -> Reservation:
+    def _reserve(self, ns: Namespace, blocks: Sequence[tuple[BlockHash, BlockHash | None, int]],
+                 guard: list[Entry]) -> Reservation:
         now = self.clock()
         slots: list[SlotId | None] = []
         num_full = 0
@@ -165,8 +161,11 @@ class Store:
                 slots.append(None)  # present or being written by another client
                 continue
             slot = self.slabs.alloc(nbytes)
-            if slot is None and self._make_room(nbytes):
-                slot = self.slabs.alloc(nbytes)
+            if slot is None:
+                if not guard:
+                    guard.extend(self._guard_chains(ns, blocks))
+                if self._make_room(nbytes):
+                    slot = self.slabs.alloc(nbytes)
             if slot is None:
                 num_full += 1
                 slots.append(None)
@@ -176,6 +175,33 @@ class Store:
                                     now + self.limits.reserve_s)
             slots.append(slot)
         return Reservation(slots, num_full)
+
+    def _guard_chains(self, ns: Namespace,
+                      blocks: Sequence[tuple[BlockHash, BlockHash | None, int]]) -> list[Entry]:
+        """Pin the stored blocks of the chains being written: those listed and all their ancestors.
+
+        Evicting them to make room for their own descendants would leave the new blocks
+        unreachable (lookups match from the root). Writers save a long prompt in several calls
+        (one per prefill chunk), so the ancestors are usually not in this call's list: without
+        the walk a pool-sized prompt evicts its own head, block by block, and keeps only orphans.
+        Returns the entries pinned; the caller unpins them.
+        """
+        seen: set[BlockHash] = set()
+        pinned: list[Entry] = []
+        for block_hash, parent_hash, _ in blocks:
+            walk: BlockHash | None = block_hash
+            while walk is not None and walk not in seen:  # seen: shared ancestors, hash cycles
+                seen.add(walk)
+                entry = self.index.get((ns, walk))
+                if entry is None:
+                    if walk != block_hash:
+                        break  # the chain is broken here: older blocks cannot be hit through it
+                    walk = parent_hash  # block_hash is new: guard from its parent up
+                    continue
+                entry.num_pins += 1
+                pinned.append(entry)
+                walk = entry.parent_hash
+        return pinned
 
     def commit(self, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> bool:
         """Make a reserved block readable; False when that reservation no longer exists."""

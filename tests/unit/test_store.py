@@ -240,3 +240,31 @@ def test_unexpiring_leases_leave_no_rows_behind() -> None:
     for _ in range(100):
         assert store.unpin(store.index.pin([entry], float("inf")))
     assert len(store.index._lease_heap) == 0 and not store.index.leases
+
+
+def test_chain_saved_in_parts_keeps_its_head_when_the_pool_fills() -> None:
+    """A prompt longer than the pool, saved one chunk per call, keeps its first blocks.
+
+    The ancestors are not in the later calls' lists; evicting them would leave every new block
+    unreachable, so the pool refuses the tail instead (the CI failure of 2026-12-02: an e2e
+    test loaded 0 blocks from a full pool).
+    """
+    store, _ = make_store()
+    put(store, [("a", None), ("b", "a")])
+    put(store, [("c", "b"), ("d", "c")])
+    result = store.reserve(NS, [(h("e"), h("d"), SMALL_BYTES), (h("f"), h("e"), SMALL_BYTES)])
+    assert result.slots == [None, None] and result.num_full == 2
+    assert store.num_evictions == 0
+    assert store.lookup(NS, [h(b) for b in "abcd"]) == 4
+    assert all(e.num_pins == 0 for t in store.index.tables.values() for e in t.values())
+
+
+def test_another_chain_still_evicts_an_unrelated_one() -> None:
+    """The guard covers only the chain being written: other chains are evicted as before."""
+    store, _ = make_store()
+    put(store, [("a", None), ("b", "a")])
+    put(store, [("x", None), ("y", "x")])
+    slots = put(store, [("c", "b"), ("d", "c")])
+    assert None not in slots
+    assert store.lookup(NS, [h(b) for b in "abcd"]) == 4
+    assert store.lookup(NS, [h("x")]) == 0

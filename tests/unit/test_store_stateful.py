@@ -216,7 +216,14 @@ class StoreMachine(RuleBasedStateMachine):
         before = dict(self.model.blocks)
         snapshot = self.snapshot()
         pinned_before = self.model.pinned_slots()
-        protected = {(ns, bytes(h)) for h in hashes} & set(before)
+        # The reserve never evicts the chain it writes: its listed blocks and every stored
+        # ancestor up to the first missing one (a later chunk of a prompt keeps the head).
+        protected: set[Key] = set()
+        for h in hashes:
+            walk = bytes(h) if (ns, bytes(h)) in before else parent_of(bytes(h))
+            while walk is not None and (ns, walk) in before:
+                protected.add((ns, walk))
+                walk = parent_of(walk)
 
         result = self.store.reserve(ns, blocks)
 
