@@ -29,6 +29,7 @@ from bench.machine import describe, summary
 BENCH = Path(__file__).parent
 RESULTS = BENCH / "results"
 README = BENCH / "README.md"
+RUNS = RESULTS / "runs.json"  # each benchmark's last status under bench.report, for the README
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,25 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             return
 
 
-def render_readme(statuses: dict[str, str]) -> str:
+def record_runs(statuses: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Merge this run's statuses into RUNS, so a partial run (--only) keeps the others' lines."""
+    runs = json.loads(RUNS.read_text()) if RUNS.exists() else {}
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    runs.update({name: {"status": status, "date": date} for name, status in statuses.items()})
+    ordered = {s.name: runs[s.name] for s in SECTIONS if s.name in runs}
+    if statuses:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        RUNS.write_text(json.dumps(ordered, indent=2) + "\n")
+    return ordered
+
+
+def render_readme(statuses: dict[str, dict[str, str]]) -> str:
     sections, machines = [], {}
     for section in SECTIONS:
         path = RESULTS / f"{section.name}.json"
         heading = f"## {section.title}: `python -m bench.{section.module}`"
         if not path.exists():
-            why = statuses.get(section.name) or ("needs CUDA; not measured on these machines yet"
+            why = statuses.get(section.name, {}).get("status") or ("needs CUDA; not measured on these machines yet"
                                                  if section.needs_cuda else "not run yet")
             sections.append(f"{heading}\n\nNo result: {why}.")
             continue
@@ -132,8 +145,8 @@ def render_readme(statuses: dict[str, str]) -> str:
     if headline:
         head += ["", "## Headline", "", *headline]
     if statuses:
-        head += ["", "Last `make bench` run:", ""]
-        head += [f"- `{name}`: {status}" for name, status in statuses.items()]
+        head += ["", "Last run of each benchmark by `make bench` (or `--only`):", ""]
+        head += [f"- `{name}`: {run['status']} ({run['date']})" for name, run in statuses.items()]
     return "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n"
 
 
@@ -217,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 statuses[section.name] = run(section)
                 print(f"--- {section.name}: {statuses[section.name]}", flush=True)
         print(f"\nall benchmarks: {time.monotonic() - start:.0f} s")
-    README.write_text(render_readme(statuses))
+    README.write_text(render_readme(record_runs(statuses)))
     print(f"wrote {README}")
     return 1 if any(s.startswith(("failed", "stopped")) for s in statuses.values()) else 0
 
