@@ -108,6 +108,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from kvstore.malloc import keep_large_buffers
     from kvstore.pool import HEADER_BYTES, Pool, PoolError
     from kvstore.server import AddressInUse, Server
 
@@ -121,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = resolved.config
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_large_buffers()  # before any socket: TCP PUT frames reuse memory (kvstore/malloc.py)
     page = config.effective_page_bytes()
     try:
         pool = Pool.create(config.segment, HEADER_BYTES + (config.pool_bytes // page) * page)
