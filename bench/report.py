@@ -62,7 +62,10 @@ def run(section: Section) -> str:
     print(f"\n=== {' '.join(cmd[1:])} (bounded to {section.budget_s} s)", flush=True)
     start = time.monotonic()
     # Its own session, so a benchmark past its budget can be stopped with everything it started.
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    # SIGINT back to its default in the child: under `make bench &` it is ignored, and Python
+    # would then never raise KeyboardInterrupt, so _stop's SIGINT could not run its cleanup.
+    proc = subprocess.Popen(cmd, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.wait(timeout=section.budget_s)
     except subprocess.TimeoutExpired:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -214,6 +215,9 @@ def _watch(client: Any, address: str, interval_s: float, stats: dict[str, Any]) 
     """Redraw the table every interval_s until Ctrl-C; a lost daemon is shown, not fatal."""
     previous: tuple[dict[str, Any], float] | None = None
     taken_s = time.monotonic()
+    # Ctrl-C is how --watch ends. A shell that starts us in the background ignores SIGINT, and
+    # Python then installs no KeyboardInterrupt handler: `kill -INT` would be ignored for good.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             rates = None if previous is None else (previous[0], taken_s - previous[1])
