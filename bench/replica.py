@@ -3,7 +3,8 @@
     python -m bench.replica --model DIR [--kvstore tcp://127.0.0.1:5555] [--extra '{...}']
 
 Each input line {"id", "prompt": [token ids], "max_tokens"} gets one output line with the generated
-token ids, their log-probabilities, the prompt tokens served from caches, and the wall time.
+token ids, their log-probabilities, the prompt tokens served from caches, and the wall time; a line
+with "prompts" (a list) runs them in one batch and answers {"id", "results": [one per prompt]}.
 A line {"ready": true} is printed once the engine is up. Used by the demo, e2e tests and bench.
 """
 
@@ -25,7 +26,8 @@ CONNECTOR = {
 
 
 def build_llm(model: str, kvstore: str | None, extra: dict[str, Any], block_size: int,
-              max_model_len: int, kv_cache_gib: int, prefix_caching: bool) -> Any:
+              max_model_len: int, kv_cache_gib: int, prefix_caching: bool,
+              num_blocks: int | None = None) -> Any:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # replicas share the cores
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,7 +40,8 @@ def build_llm(model: str, kvstore: str | None, extra: dict[str, Any], block_size
         kv_transfer = {**CONNECTOR, "kv_connector_extra_config": {"address": kvstore, **extra}}
     return LLM(model, skip_tokenizer_init=True, dtype="float32", block_size=block_size,
                max_model_len=max_model_len, enforce_eager=True, seed=0,
-               enable_prefix_caching=prefix_caching, kv_transfer_config=kv_transfer)
+               enable_prefix_caching=prefix_caching, kv_transfer_config=kv_transfer,
+               num_gpu_blocks_override=num_blocks)
 
 
 def serve(llm: Any, out: Any) -> None:
@@ -55,20 +58,29 @@ def serve(llm: Any, out: Any) -> None:
             continue
         params = SamplingParams(max_tokens=req.get("max_tokens", 8), temperature=0.0,
                                 logprobs=0, ignore_eos=True)
+        # "prompts": one generate call for all, so the engine batches (and may preempt) them.
+        prompts = req["prompts"] if "prompts" in req else [req["prompt"]]
         start = time.perf_counter()
-        result = llm.generate([{"prompt_token_ids": req["prompt"]}], params, use_tqdm=False)[0]
+        results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         elapsed = time.perf_counter() - start
-        completion = result.outputs[0]
-        logprobs = [float(step[tok].logprob) for tok, step in
-                    zip(completion.token_ids, completion.logprobs or [])]
-        params_out = result.kv_transfer_params or {}
-        print(json.dumps({
-            "id": req.get("id"), "tokens": list(completion.token_ids), "logprobs": logprobs,
-            "num_prompt_tokens": len(req["prompt"]),
-            "num_cached_tokens": int(result.num_cached_tokens or 0),
-            "pool_tokens": int(params_out.get("kvstore_pool_tokens", 0)),
-            "seconds": elapsed,
-        }), file=out, flush=True)
+        answers = [_answer(result, len(p), elapsed) for result, p in zip(results, prompts)]
+        reply = {"results": answers} if "prompts" in req else answers[0]
+        print(json.dumps({"id": req.get("id"), **reply}), file=out, flush=True)
+
+
+def _answer(result: Any, num_prompt_tokens: int, seconds: float) -> dict[str, Any]:
+    completion = result.outputs[0]
+    logprobs = [float(step[tok].logprob) for tok, step in
+                zip(completion.token_ids, completion.logprobs or [])]
+    params_out = result.kv_transfer_params or {}
+    return {
+        "tokens": list(completion.token_ids), "logprobs": logprobs,
+        "num_prompt_tokens": num_prompt_tokens,
+        "num_cached_tokens": int(result.num_cached_tokens or 0),
+        "pool_tokens": int(params_out.get("kvstore_pool_tokens", 0)),
+        "pool_loads": int(params_out.get("kvstore_num_loads", 0)),  # > 1: reloaded after preemption
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -80,13 +92,17 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-gib", type=int, default=1)
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--num-blocks", type=int, default=None,
+                        help="vLLM KV blocks (num_gpu_blocks_override); default: what "
+                             "--kv-cache-gib holds")
     args = parser.parse_args()
     # vLLM logs to stdout (and its engine processes inherit it): keep a private copy of stdout
     # for results and send everything else written to fd 1 to stderr.
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     llm = build_llm(args.model, args.kvstore, json.loads(args.extra), args.block_size,
-                    args.max_model_len, args.kv_cache_gib, not args.no_prefix_caching)
+                    args.max_model_len, args.kv_cache_gib, not args.no_prefix_caching,
+                    args.num_blocks)
     serve(llm, out)
 
 
@@ -124,6 +140,14 @@ class ReplicaProcess:
         self.proc.stdin.write(json.dumps({"prompt": prompt, "max_tokens": max_tokens}) + "\n")
         self.proc.stdin.flush()
         return dict(json.loads(self._read_line(timeout_s)))
+
+    def request_batch(self, prompts: list[list[int]], max_tokens: int = 8,
+                      timeout_s: float = 300.0) -> list[dict[str, Any]]:
+        """Generate for all prompts in one engine call (batched; preemption can happen)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return list(json.loads(self._read_line(timeout_s))["results"])
 
     def reset_prefix_cache(self) -> None:
         """Empty the replica's own VRAM prefix cache (tier 0)."""

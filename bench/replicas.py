@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -70,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-blocks", type=int, default=4096,
                         help="pool capacity in blocks of the replica model (default 4096)")
     parser.add_argument("--model-dir", type=Path, default=Path(".cache/replicas-model"))
-    parser.add_argument("--replica-serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--kvstore", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.replica_serve:
-        _replica_serve(args.model, args.kvstore, args.vram_blocks)
-        return 0
     if args.vram_blocks * BLOCK_SIZE < MAX_MODEL_LEN + BLOCK_SIZE:
         parser.error(f"--vram-blocks must hold one {MAX_MODEL_LEN}-token prompt "
                      f"(at least {MAX_MODEL_LEN // BLOCK_SIZE + 1})")
@@ -106,39 +99,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --- real runs -------------------------------------------------------------------------------
-class _SmallVramReplica(ReplicaProcess):
-    """A bench.replica engine with a VRAM cache of vram_blocks blocks.
-
-    NOTE: bench/replica.py has no flag for num_gpu_blocks_override (VLLM_CPU_KVCACHE_SPACE counts
-    whole GiB), so this starts `python -m bench.replicas --replica-serve`, which runs the same
-    build_llm and serve with that one setting added.
-    """
-
-    def __init__(self, model: str, vram_blocks: int, kvstore: str | None, log_path: str) -> None:
-        import subprocess
-
-        args = [sys.executable, "-m", "bench.replicas", "--replica-serve", "--model", model,
-                "--vram-blocks", str(vram_blocks)] + (["--kvstore", kvstore] if kvstore else [])
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, start_new_session=True)
-
-
-def _replica_serve(model: str, kvstore: str | None, vram_blocks: int) -> None:
-    import functools
-
-    from bench import replica
-
-    out = os.fdopen(os.dup(1), "w")  # results only; vLLM's logs go to stderr (as bench.replica)
-    os.dup2(2, 1)
-    import vllm
-
-    vllm.LLM = functools.partial(vllm.LLM, num_gpu_blocks_override=vram_blocks)  # type: ignore[misc,assignment]
-    extra = {**CONNECTOR} if kvstore else {}
-    llm = replica.build_llm(model, kvstore, extra, BLOCK_SIZE, MAX_MODEL_LEN, 1, True)
-    replica.serve(llm, out)
-
-
 def run_real(trace: list[dict[str, Any]], model_dir: Path, vram_blocks: int,
              pool: PoolSpec) -> dict[str, dict[str, dict[int, list[dict[str, Any]]]]]:
     """Replay trace on real engines: records[cache][routing][N] = one dict per request."""
@@ -149,13 +109,15 @@ def run_real(trace: list[dict[str, Any]], model_dir: Path, vram_blocks: int,
     records: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {}
     for cache in CACHES:
         daemon = Daemon(pool_size=str(pool.capacity_blocks * pool.block_bytes)) if cache != "vram" else None
-        replicas: list[_SmallVramReplica] = []
+        replicas: list[ReplicaProcess] = []
         try:
             if daemon:
                 daemon.start()
             log(f"{cache}: starting {max(REAL_NS)} vLLM CPU replicas (logs in {logs})")
             address = daemon.address if daemon else None
-            replicas = [_SmallVramReplica(model, vram_blocks, address, str(logs / f"{cache}-{i}.log"))
+            replicas = [ReplicaProcess(model, address, CONNECTOR if address else None,
+                                       log_path=str(logs / f"{cache}-{i}.log"), num_blocks=vram_blocks,
+                                       block_size=BLOCK_SIZE, max_model_len=MAX_MODEL_LEN)
                         for i in range(max(REAL_NS))]
             for r in replicas:
                 r.wait_ready(600)
@@ -174,7 +136,7 @@ def run_real(trace: list[dict[str, Any]], model_dir: Path, vram_blocks: int,
     return records
 
 
-def fresh_start(replicas: list[_SmallVramReplica], daemon: Any) -> None:
+def fresh_start(replicas: list[ReplicaProcess], daemon: Any) -> None:
     """Empty every tier: restart the daemon (an empty pool), then reset each VRAM cache.
 
     A first request per replica lets its connector rejoin the restarted daemon and keeps
@@ -193,7 +155,7 @@ def fresh_start(replicas: list[_SmallVramReplica], daemon: Any) -> None:
         r.reset_prefix_cache()
 
 
-def replay(trace: list[dict[str, Any]], replicas: list[_SmallVramReplica],
+def replay(trace: list[dict[str, Any]], replicas: list[ReplicaProcess],
            routing: str) -> list[dict[str, Any]]:
     router = make_router(routing, len(replicas))
     rows = []

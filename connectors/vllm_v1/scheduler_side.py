@@ -33,6 +33,9 @@ log = logging.getLogger("kvstore.connector")
 # Planned saves remembered until the worker confirms them (for events); the worker answers in the
 # step's own output, so only a lost output leaves entries behind, and the oldest go first.
 _MAX_UNCONFIRMED_BLOCKS = 1 << 14
+# Loads offered to one request: one, plus one after each preemption that followed a whole load,
+# up to this many in all (a request preempted over and over still ends up recomputing).
+_MAX_LOADS_PER_REQUEST = 4
 
 
 @dataclass(slots=True)
@@ -45,8 +48,11 @@ class _ReqState:
     lease: int | None = None  # held by the scheduler until the load is handed to a worker
     pool_blocks: tuple[int, int] = (0, 0)  # [start, end) blocks loaded from the pool
     num_saved_blocks: int = 0  # blocks [0, n) already handed to the worker for saving
-    is_load_issued: bool = False  # one load per request: a failed one is never retried
+    is_load_issued: bool = False  # a load was handed to the worker for this lookup
+    is_load_whole: bool = False  # ... and it filled every block it was given
+    num_loads: int = 0  # loads issued for this request so far, across preemptions
     load_block_ids: list[int] | None = None  # vLLM blocks the load fills, until it finishes
+    num_loaded_blocks: int = 0  # of load_block_ids, the good prefix (failures reported so far)
     end_block: int = 0  # the lookup asked about blocks [start_block, end_block)
     num_prefill_tokens: int = 0  # tokens to prefill when the lookup was made
     num_vram_tokens: int = 0  # of those, vLLM's own prefix cache held these
@@ -71,15 +77,23 @@ class SchedulerSide:
     # --- vLLM hooks --------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._reqs.get(request.request_id)
+        num_loads = 0
         if st is not None and st.is_load_issued:
-            # Asked again after a load was issued: it failed (or the request was preempted).
-            # Offering the same hit again could loop forever on a broken daemon; recompute.
-            return 0, False
+            # Asked again after a load: vLLM only does that when the load failed (it recomputes
+            # from the last good block) or when it preempted the request and freed its blocks.
+            # Never offer again after a failure: on a broken daemon that could loop forever.
+            if not st.is_load_whole or st.num_loads >= _MAX_LOADS_PER_REQUEST:
+                return 0, False
+            num_loads = st.num_loads  # preempted after a whole load: look the prefix up afresh
+            self._release(st)
+            st = None
         start_block = num_computed_tokens // self.block_size
         if st is None or st.start_block != start_block:
             if st is not None:
+                num_loads = st.num_loads
                 self._release(st)
             st = self._start_lookup(request, start_block, num_computed_tokens)
+            st.num_loads = num_loads
             self._reqs[request.request_id] = st
         if st.lookup is not None and not self._resolve(st):
             return None, False  # still waiting; the scheduler asks again next step
@@ -101,7 +115,9 @@ class SchedulerSide:
         st.lease = None  # the worker releases it after copying
         st.pool_blocks = (start, end)
         st.is_load_issued = True
+        st.num_loads += 1
         st.load_block_ids = list(block_ids)
+        st.num_loaded_blocks = len(block_ids)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVStoreMetadata:
         meta = KVStoreMetadata(loads=self._loads, saves=self._saves(scheduler_output))
@@ -114,14 +130,21 @@ class SchedulerSide:
         if isinstance(worker_meta, KVStoreWorkerMeta):
             self._confirm_saves(worker_meta)
         invalid = connector_output.invalid_block_ids
+        if invalid:
+            # With TP > 1 a rank may report its failed blocks steps before the last rank
+            # finishes, so failures are noted on every pending load, not only finished ones.
+            for pending in self._reqs.values():
+                if pending.load_block_ids is not None:
+                    pending.num_loaded_blocks = min(pending.num_loaded_blocks, next(
+                        (i for i, b in enumerate(pending.load_block_ids) if b in invalid),
+                        len(pending.load_block_ids)))
         for req_id in connector_output.finished_recving or ():
             st = self._reqs.get(req_id)
             if st is None or st.load_block_ids is None:
                 continue
             start, _ = st.pool_blocks
-            num_ok = next((i for i, b in enumerate(st.load_block_ids) if b in invalid),
-                          len(st.load_block_ids))
-            st.pool_blocks = (start, start + num_ok)
+            st.pool_blocks = (start, start + st.num_loaded_blocks)
+            st.is_load_whole = st.num_loaded_blocks == len(st.load_block_ids)
             st.load_block_ids = None
 
     def request_finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
@@ -135,7 +158,8 @@ class SchedulerSide:
         self._stats.add(num_requests=1, vram_tokens=st.num_vram_tokens, pool_tokens=pool,
                         recomputed_tokens=recomputed)
         return False, {"kvstore_pool_tokens": pool, "kvstore_vram_tokens": st.num_vram_tokens,
-                       "kvstore_recomputed_tokens": recomputed}
+                       "kvstore_recomputed_tokens": recomputed,
+                       "kvstore_num_loads": st.num_loads}
 
     def take_stats(self) -> KVStoreStats | None:
         """The counters since the last call, or None when nothing happened."""

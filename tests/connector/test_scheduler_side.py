@@ -104,19 +104,84 @@ def test_no_daemon_is_a_fast_miss_and_later_requests_skip_it() -> None:
 
 def test_a_failed_load_is_not_offered_again(daemon: Daemon) -> None:
     """After a load was handed to the worker, asking again (the load failed) reports a miss."""
+    req = make_request("r", 4)
+    store(daemon.address, req, 4)
+    sched = side(daemon.address)
+    assert _load(sched, req) == [100, 101, 102, 103]
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    sched.shutdown()
 
-    class Blocks:
-        def get_block_ids(self) -> tuple[list[int], ...]:
-            return (list(range(100, 110)),)
+
+class _Blocks:
+    """The KVCacheBlocks vLLM allocates: block ids 100.. for the one KV cache group."""
+
+    def get_block_ids(self) -> tuple[list[int], ...]:
+        return (list(range(100, 110)),)
+
+
+def _ask(sched: SchedulerSide, req: Req, num_computed_tokens: int = 0) -> tuple[int | None, bool]:
+    """get_num_new_matched_tokens until the lookup settles, as the scheduler does step by step."""
+    deadline = time.monotonic() + 5.0
+    while (answer := sched.get_num_new_matched_tokens(req, num_computed_tokens))[0] is None:
+        assert time.monotonic() < deadline, "the lookup never settled"
+    return answer
+
+
+def _load(sched: SchedulerSide, req: Req) -> list[int]:
+    """Offer, allocate and hand over the load; returns the vLLM block ids it fills."""
+    tokens, is_async = _ask(sched, req)
+    assert tokens and is_async
+    sched.update_state_after_alloc(req, _Blocks(), tokens)
+    (load,) = sched.build_connector_meta(_NoSteps()).loads
+    return list(load.block_ids)
+
+
+def test_a_preempted_request_is_offered_the_pool_again_after_a_whole_load(daemon: Daemon) -> None:
+    """vLLM asks again after preempting a request it loaded: a fresh lookup, a fresh lease."""
+    from vllm.v1.outputs import KVConnectorOutput
 
     req = make_request("r", 4)
     store(daemon.address, req, 4)
     sched = side(daemon.address)
-    tokens, is_async = sched.get_num_new_matched_tokens(req, 0)
-    assert tokens == 4 * BLOCK and is_async
-    sched.update_state_after_alloc(req, Blocks(), tokens)
-    meta = sched.build_connector_meta(_NoSteps())
-    assert [load.block_ids for load in meta.loads] == [[100, 101, 102, 103]]
+    _load(sched, req)
+    sched.update_connector_output(KVConnectorOutput(finished_recving={"r"}))
+    before = stats(daemon.address)["num_leases"]
+    assert _ask(sched, req) == (4 * BLOCK, True)  # preempted: num_computed_tokens back to 0
+    assert stats(daemon.address)["num_leases"] == before + 1
+    assert _ask(sched, req, 2 * BLOCK) == (2 * BLOCK, True)  # VRAM kept two: the rest
+    sched.shutdown()
+
+
+@pytest.mark.parametrize("same_step", [True, False], ids=["same-step", "earlier-step"])
+def test_a_load_with_failed_blocks_is_not_offered_again(daemon: Daemon, same_step: bool) -> None:
+    """Failed blocks end the offers, whether reported with the finish or steps before (TP > 1)."""
+    from vllm.v1.outputs import KVConnectorOutput
+
+    req = make_request("r", 4)
+    store(daemon.address, req, 4)
+    sched = side(daemon.address)
+    block_ids = _load(sched, req)
+    if same_step:
+        sched.update_connector_output(KVConnectorOutput(finished_recving={"r"},
+                                                        invalid_block_ids={block_ids[2]}))
+    else:
+        sched.update_connector_output(KVConnectorOutput(invalid_block_ids={block_ids[2]}))
+        sched.update_connector_output(KVConnectorOutput(finished_recving={"r"}))
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    finished = sched.request_finished(req)[1]
+    assert finished is not None and finished["kvstore_pool_tokens"] == 2 * BLOCK
+    sched.shutdown()
+
+
+def test_a_request_preempted_again_and_again_stops_being_offered_loads(daemon: Daemon) -> None:
+    from vllm.v1.outputs import KVConnectorOutput
+
+    req = make_request("r", 4)
+    store(daemon.address, req, 4)
+    sched = side(daemon.address)
+    for _ in range(4):
+        _load(sched, req)
+        sched.update_connector_output(KVConnectorOutput(finished_recving={"r"}))
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
     sched.shutdown()
 
