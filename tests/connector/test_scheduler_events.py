@@ -120,7 +120,7 @@ def test_finished_request_reports_tokens_per_tier(daemon: Daemon) -> None:
     sched.build_connector_meta(Step(req, num_scheduled=0))
     _, params = sched.request_finished(req)
     assert params == {"kvstore_pool_tokens": 8, "kvstore_vram_tokens": 4,
-                      "kvstore_recomputed_tokens": 11}
+                      "kvstore_recomputed_tokens": 11, "kvstore_num_loads": 1}
     stats = sched.take_stats()
     assert stats is not None
     assert {k: stats.data.get(k) for k in ("num_requests", "num_lookups", "vram_tokens",
