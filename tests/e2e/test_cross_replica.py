@@ -57,6 +57,15 @@ class Cluster:
         self.daemon.stop(sig)
 
 
+def daemon_counts(daemon: Daemon) -> dict:
+    """The daemon's block and lookup counts, for assertion messages."""
+    from kvstore.client import Client
+
+    with Client(daemon.address, 2.0, use_shm=False) as client:
+        stats = client.stats()
+    return {k: v for k, v in stats.items() if k.startswith("num_") or k == "namespaces"}
+
+
 def assert_same_generation(got: dict, want: dict) -> None:
     assert got["tokens"] == want["tokens"]
     diffs = [abs(x - y) for x, y in zip(got["logprobs"], want["logprobs"])]
@@ -145,10 +154,12 @@ def test_restarted_daemon_is_rejoined_without_restarting_vllm(cluster: Cluster) 
     assert_same_generation(got, cluster.reference.request(prompt))
     after = cluster.tokens(PREFIX_TOKENS)
     cluster.a.request(cluster.prompt(after))  # A saves into the new daemon
-    for replica in (cluster.b, cluster.c):
+    for name, replica in (("b", cluster.b), ("c", cluster.c)):
         prompt = cluster.prompt(after)
         got = replica.request(prompt)
-        assert got["pool_tokens"] >= (PREFIX_TOKENS // BLOCK - 1) * BLOCK, got
+        # On failure: which replica, and what the daemon held (replica logs: KVSTORE_TEST_LOGS).
+        assert got["pool_tokens"] >= (PREFIX_TOKENS // BLOCK - 1) * BLOCK, (
+            name, got["pool_tokens"], daemon_counts(cluster.daemon))
         assert_same_generation(got, cluster.reference.request(prompt))
 
 
