@@ -28,6 +28,10 @@ _SNDHWM = 1000  # requests queued while disconnected; beyond this send fails fas
 _CONNECT_TIMEOUT_MS = 1000  # give up a TCP connect attempt after this, then retry
 _RECONNECT_IVL_MS = 100  # fast rejoin after a daemon restart
 _RECONNECT_IVL_MAX_MS = 1000
+# How long a send waits for a socket that is not connected before starting a fresh one. After a
+# daemon restart a socket may sit in ZeroMQ's reconnect backoff for up to _RECONNECT_IVL_MAX_MS;
+# a new socket connects at once (a load right after a restart failed on this in the e2e tests).
+_STALE_SOCKET_WAIT_MS = 100
 
 Buffer = Any  # anything exporting a writable (or readable, for puts) buffer: memoryview, numpy
 
@@ -254,14 +258,14 @@ class Client:
     def _call(self, op: Op, fields: dict[str, Any], payload: Sequence[Any] = (),
               dests: list[memoryview] | None = None) -> dict[str, Any]:
         """Send one request and wait for its reply until the deadline (Lazy Pirate)."""
+        is_fresh = self._sock is None
         if self._sock is None:
             self._sock = self._new_socket()
         req_id = next(self._ids)
         header = protocol.encode_request(op, req_id, **fields)
-        sock = self._sock
         deadline = time.monotonic() + self.timeout_s
         try:
-            sock.send_multipart([header, *payload], copy=False)
+            sock = self._send(deadline, [header, *payload], is_fresh)
             while True:
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
                 if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
@@ -278,6 +282,28 @@ class Client:
             raise ServerUnavailable(f"{self.address}: {exc.strerror}") from None
         self._reset()
         raise ServerUnavailable(f"no reply from {self.address} within {self.timeout_s:.3g} s")
+
+    def _send(self, deadline: float, frames: list[Any], is_fresh: bool) -> zmq.Socket:
+        """Send on the current socket; if an older one is not connected within
+        _STALE_SOCKET_WAIT_MS, send on a fresh one instead. Either may wait until the deadline
+        for a connection (IMMEDIATE), then raises zmq.Again."""
+        assert self._sock is not None
+        sock = self._sock
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        first_wait_ms = remaining_ms if is_fresh else min(_STALE_SOCKET_WAIT_MS, remaining_ms)
+        sock.setsockopt(zmq.SNDTIMEO, max(first_wait_ms, 0))
+        try:
+            sock.send_multipart(frames, copy=False)
+            return sock
+        except zmq.Again:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if is_fresh or remaining_ms <= 0:
+                raise
+        sock.close(_LINGER_MS)
+        sock = self._sock = self._new_socket()
+        sock.setsockopt(zmq.SNDTIMEO, remaining_ms)
+        sock.send_multipart(frames, copy=False)
+        return sock
 
     def _receive(self, sock: zmq.Socket, req_id: int,
                  dests: list[memoryview] | None) -> dict[str, Any] | None:

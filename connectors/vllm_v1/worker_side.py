@@ -146,10 +146,11 @@ class WorkerSide:
                 num_loaded = self._load(client, spec)
             except Exception as exc:  # anything: report and let vLLM recompute
                 log.warning("kvstore load of %s failed (%s): recomputing", spec.req_id, exc)
-            if num_loaded < len(spec.block_ids):
-                # A warning: the lookup promised these blocks, and vLLM now recomputes them.
-                log.warning("kvstore: %s loaded %d of %d blocks; recomputing the rest",
-                            spec.req_id, num_loaded, len(spec.block_ids))
+            else:
+                if num_loaded < len(spec.block_ids):
+                    # A warning: the lookup promised these blocks; vLLM now recomputes them.
+                    log.warning("kvstore: %s loaded %d of %d blocks; recomputing the rest",
+                                spec.req_id, num_loaded, len(spec.block_ids))
             # Counted before it is reported finished, so the step that sees it sees its stats;
             # is_local, not has_shm(): counting must never call a daemon that may be gone.
             self._count_load(spec, num_loaded, time.perf_counter() - start, client.is_local)

@@ -70,6 +70,30 @@ def test_restart_between_calls_reattaches_the_new_segment_without_an_error(daemo
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
+def test_first_call_after_a_restart_does_not_wait_for_zeromq_reconnect_backoff(
+        daemon, ctx, use_shm, monkeypatch):
+    """A socket in ZeroMQ's reconnect backoff is replaced by a fresh one at the first call.
+
+    The backoff is stretched to 30 s here, so the old socket cannot reconnect in time: only a
+    new socket can answer within the 1 s timeout (the default backoff reaches 1 s, which made a
+    vLLM load right after a daemon restart fail in the e2e tests).
+    """
+    monkeypatch.setattr("kvstore.client._RECONNECT_IVL_MS", 30_000)
+    monkeypatch.setattr("kvstore.client._RECONNECT_IVL_MAX_MS", 30_000)
+    data = random_blocks(4, [8192])[0]
+    with Client(daemon.address, 1.0, ctx=ctx, use_shm=use_shm) as client:
+        client.put(NS, [(b"before", None, data)])
+        daemon.stop()
+        time.sleep(0.3)  # the socket notices the disconnect and schedules its reconnect
+        daemon.start()
+        start = time.monotonic()
+        assert client.put(NS, [(b"after", None, data)]).num_stored == 1
+        assert client.get(NS, [b"after"]) == [data]
+        assert time.monotonic() - start < 1.0 + SLACK_S
+
+
+@pytest.mark.timeout(120)
 def test_sigkill_mid_run_turns_calls_into_misses_then_recovers(daemon, ctx):
     """A client loop never hangs across a SIGKILL: calls fail within the timeout, then succeed."""
     data = random_blocks(3, [64 * 1024])[0]
