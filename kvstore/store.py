@@ -151,6 +151,7 @@ class Store:
         now = self.clock()
         slots: list[SlotId | None] = []
         num_full = 0
+        is_guarded = False
         for block_hash, parent_hash, nbytes in blocks:
             if num_full:
                 # The pool refused an earlier block of this chain; a child without it is useless.
@@ -162,8 +163,9 @@ class Store:
                 continue
             slot = self.slabs.alloc(nbytes)
             if slot is None:
-                if not guard:
+                if not is_guarded:  # once per call: the walk is as long as the chain
                     guard.extend(self._guard_chains(ns, blocks))
+                    is_guarded = True
                 if self._make_room(nbytes):
                     slot = self.slabs.alloc(nbytes)
             if slot is None:
