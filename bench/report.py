@@ -114,8 +114,9 @@ def render_readme(statuses: dict[str, dict[str, str]]) -> str:
         path = RESULTS / f"{section.name}.json"
         heading = f"## {section.title}: `python -m bench.{section.module}`"
         if not path.exists():
-            why = statuses.get(section.name, {}).get("status") or ("needs CUDA; not measured on these machines yet"
-                                                 if section.needs_cuda else "not run yet")
+            why = statuses.get(section.name, {}).get("status") or (
+                "needs CUDA; not measured on these machines yet" if section.needs_cuda
+                else "not run yet")
             sections.append(f"{heading}\n\nNo result: {why}.")
             continue
         result = json.loads(path.read_text())

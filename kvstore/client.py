@@ -332,7 +332,6 @@ class Client:
         sock.setsockopt(zmq.LINGER, _LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, _SNDHWM)
         sock.setsockopt(zmq.RCVTIMEO, int(self.timeout_s * 1000))
-        sock.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
         sock.setsockopt(zmq.CONNECT_TIMEOUT, _CONNECT_TIMEOUT_MS)
         sock.setsockopt(zmq.RECONNECT_IVL, _RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, _RECONNECT_IVL_MAX_MS)

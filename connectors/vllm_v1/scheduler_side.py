@@ -77,18 +77,16 @@ class SchedulerSide:
     # --- vLLM hooks --------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._reqs.get(request.request_id)
-        num_loads = 0
-        if st is not None and st.is_load_issued:
-            # Asked again after a load: vLLM only does that when the load failed (it recomputes
-            # from the last good block) or when it preempted the request and freed its blocks.
-            # Never offer again after a failure: on a broken daemon that could loop forever.
-            if not st.is_load_whole or st.num_loads >= _MAX_LOADS_PER_REQUEST:
-                return 0, False
-            num_loads = st.num_loads  # preempted after a whole load: look the prefix up afresh
-            self._release(st)
-            st = None
+        # Asked again after a load: vLLM only does that when the load failed (it recomputes from
+        # the last good block) or when it preempted the request and freed its blocks. Never
+        # offer again after a failure: on a broken daemon that could loop forever.
+        if st is not None and st.is_load_issued and (
+                not st.is_load_whole or st.num_loads >= _MAX_LOADS_PER_REQUEST):
+            return 0, False
         start_block = num_computed_tokens // self.block_size
-        if st is None or st.start_block != start_block:
+        # A new lookup for a new start, and after a preemption (the old lease was consumed).
+        if st is None or st.is_load_issued or st.start_block != start_block:
+            num_loads = 0
             if st is not None:
                 num_loads = st.num_loads
                 self._release(st)

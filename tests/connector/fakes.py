@@ -27,6 +27,13 @@ class Req:
         return len(self.all_token_ids)
 
 
+class Blocks:
+    """vLLM's KVCacheBlocks for one request: block ids 100, 101, ... for the one KV cache group."""
+
+    def get_block_ids(self) -> tuple[list[int], ...]:
+        return (list(range(100, 110)),)
+
+
 def make_request(req_id: str, num_blocks: int, block_size: int, extra_tokens: int = 1) -> Req:
     """num_blocks full blocks plus extra_tokens, hashed through the parent as vLLM chains them."""
     tokens = [hash((req_id, i)) % 1000 for i in range(num_blocks * block_size + extra_tokens)]

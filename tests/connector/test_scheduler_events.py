@@ -16,7 +16,7 @@ from connectors.vllm_v1.scheduler_side import SchedulerSide
 from kvstore.client import Client
 from kvstore.keys import Namespace
 from tests.connector import fakes
-from tests.connector.fakes import Req
+from tests.connector.fakes import Blocks, Req
 from tests.daemon import Daemon
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,13 +141,6 @@ def test_an_unreachable_daemon_counts_a_failed_lookup() -> None:
     assert stats is not None and stats.data["num_failed_lookups"] == 1
     assert sched.take_events() == []
     sched.shutdown()
-
-
-class Blocks:
-    """vLLM's KVCacheBlocks for one request: block ids 100, 101, ..."""
-
-    def get_block_ids(self) -> tuple[list[int], ...]:
-        return (list(range(100, 110)),)
 
 
 class BlockState:

@@ -112,13 +112,6 @@ def test_a_failed_load_is_not_offered_again(daemon: Daemon) -> None:
     sched.shutdown()
 
 
-class _Blocks:
-    """The KVCacheBlocks vLLM allocates: block ids 100.. for the one KV cache group."""
-
-    def get_block_ids(self) -> tuple[list[int], ...]:
-        return (list(range(100, 110)),)
-
-
 def _ask(sched: SchedulerSide, req: Req, num_computed_tokens: int = 0) -> tuple[int | None, bool]:
     """get_num_new_matched_tokens until the lookup settles, as the scheduler does step by step."""
     deadline = time.monotonic() + 5.0
@@ -131,7 +124,7 @@ def _load(sched: SchedulerSide, req: Req) -> list[int]:
     """Offer, allocate and hand over the load; returns the vLLM block ids it fills."""
     tokens, is_async = _ask(sched, req)
     assert tokens and is_async
-    sched.update_state_after_alloc(req, _Blocks(), tokens)
+    sched.update_state_after_alloc(req, fakes.Blocks(), tokens)
     (load,) = sched.build_connector_meta(_NoSteps()).loads
     return list(load.block_ids)
 

@@ -72,22 +72,30 @@ def assert_same_generation(got: dict, want: dict) -> None:
     assert max(diffs) <= LOGPROB_TOL, f"log-probabilities moved by {max(diffs)}"
 
 
+# Connector settings for tests: give a missing daemon up fast, and retry it almost at once.
+FAST = {"timeout_ms": 500, "lookup_timeout_ms": 300, "retry_interval_ms": 5}
+
+
+def logs_dir() -> Path:
+    """Where replica logs go: outside pytest's rotating temp dirs, for reading after a failure."""
+    logs = Path(os.environ.get("KVSTORE_TEST_LOGS", "/tmp/kvstore-e2e-logs"))
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("e2e")
     model = str(make_model(tmp / "model", TEST_MODEL))
-    # Replica logs outlive pytest's rotating temp dirs, for reading after a failure.
-    logs = Path(os.environ.get("KVSTORE_TEST_LOGS", "/tmp/kvstore-e2e-logs"))
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = logs_dir()
     daemon = Daemon(port=free_port())
     address = daemon.address
-    fast = {"timeout_ms": 500, "lookup_timeout_ms": 300, "retry_interval_ms": 5}
     replicas = {
         "reference": ReplicaProcess(model, log_path=str(logs / "reference.log")),
-        "a": ReplicaProcess(model, address, fast, log_path=str(logs / "a.log")),
-        "b": ReplicaProcess(model, address, {**fast, "fault_load_delay_ms": 1500},
+        "a": ReplicaProcess(model, address, FAST, log_path=str(logs / "a.log")),
+        "b": ReplicaProcess(model, address, {**FAST, "fault_load_delay_ms": 1500},
                             log_path=str(logs / "b.log")),
-        "c": ReplicaProcess(model, address, {**fast, "use_shm": False},
+        "c": ReplicaProcess(model, address, {**FAST, "use_shm": False},
                             log_path=str(logs / "c.log")),
     }
     try:

@@ -29,6 +29,7 @@ from bench.models import TEST_MODEL, make_model
 from bench.replica import CONNECTOR, ReplicaProcess
 from kvstore.client import Client
 from tests.daemon import Daemon, free_port
+from tests.e2e.test_cross_replica import logs_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -186,8 +187,7 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     tmp = tmp_path_factory.mktemp("events")
     model = str(make_model(tmp / "model", TEST_MODEL))
-    logs = Path(os.environ.get("KVSTORE_TEST_LOGS", "/tmp/kvstore-e2e-logs"))
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = logs_dir()
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     events = Subscriber(endpoint)
     daemon = Daemon().start()

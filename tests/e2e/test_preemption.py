@@ -9,17 +9,15 @@ prompts of 8 blocks that each grow to 12 blocks cannot all stay resident, so vLL
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from bench.models import TEST_MODEL, make_model
 from bench.replica import ReplicaProcess
 from tests.daemon import Daemon
-from tests.e2e.test_cross_replica import BLOCK, assert_same_generation
+from tests.e2e.test_cross_replica import BLOCK, FAST, assert_same_generation, logs_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -32,13 +30,11 @@ MAX_TOKENS = 96  # 261 + 96 tokens = 12 blocks per request at the end
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, ReplicaProcess,
                                                                           ReplicaProcess]]:
     model = str(make_model(tmp_path_factory.mktemp("preemption") / "model", TEST_MODEL))
-    logs = Path(os.environ.get("KVSTORE_TEST_LOGS", "/tmp/kvstore-e2e-logs"))
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = logs_dir()
     daemon = Daemon().start()
-    fast = {"timeout_ms": 500, "lookup_timeout_ms": 300, "retry_interval_ms": 5}
     reference = ReplicaProcess(model, no_prefix_caching=True, max_model_len=512,
                                log_path=str(logs / "preemption-reference.log"))
-    small = ReplicaProcess(model, daemon.address, fast, no_prefix_caching=True, max_model_len=512,
+    small = ReplicaProcess(model, daemon.address, FAST, no_prefix_caching=True, max_model_len=512,
                            num_blocks=NUM_BLOCKS, log_path=str(logs / "preemption-small.log"))
     try:
         reference.wait_ready()
