@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvstore.config import (CONFIG_ENV, DEFAULT_TCP, OPTIONS, ConfigError, Resolved, ServeConfig,
-                            resolve, to_toml)
+from kvstore.config import (CONFIG_ENV, OPTIONS, ConfigError, Resolved, ServeConfig, resolve,
+                            to_toml)
 from kvstore.errors import KVStoreError
+from kvstore.ipc import default_address
 from kvstore.keys import BlockHash, Namespace
 from kvstore.units import format_size
 
@@ -99,11 +100,14 @@ def _serve_args(serve: argparse.ArgumentParser) -> None:
         else:  # parsed by config.resolve, so every source gets the same checks and messages
             serve.add_argument(option.flag, dest=option.name, default=None, help=text,
                                action="append" if option.name == "tcp" else "store")
-    serve.add_argument("--no-tcp", action="store_true", help="listen only on --ipc")
+    serve.add_argument("--no-tcp", action="store_true",
+                       help="listen on no TCP address (overrides the environment and --config)")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=DEFAULT_TCP, help=f"daemon address (default {DEFAULT_TCP})")
+    p.add_argument("--address", default=default_address(),
+                   help=f"daemon address (default {default_address()}: the default daemon of "
+                        f"this uid on this host)")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
     p.add_argument("--curve-keys", type=Path, default=None, help="client keys from `kvstore keygen`")
 
@@ -112,6 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
     from kvstore.malloc import keep_large_buffers
     from kvstore.pool import HEADER_BYTES, Pool, PoolError
     from kvstore.server import AddressInUse, Server
+    from kvstore.tenants import AccessError
 
     flags = {option.name: getattr(args, option.name) for option in OPTIONS}
     if args.no_tcp:
@@ -136,6 +141,10 @@ def _serve(args: argparse.Namespace) -> int:
         pool.close()
         print(f"kvstore: error: {exc}", file=sys.stderr)
         return 1
+    except AccessError as exc:  # a bad CURVE key file or tenants.toml: a setting, exit 2
+        pool.close()
+        print(f"kvstore: error: {exc}", file=sys.stderr)
+        return 2
     if not _serve_metrics(server, resolved):
         server.close()
         return 1
@@ -144,10 +153,19 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"kvstore: listening on {', '.join(config.bind_addresses())}", flush=True)
     print(f"kvstore: segment {pool.path} ({format_size(pool.size_bytes)}, {slabs.num_pages} pages "
           f"of {format_size(slabs.page_bytes)}), policy {config.policy}"
-          f"{', CURVE on' if config.curve_dir else ''}", flush=True)
+          f"{_curve_note(server)}", flush=True)
     server.serve_forever()
     print("kvstore: stopped, segment removed", flush=True)
     return 0
+
+
+def _curve_note(server: Any) -> str:
+    if server.gate is None:
+        return ""
+    access = server.gate.access
+    tenants = (f", {access.num_tenants} tenants from {server.gate.keys_dir / 'tenants.toml'}"
+               if access.grants is not None else "")
+    return f", CURVE on ({len(access.keys)} client keys{tenants}; SIGHUP reloads them)"
 
 
 def _serve_metrics(server: Any, resolved: Resolved) -> bool:

@@ -19,6 +19,7 @@ import zmq
 
 from kvstore import protocol
 from kvstore.errors import ProtocolError, ServerError, ServerUnavailable, VersionMismatch
+from kvstore.ipc import default_address
 from kvstore.keys import Namespace, SlotId
 from kvstore.pool import Pool
 from kvstore.protocol import Op
@@ -32,6 +33,9 @@ _RECONNECT_IVL_MAX_MS = 1000
 # daemon restart a socket may sit in ZeroMQ's reconnect backoff for up to _RECONNECT_IVL_MAX_MS;
 # a new socket connects at once (a load right after a restart failed on this in the e2e tests).
 _STALE_SOCKET_WAIT_MS = 100
+
+# The default daemon of this uid on this host (kvstore serve with no address given).
+DEFAULT_ADDRESS = default_address()
 
 Buffer = Any  # anything exporting a writable (or readable, for puts) buffer: memoryview, numpy
 

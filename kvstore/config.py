@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from kvstore.ipc import default_ipc_path
 from kvstore.policy import DEFAULT_POLICY, POLICIES
+from kvstore.pool import SEGMENT_NAME_RE
 from kvstore.units import format_size, parse_size
 
-DEFAULT_TCP = "tcp://127.0.0.1:5555"
+DEFAULT_TCP = "tcp://127.0.0.1:5555"  # the customary TCP address; listened on only when given
 DEFAULT_POOL_BYTES = 2 * 1024**3
 MAX_PAGE_BYTES = 64 * 1024 * 1024  # a page holds 32 Llama-8B blocks of 2 MiB; see slabs.py
 MIN_PAGES = 8  # small pools still get several pages, so two models can share them
@@ -49,8 +51,8 @@ class ConfigError(ValueError):
 class ServeConfig:
     pool_bytes: int = DEFAULT_POOL_BYTES
     page_bytes: int | None = None  # None: min(64 MiB, pool / 8)
-    tcp: tuple[str, ...] = (DEFAULT_TCP,)
-    ipc: str | None = None
+    tcp: tuple[str, ...] = ()
+    ipc: str | None = None  # None: kvstore/ipc.py default_ipc_path(segment) when tcp is empty
     segment: str = "kvstore"
     log_level: str = "INFO"
     curve_dir: Path | None = None
@@ -67,11 +69,15 @@ class ServeConfig:
             return self.page_bytes
         return max(4096, min(MAX_PAGE_BYTES, self.pool_bytes // MIN_PAGES) // 4096 * 4096)
 
-    def bind_addresses(self) -> list[str]:
-        addresses = list(self.tcp)
+    def ipc_path(self) -> Path | None:
+        """The ipc socket to listen on: --ipc, or the private default when no TCP is given."""
         if self.ipc:
-            addresses.append(self.ipc if self.ipc.startswith("ipc://") else f"ipc://{self.ipc}")
-        return addresses
+            return Path(self.ipc.removeprefix("ipc://"))
+        return None if self.tcp else default_ipc_path(self.segment)
+
+    def bind_addresses(self) -> list[str]:
+        path = self.ipc_path()
+        return [*self.tcp, *([f"ipc://{path}"] if path is not None else [])]
 
     def validate(self) -> None:
         """Raise ConfigError with an operator-facing message when a setting is unusable."""
@@ -82,19 +88,24 @@ class ServeConfig:
         if self.pool_bytes < page:
             raise ConfigError(f"--pool-size {format_size(self.pool_bytes)} is smaller than one "
                               f"page ({format_size(page)})", "pool_size")
+        if not SEGMENT_NAME_RE.fullmatch(self.segment):  # fullmatch: no trailing newline
+            raise ConfigError(f"--segment: segment name {self.segment!r} must be 1-200 characters "
+                              f"of A-Z a-z 0-9 . _ -, starting with a letter or digit", "segment")
         if self.policy not in POLICIES:
             raise ConfigError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}",
                               "policy")
-        if not self.tcp and not self.ipc:
-            raise ConfigError("give at least one of --tcp or --ipc to listen on", "tcp")
         for addr in self.tcp:
             if not addr.startswith("tcp://"):
                 raise ConfigError(f"--tcp address must look like tcp://HOST:PORT, got {addr!r}",
                                   "tcp")
-            if not is_loopback(addr) and self.curve_dir is None and not self.insecure:
+            if self.curve_dir is None and not self.insecure:
+                # Loopback too: every local user can connect to it, whatever their uid.
+                who = "every local user" if is_loopback(addr) else "anyone who reaches it"
                 raise ConfigError(
-                    f"refusing to listen on {addr} without encryption: pass --curve-keys DIR "
-                    f"(make one with `kvstore keygen DIR`) or --insecure", "tcp")
+                    f"refusing to listen on {addr} without encryption: {who} could read and "
+                    f"overwrite every block; same-host clients can use the default ipc socket "
+                    f"(no --tcp), or pass --curve-keys DIR (make one with `kvstore keygen DIR`) "
+                    f"or --insecure", "tcp")
         for name, value in (("lease", self.lease_s), ("reserve_timeout", self.reserve_s)):
             if value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}", name)
@@ -203,8 +214,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("page_size", "page_bytes", _size,
            "size-class page, must hold one block (default min(64MiB, pool/8))"),
     Option("tcp", "tcp", _addresses,
-           "tcp://HOST:PORT addresses to listen on (flag repeatable; env comma-separated)"),
-    Option("ipc", "ipc", _text, "ipc:// path to listen on as well"),
+           "tcp://HOST:PORT addresses to listen on, none by default (flag repeatable; env "
+           "comma-separated); needs --curve-keys or --insecure"),
+    Option("ipc", "ipc", _text, "ipc:// path to listen on (default without --tcp: "
+           "/dev/shm/kvstore-sockets-UID/SEGMENT.sock, private to the daemon's uid)"),
     Option("segment", "segment", _text, "shared-memory name under /dev/shm"),
     Option("policy", "policy", _text, f"eviction policy: {', '.join(sorted(POLICIES))}"),
     Option("lease", "lease_s", _seconds, "seconds a lookup pins its hits"),
@@ -213,7 +226,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("ttl", "ttl_s", _seconds, "seconds a block lives (default forever)"),
     Option("curve_keys", "curve_dir", _path,
            "directory from `kvstore keygen`: encrypt and authenticate clients"),
-    Option("insecure", "insecure", _bool, "allow a non-loopback tcp address without CURVE keys",
+    Option("insecure", "insecure", _bool, "allow a tcp address (loopback too) without CURVE keys",
            is_switch=True),
     Option("log_level", "log_level", _log_level, f"one of {', '.join(LOG_LEVELS)}"),
     Option("metrics_port", "metrics_port", _port,

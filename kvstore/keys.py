@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import NewType
 
@@ -16,6 +17,8 @@ SlotId = NewType("SlotId", int)  # byte offset of a slot inside the shared segme
 
 MAX_HASH_BYTES = 64  # vLLM's sha256 digests are 32 bytes; leave room, refuse anything larger
 MAX_NAME_BYTES = 64
+TENANT_SEP = b"/"  # a namespace name b"<tenant>/<digest>" belongs to tenant (kvstore/tenants.py)
+TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # 32 + 1 + a 16-byte digest fit
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,3 +39,21 @@ def namespace_digest(identity: dict[str, object]) -> bytes:
 
 
 Key = tuple[Namespace, BlockHash]
+
+
+def with_tenant(tenant: str, name: bytes) -> bytes:
+    """name inside tenant's namespaces (unchanged for tenant ""); ValueError for a bad tenant."""
+    if not tenant:
+        return name
+    if not TENANT_RE.fullmatch(tenant):
+        raise ValueError(f"tenant {tenant!r} must be 1-32 characters of A-Z a-z 0-9 . _ -, "
+                         f"starting with a letter or digit")
+    return tenant.encode() + TENANT_SEP + name
+
+
+def tenant_of(name: bytes) -> str | None:
+    """The tenant a namespace name starts with, or None when it names none."""
+    head, sep, _ = name.partition(TENANT_SEP)
+    tenant = head.decode("ascii", "replace")
+    return tenant if sep and TENANT_RE.fullmatch(tenant) else None
+

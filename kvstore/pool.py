@@ -1,15 +1,19 @@
 """The shared-memory segment that holds every slot: created by the daemon, attached by clients.
 
 Memory only: no bookkeeping of what is stored where (that is store.py). The first page is a header
-(magic, owner pid, a random token) so a client can prove it mapped the daemon's live segment.
+(magic, owner pid, a random token) so a client can prove it mapped the daemon's live segment. The
+daemon holds an flock on the segment while it lives; that lock is how another daemon tells a live
+segment from one a killed daemon left behind.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
 import secrets
+import stat
 import struct
 from pathlib import Path
 
@@ -17,7 +21,8 @@ SHM_DIR = Path("/dev/shm")
 HEADER_BYTES = 4096  # one page; slots start page-aligned after it
 _MAGIC = b"KVSTORE1"
 _HEADER = struct.Struct("<8sQ16s")  # magic, owner pid, token
-_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+# Not "." or "..", nor a leading dot (the daemon's temporary names): a letter or digit first.
+SEGMENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 class PoolError(Exception):
@@ -25,8 +30,9 @@ class PoolError(Exception):
 
 
 def segment_path(name: str) -> Path:
-    if not _NAME_RE.match(name):
-        raise PoolError(f"segment name {name!r} must be 1-200 characters of A-Z a-z 0-9 . _ -")
+    if not SEGMENT_NAME_RE.fullmatch(name):  # match() with $ would accept a trailing newline
+        raise PoolError(f"segment name {name!r} must be 1-200 characters of A-Z a-z 0-9 . _ -, "
+                        f"starting with a letter or digit")
     return SHM_DIR / name
 
 
@@ -44,30 +50,38 @@ class Pool:
 
     @classmethod
     def create(cls, name: str, size_bytes: int) -> Pool:
-        """Create the segment with mode 0600 and reserve all of its memory up front."""
+        """Create the segment with mode 0600, reserve all of its memory up front, and hold its
+        lock for the pool's lifetime: the lock, not a pid, tells other daemons it is live."""
         path = segment_path(name)
         _remove_if_stale(path)
+        # Built under a temporary name, locked, then linked into place: the segment never
+        # appears without its header and its lock, so no other daemon can judge it stale.
+        tmp = SHM_DIR / f".kvstore-new-{secrets.token_hex(8)}"
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        except FileExistsError:
-            raise PoolError(f"segment {path} is in use by a running daemon "
-                            f"(choose another --segment name)") from None
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except OSError as exc:
             raise PoolError(f"cannot create segment {path}: {exc.strerror}") from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
         try:
             os.fchmod(fd, 0o600)  # the umask cannot widen it, but be explicit
             # Reserve the memory now: a full /dev/shm fails here, not with SIGBUS mid-write.
             os.posix_fallocate(fd, 0, size_bytes)
         except OSError as exc:
             os.close(fd)
-            path.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             free = _shm_free_bytes()
             raise PoolError(f"cannot reserve {size_bytes / 2**30:.1f} GiB in {SHM_DIR} "
                             f"({free / 2**30:.1f} GiB free): {exc.strerror}") from None
         token = secrets.token_bytes(16)
-        pool = cls(path, fd, size_bytes, token, is_owner=True)
+        pool = cls(tmp, fd, size_bytes, token, is_owner=True)
         _HEADER.pack_into(pool.buffer, 0, _MAGIC, os.getpid(), token)
-        _CREATED_HERE.add(path)
+        try:
+            _link_into_place(tmp, path)
+        except BaseException:
+            pool.close()  # removes the temporary name
+            raise
+        pool.path = path
+        tmp.unlink()
         return pool
 
     @classmethod
@@ -102,17 +116,21 @@ class Pool:
         """
         if self._fd < 0:
             return
-        os.close(self._fd)
-        self._fd = -1
-        if not self.is_owner:
-            return
-        try:
-            self.buffer.release()
-            self._map.close()
-        except BufferError:
-            pass  # a view is still exported (e.g. a frame in flight); the OS unmaps at exit
-        self.path.unlink(missing_ok=True)
-        _CREATED_HERE.discard(self.path)
+        fd, self._fd = self._fd, -1
+        if self.is_owner:
+            # Remove the name while still holding the lock: once the lock goes, another daemon
+            # may create a new segment under this name, which must not be unlinked here.
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+            try:
+                self.buffer.release()
+                self._map.close()
+            except BufferError:
+                pass  # a view is still exported (e.g. a frame in flight); the OS unmaps at exit
+        os.close(fd)
 
 
 def _shm_free_bytes() -> int:
@@ -120,26 +138,77 @@ def _shm_free_bytes() -> int:
     return st.f_bavail * st.f_frsize
 
 
-_CREATED_HERE: set[Path] = set()  # segments this process created (a same-pid owner that is live)
+def _link_into_place(tmp: Path, path: Path) -> None:
+    """Give the ready, locked segment at tmp its name; PoolError when the name is taken."""
+    for _ in range(3):  # a stale segment removed between tries can only be replaced so often
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            _remove_if_stale(path)
+        except OSError as exc:
+            raise PoolError(f"cannot create segment {path}: {exc.strerror}") from None
+    raise PoolError(f"segment {path} keeps being created by another process: choose another "
+                    f"--segment name")
 
 
 def _remove_if_stale(path: Path) -> None:
-    """Remove a segment left by a daemon that died without cleaning up (its pid is gone)."""
+    """Remove a segment no live daemon holds; PoolError saying why when it may not be removed.
+
+    A daemon holds an exclusive flock on its segment for its lifetime, and the kernel drops it
+    when the process dies. Unlike a pid in the header, the lock is seen the same from every pid
+    namespace that shares /dev/shm (two containers each running their daemon as pid 1).
+    """
     try:
-        with open(path, "rb") as f:
-            magic, pid, _ = _HEADER.unpack(f.read(_HEADER.size))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        owner = _owner(path)
+        if owner is not None and owner != os.geteuid():
+            raise PoolError(_not_ours(path, owner)) from None
+        raise PoolError(f"cannot open existing segment {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _header_pid(fd)
+            raise PoolError(f"segment {path} is in use by a running daemon"
+                            f"{f' (pid {pid} in its pid namespace)' if pid else ''}: choose "
+                            f"another --segment name") from None
+        if st.st_uid != os.geteuid():
+            raise PoolError(_not_ours(path, st.st_uid))
+        if not stat.S_ISREG(st.st_mode) or _header_pid(fd) is None:
+            raise PoolError(f"{path} exists and is not a kvstore segment: choose another "
+                            f"--segment name, or remove the file")
+        # Stale. Unlink only if the name still means this file: a daemon that removed it first
+        # may have linked its own live segment there since.
+        try:
+            if os.stat(path).st_ino == st.st_ino:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+    finally:
+        os.close(fd)
+
+
+def _header_pid(fd: int) -> int | None:
+    """The owner pid in a kvstore segment's header; None when the file is not a segment."""
+    try:
+        magic, pid, _ = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
     except (OSError, struct.error):
-        return
-    if magic != _MAGIC:
-        return
-    if pid == os.getpid() and path not in _CREATED_HERE:
-        # In a container the daemon is usually pid 1 (or the same small pid) on every start, so a
-        # segment left by a killed predecessor on a shared /dev/shm names our own pid.
-        path.unlink(missing_ok=True)
-        return
+        return None
+    return int(pid) if magic == _MAGIC else None
+
+
+def _owner(path: Path) -> int | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        path.unlink(missing_ok=True)
-    except PermissionError:
-        pass  # alive, owned by someone else
+        return os.lstat(path).st_uid
+    except OSError:
+        return None
+
+
+def _not_ours(path: Path, uid: int) -> str:
+    return (f"{path} exists and belongs to uid {uid}, not to this daemon's uid {os.geteuid()}: "
+            f"choose another --segment name, or have its owner remove it")

@@ -13,13 +13,15 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from kvstore import protocol
+from kvstore import ipc, protocol
 from kvstore.config import ServeConfig
 from kvstore.errors import ProtocolError
+from kvstore.gate import Gate, user_id
 from kvstore.index import Entry
 from kvstore.keys import Namespace, SlotId
 from kvstore.metrics import Metrics, ServerCounters, error_kinds, namespace_label
@@ -59,7 +61,11 @@ class Server:
         self._op_names = {op: op.name.lower() for op in Op}
         self._transfer_path: str | None = None  # set by a handler that moves KV bytes
         self.ctx = ctx or zmq.Context()
-        self._auth: Any = None
+        # CURVE keys and tenants; None without --curve-keys. Read before anything listens.
+        self.gate = Gate(config.curve_dir) if config.curve_dir is not None else None
+        self._user_id: str | None = None  # the CURVE key of the request being handled
+        self._ipc: tuple[Path, int] | None = None  # the socket file we bound, and its inode
+        self._reload_requested = False
         self.sock = self._bind()
         self._in_flight: list[tuple[zmq.MessageTracker, int]] = []  # TCP GET sends holding pins
         self._stopping = False
@@ -81,32 +87,43 @@ class Server:
         # Bound one frame: no payload frame is larger than a chunk, no header larger than its max.
         sock.setsockopt(zmq.MAXMSGSIZE, max(protocol.CHUNK_BYTES, protocol.MAX_HEADER_BYTES))
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
-        if self.config.curve_dir is not None:
-            self._enable_curve(sock)
-        for addr in self.config.bind_addresses():
-            try:
-                sock.bind(addr)
-            except zmq.ZMQError as exc:
-                sock.close(0)
-                if exc.errno == zmq.EADDRINUSE:
-                    raise AddressInUse(f"address {addr} is already in use") from None
-                raise AddressInUse(f"cannot listen on {addr}: {exc.strerror}") from None
+        if self.gate is not None:
+            self.gate.enable(self.ctx, sock)
+        try:
+            for addr in self.config.tcp:
+                try:
+                    sock.bind(addr)
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EADDRINUSE:
+                        raise AddressInUse(f"address {addr} is already in use") from None
+                    raise AddressInUse(f"cannot listen on {addr}: {exc.strerror}") from None
+            path = self.config.ipc_path()
+            if path is not None:
+                self._bind_ipc(sock, path)
+        except BaseException:
+            sock.close(0)
+            if self.gate is not None:
+                self.gate.stop()
+            raise
         return sock
 
-    def _enable_curve(self, sock: zmq.Socket) -> None:
-        from zmq.auth import load_certificate
-        from zmq.auth.thread import ThreadAuthenticator
-
-        keys = self.config.curve_dir
-        assert keys is not None
-        public, secret = load_certificate(keys / "server.key_secret")
-        assert secret is not None, "server.key_secret holds no secret key"
-        # ZAP: only clients whose public keys sit in DIR/clients/ may connect.
-        self._auth = ThreadAuthenticator(self.ctx)
-        self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(keys / "clients"))
-        sock.curve_publickey, sock.curve_secretkey = public, secret
-        sock.curve_server = True
+    def _bind_ipc(self, sock: zmq.Socket, path: Path) -> None:
+        """Bind the ipc socket mode 0600 (the default one in a directory private to our uid)."""
+        try:
+            if self.config.ipc is None:
+                ipc.ensure_private_dir(path.parent)
+            ipc.prepare_bind(path)
+        except ipc.IpcError as exc:
+            raise AddressInUse(str(exc)) from None
+        umask = os.umask(0o077)  # no window in which another uid may connect
+        try:
+            sock.bind(f"ipc://{path}")
+        except zmq.ZMQError as exc:
+            raise AddressInUse(f"cannot listen on ipc://{path}: {exc.strerror}") from None
+        finally:
+            os.umask(umask)
+        ipc.restrict(path)
+        self._ipc = (path, os.lstat(path).st_ino)
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish its current request and exit (signal-handler safe)."""
@@ -115,6 +132,17 @@ class Server:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGHUP, self._request_reload)
+
+    def _request_reload(self, *_: Any) -> None:
+        self._reload_requested = True  # the loop reloads between messages
+
+    def _reload(self) -> None:
+        self._reload_requested = False
+        if self.gate is None:
+            log.warning("SIGHUP: nothing to reload without --curve-keys")
+        else:
+            self.gate.reload()
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
@@ -129,6 +157,8 @@ class Server:
                     raise
                 if ready:
                     self._drain()
+                if self._reload_requested:
+                    self._reload()
                 self._maintain()
         finally:
             self.close()
@@ -136,9 +166,11 @@ class Server:
     def close(self) -> None:
         self.metrics.close()
         self.sock.close(0)
-        if self._auth is not None:
-            self._auth.stop()
+        if self.gate is not None:
+            self.gate.stop()
         self.ctx.term()
+        if self._ipc is not None:
+            ipc.remove(*self._ipc)  # ZeroMQ leaves the socket file behind
         self.pool.close()
 
     # --- the loop --------------------------------------------------------------------------
@@ -161,6 +193,11 @@ class Server:
             req_id, op = request.req_id, request.op
             name = self._op_names[op]
             self.counters.num_requests[name] = self.counters.num_requests.get(name, 0) + 1
+            if self.gate is not None:
+                self._user_id = user_id(body[0])
+                refusal = self.gate.refusal(request, self._user_id)
+                if refusal is not None:
+                    raise _Refused("forbidden", refusal)
             reply = self._handlers[op](request, body[1:])
         except ProtocolError as exc:
             errors["protocol"] += 1
@@ -347,7 +384,10 @@ class Server:
         return [protocol.encode_reply(req.req_id, released=self.store.unpin(req.lease))]
 
     def _stats(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
-        return [protocol.encode_reply(req.req_id, stats=self.stats())]
+        stats = self.stats()
+        if self.gate is not None:
+            stats["namespaces"] = self.gate.visible(self._user_id, stats["namespaces"])
+        return [protocol.encode_reply(req.req_id, stats=stats)]
 
     def _invalidate(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
         num = self.store.invalidate(req.name, req.below_epoch)

@@ -43,18 +43,25 @@ class Daemon:
     port: int = field(default_factory=free_port)
     segment: str = field(default_factory=lambda: f"kvstore-test-{uuid.uuid4().hex[:12]}")
     client_keys: Path | None = None  # with --curve-keys: the keys the readiness check uses
+    # Loopback TCP without keys needs --insecure (any local user could connect); tests pass it.
+    insecure: bool = True
+    listen_tcp: bool = True  # False: no --tcp, the daemon's default ipc socket for its segment
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
     @property
     def address(self) -> str:
+        if not self.listen_tcp:  # kvstore/ipc.py default_ipc_path, spelled out for old code
+            return f"ipc:///dev/shm/kvstore-sockets-{os.geteuid()}/{self.segment}.sock"
         return f"tcp://127.0.0.1:{self.port}"
 
     def start(self, wait: bool = True) -> Daemon:
         args = [sys.executable, "-m", "kvstore.cli", "serve",
                 *(["--pool-size", self.pool_size] if self.pool_size else []),
-                "--tcp", self.address, "--segment", self.segment, "--log-level", "WARNING",
-                *self.extra_args]
+                *(["--tcp", self.address] if self.listen_tcp else []),
+                "--segment", self.segment, "--log-level", "WARNING", *self.extra_args]
+        if self.listen_tcp and self.insecure and self.client_keys is None:
+            args.append("--insecure")
         if self.page_size:
             args += ["--page-size", self.page_size]
         if not {"--metrics-port", "--config"} & set(self.extra_args):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from connectors.vllm_v1.config import checked_setting
+from kvstore.client import DEFAULT_ADDRESS
 
 # Keys LMCache itself reads under the same prefix to find the plugin class.
 _LMCACHE_OWN_KEYS = frozenset({"module_path", "class_name"})
@@ -15,7 +16,7 @@ _LMCACHE_OWN_KEYS = frozenset({"module_path", "class_name"})
 
 @dataclass(slots=True, frozen=True)
 class PluginConfig:
-    address: str = "tcp://127.0.0.1:5555"
+    address: str = DEFAULT_ADDRESS  # the default daemon of this uid on this host (ipc)
     timeout_ms: int = 1000  # one daemon call; a dead daemon costs at most this per pause
     retry_interval_ms: int = 1000  # after a failure, skip the daemon this long (doubling to 32x)
     lease_ms: int = 30_000  # how long a pinned lookup keeps its hits from eviction

@@ -11,12 +11,13 @@ import platform
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvstore.keys import Namespace, namespace_digest
+from kvstore.client import DEFAULT_ADDRESS
+from kvstore.keys import Namespace, namespace_digest, with_tenant
 
 
 @dataclass(slots=True, frozen=True)
 class ConnectorConfig:
-    address: str = "tcp://127.0.0.1:5555"
+    address: str = DEFAULT_ADDRESS  # the default daemon of this uid on this host (ipc)
     timeout_ms: int = 1000  # one daemon call
     lookup_timeout_ms: int = 200  # scheduler: give up a lookup and report a miss after this
     lookup_wait_ms: int = 5  # scheduler: wait this long for a lookup before asking again later
@@ -29,6 +30,7 @@ class ConnectorConfig:
     save: bool = True  # store newly computed full blocks
     curve_keys: str | None = None  # client keys from `kvstore keygen`
     namespace: str = ""  # extra operator-chosen identity (e.g. a weights revision)
+    tenant: str = ""  # the daemon's tenant (DIR/tenants.toml) whose namespaces this model uses
     # Fault injection for tests only: wait this long before each load, so a test can kill the
     # daemon between a lookup that hit and the load that follows it.
     fault_load_delay_ms: int = 0
@@ -43,6 +45,7 @@ class ConnectorConfig:
         values: dict[str, Any] = {}
         for key, value in extra.items():
             values[key] = checked_setting(f"kvstore setting {key!r}", value, getattr(cls(), key))
+        with_tenant(values.get("tenant", ""), b"")  # a bad tenant: ValueError naming what is allowed
         return cls(**values)
 
 
@@ -78,7 +81,7 @@ def make_namespace(vllm_config: Any, config: ConnectorConfig, rank: int = 0) -> 
     """The namespace of this model's blocks for one tensor/pipeline-parallel rank."""
     identity = model_identity(vllm_config, config)
     identity["rank"] = rank
-    return Namespace(namespace_digest(identity), config.epoch)
+    return Namespace(with_tenant(config.tenant, namespace_digest(identity)), config.epoch)
 
 
 def _device_kind() -> str:

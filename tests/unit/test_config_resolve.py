@@ -87,7 +87,7 @@ def test_values_take_their_natural_form_in_each_source(tmp_path: Path) -> None:
 def test_print_config_is_toml_that_reads_back_to_the_same_config(tmp_path: Path) -> None:
     """to_toml() output is valid TOML, comments each value's source, and resolves back."""
     path = write(tmp_path, '[serve]\nttl = 30\npage_size = "4MiB"\n')
-    resolved = resolve({"pool_size": "64MiB", "tcp": ["tcp://127.0.0.1:7"]},
+    resolved = resolve({"pool_size": "64MiB", "tcp": ["tcp://127.0.0.1:7"], "insecure": True},
                        {"KVSTORE_METRICS_HOST": "0.0.0.0"}, path)
     text = to_toml(resolved)
     assert "pool_size = 67108864  # 64.0 MiB; flag --pool-size" in text

@@ -23,9 +23,12 @@ ALLOWED: dict[str, set[str]] = {
     "policy": {"keys", "index"},
     "store": {"keys", "index", "policy", "slabs"},
     "protocol": {"keys", "errors"},
-    "client": {"protocol", "keys", "errors", "pool"},
+    "client": {"protocol", "keys", "errors", "pool", "ipc"},
+    "ipc": set(),
+    "tenants": {"keys"},
+    "gate": {"protocol", "keys", "errors", "tenants"},
     "metrics": {"store", "protocol", "keys", "index", "policy", "slabs"},
-    "config": {"policy", "units"},
+    "config": {"policy", "units", "ipc", "pool"},
 }
 NEVER_FROM_CONNECTORS = {"server", "store", "index"}
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 
 from kvstore.config import DEFAULT_TCP, MAX_PAGE_BYTES, ConfigError, ServeConfig, is_loopback
+from kvstore.ipc import default_address
 from kvstore.policy import POLICIES
 from kvstore.units import format_size, parse_size
 
@@ -53,10 +54,11 @@ def test_format_size_parses_back_within_rounding(num_bytes: int) -> None:
 
 # --- ServeConfig.validate --------------------------------------------------------------------
 def test_default_config_is_valid() -> None:
-    """The defaults listen on loopback only and pass validation."""
+    """The defaults listen on no TCP address, only on the ipc socket private to this uid."""
     config = ServeConfig()
     config.validate()
-    assert config.tcp == (DEFAULT_TCP,) and is_loopback(DEFAULT_TCP)
+    assert config.tcp == ()
+    assert config.bind_addresses() == [default_address()]  # segment "kvstore": the clients' default
 
 
 @pytest.mark.parametrize("addr", ["tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:5555",
@@ -75,17 +77,19 @@ def test_insecure_flag_or_curve_keys_allow_non_loopback_tcp(tmp_path: Path) -> N
     ServeConfig(tcp=("tcp://0.0.0.0:5555",), curve_dir=tmp_path).validate()
 
 
-@pytest.mark.parametrize("addr", ["tcp://127.0.0.1:1", "tcp://127.8.9.10:1", "tcp://localhost:1",
+@pytest.mark.parametrize("addr", [DEFAULT_TCP, "tcp://127.8.9.10:1", "tcp://localhost:1",
                                   "tcp://[::1]:1"])
-def test_loopback_addresses_need_no_keys(addr: str) -> None:
-    """Every loopback form is accepted without encryption."""
+def test_loopback_addresses_need_keys_or_insecure(addr: str) -> None:
+    """Every local user can connect to a loopback port: without keys it needs --insecure."""
     assert is_loopback(addr)
-    ServeConfig(tcp=(addr,)).validate()
+    with pytest.raises(ConfigError, match="every local user") as info:
+        ServeConfig(tcp=(addr,)).validate()
+    assert "--insecure" in str(info.value) and "ipc" in str(info.value)
+    ServeConfig(tcp=(addr,), insecure=True).validate()
 
 
 @pytest.mark.parametrize(("changes", "needle"), [
     ({"tcp": ("127.0.0.1:5555",)}, "tcp://HOST:PORT"),
-    ({"tcp": (), "ipc": None}, "--tcp or --ipc"),
     ({"policy": "fifo"}, "--policy must be one of"),
     ({"page_bytes": 5000}, "--page-size"),
     ({"page_bytes": 0}, "--page-size"),

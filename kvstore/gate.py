@@ -1,0 +1,92 @@
+"""The daemon's door: CURVE authentication (ZAP) of client keys and, per request, whether the
+request's key may use the namespace it names (kvstore/tenants.py). Reloaded on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from kvstore.protocol import Op, Request
+from kvstore.tenants import Access, AccessError, load_access
+
+log = logging.getLogger("kvstore.server")
+
+_READ_OPS = frozenset({Op.LOOKUP, Op.GET})
+_WRITE_OPS = frozenset({Op.RESERVE, Op.PUT, Op.COMMIT, Op.ABORT})
+_REVOKED = "this client key is no longer admitted (removed from the clients directory)"
+
+
+class Gate:
+    """Admits CURVE client keys and checks each request against the tenants file."""
+
+    def __init__(self, keys_dir: Path) -> None:
+        self.keys_dir = keys_dir
+        # Read before anything listens: a bad key file stops the start (AccessError).
+        self.access: Access = load_access(keys_dir)
+        self._auth: Any = None
+
+    def enable(self, ctx: zmq.Context, sock: zmq.Socket) -> None:
+        """Make sock a CURVE server whose clients this gate admits."""
+        from zmq.auth import load_certificate
+        from zmq.auth.thread import ThreadAuthenticator
+
+        public, secret = load_certificate(self.keys_dir / "server.key_secret")
+        assert secret is not None, "server.key_secret holds no secret key"
+        # ZAP asks callback() about each new connection; the User-Id of the connection's
+        # messages is then its z85 public key (pyzmq's curve_user_id).
+        self._auth = ThreadAuthenticator(ctx)
+        self._auth.start()
+        self._auth.configure_curve_callback(domain="*", credentials_provider=self)
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_server = True
+
+    def stop(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP (authenticator thread): whether a z85 client key is admitted right now."""
+        return key.decode("ascii", "replace") in self.access.keys  # one read; reload swaps it
+
+    def reload(self) -> None:
+        """Re-read the clients directory and tenants file; a bad one changes nothing and is
+        logged naming the file. New connections and every later request see the new rules."""
+        try:
+            access = load_access(self.keys_dir)
+        except AccessError as exc:
+            log.error("reload failed, the keys in force stay: %s", exc)
+            return
+        self.access = access
+        log.warning("reloaded %s: %d client keys, %s", self.keys_dir, len(access.keys),
+                    f"{access.num_tenants} tenants" if access.grants is not None
+                    else "no tenants file")
+
+    def refusal(self, req: Request, user_id: str | None) -> str | None:
+        """Why the key user_id may not make req; None when it may."""
+        if req.op in _READ_OPS or req.op in _WRITE_OPS:
+            assert req.ns is not None
+            return self.access.refusal(user_id, req.ns.name, req.op in _WRITE_OPS)
+        if req.op is Op.INVALIDATE:
+            return self.access.refusal(user_id, req.name, write=True)
+        return None if user_id in self.access.keys else _REVOKED
+
+    def visible(self, user_id: str | None, namespaces: dict[str, Any]) -> dict[str, Any]:
+        """The STATS namespaces (hex name -> stats) the key may see: other tenants' names,
+        counts and hottest hashes are theirs."""
+        if self.access.is_admin(user_id):
+            return namespaces
+        return {k: v for k, v in namespaces.items()
+                if self.access.can_read(user_id, bytes.fromhex(k))}
+
+
+def user_id(frame: zmq.Frame) -> str | None:
+    """The User-Id ZAP gave the connection a frame came on (its z85 CURVE key)."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
