@@ -5,7 +5,7 @@
         "kv_connector_module_path": "connectors.vllm_v1.connector",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"address": "tcp://127.0.0.1:5555"},
+        "kv_connector_extra_config": {"epoch": 0},  # address: the default daemon (ipc)
     }
 
 With vLLM's stats on, its KV connector stats carry prompt tokens per tier and load/save counters
