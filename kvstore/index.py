@@ -62,6 +62,8 @@ class Index:
     # parent committed after its children (two writers, or a re-stored prefix) adopts them.
     _by_parent: dict[Key, set[Entry]] = field(default_factory=dict)
     _seq: Iterator[int] = field(default_factory=itertools.count)
+    # Namespaces (all epochs) of each name: INVALIDATE finds its tables without scanning others.
+    _by_name: dict[bytes, set[Namespace]] = field(default_factory=dict)
     num_entries: int = 0
 
     def get(self, key: Key) -> Entry | None:
@@ -80,13 +82,25 @@ class Index:
             if entry is None or entry.state is not committed or entry.deadline_s <= now:
                 break
             append(entry)
+        if len(found) > 1 and len(set(map(id, found))) < len(found):
+            # A chain never names a block twice (hashes chain their parent): the match ends at
+            # the first repeat, so one lease cannot pin a block thousands of times (issue 10).
+            seen: set[int] = set()
+            for i, entry in enumerate(found):
+                if id(entry) in seen:
+                    return found[:i]
+                seen.add(id(entry))
         return found
 
     def add_reserved(self, key: Key, slot: SlotId, nbytes: int,
                      parent_hash: BlockHash | None, deadline_s: float) -> Entry:
         assert self.get(key) is None, f"key already present: {key!r}"
         entry = Entry(key, slot, nbytes, parent_hash, State.RESERVED, deadline_s)
-        self.tables.setdefault(key[0], {})[key[1]] = entry
+        table = self.tables.get(key[0])
+        if table is None:
+            table = self.tables[key[0]] = {}
+            self._by_name.setdefault(key[0].name, set()).add(key[0])
+        table[key[1]] = entry
         self.num_entries += 1
         heapq.heappush(self._reserve_heap, (deadline_s, next(self._seq), entry))
         return entry
@@ -113,10 +127,13 @@ class Index:
     def detach(self, entry: Entry) -> None:
         """Remove an entry from the table; its slot is freed by the caller once unpinned."""
         assert entry.is_live, "detach of a dead entry"
-        table = self.tables[entry.key[0]]
-        del table[entry.key[1]]
-        if not table:
-            del self.tables[entry.key[0]]
+        ns, block_hash = entry.key
+        table = self.tables.get(ns)
+        # Not there when its table was taken by take_tables(); the caller drains that one.
+        if table is not None and table.get(block_hash) is entry:
+            del table[block_hash]
+            if not table:
+                self._drop_table(ns)
         self.num_entries -= 1
         entry.is_live = False
         parent_key = _parent_key(entry)
@@ -132,6 +149,30 @@ class Index:
             if child.parent is entry:  # orphaned until this key is committed again
                 child.parent = None
         entry.num_children = 0
+
+    def take_tables(self, name: bytes, below_epoch: int | None) -> list[dict[BlockHash, Entry]]:
+        """Unlink the tables of a namespace name (epochs < below_epoch, or all) and return them.
+
+        Their entries vanish from lookups at once but stay live (counted, in the policy, holding
+        slots) until the caller detaches each: an invalidate of millions runs in slices.
+        """
+        doomed = [ns for ns in self._by_name.get(name, ())
+                  if below_epoch is None or ns.epoch < below_epoch]
+        tables = [self.tables[ns] for ns in doomed]
+        for ns in doomed:
+            self._drop_table(ns)
+        return tables
+
+    def namespaces_of(self, name: bytes) -> list[Namespace]:
+        """The namespaces (epochs) of a name that hold entries."""
+        return list(self._by_name.get(name, ()))
+
+    def _drop_table(self, ns: Namespace) -> None:
+        del self.tables[ns]
+        names = self._by_name[ns.name]
+        names.discard(ns)
+        if not names:
+            del self._by_name[ns.name]
 
     def new_lease_id(self) -> int:
         """An unused lease id. Random, not sequential: a client cannot release or consume
@@ -163,27 +204,28 @@ class Index:
             assert entry.num_pins >= 0, "negative pin count"
         return lease.entries
 
-    def expired_leases(self, now: float) -> list[int]:
-        """Ids of leases past their deadline (still held; the caller unpins them)."""
-        expired = []
-        while self._lease_heap and self._lease_heap[0][0] <= now:
+    def expired_leases(self, now: float, limit: float = float("inf")) -> list[int]:
+        """Ids of up to limit leases past their deadline (still held; the caller unpins them)."""
+        expired: list[int] = []
+        while self._lease_heap and self._lease_heap[0][0] <= now and len(expired) < limit:
             _, lease_id = heapq.heappop(self._lease_heap)
             if lease_id in self.leases:
                 expired.append(lease_id)
         return expired
 
-    def expired_reservations(self, now: float) -> list[Entry]:
-        """Reserved entries past their abandon deadline."""
-        return self._pop_due(self._reserve_heap, now, State.RESERVED)
+    def expired_reservations(self, now: float, limit: float = float("inf")) -> list[Entry]:
+        """Up to limit reserved entries past their abandon deadline."""
+        return self._pop_due(self._reserve_heap, now, State.RESERVED, limit)
 
-    def expired_entries(self, now: float) -> list[Entry]:
-        """Committed entries past their TTL."""
-        return self._pop_due(self._ttl_heap, now, State.COMMITTED)
+    def expired_entries(self, now: float, limit: float = float("inf")) -> list[Entry]:
+        """Up to limit committed entries past their TTL."""
+        return self._pop_due(self._ttl_heap, now, State.COMMITTED, limit)
 
     @staticmethod
-    def _pop_due(heap: list[tuple[float, int, Entry]], now: float, state: State) -> list[Entry]:
-        due = []
-        while heap and heap[0][0] <= now:
+    def _pop_due(heap: list[tuple[float, int, Entry]], now: float, state: State,
+                 limit: float) -> list[Entry]:
+        due: list[Entry] = []
+        while heap and heap[0][0] <= now and len(due) < limit:
             deadline_s, _, entry = heapq.heappop(heap)
             # Stale heap rows (entry since committed, removed or re-dated) are skipped.
             if entry.is_live and entry.state is state and entry.deadline_s == deadline_s:

@@ -7,6 +7,7 @@ different block sizes share one segment and waste at most a page tail (less than
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 from kvstore.keys import SlotId
@@ -21,19 +22,31 @@ def round_up(nbytes: int, align: int) -> int:
 
 @dataclass(slots=True)
 class _Page:
+    """One page. Slots are handed out by a bump index first, then from the stack of freed ones,
+    and a byte per slot says whether it is in use: alloc and free cost O(1) whatever the number
+    of slots (a free used to search a list of up to 524,288 free slots: issue 10)."""
+
     offset: int
     slot_bytes: int = 0  # 0 while the page is free
-    free_slots: list[SlotId] = field(default_factory=list)
+    num_slots: int = 0
+    num_fresh: int = 0  # slots [0, num_fresh) have been handed out at least once
+    freed: array[int] = field(default_factory=lambda: array("q"))  # slot indexes, stack
+    in_use: bytearray = field(default_factory=bytearray)  # 1 per slot in use
     num_used: int = 0
 
 
 class Slabs:
     """Allocates slots of a block's rounded size from pages of page_bytes each."""
 
-    def __init__(self, base_offset: int, num_pages: int, page_bytes: int) -> None:
+    def __init__(self, base_offset: int, num_pages: int, page_bytes: int,
+                 min_slot_bytes: int = SLOT_ALIGN_BYTES) -> None:
         if num_pages < 1:
             raise ValueError("the pool must hold at least one page")
         self.page_bytes = page_bytes
+        # Every block takes at least this much: bounds the number of blocks, and so the index's
+        # memory, by the pool's size (docs/operating.md, Memory the node must have).
+        self.min_slot_bytes = round_up(max(min_slot_bytes, 1), SLOT_ALIGN_BYTES)
+        self.num_slots_in_use = 0
         self._base = base_offset
         self._pages = [_Page(base_offset + i * page_bytes) for i in range(num_pages)]
         self._free_pages = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
@@ -49,7 +62,7 @@ class Slabs:
 
     def slot_bytes_for(self, nbytes: int) -> int:
         """The slot size a block of nbytes occupies."""
-        return round_up(max(nbytes, 1), SLOT_ALIGN_BYTES)
+        return round_up(max(nbytes, self.min_slot_bytes), SLOT_ALIGN_BYTES)
 
     def fits(self, nbytes: int) -> bool:
         """Whether a block of nbytes can ever be stored (it must fit in one page)."""
@@ -75,24 +88,34 @@ class Slabs:
         else:
             return None
         page = self._pages[page_idx]
-        slot = page.free_slots.pop()
+        if page.freed:
+            idx = page.freed.pop()
+        else:
+            idx = page.num_fresh
+            page.num_fresh += 1
+        page.in_use[idx] = 1
         page.num_used += 1
-        if not page.free_slots:
+        self.num_slots_in_use += 1
+        if page.num_used == page.num_slots:
             partial.discard(page_idx)
-        return slot
+        return SlotId(page.offset + idx * page.slot_bytes)
 
     def free(self, slot: SlotId) -> None:
         """Return a slot; its page goes back to the free list when empty."""
         page_idx = self.page_of(slot)
         page = self._pages[page_idx]
-        assert page.num_used > 0 and slot not in page.free_slots, f"double free of slot {slot}"
-        page.free_slots.append(slot)
+        idx, rest = divmod(slot - page.offset, page.slot_bytes or 1)
+        assert page.slot_bytes and not rest and page.in_use[idx], f"double free of slot {slot}"
+        page.in_use[idx] = 0
         page.num_used -= 1
+        self.num_slots_in_use -= 1
         if page.num_used == 0:
             self._partial[page.slot_bytes].discard(page_idx)
-            page.slot_bytes, page.free_slots = 0, []
+            page.slot_bytes, page.num_slots, page.num_fresh = 0, 0, 0
+            page.freed, page.in_use = array("q"), bytearray()
             self._free_pages.append(page_idx)
         else:
+            page.freed.append(idx)
             self._partial[page.slot_bytes].add(page_idx)
 
     def page_of(self, slot: SlotId) -> int:
@@ -106,7 +129,7 @@ class Slabs:
         return self._pages[page_idx].num_used
 
     def num_slots_used(self) -> int:
-        return sum(p.num_used for p in self._pages)
+        return self.num_slots_in_use
 
     def bytes_wasted(self) -> int:
         """Bytes in open pages that no slot of the page's size can use (page tails)."""
@@ -114,7 +137,6 @@ class Slabs:
 
     def _open_page(self, page_idx: int, slot_bytes: int) -> None:
         page = self._pages[page_idx]
-        num_slots = self.page_bytes // slot_bytes
         page.slot_bytes = slot_bytes
-        # Reversed so pop() hands out slots in address order: sequential writes stay sequential.
-        page.free_slots = [SlotId(page.offset + i * slot_bytes) for i in range(num_slots - 1, -1, -1)]
+        page.num_slots = self.page_bytes // slot_bytes
+        page.in_use = bytearray(page.num_slots)  # bump index first: slots go in address order

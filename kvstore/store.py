@@ -7,8 +7,9 @@ through pool.py). Time comes from an injected clock so tests can drive expiry.
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from kvstore.slabs import Slabs
 
 MAX_LEASES = 65_536  # leases are client-created; bound them so a client cannot grow the daemon
 MAX_NAMESPACE_STATS = 1024  # per-namespace counters beyond this are pooled under b"" (bounded)
+HOTTEST_SCAN_BLOCKS = 200_000  # blocks one STATS reads for hottest(): ~50 ms, whatever is stored
 INF = float("inf")
 
 
@@ -72,6 +74,9 @@ class Store:
     num_reclaimed: int = 0  # reservations abandoned past their deadline (a writer timed out)
     num_blocks: int = 0  # committed blocks, kept as it changes so reading it costs nothing
     slot_bytes_used: int = 0  # bytes of the slots taken (reserved or committed, or still pinned)
+    bytes_stored: int = 0  # bytes of the blocks in the index (reserved or committed)
+    # Tables unlinked by invalidate, their entries still to be removed (drain_invalidated()).
+    _doomed: deque[dict[BlockHash, Entry]] = field(default_factory=deque)
 
     @property
     def num_reserved(self) -> int:
@@ -173,6 +178,7 @@ class Store:
                 slots.append(None)
                 continue
             self.slot_bytes_used += self.slabs.slot_bytes_for(nbytes)
+            self.bytes_stored += nbytes
             self.index.add_reserved((ns, block_hash), slot, nbytes, parent_hash,
                                     now + self.limits.reserve_s)
             slots.append(slot)
@@ -237,25 +243,54 @@ class Store:
     # --- maintenance -----------------------------------------------------------------------
     def invalidate(self, name: bytes, below_epoch: int | None = None) -> int:
         """Drop a namespace's blocks (all epochs, or epochs < below_epoch); returns how many."""
-        doomed = [
-            entry
-            for ns, table in self.index.tables.items()
-            if ns.name == name and (below_epoch is None or ns.epoch < below_epoch)
-            for entry in table.values()
-        ]
-        for entry in doomed:
-            self._remove(entry)
-        return len(doomed)
+        num = self.begin_invalidate(name, below_epoch)
+        self.drain_invalidated()
+        return num
 
-    def expire(self) -> int:
-        """Drop expired leases, abandoned reservations and TTL-expired blocks; returns a count."""
+    def begin_invalidate(self, name: bytes, below_epoch: int | None = None) -> int:
+        """invalidate() in O(epochs): the blocks vanish from reads now and are counted; their
+        entries and slots go in drain_invalidated() slices (the server's loop runs them between
+        other clients' messages, so an invalidate of millions stalls nobody)."""
+        tables = self.index.take_tables(name, below_epoch)
+        self._doomed.extend(tables)
+        return sum(map(len, tables))
+
+    def drain_invalidated(self, max_items: float = INF) -> bool:
+        """Remove up to max_items entries of invalidated tables; whether any are left."""
+        doomed = self._doomed
+        while doomed and max_items > 0:
+            table = doomed[0]
+            while table and max_items > 0:
+                _, entry = table.popitem()
+                max_items -= 1
+                if entry.is_live:  # evicted or expired meanwhile: already gone
+                    self._remove(entry)
+            if not table:
+                doomed.popleft()
+        return bool(doomed)
+
+    def expire(self, max_items: float = INF) -> int:
+        """Drop expired leases, abandoned reservations and TTL-expired blocks; returns a count.
+
+        At most about max_items blocks are unpinned or removed per call (a lease counts its
+        blocks), so mass expiry runs in slices too; the rest is due at the next call.
+        """
         now = self.clock()
         count = 0
-        for lease_id in self.index.expired_leases(now):
-            count += self.unpin(lease_id)
-        reclaimed = self.index.expired_reservations(now)
+        budget = max_items
+        while budget > 0:
+            due = self.index.expired_leases(now, 1)  # one at a time: none popped and left held
+            if not due:
+                break
+            entries = self.lease_entries(due[0])
+            budget -= len(entries) if entries else 1
+            count += self.unpin(due[0])
+        if budget <= 0:
+            return count
+        reclaimed = self.index.expired_reservations(now, budget)
         self.num_reclaimed += len(reclaimed)
-        for entry in reclaimed + self.index.expired_entries(now):
+        budget -= len(reclaimed)
+        for entry in reclaimed + self.index.expired_entries(now, max(budget, 0)):
             self._remove(entry)
             count += 1
         return count
@@ -266,10 +301,14 @@ class Store:
         A prefix ends at a block no resident child of which was read as often: when a whole
         chain is read together only its deepest block is listed, not every block of it. Reads
         are counted per resident block (Entry.num_hits), so this needs no memory of its own and
-        forgets a block when it is evicted. Scans the namespace: for STATS, not hot paths.
+        forgets a block when it is evicted. Scans the namespace (up to HOTTEST_SCAN_BLOCKS of it,
+        oldest first): for STATS, not hot paths.
         """
-        entries = [e for ns, table in list(self.index.tables.items()) if ns.name == name
-                   for e in table.values() if e.num_hits and e.state is State.COMMITTED]
+        # At most HOTTEST_SCAN_BLOCKS are looked at: STATS must stay cheap with millions stored.
+        tables = [self.index.tables[ns] for ns in self.index.namespaces_of(name)]
+        scanned = itertools.islice(itertools.chain.from_iterable(
+            t.values() for t in tables), HOTTEST_SCAN_BLOCKS)
+        entries = [e for e in scanned if e.num_hits and e.state is State.COMMITTED]
         covered = {id(e.parent) for e in entries
                    if e.parent is not None and e.parent.num_hits == e.num_hits}
         ends = [e for e in entries if id(e) not in covered]
@@ -278,16 +317,16 @@ class Store:
 
     def occupancy(self) -> dict[str, int]:
         """Counts for stats replies and metrics."""
-        states = Counter(e.state for t in self.index.tables.values() for e in t.values())
+        # O(1): counters kept as things change, never a scan (STATS with millions stored).
         return {
-            "num_blocks": states[State.COMMITTED],
-            "num_reserved": states[State.RESERVED],
+            "num_blocks": self.num_blocks,
+            "num_reserved": self.num_reserved,
             "num_leases": len(self.index.leases),
             "num_slots_used": self.slabs.num_slots_used(),
             "num_pages": self.slabs.num_pages,
             "num_free_pages": self.slabs.num_free_pages,
             "page_bytes": self.slabs.page_bytes,
-            "bytes_stored": sum(e.nbytes for t in self.index.tables.values() for e in t.values()),
+            "bytes_stored": self.bytes_stored,
             "num_evictions": self.num_evictions,
             "num_reclaimed": self.num_reclaimed,
             "capacity_bytes": self.slabs.num_pages * self.slabs.page_bytes,
@@ -335,6 +374,7 @@ class Store:
             stats.num_bytes -= entry.nbytes
             self.num_blocks -= 1
         self.index.detach(entry)
+        self.bytes_stored -= entry.nbytes
         if entry.num_pins == 0:
             self._free_slot(entry)
 

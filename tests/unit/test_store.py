@@ -196,12 +196,13 @@ def test_hash_cycle_from_client_input_never_locks_blocks() -> None:
     assert store.num_evictions == 2
 
 
-def test_lease_naming_a_block_twice_frees_its_slot_once() -> None:
-    """A lookup repeating a hash pins it twice; unpinning after invalidate frees the slot once."""
+def test_lease_naming_a_block_twice_pins_it_once_and_frees_its_slot_once() -> None:
+    """A lookup repeating a hash matches up to the repeat (a chain never names a block twice):
+    the block is pinned once, and unpinning after invalidate frees its slot once (issue 10)."""
     store, _ = make_store()
     put(store, [("a", None), ("b", None)])
-    entries, lease = store.pin(NS, [h("a"), h("a")])
-    assert len(entries) == 2 and entries[0].num_pins == 2
+    entries, lease = store.pin(NS, [h("a"), h("a"), h("b")])
+    assert len(entries) == 1 and entries[0].num_pins == 1
     store.invalidate(NS.name)
     assert lease is not None and store.unpin(lease)
     assert store.slabs.num_slots_used() == 0
@@ -268,3 +269,27 @@ def test_another_chain_still_evicts_an_unrelated_one() -> None:
     assert None not in slots
     assert store.lookup(NS, [h(b) for b in "abcd"]) == 4
     assert store.lookup(NS, [h("x")]) == 0
+
+
+def test_invalidate_in_slices_hides_blocks_at_once_and_frees_them_slice_by_slice() -> None:
+    """begin_invalidate() counts and hides a namespace's blocks; drain_invalidated(n) removes at
+    most n per call, and blocks written to the namespace meanwhile are kept."""
+    store, _ = make_store(num_pages=8)
+    put(store, [(f"b{i}", None) for i in range(6)])
+    assert store.begin_invalidate(NS.name) == 6
+    assert store.lookup(NS, [h("b0")]) == 0 and store.occupancy()["num_blocks"] == 6
+    put(store, [("b0", None)])  # rewritten while the old one waits to be removed
+    assert store.drain_invalidated(4) and store.num_blocks == 3
+    assert not store.drain_invalidated(4)
+    assert store.num_blocks == 1 and store.lookup(NS, [h("b0")]) == 1
+    assert store.slabs.num_slots_used() == 1 and store.bytes_stored == SMALL_BYTES
+
+
+def test_mass_expiry_runs_in_slices() -> None:
+    """expire(max_items) removes at most that many expired blocks a call; the rest stay due."""
+    store, clock = make_store(num_pages=8, ttl_s=1.0)
+    put(store, [(f"b{i}", None) for i in range(5)])
+    clock.advance(1.0)
+    assert store.expire(2) == 2 and store.num_blocks == 3
+    assert store.expire(2) == 2 and store.expire(2) == 1 and store.num_blocks == 0
+    assert store.slabs.num_slots_used() == 0
