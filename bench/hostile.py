@@ -54,8 +54,12 @@ def dealer(ctx: zmq.Context, address: str, timeout_ms: int = 10_000) -> zmq.Sock
 def call(sock: zmq.Socket, frames: list[bytes]) -> dict[str, Any]:
     """Send one request and return its decoded reply header."""
     sock.send_multipart(frames, copy=False)
-    reply = sock.recv_multipart()
-    return msgpack.unpackb(reply[0], raw=False)
+    return recv_reply(sock)
+
+
+def recv_reply(sock: zmq.Socket) -> dict[str, Any]:
+    """The next reply's decoded header."""
+    return msgpack.unpackb(sock.recv_multipart()[0], raw=False)
 
 
 def hello_token(sock: zmq.Socket) -> bytes:
@@ -255,14 +259,17 @@ def measure(name: str, make_attack: Callable[..., Callable[[], Any]], scale: int
         assert d.proc is not None
         pid = d.proc.pid
         attack = make_attack(ctx, d.address, scale)
+        after = dealer(ctx, d.address, timeout_ms=int(PROBE_TIMEOUT_S * 1000))
+        ping_s(after)  # connected before the attack
         rss_before = rss_bytes(pid)
         start = time.perf_counter()
         with PingProbe(ctx, d.address) as probe:
             outcome = attack()
             attack_s = time.perf_counter() - start
-            rss_peak = rss_bytes(pid, "VmHWM")
             time.sleep(settle_s)  # expiry-driven attacks happen after the message
-            ping_after_s = ping_s(probe.sock)
+            ping_after_s = ping_s(after)  # a socket of its own: the probe's is its thread's
+            rss_peak = rss_bytes(pid, "VmHWM")
+        after.close(0)
         rss_after = rss_bytes(pid)
         return {"attack": name, "scale": scale, "daemon_args": daemon_args, "pool_size": pool_size,
                 "outcome": outcome, "attack_s": round(attack_s, 3), "ping": probe.summary(),

@@ -32,6 +32,10 @@ DEFAULT_TCP = "tcp://127.0.0.1:5555"  # the customary TCP address; listened on o
 DEFAULT_POOL_BYTES = 2 * 1024**3
 MAX_PAGE_BYTES = 64 * 1024 * 1024  # a page holds 32 Llama-8B blocks of 2 MiB; see slabs.py
 MIN_PAGES = 8  # small pools still get several pages, so two models can share them
+# The smallest slot a block takes. The index costs ~700 B a block: at 4 KiB slots that is under
+# a fifth of the pool's bytes, whatever blocks clients send (one-byte blocks once cost ten times
+# the pool). Real vLLM blocks are tens of KiB and more (docs/operating.md, Memory).
+DEFAULT_MIN_BLOCK_BYTES = 4096
 DEFAULT_METRICS_PORT = 9400  # Prometheus exporters' customary range; 0 turns the endpoint off
 DEFAULT_METRICS_HOST = "127.0.0.1"  # docker passes 0.0.0.0; metrics name models and traffic
 ENV_PREFIX = "KVSTORE_"
@@ -51,6 +55,7 @@ class ConfigError(ValueError):
 class ServeConfig:
     pool_bytes: int = DEFAULT_POOL_BYTES
     page_bytes: int | None = None  # None: min(64 MiB, pool / 8)
+    min_block_bytes: int = DEFAULT_MIN_BLOCK_BYTES
     tcp: tuple[str, ...] = ()
     ipc: str | None = None  # None: kvstore/ipc.py default_ipc_path(segment) when tcp is empty
     segment: str = "kvstore"
@@ -85,6 +90,9 @@ class ServeConfig:
         if page < 4096 or page % 4096:
             raise ConfigError(f"--page-size must be a positive multiple of 4 KiB, got {page}",
                               "page_size")
+        if not 64 <= self.min_block_bytes <= page:
+            raise ConfigError(f"--min-block-size must be 64 bytes to one page ({page}), got "
+                              f"{self.min_block_bytes}", "min_block_size")
         if self.pool_bytes < page:
             raise ConfigError(f"--pool-size {format_size(self.pool_bytes)} is smaller than one "
                               f"page ({format_size(page)})", "pool_size")
@@ -213,6 +221,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("pool_size", "pool_bytes", _size, "shared-memory pool size, e.g. 8GiB"),
     Option("page_size", "page_bytes", _size,
            "size-class page, must hold one block (default min(64MiB, pool/8))"),
+    Option("min_block_size", "min_block_bytes", _size,
+           "smallest slot a block takes; bounds the index to pool / this many blocks"),
     Option("tcp", "tcp", _addresses,
            "tcp://HOST:PORT addresses to listen on, none by default (flag repeatable; env "
            "comma-separated); needs --curve-keys or --insecure"),

@@ -207,7 +207,9 @@ class Index:
     def expired_leases(self, now: float, limit: float = float("inf")) -> list[int]:
         """Ids of up to limit leases past their deadline (still held; the caller unpins them)."""
         expired: list[int] = []
-        while self._lease_heap and self._lease_heap[0][0] <= now and len(expired) < limit:
+        num_popped = 0  # stale rows (leases released early) count too: every pop is work
+        while self._lease_heap and self._lease_heap[0][0] <= now and num_popped < limit:
+            num_popped += 1
             _, lease_id = heapq.heappop(self._lease_heap)
             if lease_id in self.leases:
                 expired.append(lease_id)
@@ -221,11 +223,21 @@ class Index:
         """Up to limit committed entries past their TTL."""
         return self._pop_due(self._ttl_heap, now, State.COMMITTED, limit)
 
+    def is_lease_due(self, now: float) -> bool:
+        return bool(self._lease_heap) and self._lease_heap[0][0] <= now
+
+    def is_due(self, now: float) -> bool:
+        """Whether a lease, reservation or TTL row falls due by now (some may be stale)."""
+        return any(heap and heap[0][0] <= now
+                   for heap in (self._lease_heap, self._reserve_heap, self._ttl_heap))
+
     @staticmethod
     def _pop_due(heap: list[tuple[float, int, Entry]], now: float, state: State,
                  limit: float) -> list[Entry]:
         due: list[Entry] = []
-        while heap and heap[0][0] <= now and len(due) < limit:
+        num_popped = 0  # stale rows count too: every pop is work
+        while heap and heap[0][0] <= now and num_popped < limit:
+            num_popped += 1
             deadline_s, _, entry = heapq.heappop(heap)
             # Stale heap rows (entry since committed, removed or re-dated) are skipped.
             if entry.is_live and entry.state is state and entry.deadline_s == deadline_s:

@@ -61,7 +61,8 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
 Errors
     {"ok": false, "id": id or nil, "error": code, "msg": text}. Codes: "version", "bad_request"
     (the request broke this spec; the daemon logs it and keeps serving), "stale_segment",
-    "too_large" (a block larger than one page), "busy". Nothing a client sends can crash the
+    "too_large" (a block larger than one page, or a message of more than 1 + MAX_PAYLOAD_FRAMES
+    frames: its frames are dropped as they are read), "busy". Nothing a client sends can crash the
     daemon, leak a slot, or grow its memory past the bounds in this module.
 
 Versioning
@@ -84,6 +85,9 @@ VERSION = 1
 CHUNK_BYTES = 4 * 1024 * 1024  # ZeroMQ moves 2-4 MiB frames ~4x faster than 32 MiB ones
 MAX_HEADER_BYTES = 2 << 20  # MAX_BLOCKS rows of two 64-byte hashes and a size (~1.2 MB) fit
 MAX_BLOCKS = 8192  # per request; a 128k-token prompt at block size 16
+# Payload frames per message: MAX_BLOCKS blocks of up to 2 chunks (8 MiB), or fewer larger ones.
+# The daemon drops frames past this as they are read and answers "too_large" (kvstore/inbox.py).
+MAX_PAYLOAD_FRAMES = 2 * MAX_BLOCKS
 MAX_LEASE_MS = 600_000
 
 

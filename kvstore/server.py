@@ -22,6 +22,7 @@ from kvstore import ipc, protocol
 from kvstore.config import ServeConfig
 from kvstore.errors import ProtocolError
 from kvstore.gate import Gate, user_id
+from kvstore.inbox import Inbox, Oversized
 from kvstore.index import Entry
 from kvstore.keys import Namespace, SlotId
 from kvstore.metrics import Metrics, ServerCounters, error_kinds, namespace_label
@@ -38,6 +39,11 @@ _LINGER_MS = 0  # on shutdown, drop undelivered replies: clients time out and re
 _SNDHWM = 10_000  # replies queued per peer before ROUTER drops; bounds memory per slow client
 _RCVHWM = 10_000
 _NUM_HOTTEST = 5  # hottest prefixes per namespace in a STATS reply (`kvstore stats`)
+# Work between two looks at the socket and at signals (issue 10: one message must not stall
+# everyone, SIGTERM is honoured within a second). Each bound is a few to tens of milliseconds.
+_DRAIN_S = 0.02  # messages handled back to back before maintenance runs
+_SLICE_BLOCKS = 4096  # blocks expired or invalidated per maintenance step (~10-20 ms)
+_DROP_SLICE_FRAMES = 20_000  # frames of an over-long message dropped per step (~20-40 ms)
 
 
 class AddressInUse(Exception):
@@ -52,7 +58,8 @@ class Server:
         self.config = config
         self.pool = pool
         page = config.effective_page_bytes()
-        slabs = Slabs(HEADER_BYTES, (pool.size_bytes - HEADER_BYTES) // page, page)
+        slabs = Slabs(HEADER_BYTES, (pool.size_bytes - HEADER_BYTES) // page, page,
+                      config.min_block_bytes)
         assert slabs.num_pages >= 1, "segment smaller than one page"
         limits = Limits(lease_s=config.lease_s, reserve_s=config.reserve_s, ttl_s=config.ttl_s)
         self.store = Store(slabs, POLICIES[config.policy](), limits, clock)
@@ -67,6 +74,7 @@ class Server:
         self._ipc: tuple[Path, int] | None = None  # the socket file we bound, and its inode
         self._reload_requested = False
         self.sock = self._bind()
+        self._inbox = Inbox(self.sock, 2 + protocol.MAX_PAYLOAD_FRAMES, _DROP_SLICE_FRAMES)
         self._in_flight: list[tuple[zmq.MessageTracker, int]] = []  # TCP GET sends holding pins
         self._stopping = False
         # Bookkeeping a handler leaves for after its reply is sent (off the client's latency).
@@ -148,9 +156,11 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         try:
+            is_busy = False
             while not self._stopping:
                 try:
-                    ready = dict(poller.poll(_POLL_MS))
+                    # Busy (work left in slices): only look, never wait, for messages.
+                    ready = dict(poller.poll(0 if is_busy else _POLL_MS))
                 except zmq.ZMQError as exc:
                     if exc.errno == errno.EINTR:
                         continue  # a signal arrived; the loop condition decides
@@ -159,7 +169,7 @@ class Server:
                     self._drain()
                 if self._reload_requested:
                     self._reload()
-                self._maintain()
+                is_busy = self._maintain() or self._inbox.is_dropping
         finally:
             self.close()
 
@@ -175,13 +185,29 @@ class Server:
 
     # --- the loop --------------------------------------------------------------------------
     def _drain(self) -> None:
-        """Handle every message already queued, without blocking."""
-        for _ in range(1000):  # bounded so maintenance still runs under a flood
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+        """Handle messages already queued, without blocking, for up to _DRAIN_S."""
+        deadline_s = time.perf_counter() + _DRAIN_S  # so maintenance still runs under a flood
+        while not self._stopping and time.perf_counter() < deadline_s:
+            message = self._inbox.next()
+            if message is None:
                 return
-            self._handle(frames)
+            if isinstance(message, Oversized):
+                self._refuse_oversized(message)
+            else:
+                self._handle(message)
+
+    def _refuse_oversized(self, message: Oversized) -> None:
+        self.counters.num_errors["too_large"] += 1
+        log.warning("dropped a message of %d frames from %s", message.num_frames,
+                    message.identity.hex())
+        try:
+            req_id = protocol.decode_header(message.header).get("id")
+        except ProtocolError:
+            req_id = None
+        req_id = req_id if isinstance(req_id, int) and 0 <= req_id < 2**63 else None
+        reply = protocol.encode_error(req_id, "too_large", f"a message of {message.num_frames} "
+                                      f"frames exceeds {1 + protocol.MAX_PAYLOAD_FRAMES}")
+        self._send(zmq.Frame(message.identity), [reply])
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         start_s = time.perf_counter()
@@ -241,8 +267,9 @@ class Server:
             if tracked is not None:
                 self.store.unpin(tracked.lease_id)
 
-    def _maintain(self) -> None:
-        """Release pins of finished zero-copy sends and expire leases and reservations."""
+    def _maintain(self) -> bool:
+        """Release pins of finished zero-copy sends, expire leases and reservations and drop
+        invalidated blocks, a slice at a time; whether work is left for the next step."""
         if self._in_flight:
             still = []
             for tracker, lease_id in self._in_flight:
@@ -251,7 +278,8 @@ class Server:
                 else:
                     still.append((tracker, lease_id))
             self._in_flight = still
-        self.store.expire()
+        self.store.expire(_SLICE_BLOCKS)
+        return self.store.drain_invalidated(_SLICE_BLOCKS) or self.store.is_expiry_due()
 
     # --- handlers: each returns [header, *payloads] (optionally ending in _Pinned) -----------
     def _hello(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
@@ -390,7 +418,9 @@ class Server:
         return [protocol.encode_reply(req.req_id, stats=stats)]
 
     def _invalidate(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
-        num = self.store.invalidate(req.name, req.below_epoch)
+        # Answered at once: the blocks are unreadable from now on; their slots are freed in
+        # slices by _maintain() between other clients' messages (docs/operating.md).
+        num = self.store.begin_invalidate(req.name, req.below_epoch)
         log.info("invalidated %d blocks of namespace %s", num, req.name.hex())
         return [protocol.encode_reply(req.req_id, num_dropped=num)]
 

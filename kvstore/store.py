@@ -281,7 +281,10 @@ class Store:
         while budget > 0:
             due = self.index.expired_leases(now, 1)  # one at a time: none popped and left held
             if not due:
-                break
+                if not self.index.is_lease_due(now):
+                    break
+                budget -= 1  # a stale row (the lease was released early) was popped
+                continue
             entries = self.lease_entries(due[0])
             budget -= len(entries) if entries else 1
             count += self.unpin(due[0])
@@ -294,6 +297,10 @@ class Store:
             self._remove(entry)
             count += 1
         return count
+
+    def is_expiry_due(self) -> bool:
+        """Whether expire() has work now (the server then runs it again without waiting)."""
+        return self.index.is_due(self.clock())
 
     def hottest(self, name: bytes, k: int) -> list[HotPrefix]:
         """The k most-read prefixes of a namespace name, most reads first.
