@@ -418,9 +418,11 @@ class Server:
         return [protocol.encode_reply(req.req_id, stats=stats)]
 
     def _invalidate(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
-        # Answered at once: the blocks are unreadable from now on; their slots are freed in
-        # slices by _maintain() between other clients' messages (docs/operating.md).
+        # The blocks are unreadable from now on. Up to a slice of them are removed before the
+        # reply; the rest (an invalidate of millions) in slices by _maintain(), between other
+        # clients' messages (docs/operating.md, "What one client can cost the others").
         num = self.store.begin_invalidate(req.name, req.below_epoch)
+        self.store.drain_invalidated(_SLICE_BLOCKS)
         log.info("invalidated %d blocks of namespace %s", num, req.name.hex())
         return [protocol.encode_reply(req.req_id, num_dropped=num)]
 

@@ -142,7 +142,8 @@ def test_gauges_match_the_stats_reply(metered, ctx):
     assert value(samples, "kvstore_leases_active") == stats["num_leases"]
     assert value(samples, "kvstore_reservations_active") == stats["num_reserved"]
     assert value(samples, "kvstore_pool_capacity_bytes") == stats["capacity_bytes"] == 8 * MiB
-    assert value(samples, "kvstore_pool_used_bytes") == stats["used_bytes"] == 5 * BLOCK + 1024
+    # The 1000-byte reservation takes the smallest slot, 4 KiB (--min-block-size).
+    assert value(samples, "kvstore_pool_used_bytes") == stats["used_bytes"] == 5 * BLOCK + 4096
     for name, ns in stats["namespaces"].items():
         assert value(samples, "kvstore_blocks", namespace=name[:12]) == ns["blocks"]
     assert (stats["namespaces"][NS_A.name.hex()]["blocks"],
