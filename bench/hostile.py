@@ -1,4 +1,4 @@
-"""Hostile single messages against a real daemon: how long other clients wait, how much memory grows.
+"""Hostile messages against a real daemon: how long other clients wait, how much memory grows.
 
 Each attack of issue 10 (bounded work, bounded memory) is sent from a raw DEALER while a second
 client PINGs every few milliseconds; the result is that client's PING latency (p50, p99, max, the

@@ -32,7 +32,8 @@ def open_dealer(ctx):
 
 
 @pytest.mark.timeout(120)
-def test_message_of_many_empty_frames_is_refused_without_holding_them(make_daemon, open_dealer):
+def test_message_of_many_empty_frames_is_refused_without_holding_them(
+        make_daemon, open_dealer):
     """A PING followed by 200k empty frames is answered with an error; peak memory barely moves."""
     d = make_daemon().start()
     attacker, other = open_dealer(d.address), open_dealer(d.address)
@@ -47,7 +48,8 @@ def test_message_of_many_empty_frames_is_refused_without_holding_them(make_daemo
 
 
 @pytest.mark.timeout(120)
-def test_one_byte_blocks_take_a_minimum_slot_so_the_index_is_bounded_by_the_pool(make_daemon, open_dealer):
+def test_one_byte_blocks_take_a_minimum_slot_so_the_index_is_bounded_by_the_pool(
+        make_daemon, open_dealer):
     """A pool filled with one-byte blocks holds pool / --min-block-bytes of them, not pool / 64."""
     d = make_daemon(pool_size="16MiB").start()
     writer = open_dealer(d.address)
@@ -57,7 +59,8 @@ def test_one_byte_blocks_take_a_minimum_slot_so_the_index_is_bounded_by_the_pool
 
 
 @pytest.mark.timeout(120)
-def test_lease_naming_one_block_many_times_pins_it_once(make_daemon, open_dealer):
+def test_lease_naming_one_block_many_times_pins_it_once(
+        make_daemon, open_dealer):
     """A leased LOOKUP repeating one hash MAX_BLOCKS times finds (and pins) that block once."""
     d = make_daemon().start()
     sock = open_dealer(d.address)

@@ -37,8 +37,9 @@ def open_dealer(ctx):
 
 
 @pytest.mark.timeout(120)
-def test_invalidate_of_many_tiny_blocks_leaves_other_clients_answered(make_daemon, open_dealer):
-    """While an INVALIDATE of thousands of one-byte blocks runs, another client's PING is answered."""
+def test_invalidate_of_many_tiny_blocks_leaves_other_clients_answered(
+        make_daemon, open_dealer):
+    """While an INVALIDATE of thousands of one-byte blocks runs, others' PINGs are answered."""
     d = make_daemon().start()
     writer, other = open_dealer(d.address), open_dealer(d.address)
     assert put_tiny(writer, b"tiny", tiny_hashes("t", NUM_TINY)) == NUM_TINY
@@ -51,11 +52,13 @@ def test_invalidate_of_many_tiny_blocks_leaves_other_clients_answered(make_daemo
 
 
 @pytest.mark.timeout(120)
-def test_abandoned_reservation_of_many_tiny_blocks_expires_without_a_stall(make_daemon, open_dealer):
+def test_abandoned_reservation_of_many_tiny_blocks_expires_without_a_stall(
+        make_daemon, open_dealer):
     """Reclaiming thousands of abandoned one-byte reservations never holds up other clients."""
     d = make_daemon(extra_args=["--reserve-timeout", "0.3"]).start()
     writer, other = open_dealer(d.address), open_dealer(d.address)
-    assert reserve_tiny(writer, b"gone", tiny_hashes("g", NUM_TINY), hello_token(writer)) == NUM_TINY
+    token = hello_token(writer)
+    assert reserve_tiny(writer, b"gone", tiny_hashes("g", NUM_TINY), token) == NUM_TINY
     worst_s, deadline = 0.0, time.monotonic() + 1.5  # spans the expiry at 0.3 s
     while time.monotonic() < deadline:
         worst_s = max(worst_s, ping_s(other))
@@ -65,7 +68,8 @@ def test_abandoned_reservation_of_many_tiny_blocks_expires_without_a_stall(make_
 
 
 @pytest.mark.timeout(120)
-def test_sigterm_during_a_large_invalidate_exits_within_a_second(make_daemon, open_dealer):
+def test_sigterm_during_a_large_invalidate_exits_within_a_second(
+        make_daemon, open_dealer):
     """SIGTERM sent while the daemon drops thousands of blocks ends it within a second or so."""
     d = make_daemon().start()
     writer = open_dealer(d.address)
