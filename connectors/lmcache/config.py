@@ -9,6 +9,7 @@ from typing import Any
 
 from connectors.vllm_v1.config import checked_setting
 from kvstore.client import DEFAULT_ADDRESS
+from kvstore.keys import with_tenant
 
 # Keys LMCache itself reads under the same prefix to find the plugin class.
 _LMCACHE_OWN_KEYS = frozenset({"module_path", "class_name"})
@@ -24,6 +25,7 @@ class PluginConfig:
     namespace: str = ""  # extra operator-chosen identity (e.g. a weights revision)
     use_shm: bool = True  # use the daemon's shared segment when on its host
     curve_keys: str | None = None  # client keys from `kvstore keygen`
+    tenant: str = ""  # the daemon's tenant (DIR/tenants.toml) whose namespaces these chunks use
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None, plugin_name: str) -> PluginConfig:
@@ -37,6 +39,7 @@ class PluginConfig:
                              f"known: {sorted(prefix + k for k in known)}")
         values = {k: checked_setting(prefix + k, v, getattr(cls(), k))
                   for k, v in ours.items() if k in known}
+        with_tenant(values.get("tenant", ""), b"")  # a bad tenant: ValueError saying what is allowed
         return cls(**values)
 
 

@@ -32,7 +32,7 @@ from connectors.lmcache.config import PluginConfig, chunk_identity
 from connectors.vllm_v1.breaker import Breaker
 from kvstore.client import Client
 from kvstore.errors import KVStoreError, ServerUnavailable
-from kvstore.keys import Namespace, namespace_digest
+from kvstore.keys import Namespace, namespace_digest, with_tenant
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class KVStoreConnector(RemoteConnector):
         self.local_cpu_backend = local_cpu_backend
         self.settings = settings
         identity = chunk_identity(lmcache.__version__, config, metadata, settings)
-        self.ns = Namespace(namespace_digest(identity), settings.epoch)
+        self.ns = Namespace(with_tenant(settings.tenant, namespace_digest(identity)), settings.epoch)
         self._ctx = zmq.Context()  # private, so close() can prove every socket is gone
         self._executor = ThreadPoolExecutor(_NUM_THREADS, thread_name_prefix="kvstore-lmcache")
         self._local = threading.local()  # a Client per thread: Client is not thread-safe

@@ -36,3 +36,14 @@ def test_a_tenant_that_cannot_prefix_a_name_is_refused(tenant: str) -> None:
 def test_default_address_is_the_default_daemon_of_this_uid() -> None:
     """With no address the connector reaches `kvstore serve` started with no address."""
     assert ConnectorConfig().address == DEFAULT_ADDRESS == default_address("kvstore")
+
+
+def test_lmcache_plugin_takes_the_same_tenant_setting() -> None:
+    """LMCache's plugin names its tenant the same way; a bad one is refused when read."""
+    from connectors.lmcache.config import PluginConfig
+
+    prefix = "remote_storage_plugin.kvstore."
+    assert PluginConfig.from_extra({prefix + "tenant": "team-a"}, "kvstore").tenant == "team-a"
+    assert PluginConfig().address == DEFAULT_ADDRESS
+    with pytest.raises(ValueError, match="tenant"):
+        PluginConfig.from_extra({prefix + "tenant": "team/a"}, "kvstore")
