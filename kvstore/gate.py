@@ -87,6 +87,7 @@ class Gate:
 def user_id(frame: zmq.Frame) -> str | None:
     """The User-Id ZAP gave the connection a frame came on (its z85 CURVE key)."""
     try:
-        return frame.get("User-Id")
+        value = frame.get("User-Id")
     except zmq.ZMQError:
         return None
+    return value if isinstance(value, str) else None
