@@ -85,6 +85,19 @@ def put_tiny(sock: zmq.Socket, name: bytes, hashes: list[bytes], nbytes: int = 1
     return stored
 
 
+def put_chain(sock: zmq.Socket, name: bytes, hashes: list[bytes], nbytes: int) -> int:
+    """Store one chain (each block the child of the one before), MAX_BLOCKS per PUT."""
+    stored = 0
+    for i in range(0, len(hashes), MAX_BLOCKS):
+        rows = [[hashes[j], hashes[j - 1] if j else None]
+                for j in range(i, min(i + MAX_BLOCKS, len(hashes)))]
+        reply = call(sock, [header(Op.PUT, ns=[name, 0], blocks=rows, sizes=[nbytes] * len(rows)),
+                            *[bytes(nbytes)] * len(rows)])
+        assert reply.get("ok"), reply
+        stored += reply["num_stored"]
+    return stored
+
+
 def reserve_tiny(sock: zmq.Socket, name: bytes, hashes: list[bytes], token: bytes) -> int:
     """Reserve one-byte blocks and never commit them (the daemon reclaims them on expiry)."""
     num = 0

@@ -12,8 +12,8 @@ import pytest
 import zmq
 
 from bench.hostile import (
-    call, dealer, header, hello_token, ping_s, put_tiny, recv_reply, reserve_tiny,
-    tiny_hashes)
+    call, dealer, header, hello_token, ping_s, put_chain, put_tiny, recv_reply,
+    reserve_tiny, tiny_hashes)
 from kvstore.protocol import Op
 from tests.daemon import wait_until
 
@@ -81,3 +81,19 @@ def test_sigterm_during_a_large_invalidate_exits_within_a_second(
     d.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: d.proc.poll() is not None, 10.0, what="daemon exit after SIGTERM")
     assert time.monotonic() - start < 2 * ANSWER_S
+
+
+@pytest.mark.timeout(120)
+def test_writing_into_a_pool_full_of_one_long_chain_leaves_other_clients_answered(
+        make_daemon, open_dealer):
+    """Evicting for a write looks for leaves once per message, not once per block: a pool full
+    of one never-read chain (its leaf is the newest block) used to be scanned for every block."""
+    d = make_daemon(pool_size="16MiB", page_size="2MiB").start()  # 4,096 slots of 4 KiB
+    writer, other = open_dealer(d.address), open_dealer(d.address)
+    assert put_chain(writer, b"long", tiny_hashes("a", 4096), 4096) == 4096
+    ping_s(other)
+    rows = [[h, None] for h in tiny_hashes("b", 2048)]
+    writer.send_multipart([header(Op.PUT, ns=[b"long", 0], blocks=rows, sizes=[4096] * 2048),
+                           *[bytes(4096)] * 2048])
+    assert ping_s(other) < ANSWER_S
+    assert recv_reply(writer)["num_stored"] == 2048
