@@ -19,7 +19,7 @@ import zmq
 
 from kvstore import protocol
 from kvstore.errors import ProtocolError, ServerError, ServerUnavailable, VersionMismatch
-from kvstore.ipc import default_address
+from kvstore.ipc import connect_refusal, default_address
 from kvstore.keys import Namespace, SlotId
 from kvstore.pool import Pool
 from kvstore.protocol import Op
@@ -332,6 +332,9 @@ class Client:
         return reply
 
     def _new_socket(self) -> zmq.Socket:
+        refusal = connect_refusal(self.address)
+        if refusal is not None:
+            raise ServerUnavailable(refusal)
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, _LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, _SNDHWM)

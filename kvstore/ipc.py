@@ -15,6 +15,7 @@ from pathlib import Path
 SOCKET_ROOT = Path("/dev/shm")
 _DIR_MODE = 0o700  # only the daemon's uid may reach its sockets (and root)
 _SOCKET_MODE = 0o600
+_DIR_PREFIX = "kvstore-sockets-"
 
 
 class IpcError(Exception):
@@ -23,7 +24,7 @@ class IpcError(Exception):
 
 def socket_dir(uid: int | None = None) -> Path:
     """The per-uid directory of default sockets (like tmux's /tmp/tmux-UID)."""
-    return SOCKET_ROOT / f"kvstore-sockets-{os.geteuid() if uid is None else uid}"
+    return SOCKET_ROOT / f"{_DIR_PREFIX}{os.geteuid() if uid is None else uid}"
 
 
 def default_ipc_path(segment: str) -> Path:
@@ -34,6 +35,29 @@ def default_ipc_path(segment: str) -> Path:
 def default_address(segment: str = "kvstore") -> str:
     """The client's default address: the default daemon (segment `kvstore`) of this uid."""
     return f"ipc://{default_ipc_path(segment)}"
+
+
+def connect_refusal(address: str) -> str | None:
+    """Why a client must not connect to address; None when it may.
+
+    A default socket directory (kvstore-sockets-UID) must be the one that uid's daemon made:
+    owned by UID and closed to others. Another user could make one first under /dev/shm and
+    listen there, to be handed the blocks a client saves and to serve it blocks of their own.
+    """
+    if not address.startswith("ipc://"):
+        return None
+    directory = Path(address.removeprefix("ipc://")).parent
+    uid = directory.name.removeprefix(_DIR_PREFIX)
+    if not directory.name.startswith(_DIR_PREFIX) or not uid.isdigit():
+        return None
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return None  # no daemon there yet: the connect just finds nobody
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == int(uid) and not stat.S_IMODE(st.st_mode) & 0o077:
+        return None
+    return (f"not connecting to {address}: {directory} is not private to uid {uid} (owner uid "
+            f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); another user may have made it")
 
 
 def ensure_private_dir(path: Path) -> None:

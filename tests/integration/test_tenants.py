@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import zmq.auth
 
 from kvstore.client import Client
-from kvstore.errors import ServerError
+from kvstore.errors import ServerError, ServerUnavailable
 from kvstore.keys import Namespace
 from tests.daemon import Daemon, wait_until
 from tests.integration.helpers import CALL_S, run_cli
@@ -185,3 +186,41 @@ def test_default_daemon_listens_on_an_ipc_socket_only_its_user_can_open(make_dae
     assert done.returncode == 3, f"uid {NOBODY_UID} could connect: {done.stderr!r}"
     assert d.stop() == 0
     assert not sock.exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("owner, mode", [(None, 0o777), (NOBODY_UID, 0o700)],
+                         ids=["open-to-all", "another-owner"])
+def test_client_refuses_a_default_socket_directory_another_user_could_have_made(
+        tmp_path, owner, mode):
+    """A kvstore-sockets-UID directory not owned by UID with mode 0700 is not the daemon's:
+    the client refuses to connect there (another user could listen in it) and says why."""
+    directory = tmp_path / f"kvstore-sockets-{os.geteuid()}"
+    directory.mkdir()
+    directory.chmod(mode)
+    if owner is not None:
+        os.chown(directory, owner, owner)
+    with Client(f"ipc://{directory}/kvstore.sock", 1.0) as client:
+        with pytest.raises(ServerUnavailable, match="not private to uid"):
+            client.ping()
+
+
+@pytest.mark.timeout(90)
+def test_sighup_revokes_a_key_and_applies_a_changed_tenants_file(make_daemon, keys, tmp_path):
+    """After SIGHUP a removed key's open connection is refused from its next request, and a
+    tenant granted read in the new tenants.toml reads at once."""
+    shutil.copytree(keys.parent, tmp_path / "copy")  # the users' key directories too
+    own = tmp_path / "copy" / "keys"
+    d = make_daemon(extra_args=["--curve-keys", str(own)], client_keys=own).start()
+    with _client(d, own, "alice") as alice, _client(d, own, "bob") as bob:
+        alice.put(NS_A, [(b"hup-0", None, b"a")])
+        _forbidden(lambda: bob.lookup(NS_A, [b"hup-0"]))
+        (own / "tenants.toml").write_text(TENANTS_TOML.replace(
+            'keys = ["bob.key"]\n', 'keys = ["bob.key"]\nread = ["a"]\n').replace(
+            'keys = ["alice.key"]\n', 'keys = []\n'))
+        (own / "clients" / "alice.key").unlink()
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in d.output(), 20, what="reload in the log")
+        assert bob.lookup(NS_A, [b"hup-0"]).num_hits == 1
+        assert "no longer admitted" in _forbidden(alice.ping)
