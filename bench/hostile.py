@@ -277,7 +277,10 @@ def measure(name: str, make_attack: Callable[..., Callable[[], Any]], scale: int
         rss_before = rss_bytes(pid)
         start = time.perf_counter()
         with PingProbe(ctx, d.address) as probe:
-            outcome = attack()
+            try:
+                outcome = attack()
+            except zmq.Again:  # the daemon stalled past our patience
+                outcome = {"error": f"no reply within {PROBE_TIMEOUT_S:.0f} s"}
             attack_s = time.perf_counter() - start
             time.sleep(settle_s)  # expiry-driven attacks happen after the message
             ping_after_s = ping_s(after)  # a socket of its own: the probe's is its thread's
