@@ -283,7 +283,10 @@ def measure(name: str, make_attack: Callable[..., Callable[[], Any]], scale: int
                 outcome = {"error": f"no reply within {PROBE_TIMEOUT_S:.0f} s"}
             attack_s = time.perf_counter() - start
             time.sleep(settle_s)  # expiry-driven attacks happen after the message
-            ping_after_s = ping_s(after)  # a socket of its own: the probe's is its thread's
+            try:
+                ping_after_s = ping_s(after)  # a socket of its own: the probe's is its thread's
+            except zmq.Again:
+                ping_after_s = float("inf")  # JSON: Infinity, i.e. past PROBE_TIMEOUT_S
             rss_peak = rss_bytes(pid, "VmHWM")
         after.close(0)
         rss_after = rss_bytes(pid)
