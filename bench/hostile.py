@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         ("empty_frames", attack_frames, 200_000 if q else 1_000_000, [], "256MiB", 0.0),
         ("big_message", attack_big, (256 if q else 2048) * MiB, [], "256MiB", 0.0),
         ("repeated_leases", attack_repeated_leases, 200 if q else 1000, [], "256MiB", 0.0),
-        ("tiny_fill", attack_tiny_fill, 1 << 18 if q else 1 << 22, [], "256MiB", 0.0),
+        ("tiny_fill", attack_tiny_fill, 1 << 18 if q else 1 << 19, [], "256MiB", 0.0),
     ]
     results = []
     for name, attack, scale, flags, pool, settle_s in plan:

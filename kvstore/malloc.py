@@ -44,3 +44,18 @@ def keep_large_buffers(trim_bytes: int = DEFAULT_TRIM_BYTES) -> bool:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(
         mallopt(M_TRIM_THRESHOLD, trim_bytes))
+
+
+def give_back() -> bool:
+    """Return the process's free heap memory to the kernel (glibc malloc_trim); False without
+    glibc. For after a message far larger than any PUT batch: glibc would otherwise keep its
+    memory (a dropped 2 GiB message left the daemon 2 GB larger for good; issue 10)."""
+    name = ctypes.util.find_library("c")
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return False
+    if malloc_trim is None:
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(malloc_trim(0))

@@ -23,6 +23,7 @@ from kvstore.config import ServeConfig
 from kvstore.errors import ProtocolError
 from kvstore.gate import Gate, user_id
 from kvstore.inbox import Inbox, Oversized
+from kvstore.malloc import DEFAULT_TRIM_BYTES, give_back
 from kvstore.index import Entry
 from kvstore.keys import Namespace, SlotId
 from kvstore.metrics import Metrics, ServerCounters, error_kinds, namespace_label
@@ -44,6 +45,7 @@ _NUM_HOTTEST = 5  # hottest prefixes per namespace in a STATS reply (`kvstore st
 _DRAIN_S = 0.02  # messages handled back to back before maintenance runs
 _SLICE_BLOCKS = 4096  # blocks expired or invalidated per maintenance step (~10-20 ms)
 _DROP_SLICE_FRAMES = 20_000  # frames of an over-long message dropped per step (~20-40 ms)
+_BIG_FRAMES = DEFAULT_TRIM_BYTES // protocol.CHUNK_BYTES  # fewer frames cannot hold more bytes
 
 
 class AddressInUse(Exception):
@@ -193,8 +195,14 @@ class Server:
                 return
             if isinstance(message, Oversized):
                 self._refuse_oversized(message)
-            else:
-                self._handle(message)
+                give_back()  # libzmq's memory for its frames is free now
+                continue
+            # Larger than the freed memory malloc.py keeps for the next PUTs: hand it back.
+            is_big = len(message) > _BIG_FRAMES and sum(map(len, message)) > DEFAULT_TRIM_BYTES
+            self._handle(message)
+            if is_big:
+                message = None  # its frames (libzmq's buffers) are freed with the last reference
+                give_back()
 
     def _refuse_oversized(self, message: Oversized) -> None:
         self.counters.num_errors["too_large"] += 1

@@ -9,8 +9,8 @@ import pytest
 import zmq
 
 from bench.hostile import (
-    call, dealer, empty_frames_message, header, ping_s, put_tiny, recv_reply, rss_bytes,
-    send_message, tiny_hashes)
+    call, dealer, empty_frames_message, header, ping_s, put_tiny, recv_reply,
+    rss_bytes, send_message, tiny_hashes)
 from kvstore.protocol import MAX_BLOCKS, Op
 
 MiB = 1 << 20
@@ -71,3 +71,4 @@ def test_lease_naming_one_block_many_times_pins_it_once(
     reply = call(sock, [header(Op.LOOKUP, ns=[b"rep", 0], hashes=[b"r0", b"r1", b"r0", b"r1"],
                                 lease_ms=0)])
     assert reply["num_hits"] == 2  # a chain never names a block twice: the match stops there
+
