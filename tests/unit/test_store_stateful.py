@@ -350,6 +350,26 @@ class StoreMachine(RuleBasedStateMachine):
         for key in doomed:
             del self.model.blocks[key]
 
+    @rule(name=st.sampled_from((b"a", b"b", b"c")), below_epoch=st.sampled_from((None, 1)),
+          first_slice=st.integers(0, 3), ns_i=st.integers(0, len(NAMESPACES) - 1),
+          pick=st.integers(0, 1 << 16),
+          tokens=st.lists(st.integers(1, NUM_TOKENS), min_size=1, max_size=MAX_DEPTH),
+          put=st.booleans())
+    def invalidate_in_slices_around_a_write(self, name: bytes, below_epoch: int | None,
+                                            first_slice: int, ns_i: int, pick: int,
+                                            tokens: list[int], put: bool) -> None:
+        """The server's INVALIDATE: blocks vanish at once, are removed a few at a time, and a
+        write (of the same keys, evicting, adopting children) may run before the rest go."""
+        doomed = [k for k in self.model.blocks
+                  if k[0].name == name and (below_epoch is None or k[0].epoch < below_epoch)]
+        assert self.store.begin_invalidate(name, below_epoch) == len(doomed)
+        for key in doomed:
+            del self.model.blocks[key]
+        self.store.drain_invalidated(first_slice)
+        self.reserve(ns_i, pick, tokens, put)
+        while self.store.drain_invalidated(1):
+            pass
+
     # --- invariants --------------------------------------------------------------------------
     @invariant()
     def index_matches_model(self) -> None:
