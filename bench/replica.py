@@ -27,7 +27,7 @@ CONNECTOR = {
 
 def build_llm(model: str, kvstore: str | None, extra: dict[str, Any], block_size: int,
               max_model_len: int, kv_cache_gib: int, prefix_caching: bool,
-              num_blocks: int | None = None) -> Any:
+              num_blocks: int | None = None, tp: int = 1) -> Any:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # replicas share the cores
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,7 +41,8 @@ def build_llm(model: str, kvstore: str | None, extra: dict[str, Any], block_size
     return LLM(model, skip_tokenizer_init=True, dtype="float32", block_size=block_size,
                max_model_len=max_model_len, enforce_eager=True, seed=0,
                enable_prefix_caching=prefix_caching, kv_transfer_config=kv_transfer,
-               num_gpu_blocks_override=num_blocks)
+               num_gpu_blocks_override=num_blocks, tensor_parallel_size=tp,
+               distributed_executor_backend="mp" if tp > 1 else None)
 
 
 def serve(llm: Any, out: Any) -> None:
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--num-blocks", type=int, default=None,
                         help="vLLM KV blocks (num_gpu_blocks_override); default: what "
                              "--kv-cache-gib holds")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     args = parser.parse_args()
     # vLLM logs to stdout (and its engine processes inherit it): keep a private copy of stdout
     # for results and send everything else written to fd 1 to stderr.
@@ -102,7 +104,7 @@ def main() -> None:
     os.dup2(2, 1)
     llm = build_llm(args.model, args.kvstore, json.loads(args.extra), args.block_size,
                     args.max_model_len, args.kv_cache_gib, not args.no_prefix_caching,
-                    args.num_blocks)
+                    args.num_blocks, args.tp)
     serve(llm, out)
 
 

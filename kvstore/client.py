@@ -126,6 +126,16 @@ class Client:
         reply = self._request(Op.LOOKUP, ns=ns, hashes=list(hashes), lease_ms=lease_ms)
         return LookupResult(reply["num_hits"], reply["lease"])
 
+    def lookup_many(self, queries: Sequence[tuple[Namespace, Sequence[bytes]]],
+                    lease_ms: int = 0) -> list[LookupResult]:
+        """One LOOKUP per (namespace, hashes), sent back to back and answered in one round trip
+        (tensor parallelism: a namespace per rank). A failed one fails all; their leases expire."""
+        if self._hello is None:
+            self.connect()
+        replies = self._call_many(Op.LOOKUP, [{"ns": ns, "hashes": list(hashes),
+                                               "lease_ms": lease_ms} for ns, hashes in queries])
+        return [LookupResult(r["num_hits"], r["lease"]) for r in replies]
+
     def release(self, lease: int) -> bool:
         return bool(self._request(Op.RELEASE, lease=lease)["released"])
 
@@ -286,6 +296,40 @@ class Client:
             raise ServerUnavailable(f"{self.address}: {exc.strerror}") from None
         self._reset()
         raise ServerUnavailable(f"no reply from {self.address} within {self.timeout_s:.3g} s")
+
+    def _call_many(self, op: Op, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send requests (header-only) back to back, then wait for all replies until one
+        deadline; the daemon answers each in turn, so this costs one round trip."""
+        is_fresh = self._sock is None
+        if self._sock is None:
+            self._sock = self._new_socket()
+        ids = [next(self._ids) for _ in requests]
+        headers = [protocol.encode_request(op, i, **f) for i, f in zip(ids, requests)]
+        deadline = time.monotonic() + self.timeout_s
+        replies: dict[int, dict[str, Any]] = {}
+        try:
+            sock = self._send(deadline, [headers[0]], is_fresh)
+            for header in headers[1:]:  # connected now: these queue at once
+                sock.send(header, copy=False)
+            while len(replies) < len(ids):
+                remaining_ms = int((deadline - time.monotonic()) * 1000)
+                if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
+                    break
+                reply = protocol.decode_header(sock.recv())
+                _drain(sock)
+                if reply.get("id") in ids:
+                    replies[reply["id"]] = reply
+        except zmq.Again:
+            self._reset()
+            raise ServerUnavailable(f"cannot reach {self.address} within {self.timeout_s:.3g} s "
+                                    f"(is the daemon running?)") from None
+        except zmq.ZMQError as exc:
+            self._reset()
+            raise ServerUnavailable(f"{self.address}: {exc.strerror}") from None
+        if len(replies) < len(ids):
+            self._reset()
+            raise ServerUnavailable(f"no reply from {self.address} within {self.timeout_s:.3g} s")
+        return [_check(replies[i]) for i in ids]
 
     def _send(self, deadline: float, frames: list[Any], is_fresh: bool) -> zmq.Socket:
         """Send on the current socket; if an older one is not connected within

@@ -30,3 +30,8 @@ class Breaker:
 
     def success(self) -> None:
         self._pause_s = 0.0
+
+    def close(self) -> None:
+        """The daemon is known to answer again (a new connection): stop skipping it now."""
+        self._pause_s = 0.0
+        self._closed_at_s = 0.0

@@ -69,13 +69,16 @@ class KVStoreConnector(KVConnectorBase_V1):
         events_config = vllm_config.kv_events_config
         has_events = bool(events_config and events_config.enable_kv_cache_events)
         if role == KVConnectorRole.SCHEDULER:
-            ns = make_namespace(vllm_config, config, rank=0)
+            # Every TP rank stores its own shard: claim only what all of them hold.
+            tp = vllm_config.parallel_config.tensor_parallel_size
+            namespaces = [make_namespace(vllm_config, config, rank=r) for r in range(tp)]
             events = PoolEvents(block_size) if has_events else None
-            self._scheduler = SchedulerSide(config, ns, block_size, events)
+            self._scheduler = SchedulerSide(config, namespaces[0], block_size, events, namespaces)
         else:
             rank = _rank()
             self._worker = WorkerSide(config, make_namespace(vllm_config, config, rank), block_size,
-                                      is_first_rank=rank == 0, report_saves=has_events)
+                                      rank=rank, is_first_rank=rank == 0,
+                                      report_saves=has_events)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -12,12 +12,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 @dataclass(slots=True)
 class LoadSpec:
-    """Copy the pooled blocks of hashes into vLLM blocks block_ids, under the scheduler's lease."""
+    """Copy the pooled blocks of hashes into vLLM blocks block_ids, under the scheduler's leases:
+    leases[rank] pins them in that tensor-parallel rank's namespace (None: no lease)."""
 
     req_id: str
     hashes: list[bytes]
     block_ids: list[int]
-    lease: int | None
+    leases: list[int | None]
 
 
 @dataclass(slots=True)

@@ -2,7 +2,11 @@
 
 Runs in vLLM's EngineCore process. Daemon calls go through one background thread, so the
 scheduler waits at most lookup_wait_ms per attempt; when a lookup is slower it answers "ask me
-again" (None), and after lookup_timeout_ms it reports a miss and vLLM recomputes. It also counts
+again" (None), and after lookup_timeout_ms it reports a miss and vLLM recomputes. That thread
+never connects itself: a keeper (keeper.py) says HELLO when the connector starts and after every
+daemon restart, and hands it a connected client. With tensor parallelism each rank stores its
+own shard under its own namespace, and a block is claimed only when every rank holds it: one
+LOOKUP per rank, pipelined in one round trip, and the shortest prefix wins. It also counts
 prompt tokens per tier (stats.py) and, with vLLM's KV events on, tells routers what the pool
 holds (events.py).
 """
@@ -10,7 +14,6 @@ holds (events.py).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,13 +21,14 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.client import Client, LookupResult
+from kvstore.client import Client
 from kvstore.errors import KVStoreError
 from kvstore.keys import Namespace
 
 from connectors.vllm_v1.breaker import Breaker
 from connectors.vllm_v1.config import ConnectorConfig
 from connectors.vllm_v1.events import BlockInfo, PoolEvents, block_info
+from connectors.vllm_v1.keeper import Keeper, swap
 from connectors.vllm_v1.metadata import KVStoreMetadata, KVStoreWorkerMeta, LoadSpec, SaveSpec
 from connectors.vllm_v1.stats import KVStoreStats
 
@@ -38,14 +42,22 @@ _MAX_UNCONFIRMED_BLOCKS = 1 << 14
 _MAX_LOADS_PER_REQUEST = 4
 
 
+@dataclass(slots=True, frozen=True)
+class _Claim:
+    """A lookup's answer over every rank: the prefix all of them hold, and each rank's lease."""
+
+    num_hits: int
+    leases: list[int | None]
+
+
 @dataclass(slots=True)
 class _ReqState:
     request: Any  # vllm.v1.request.Request
     start_block: int  # first block after vLLM's own (VRAM) prefix-cache hit
-    lookup: Future[LookupResult] | None
+    lookup: Future[_Claim] | None
     deadline_s: float  # give the lookup up after this
     num_hit_blocks: int = 0
-    lease: int | None = None  # held by the scheduler until the load is handed to a worker
+    leases: list[int | None] | None = None  # per rank, held until the load goes to the workers
     pool_blocks: tuple[int, int] = (0, 0)  # [start, end) blocks loaded from the pool
     num_saved_blocks: int = 0  # blocks [0, n) already handed to the worker for saving
     is_load_issued: bool = False  # a load was handed to the worker for this lookup
@@ -60,9 +72,13 @@ class _ReqState:
 
 class SchedulerSide:
     def __init__(self, config: ConnectorConfig, ns: Namespace, block_size: int,
-                 events: PoolEvents | None = None) -> None:
+                 events: PoolEvents | None = None,
+                 rank_namespaces: list[Namespace] | None = None) -> None:
         self.config = config
-        self.ns = ns
+        self.ns = ns  # rank 0's: the one KV events and save confirmations speak of
+        # Every tensor-parallel rank's namespace, rank 0 first (just ns without TP).
+        self.rank_namespaces = list(rank_namespaces) if rank_namespaces else [ns]
+        assert self.rank_namespaces[0] == ns, "rank 0's namespace comes first"
         self.block_size = block_size
         self.events = events  # None unless vLLM publishes KV cache events
         self._stats = KVStoreStats()
@@ -70,9 +86,12 @@ class SchedulerSide:
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadSpec] = []
         self._breaker = Breaker(config.retry_interval_ms / 1000)
-        self._local = threading.local()
         # One thread owns the daemon socket (clients are not thread-safe).
         self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-sched")
+        self._lookup_client: Client | None = None  # the calls thread's
+        # Connects and says HELLO now, in the background: vLLM's startup never waits for it.
+        self._keeper = Keeper(self._make_client, {"lookup": False}, config.timeout_ms / 1000).start()
+        self._num_generations_seen = 0
 
     # --- vLLM hooks --------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -109,8 +128,9 @@ class SchedulerSide:
         start, end = st.start_block, st.start_block + num_blocks
         block_ids = blocks.get_block_ids()[0][start:end]
         hashes = [bytes(h) for h in request.block_hashes[start:end]]
-        self._loads.append(LoadSpec(request.request_id, hashes, list(block_ids), st.lease))
-        st.lease = None  # the worker releases it after copying
+        self._loads.append(LoadSpec(request.request_id, hashes, list(block_ids),
+                                    list(st.leases or [])))
+        st.leases = None  # each rank's worker releases its own after copying
         st.pool_blocks = (start, end)
         st.is_load_issued = True
         st.num_loads += 1
@@ -170,18 +190,35 @@ class SchedulerSide:
         return self.events.take() if self.events is not None else []
 
     def shutdown(self) -> None:
+        self._keeper.stop()
         self._calls.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether the daemon answered the keeper's last HELLO."""
+        return self._keeper.is_up
 
     # --- lookups -----------------------------------------------------------------------------
     def _start_lookup(self, request: Any, start_block: int, num_computed_tokens: int) -> _ReqState:
         # Never claim the whole prompt: vLLM must compute at least one token itself.
         end_block = min((request.num_tokens - 1) // self.block_size, len(request.block_hashes))
         now = time.monotonic()
-        st = _ReqState(request, start_block, None, now + self.config.lookup_timeout_ms / 1000,
+        deadline_s = now + self.config.lookup_timeout_ms / 1000
+        if not self._keeper.is_first_try_done:
+            # The first HELLO is still on its way (a request right after startup): the lookup
+            # waits for it, and the time it takes is not the lookup's.
+            deadline_s += self.config.timeout_ms / 1000
+        st = _ReqState(request, start_block, None, deadline_s,
                        end_block=end_block, num_prefill_tokens=request.num_tokens,
                        num_vram_tokens=num_computed_tokens)
+        if self._keeper.num_generations != self._num_generations_seen:
+            # A daemon (re)started and answers: no need to wait out a pause from its downtime.
+            self._num_generations_seen = self._keeper.num_generations
+            self._breaker.close()
         if end_block <= start_block or self._breaker.is_open():
             return st
+        if self._keeper.is_first_try_done and not self._keeper.is_up:
+            return st  # the daemon did not answer the keeper's last HELLO: a miss at no cost
         hashes = [bytes(h) for h in request.block_hashes[start_block:end_block]]
         st.lookup = self._calls.submit(self._lookup_call, hashes)
         self._stats.add(num_lookups=1)
@@ -198,37 +235,50 @@ class SchedulerSide:
             log.warning("kvstore lookup slower than %d ms: treating as a miss",
                         self.config.lookup_timeout_ms)
             self._breaker.failure()
+            self._keeper.poke()
             self._stats.add(num_failed_lookups=1)
         else:
             try:
-                result = st.lookup.result()
-                st.num_hit_blocks, st.lease = result.num_hits, result.lease
+                claim = st.lookup.result()
+                st.num_hit_blocks, st.leases = claim.num_hits, claim.leases
                 self._breaker.success()
                 self._learn_from_lookup(st)
             except KVStoreError as exc:
                 log.warning("kvstore lookup failed (%s): treating as a miss", exc)
                 self._breaker.failure()
+                self._keeper.poke()
                 self._stats.add(num_failed_lookups=1)
         st.lookup = None
         return True
 
-    def _lookup_call(self, hashes: list[bytes]) -> LookupResult:
-        return self._client().lookup(self.ns, hashes, lease_ms=self.config.lease_ms)
+    def _lookup_call(self, hashes: list[bytes]) -> _Claim:
+        self._keeper.wait_first_try(self.config.timeout_ms / 1000)
+        client = self._client()
+        if len(self.rank_namespaces) == 1:
+            result = client.lookup(self.ns, hashes, lease_ms=self.config.lease_ms)
+            return _Claim(result.num_hits, [result.lease])
+        results = client.lookup_many([(ns, hashes) for ns in self.rank_namespaces],
+                                     lease_ms=self.config.lease_ms)
+        return _Claim(min(r.num_hits for r in results), [r.lease for r in results])
 
     def _release(self, st: _ReqState) -> None:
         if st.lookup is not None:
             st.lookup.add_done_callback(self._release_late)
             st.lookup = None
-        if st.lease is not None:
-            self._calls.submit(self._release_call, st.lease)
-            st.lease = None
+        for lease in st.leases or ():
+            if lease is not None:
+                self._calls.submit(self._release_call, lease)
+        st.leases = None
 
-    def _release_late(self, fut: Future[LookupResult]) -> None:
+    def _release_late(self, fut: Future[_Claim]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
-        lease = fut.result().lease
-        if lease is not None:
-            self._calls.submit(self._release_call, lease)
+        for lease in fut.result().leases:
+            if lease is not None:
+                try:
+                    self._calls.submit(self._release_call, lease)
+                except RuntimeError:  # shut down meanwhile: the lease expires on its own
+                    return
 
     def _release_call(self, lease: int) -> None:
         try:
@@ -237,12 +287,16 @@ class SchedulerSide:
             pass  # leases expire on their own
 
     def _client(self) -> Client:
-        client = getattr(self._local, "client", None)
+        """The calls thread's client: the keeper's newest connected one, else one of its own."""
+        client = swap(self._keeper, "lookup", self._lookup_client)
         if client is None:
-            client = self._local.client = Client(
-                self.config.address, self.config.timeout_ms / 1000,
-                curve_dir=self.config.curve_keys, use_shm=False)
+            client = self._make_client(False)  # connects on its first call
+        self._lookup_client = client
         return client
+
+    def _make_client(self, use_shm: bool = False) -> Client:
+        return Client(self.config.address, self.config.timeout_ms / 1000,
+                      curve_dir=self.config.curve_keys, use_shm=False)
 
     # --- saves -------------------------------------------------------------------------------
     def _saves(self, scheduler_output: Any) -> list[SaveSpec]:

@@ -5,6 +5,9 @@ reports it), each bounded by load_timeout_ms; whatever happens, every load is re
 with the blocks it could not fill reported as failed so vLLM recomputes them. Saves run in
 wait_for_save, after the forward pass has filled the blocks: reserve slots, copy, commit.
 It counts what it moves (stats.py) and, for KV events, tells the scheduler which saves landed.
+Both threads get connected clients from a keeper (keeper.py) that says HELLO when the connector
+starts and again after a daemon restart, so neither pays for connecting inside a request. With
+tensor parallelism each rank moves its own shard, in its own namespace, under its own lease.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from kvstore.keys import Namespace
 from connectors.vllm_v1.blocks import PagedKV
 from connectors.vllm_v1.breaker import Breaker
 from connectors.vllm_v1.config import ConnectorConfig
+from connectors.vllm_v1.keeper import Keeper, swap
 from connectors.vllm_v1.metadata import KVStoreMetadata, KVStoreWorkerMeta, LoadSpec, SaveSpec
 from connectors.vllm_v1.stats import KVStoreStats
 
@@ -35,9 +39,10 @@ _TCP_BATCH_BYTES = 32 * 1024 * 1024
 
 class WorkerSide:
     def __init__(self, config: ConnectorConfig, ns: Namespace, block_size: int, *,
-                 is_first_rank: bool = True, report_saves: bool = False) -> None:
+                 rank: int = 0, is_first_rank: bool = True, report_saves: bool = False) -> None:
         self.config = config
-        self.ns = ns
+        self.ns = ns  # this rank's
+        self.rank = rank  # tensor-parallel rank: which of a load's leases is ours
         self.block_size = block_size
         # Token counts come from one rank only (every rank moves its own slice of each block);
         # so do save confirmations, matching the scheduler's lookups in rank 0's namespace.
@@ -56,6 +61,10 @@ class WorkerSide:
         self._registered: set[int] = set()  # data_ptrs registered as page-locked (CUDA)
         # (client, segment token) -> the segment as int8; a restarted daemon has a new token
         self._pool_tensors: dict[tuple[int, bytes], torch.Tensor] = {}
+        # Connects and says HELLO now, in the background: vLLM's startup never waits for it.
+        slots = {"load": config.use_shm, "save": config.use_shm}
+        self._keeper = Keeper(self._new_client_for, slots, config.timeout_ms / 1000).start()
+        self._num_generations_seen = 0
 
     # --- vLLM hooks --------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -80,6 +89,10 @@ class WorkerSide:
             return
         hashes = [h for s in meta.saves for h in s.hashes]
         saved: list[bytes] = []
+        if self._keeper.num_generations != self._num_generations_seen:
+            # A daemon (re)started and answers: no need to wait out a pause from its downtime.
+            self._num_generations_seen = self._keeper.num_generations
+            self._save_breaker.close()
         if self.kv is None or self._save_breaker.is_open():
             self._add_stats(num_failed_saves=1)
         else:
@@ -93,6 +106,7 @@ class WorkerSide:
                 # Best effort: a lost save is a future miss. Skip the daemon for a while.
                 log.warning("kvstore save skipped (%s)", exc)
                 self._save_breaker.failure()
+                self._keeper.poke()
                 self._add_stats(num_failed_saves=1)
         if self.report_saves:
             landed = set(saved)
@@ -130,6 +144,7 @@ class WorkerSide:
         return meta
 
     def shutdown(self) -> None:
+        self._keeper.stop()
         self._jobs.put(None)
         if self._save_client is not None:
             self._save_client.close()
@@ -138,6 +153,7 @@ class WorkerSide:
     def _load_loop(self) -> None:
         client = self._new_client()
         while (spec := self._jobs.get()) is not None:
+            client = swap(self._keeper, "load", client, self._forget_pool) or client
             num_loaded = 0
             if self.config.fault_load_delay_ms:
                 time.sleep(self.config.fault_load_delay_ms / 1000)
@@ -146,6 +162,7 @@ class WorkerSide:
                 num_loaded = self._load(client, spec)
             except Exception as exc:  # anything: report and let vLLM recompute
                 log.warning("kvstore load of %s failed (%s): recomputing", spec.req_id, exc)
+                self._keeper.poke()
             else:
                 if num_loaded < len(spec.block_ids):
                     # A warning: the lookup promised these blocks; vLLM now recomputes them.
@@ -174,7 +191,7 @@ class WorkerSide:
         assert self.kv is not None
         deadline = time.monotonic() + self.config.load_timeout_ms / 1000
         if client.has_shm():
-            with client.pinned(self.ns, spec.hashes, spec.lease) as refs:
+            with client.pinned(self.ns, spec.hashes, self._lease(spec)) as refs:
                 # Only now: the call may have re-attached a restarted daemon's new segment.
                 pool = self._pool_of(client)
                 num = self._scatter_refs(pool, refs, spec.block_ids, deadline)
@@ -192,7 +209,7 @@ class WorkerSide:
         try:
             while num < len(spec.hashes) and time.monotonic() < deadline:
                 hashes = spec.hashes[num:num + per_batch]
-                got = client.get_into(self.ns, hashes, rows, spec.lease)
+                got = client.get_into(self.ns, hashes, rows, self._lease(spec))
                 for i in range(got):
                     self.kv.scatter(spec.block_ids[num + i], staging[i])
                 _sync(self.kv.device)  # staging is reused by the next batch
@@ -201,9 +218,9 @@ class WorkerSide:
                     break
         except KVStoreError as exc:
             log.warning("kvstore load of %s stopped after %d blocks (%s)", spec.req_id, num, exc)
-        if spec.lease is not None:
+        if self._lease(spec) is not None:
             try:
-                client.release(spec.lease)
+                client.release(self._lease(spec))
             except KVStoreError:
                 pass  # it expires on its own
         return num
@@ -225,9 +242,11 @@ class WorkerSide:
         """Store the blocks of saves; returns the hashes the pool is known to hold afterwards
         (written now, or already there) and how many blocks were written."""
         assert self.kv is not None
-        if self._save_client is None:
-            self._save_client = self._new_client(self.config.save_timeout_ms)
-        client = self._save_client
+        client = swap(self._keeper, "save", self._save_client, self._forget_pool)
+        if client is None:
+            client = self._new_client()  # connects on its first call
+        client.timeout_s = self.config.save_timeout_ms / 1000  # saves run inside vLLM's step
+        self._save_client = client
         hashes = [h for s in saves for h in s.hashes]
         parents = [p for s in saves for p in s.parents]
         block_ids = [b for s in saves for b in s.block_ids]
@@ -280,6 +299,18 @@ class WorkerSide:
     def _new_client(self, timeout_ms: int | None = None) -> Client:
         return Client(self.config.address, (timeout_ms or self.config.timeout_ms) / 1000,
                       curve_dir=self.config.curve_keys, use_shm=self.config.use_shm)
+
+    def _new_client_for(self, use_shm: bool) -> Client:
+        """The keeper's clients: connected with timeout_ms, then given each slot's own timeout."""
+        return Client(self.config.address, self.config.timeout_ms / 1000,
+                      curve_dir=self.config.curve_keys, use_shm=use_shm)
+
+    def _lease(self, spec: LoadSpec) -> int | None:
+        return spec.leases[self.rank] if self.rank < len(spec.leases) else None
+
+    def _forget_pool(self, client: Client) -> None:
+        """client is being replaced: drop our view of its segment so the mapping can go."""
+        self._pool_tensors = {k: v for k, v in self._pool_tensors.items() if k[0] != id(client)}
 
     def _pool_of(self, client: Client) -> torch.Tensor:
         """The client's mapped segment as an int8 tensor (page-locked for DMA under CUDA)."""

@@ -89,7 +89,7 @@ def test_a_load_counts_tokens_per_transport(daemon: Daemon, make_worker: MakeWor
     saver.save(save_spec(hashes, [1, 2, 3]))
     saver.take_stats()
     loader = make_worker(daemon.address, use_shm=use_shm)
-    loader.start_load(KVStoreMetadata(loads=[LoadSpec("r", hashes, [10, 11, 12], None)]))
+    loader.start_load(KVStoreMetadata(loads=[LoadSpec("r", hashes, [10, 11, 12], [])]))
     wait_until(lambda: "r" in loader.get_finished(), 20, what="load finished")
     assert loader.take_failed_block_ids() == set()
     stats = loader.take_stats()
@@ -104,7 +104,7 @@ def test_a_load_counts_tokens_per_transport(daemon: Daemon, make_worker: MakeWor
 def test_a_load_of_missing_blocks_counts_a_failure(daemon: Daemon,
                                                    make_worker: MakeWorker) -> None:
     worker = make_worker(daemon.address)
-    worker.start_load(KVStoreMetadata(loads=[LoadSpec("r", chain(2, b"gone"), [3, 4], None)]))
+    worker.start_load(KVStoreMetadata(loads=[LoadSpec("r", chain(2, b"gone"), [3, 4], [])]))
     wait_until(lambda: "r" in worker.get_finished(), 20, what="load finished")
     assert worker.take_failed_block_ids() == {3, 4}
     stats = worker.take_stats()
@@ -143,7 +143,7 @@ def test_a_load_from_a_dead_daemon_is_still_reported_and_counted(
     daemon = make_daemon().start()
     worker = make_worker(daemon.address, timeout_ms=200)
     daemon.stop()
-    worker.start_load(KVStoreMetadata(loads=[LoadSpec("r", chain(2, b"dead"), [3, 4], None)]))
+    worker.start_load(KVStoreMetadata(loads=[LoadSpec("r", chain(2, b"dead"), [3, 4], [])]))
     wait_until(lambda: "r" in worker.get_finished(), 20, what="load finished")
     assert worker.take_failed_block_ids() == {3, 4}
     stats = worker.take_stats()
