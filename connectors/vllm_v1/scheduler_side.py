@@ -90,8 +90,11 @@ class SchedulerSide:
         self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-sched")
         self._lookup_client: Client | None = None  # the calls thread's
         # Connects and says HELLO now, in the background: vLLM's startup never waits for it.
-        self._keeper = Keeper(self._make_client, {"lookup": False}, config.timeout_ms / 1000).start()
+        self._keeper = Keeper(self._make_client, {"lookup": False}, config.timeout_ms / 1000)
+        self._keeper.start()
         self._num_generations_seen = 0
+        # Start the calls thread now and let it take the keeper's first connected client.
+        self._calls.submit(self._warm_up)
 
     # --- vLLM hooks --------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -250,6 +253,10 @@ class SchedulerSide:
                 self._stats.add(num_failed_lookups=1)
         st.lookup = None
         return True
+
+    def _warm_up(self) -> None:
+        self._keeper.wait_first_try(self.config.timeout_ms / 1000)
+        self._client()
 
     def _lookup_call(self, hashes: list[bytes]) -> _Claim:
         self._keeper.wait_first_try(self.config.timeout_ms / 1000)

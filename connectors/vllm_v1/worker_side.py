@@ -151,9 +151,10 @@ class WorkerSide:
 
     # --- loads (background thread) -------------------------------------------------------------
     def _load_loop(self) -> None:
-        client = self._new_client()
+        client: Client | None = None
         while (spec := self._jobs.get()) is not None:
-            client = swap(self._keeper, "load", client, self._forget_pool) or client
+            # The keeper's newest connected client; one of our own only if it has none yet.
+            client = swap(self._keeper, "load", client, self._forget_pool) or self._new_client()
             num_loaded = 0
             if self.config.fault_load_delay_ms:
                 time.sleep(self.config.fault_load_delay_ms / 1000)
@@ -172,7 +173,8 @@ class WorkerSide:
             # is_local, not has_shm(): counting must never call a daemon that may be gone.
             self._count_load(spec, num_loaded, time.perf_counter() - start, client.is_local)
             self._done.put((spec.req_id, spec.block_ids[num_loaded:]))
-        client.close()
+        if client is not None:
+            client.close()
 
     def _count_load(self, spec: LoadSpec, num_loaded: int, seconds: float, is_shm: bool) -> None:
         assert self.kv is not None

@@ -55,9 +55,9 @@ def test_scheduler_says_hello_when_it_starts(daemon: Daemon) -> None:
     watcher = Watcher(daemon.address)
     sched = SchedulerSide(config(daemon.address), NS, BLOCK)
     try:
-        wait_until(lambda: watcher.new("hello") >= 1, 10, what="HELLO from the scheduler side")
+        wait_until(lambda: sched.is_connected, 10, what="connected")
+        assert watcher.new("hello") >= 1
         assert watcher.new("lookup") == 0
-        assert sched.is_connected
     finally:
         sched.shutdown()
         watcher.client.close()
