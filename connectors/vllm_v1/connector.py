@@ -69,9 +69,10 @@ class KVStoreConnector(KVConnectorBase_V1):
         events_config = vllm_config.kv_events_config
         has_events = bool(events_config and events_config.enable_kv_cache_events)
         if role == KVConnectorRole.SCHEDULER:
-            # Every TP rank stores its own shard: claim only what all of them hold.
-            tp = vllm_config.parallel_config.tensor_parallel_size
-            namespaces = [make_namespace(vllm_config, config, rank=r) for r in range(tp)]
+            # Every rank stores its own shard: claim only what all of them hold.
+            parallel = vllm_config.parallel_config
+            num_ranks = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+            namespaces = [make_namespace(vllm_config, config, rank=r) for r in range(num_ranks)]
             events = PoolEvents(block_size) if has_events else None
             self._scheduler = SchedulerSide(config, namespaces[0], block_size, events, namespaces)
         else:
@@ -173,10 +174,21 @@ class KVStoreConnector(KVConnectorBase_V1):
 
 
 def _rank() -> int:
-    """This worker's tensor-parallel rank (0 outside a distributed setup)."""
+    """This worker's rank among the ones that hold different shards of a block: the TP rank, and
+    with pipeline parallelism pp_rank * tp_size + tp_rank (stages hold different layers, so they
+    must not share a namespace). 0 outside a distributed setup."""
     try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        from vllm.distributed.parallel_state import (
+            get_pp_group,
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
 
-        return int(get_tensor_model_parallel_rank())
+        tp_rank = int(get_tensor_model_parallel_rank())
     except Exception:  # not initialized (single process, tests)
         return 0
+    try:
+        pp_rank = int(get_pp_group().rank_in_group)
+    except Exception:  # no pipeline group: one stage
+        pp_rank = 0
+    return pp_rank * int(get_tensor_model_parallel_world_size()) + tp_rank
