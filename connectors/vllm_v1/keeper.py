@@ -46,6 +46,7 @@ class Keeper:
         self._num_generations = 0  # daemons connected to so far (restarts + 1)
         self._first_try = threading.Event()  # set once the first HELLO answered or failed
         self._wake = threading.Event()
+        self._refresh = False  # a user's call failed: give every slot a fresh client
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvstore-keeper", daemon=True)
 
@@ -69,7 +70,8 @@ class Keeper:
 
     @property
     def num_generations(self) -> int:
-        """How many daemons (first start, restarts) were connected to: changes on every new one."""
+        """How many daemons (first start, restarts) were connected to: changes on every new one,
+        and when the daemon answers again after not answering."""
         return self._num_generations
 
     def wait_first_try(self, timeout_s: float) -> bool:
@@ -86,7 +88,9 @@ class Keeper:
             return self._ready.pop(slot, None)
 
     def poke(self) -> None:
-        """A call failed: check the daemon now instead of at the next keepalive."""
+        """A call failed: check the daemon now instead of at the next keepalive, and hand out
+        fresh clients (the failed one has dropped its socket and would reconnect in a call)."""
+        self._refresh = True
         self._wake.set()
 
     # --- the keeper thread -------------------------------------------------------------------
@@ -111,8 +115,9 @@ class Keeper:
             self._generation = None
             return
         generation = (hello.get("pid"), bytes(hello.get("token") or b""))
-        if generation == self._generation:
+        if generation == self._generation and not self._refresh:
             return
+        self._refresh = False
         clients = {}
         try:
             for slot, use_shm in self._slots.items():
@@ -129,7 +134,8 @@ class Keeper:
             client.close()  # never taken: its thread did no call since the last new daemon
         if self._generation is None and self._num_generations:
             log.info("kvstore daemon at %s answers again", probe.address)
-        self._num_generations += 1  # first: whoever sees is_up also sees the new generation
+        if generation != self._generation:
+            self._num_generations += 1  # first: whoever sees is_up also sees it
         self._generation = generation
 
 
