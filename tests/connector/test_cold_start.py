@@ -37,7 +37,8 @@ class Watcher:
 
 
 def config(address: str, **overrides: int) -> ConnectorConfig:
-    settings = {"timeout_ms": 500, "lookup_timeout_ms": 300, "lookup_wait_ms": 5,
+    # Generous budgets: CI machines are shared; what is tested never waits them out.
+    settings = {"timeout_ms": 2000, "lookup_timeout_ms": 1000, "lookup_wait_ms": 5,
                 "retry_interval_ms": 1000, **overrides}
     return ConnectorConfig(address=address, **settings)  # type: ignore[arg-type]
 
@@ -95,6 +96,7 @@ def test_after_a_daemon_restart_the_next_lookup_hits(daemon: Daemon) -> None:
     fakes.store(daemon.address, NS, first, 4)
     sched = SchedulerSide(config(daemon.address, retry_interval_ms=10_000), NS, BLOCK)
     try:
+        wait_until(lambda: sched.is_connected, 10, what="connected")
         assert ask(sched, first) == 4 * BLOCK
         daemon.stop()
         assert ask(sched, fakes.make_request("down", 4, BLOCK)) == 0
