@@ -28,7 +28,7 @@ test-fast: venv
 demo: venv
 	$(PY) -m bench.demo
 
-# Every benchmark, each bounded in time, then bench/README.md regenerated (about 30-40 min here).
+# Every benchmark, each bounded in time, then bench/README.md regenerated (about 40-50 min here).
 bench: venv
 	$(PY) -m bench.report
 

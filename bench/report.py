@@ -51,6 +51,8 @@ SECTIONS = (
     # The full TTFT sweep (8k prompts, 3 repeats) takes ~15 min here; make bench runs 1k and 4k.
     Section("ttft", "ttft", "Time to first token per tier", ("--quick",), 900),
     Section("gpu_copy", "gpu_copy", "GPU copy path", (), 300, needs_cuda=True),
+    # 600 s of soak plus start, restart and the slowest attack's bounded wait.
+    Section("soak", "soak", "Soak under attack: honest clients against hostile ones", (), 900),
 )
 
 

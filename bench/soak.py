@@ -22,12 +22,15 @@ timeouts, daemon RSS over time, the daemon's arguments and the machine) and prin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import multiprocessing
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -46,6 +49,7 @@ MiB = 1024 * 1024
 POOL = "256MiB"
 POOL_BYTES = 256 * MiB
 OUT = Path(__file__).parent / "results" / "soak.json"
+BEFORE = OUT.with_name("soak_before.json")  # the same soak on the code before issue 10's fixes
 BUDGET_PING_P99_MS = 50.0  # issue 10: during each attack, another client's PING at p99
 BUDGET_WRONG_BYTES = 0
 RSS_SAMPLE_S = 0.25  # daemon VmRSS sampling period
@@ -89,19 +93,51 @@ class Sampler(threading.Thread):
                 self.samples.append((now, *rss))
             if now >= next_print:
                 next_print = now + self.progress_s
-                shown = f"rss {rss[0] / MiB:.0f} MiB (anon {rss[1] / MiB:.0f})" if rss else "no daemon"
+                shown = (f"rss {rss[0] / MiB:.0f} MiB (anon {rss[1] / MiB:.0f})" if rss
+                         else "no daemon")
                 progress(self.start_s, f"{self.window}; daemon {shown}")
 
 
-def start_workers(address: str, num_shm: int, num_tcp: int, stop: Any, results: Any) -> list[Any]:
+def has_tenants() -> bool:
+    """Whether this daemon can bind namespaces to client keys (kvstore/tenants.py)."""
+    return importlib.util.find_spec("kvstore.tenants") is not None
+
+
+def tenant_keys(root: Path) -> tuple[Path, Path, Path]:
+    """CURVE keys for the daemon and two tenants, "honest" and "attacker", each key bound to its
+    own tenant's namespaces: (daemon --curve-keys dir, honest client dir, attacker client dir)."""
+    import zmq.auth
+
+    server = root / "daemon"
+    (server / "clients").mkdir(parents=True)
+    zmq.auth.create_certificates(server, "server")
+    dirs = []
+    for who in ("honest", "attacker"):
+        mine = root / who
+        mine.mkdir()
+        public, _ = zmq.auth.create_certificates(mine, "client")
+        shutil.copy(server / "server.key", mine / "server.key")
+        shutil.copy(public, server / "clients" / f"{who}.key")
+        dirs.append(mine)
+    (server / "tenants.toml").write_text(
+        '[tenants.honest]\nkeys = ["honest.key"]\n\n[tenants.attacker]\nkeys = ["attacker.key"]\n')
+    for path in root.rglob("*"):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    root.chmod(0o700)
+    return server, dirs[0], dirs[1]
+
+
+def start_workers(address: str, curve_dir: Path | None, num_shm: int, num_tcp: int, stop: Any,
+                  results: Any) -> list[Any]:
     """The honest clients and the pinger, each in a fresh (spawned) process."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=pinger, args=(address, stop, results), name="pinger")]
+    procs = [ctx.Process(target=pinger, args=(address, curve_dir, stop, results), name="pinger")]
     for i in range(num_shm + num_tcp):
         use_shm = i < num_shm
         name = f"{'shm' if use_shm else 'tcp'}-{i}"
         procs.append(ctx.Process(target=honest_client, name=name,
-                                 args=(name, address, use_shm, 1000 + i, stop, results)))
+                                 args=(name, address, curve_dir, use_shm, 1000 + i, stop,
+                                       results)))
     for p in procs:
         p.start()
     return procs
@@ -113,15 +149,22 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     scale = attacks.QUICK if quick else attacks.FULL
     reserve_s = 1.0 if quick else 2.0
     quiet_s = 0.5 if quick else 3.0
-    serve_args = ["--reserve-timeout", str(reserve_s), "--insecure", *args.serve_arg]
-    daemon = Daemon(pool_size=POOL, extra_args=serve_args)
+    tenants = has_tenants() if args.tenants == "auto" else args.tenants == "on"
+    keys_root = Path(tempfile.mkdtemp(prefix="kvstore-soak-keys-"))
+    server_keys, honest_keys, attacker_keys = (tenant_keys(keys_root) if tenants
+                                               else (None, None, None))
+    serve_args = ["--reserve-timeout", str(reserve_s),
+                  *(["--curve-keys", str(server_keys)] if server_keys else []), *args.serve_arg]
+    # Without keys, tests/daemon.py adds --insecure where the daemon wants it for loopback TCP.
+    daemon = Daemon(pool_size=POOL, extra_args=serve_args, client_keys=honest_keys)
     daemon.start()
     start_s = time.monotonic()
     sampler = Sampler(daemon, start_s, 2.0 if quick else 10.0)
     sampler.start()
     mp = multiprocessing.get_context("spawn")
     stop, results = mp.Event(), mp.Queue()
-    procs = start_workers(daemon.address, *((1, 1) if quick else (2, 2)), stop, results)
+    procs = start_workers(daemon.address, honest_keys, *((1, 1) if quick else (2, 2)), stop,
+                          results)
     ctx = zmq.Context()
     windows: list[dict[str, Any]] = []
     try:
@@ -137,7 +180,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
                 if not restarted and time.monotonic() - run_start >= seconds / 2:
                     windows.append(_restart(sampler, daemon))
                     restarted = True
-                env = attacks.Env(daemon.address, ctx, scale, reserve_s, rnd)
+                env = attacks.Env(daemon.address, ctx, scale, reserve_s, rnd, attacker_keys)
                 windows.append(_attack(sampler, name, attack, env))
                 done[name] += 1
                 windows.append(_quiet(sampler, "quiet", quiet_s))
@@ -153,10 +196,16 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         code = daemon.stop()
         sigterm_s = time.monotonic() - sigterm_s
         ctx.term()
-    params = {"seconds": seconds, "quick": quick, "pool": POOL, "page": "32MiB (the default, pool/8)",
+        shutil.rmtree(keys_root, ignore_errors=True)
+    params = {"seconds": seconds, "quick": quick, "pool": POOL,
+              "page": "32MiB (the default, pool/8)",
               "reserve_timeout_s": reserve_s, "quiet_s": quiet_s, "scale": asdict(scale),
               "honest_clients": {"shm": 1 if quick else 2, "tcp": 1 if quick else 2},
-              "daemon_args": serve_args, "daemon_exit_code_on_sigterm": code,
+              "daemon_args": [a if a != str(server_keys) else "DIR" for a in serve_args],
+              "tenants": ("CURVE keys, tenants.toml binding 'honest' and 'attacker' keys to their "
+                          "own namespaces" if tenants else "off: every client may use every "
+                          "namespace (no kvstore/tenants.py in this daemon)"),
+              "daemon_exit_code_on_sigterm": code,
               "daemon_sigterm_exit_s": round(sigterm_s, 3)}
     return analyse(windows, workers, sampler.samples, start_s, params)
 
@@ -372,9 +421,23 @@ def render(res: dict[str, Any]) -> str:
         f"- honest clients: {clients}",
         f"- restart downtime: {res['restart']['downtime_s']} s; daemon exit on SIGTERM in "
         f"{p['daemon_sigterm_exit_s']} s",
+        *_before_line(),
         "",
         table(res),
     ])
+
+
+def _before_line() -> list[str]:
+    """One line comparing with bench/results/soak_before.json, when it exists."""
+    try:
+        before = json.loads(BEFORE.read_text())
+    except (OSError, ValueError):
+        return []
+    return [f"- before issue 10's fixes (`bench/results/soak_before.json`, "
+            f"{before['parameters']['seconds']:.0f} s): wrong bytes {before['wrong_bytes']} "
+            f"({before['wrong']['bytes_by_cause'] or 'none'}), PING p99 under attack "
+            f"{before['ping_p99_ms_under_attack']} ms, RSS {before['rss_max_over_pool_mib']} MiB "
+            f"over the pool; {before.get('note', '')}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,11 +446,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="every attack once, small (CI)")
     parser.add_argument("--seconds", type=float, default=None, help="run time (600; 20 quick)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"result file (default {OUT})")
+    parser.add_argument("--tenants", choices=("auto", "on", "off"), default="auto",
+                        help="bind each side's key to its own namespaces (auto: when supported)")
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="extra argument for `kvstore serve` (repeatable)")
     args = parser.parse_args(argv)
     res = run_soak(args)
-    res["command"] = "python -m bench.soak " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    res["command"] = " ".join(["python -m bench.soak", *(shlex.quote(a) for a in given)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"\nmachine: {summary(res['machine'])}")

@@ -92,7 +92,8 @@ class Raw:
 
     def wait(self, req_id: int, timeout_s: float | None = None) -> dict[str, Any] | None:
         """The reply to req_id (other replies are skipped), or None past the deadline."""
-        deadline = time.monotonic() + (self.env.scale.stall_cap_s if timeout_s is None else timeout_s)
+        wait_s = self.env.scale.stall_cap_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait_s
         while (left_ms := int((deadline - time.monotonic()) * 1000)) > 0:
             if not self.sock.poll(left_ms, zmq.POLLIN):
                 break
@@ -136,7 +137,8 @@ def _answer(reply: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
 
 
 def _ns(env: Env, what: str) -> Namespace:
-    return Namespace(b"soak-%s-%d" % (what.encode(), env.round))
+    """A namespace of the attacker's own tenant (its key may write it when tenants are on)."""
+    return Namespace(b"attacker/soak-%s-%d" % (what.encode(), env.round))
 
 
 def _hashes(env: Env, what: str, n: int) -> list[bytes]:
@@ -240,7 +242,8 @@ def unread_tcp_get(env: Env) -> dict[str, Any]:
         stored = 0
         for i in range(0, len(hashes), 8):  # 32 MiB a message
             batch = hashes[i:i + 8]
-            put, _ = raw.call(Op.PUT, [frame] * len(batch), ns=ns, blocks=[[h, None] for h in batch],
+            put, _ = raw.call(Op.PUT, [frame] * len(batch), ns=ns,
+                              blocks=[[h, None] for h in batch],
                               sizes=[_UNREAD_BLOCK_BYTES] * len(batch))
             stored += (put or {}).get("num_stored", 0)
         for _ in range(4):
@@ -285,7 +288,7 @@ def foreign_commit_abort(env: Env) -> dict[str, Any]:
 
 
 def _guess_honest(env: Env, raw: Raw, slots: list[int]) -> int:
-    """COMMIT/ABORT rows of honest hashes x slots just given back (where honest writes land next)."""
+    """COMMIT/ABORT rows of honest hashes x slots just given back, where honest writes land next."""
     rng = random.Random(env.round)
     accepted = 0
     end = time.monotonic() + 1.0

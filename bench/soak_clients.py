@@ -15,6 +15,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from multiprocessing.synchronize import Event
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,8 @@ from kvstore.client import Client
 from kvstore.errors import KVStoreError, ServerError, ServerUnavailable
 from kvstore.keys import Namespace
 
-HONEST_NS = Namespace(b"soak-honest")
+# Tenant "honest" (kvstore/tenants.py: a namespace name's tenant is what precedes its first "/").
+HONEST_NS = Namespace(b"honest/soak")
 BLOCK_SIZES = (16 * 1024, 64 * 1024)  # two size classes; attackers write the same sizes
 CHAIN_LEN = 8  # blocks per chain (one "prompt prefix")
 NUM_CHAINS = 1024  # ~320 MiB of distinct blocks over a 256 MiB pool: eviction runs all the time
@@ -68,7 +70,8 @@ def count_wrong(block_hash: bytes, got: bytes) -> int:
     """How many bytes of got differ from the block's right bytes (a length mismatch counts)."""
     want = block_bytes(block_hash)
     n = min(len(want), len(got))
-    diff = int(np.count_nonzero(np.frombuffer(want, np.uint8, n) != np.frombuffer(got, np.uint8, n)))
+    differ = np.frombuffer(want, np.uint8, n) != np.frombuffer(got, np.uint8, n)
+    diff = int(np.count_nonzero(differ))
     return diff + abs(len(want) - len(got))
 
 
@@ -99,12 +102,12 @@ class Recorder:
                 "checked_bytes": self.checked_bytes}
 
 
-def honest_client(name: str, address: str, use_shm: bool, seed: int, stop: Event,
-                  results: Any) -> None:
+def honest_client(name: str, address: str, curve_dir: Path | None, use_shm: bool, seed: int,
+                  stop: Event, results: Any) -> None:
     """Read random chains, check every byte, store what is missing; until stop is set."""
     rng = random.Random(seed)
     rec = Recorder(name, [])
-    client = Client(address, timeout_s=HONEST_TIMEOUT_S, use_shm=use_shm)
+    client = Client(address, timeout_s=HONEST_TIMEOUT_S, use_shm=use_shm, curve_dir=curve_dir)
     recent: deque[int] = deque(maxlen=RECENT_CHAINS)
     next_s = time.monotonic()
     while not stop.is_set():
@@ -155,10 +158,10 @@ def _check(rec: Recorder, block_hash: bytes, data: bytes) -> None:
         rec.wrong_by_cause[wrong_cause(data)] += wrong
 
 
-def pinger(address: str, stop: Event, results: Any) -> None:
+def pinger(address: str, curve_dir: Path | None, stop: Event, results: Any) -> None:
     """PING the daemon every PING_PERIOD_S; a timeout is recorded with its elapsed time."""
     rec = Recorder("pinger", [])
-    client = Client(address, timeout_s=PING_TIMEOUT_S, use_shm=False)
+    client = Client(address, timeout_s=PING_TIMEOUT_S, use_shm=False, curve_dir=curve_dir)
     next_s = time.monotonic()
     while not stop.is_set():
         t0 = time.monotonic()
