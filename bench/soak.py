@@ -13,6 +13,10 @@ slots holds 524,288 of them as in the issue; --reserve-timeout 2 s, 1 s in --qui
   attacks   bench/soak_attacks.py, in rotation from the parent process, each bounded in count and
             time, each window ending when a fresh connection's PING is answered again
   restart   once, at half time: SIGKILL, then the same daemon command again
+  tenants   when the daemon has kvstore/tenants.py (--tenants auto): CURVE keys for both sides and
+            a tenants.toml binding the honest key to namespaces "honest/..." and the attacker's
+            to "attacker/..."; without it every client may use every namespace, and the tenant
+            attack's foreign bytes reach the honest clients (counted as wrong bytes by cause)
 
 Writes bench/results/soak.json (top level: wrong_bytes, ping_p99_ms_under_attack,
 rss_max_over_pool_mib; then the budgets, per-attack ping p99, honest clients' latency, errors and

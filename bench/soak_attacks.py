@@ -280,6 +280,7 @@ def foreign_commit_abort(env: Env) -> dict[str, Any]:
         owner.call(Op.INVALIDATE, name=ns.name, below_epoch=None)
         return {"reserved": len(rows), "foreign_commits_accepted": (commit or {}).get("num_done"),
                 "foreign_aborts_accepted": (abort or {}).get("num_done"),
+                "foreign_answers": [_outcome(commit), _outcome(abort)],
                 "unwritten_blocks_readable": (got or {}).get("num_hits"),
                 "guessed_honest_accepted": on_honest}
     finally:
