@@ -29,6 +29,7 @@ MiB = 1024 * 1024
 _SEND_TIMEOUT_MS = 10_000  # an attack send that cannot go out in this long is abandoned
 _PIPELINE = 1000  # lookups in flight at once in the lease flood: under both sides' HWMs
 _UNREAD_BLOCK_BYTES = 4 * MiB  # one chunk per block: the pins of an unread GET reply
+_LEASE_MS = 60_000  # the daemon's longest lease: the flood's leases outlive its slow start
 
 
 @dataclass(frozen=True)
@@ -204,31 +205,45 @@ def large_multipart(env: Env) -> dict[str, Any]:
 
 # --- one client takes the lease table ----------------------------------------------------------
 def lease_flood(env: Env) -> dict[str, Any]:
-    """Pipelined leased LOOKUPs of one stored block, each naming it lease_repeat times."""
+    """Pipelined leased LOOKUPs of one stored block, each naming it lease_repeat times; the
+    leases are held hold_s after the flood, then released (they would expire on their own)."""
     s, ns, raw = env.scale, _ns(env, "lease"), Raw(env)
     block_hash = _hashes(env, "lease", 1)[0]
     try:
         put, _ = raw.call(Op.PUT, [b"L" * 64], ns=ns, blocks=[[block_hash, None]], sizes=[64])
-        start, sent, granted, outcomes = time.monotonic(), 0, 0, Counter[str]()
-        pending: set[int] = set()
-        deadline = start + s.stall_cap_s
-        while (sent < s.leased_lookups or pending) and time.monotonic() < deadline:
-            while sent < s.leased_lookups and len(pending) < _PIPELINE:
-                pending.add(raw.send(Op.LOOKUP, ns=ns, hashes=[block_hash] * s.lease_repeat,
-                                     lease_ms=int(s.hold_s * 1000)))
-                sent += 1
-            if not raw.sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000), zmq.POLLIN):
-                break
-            reply = protocol.decode_header(raw.sock.recv_multipart()[0])
-            pending.discard(reply.get("id"))
-            outcomes[_outcome(reply)] += 1
-            granted += reply.get("lease") is not None
+        start = time.monotonic()
+        fields = {"ns": ns, "hashes": [block_hash] * s.lease_repeat, "lease_ms": _LEASE_MS}
+        replies = _pipeline(raw, [(Op.LOOKUP, fields)] * s.leased_lookups, start + s.stall_cap_s)
+        leases = [r["lease"] for r in replies if r.get("lease") is not None]
         took_s = time.monotonic() - start
-        time.sleep(max(0.0, start + s.hold_s - time.monotonic()))  # the leases live this long
-        return {"lookups": sent, "answered": sum(outcomes.values()), "leases_granted": granted,
-                "outcomes": dict(outcomes), "flood_s": round(took_s, 3), "put": _outcome(put)}
+        time.sleep(s.hold_s)  # every other client's gets and lookups meet a full lease table now
+        released = _pipeline(raw, [(Op.RELEASE, {"lease": lease}) for lease in leases],
+                             time.monotonic() + s.stall_cap_s)
+        return {"lookups": s.leased_lookups, "answered": len(replies), "leases_granted": len(leases),
+                "outcomes": dict(Counter(_outcome(r) for r in replies)),
+                "released": sum(bool(r.get("released")) for r in released),
+                "flood_s": round(took_s, 3), "put": _outcome(put)}
     finally:
         raw.close()
+
+
+def _pipeline(raw: Raw, requests: list[tuple[Op, dict[str, Any]]],
+              deadline: float) -> list[dict[str, Any]]:
+    """Send requests with up to _PIPELINE in flight; the replies that came before deadline."""
+    replies: list[dict[str, Any]] = []
+    pending: set[int] = set()
+    sent = 0
+    while (sent < len(requests) or pending) and time.monotonic() < deadline:
+        while sent < len(requests) and len(pending) < _PIPELINE:
+            op, fields = requests[sent]
+            pending.add(raw.send(op, **fields))
+            sent += 1
+        if not raw.sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000), zmq.POLLIN):
+            break
+        reply = protocol.decode_header(raw.sock.recv_multipart()[0])
+        pending.discard(reply.get("id"))
+        replies.append(reply)
+    return replies
 
 
 # --- pins without a deadline -------------------------------------------------------------------
