@@ -219,7 +219,8 @@ def lease_flood(env: Env) -> dict[str, Any]:
         time.sleep(s.hold_s)  # every other client's gets and lookups meet a full lease table now
         released = _pipeline(raw, [(Op.RELEASE, {"lease": lease}) for lease in leases],
                              time.monotonic() + s.stall_cap_s)
-        return {"lookups": s.leased_lookups, "answered": len(replies), "leases_granted": len(leases),
+        return {"lookups": s.leased_lookups, "answered": len(replies),
+                "leases_granted": len(leases),
                 "outcomes": dict(Counter(_outcome(r) for r in replies)),
                 "released": sum(bool(r.get("released")) for r in released),
                 "flood_s": round(took_s, 3), "put": _outcome(put)}
