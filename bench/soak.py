@@ -9,7 +9,9 @@ slots holds 524,288 of them as in the issue; --reserve-timeout 2 s, 1 s in --qui
             process, reading random chains of 8 content-addressed blocks (bytes = shake_256 of the
             hash) out of 1024 chains (~320 MiB, more than the pool) and storing what is missing;
             every byte read is checked: wrong_bytes must be 0
-  pinger    its own process, a PING every 20 ms (1 s deadline): the daemon's responsiveness
+  pinger    its own process, a PING every 20 ms (1 s deadline): the daemon's responsiveness.
+            Its p99 counts the pings it could not send while one call waited (each at what it
+            would have waited), so a stalled daemon does not get fewer samples than a fast one
   attacks   bench/soak_attacks.py, in rotation from the parent process, each bounded in count and
             time, each window ending when a fresh connection's PING is answered again
   restart   once, at half time: SIGKILL, then the same daemon command again
@@ -46,7 +48,7 @@ import zmq
 
 from bench import soak_attacks as attacks
 from bench.machine import describe, summary
-from bench.soak_clients import honest_client, pinger
+from bench.soak_clients import PING_PERIOD_S, honest_client, pinger
 from tests.daemon import Daemon  # the integration tests' launcher of the real daemon process
 
 MiB = 1024 * 1024
@@ -272,16 +274,31 @@ def _inside(rows: list[Any], windows: list[dict[str, Any]]) -> list[Any]:
     return [r for r in rows if any(w["start"] <= r[0] <= w["end"] for w in windows)]
 
 
+def with_missed_pings(rows: list[Any], period_s: float) -> list[Any]:
+    """rows plus the pings the pinger would have sent while one call waited (coordinated omission:
+    a stalled daemon must not get fewer samples). A call of L seconds adds the scheduled pings at
+    +k*period, each waiting L - k*period: what a client asking at that moment would have waited."""
+    out = list(rows)
+    for t0, op, seconds, outcome in rows:
+        k = 1
+        while seconds - k * period_s > 0:
+            out.append((t0 + k * period_s, op, seconds - k * period_s, "missed"))
+            k += 1
+    return out
+
+
 def _ping_figures(pings: list[Any], windows: list[dict[str, Any]]) -> dict[str, Any]:
-    rows = _inside(pings, windows)
+    sent = _inside(pings, windows)
+    rows = with_missed_pings(sent, PING_PERIOD_S)
     longest = 0.0  # per window, from its start to its end: a stall at either edge counts
     for w in windows:
         answered = sorted(r[0] + r[2] for r in _inside(rows, [w]) if r[3] == "ok")
         marks = [w["start"], *answered, w["end"]]
         longest = max(longest, *(b - a for a, b in zip(marks, marks[1:])))
-    return {"pings": len(rows), "p99_ms": _ms(p99([r[2] for r in rows])),
+    return {"pings": len(sent), "p99_ms": _ms(p99([r[2] for r in rows])),
+            "p99_ms_sent_only": _ms(p99([r[2] for r in sent])),
             "max_ms": _ms(max((r[2] for r in rows), default=None)),
-            "timeouts": sum(r[3] == "timeout" for r in rows),
+            "timeouts": sum(r[3] == "timeout" for r in sent),
             "longest_without_answer_s": round(longest, 3),
             "seconds": round(sum(w["end"] - w["start"] for w in windows), 2)}
 

@@ -28,7 +28,10 @@ from kvstore.protocol import CHUNK_BYTES, Op
 MiB = 1024 * 1024
 _SEND_TIMEOUT_MS = 10_000  # an attack send that cannot go out in this long is abandoned
 _PIPELINE = 1000  # lookups in flight at once in the lease flood: under both sides' HWMs
-_UNREAD_BLOCK_BYTES = 4 * MiB  # one chunk per block: the pins of an unread GET reply
+_UNREAD_BLOCK_BYTES = 2 * MiB  # a Llama-8B block: the pins of an unread GET reply
+# Frames of the large message: under the daemon's per-frame limit (CHUNK_BYTES) also with CURVE,
+# which adds its own bytes to each frame (a full CHUNK_BYTES frame is refused under CURVE).
+_LARGE_FRAME_BYTES = CHUNK_BYTES - 64 * 1024
 _LEASE_MS = 60_000  # the daemon's longest lease: the flood's leases outlive its slow start
 
 
@@ -38,10 +41,10 @@ class Scale:
 
     tiny_blocks: int  # one-byte blocks invalidated, or reserved and left unfinished
     empty_frames: int  # empty frames in one message
-    large_frames: int  # CHUNK_BYTES frames in one multipart message
+    large_frames: int  # frames of ~CHUNK_BYTES in one multipart message
     leased_lookups: int  # LOOKUPs with a lease, pipelined from one socket
     lease_repeat: int  # how many times each leased LOOKUP names the same block
-    unread_blocks: int  # 4 MiB blocks a never-read TCP GET pins
+    unread_blocks: int  # 2 MiB blocks a never-read TCP GET pins
     hold_s: float  # how long floods of leases and unread replies are held
     foreign_blocks: int  # reservations committed/aborted from another connection
     late_blocks: int  # slots of the stalled writer
@@ -50,10 +53,10 @@ class Scale:
 
 
 QUICK = Scale(tiny_blocks=512, empty_frames=200_000, large_frames=32, leased_lookups=16_384,
-              lease_repeat=16, unread_blocks=24, hold_s=2.0, foreign_blocks=64, late_blocks=128,
+              lease_repeat=16, unread_blocks=48, hold_s=2.0, foreign_blocks=64, late_blocks=128,
               tenant_chains=32, stall_cap_s=30.0)
 FULL = Scale(tiny_blocks=8192, empty_frames=1_000_000, large_frames=256, leased_lookups=65_536,
-             lease_repeat=64, unread_blocks=56, hold_s=10.0, foreign_blocks=256, late_blocks=512,
+             lease_repeat=64, unread_blocks=112, hold_s=10.0, foreign_blocks=256, late_blocks=512,
              tenant_chains=64, stall_cap_s=120.0)
 
 
@@ -191,14 +194,14 @@ def empty_frames(env: Env) -> dict[str, Any]:
 
 
 def large_multipart(env: Env) -> dict[str, Any]:
-    """One PING carrying large_frames frames of CHUNK_BYTES (the per-frame limit)."""
+    """One PING carrying large_frames frames of about CHUNK_BYTES (the per-frame limit)."""
     n, raw = env.scale.large_frames, Raw(env)
-    frame = bytes(CHUNK_BYTES)
+    frame = bytes(_LARGE_FRAME_BYTES)
     try:
         start = time.monotonic()
         req_id = raw.send(Op.PING, [frame] * n)
         reply = raw.wait(req_id)
-        return {"frames": n, "bytes": n * CHUNK_BYTES, **_answer(reply, time.monotonic() - start)}
+        return {"frames": n, "bytes": n * len(frame), **_answer(reply, time.monotonic() - start)}
     finally:
         raw.close()
 
@@ -249,15 +252,15 @@ def _pipeline(raw: Raw, requests: list[tuple[Op, dict[str, Any]]],
 
 # --- pins without a deadline -------------------------------------------------------------------
 def unread_tcp_get(env: Env) -> dict[str, Any]:
-    """Store 4 MiB blocks, GET them over TCP from a socket that never reads, for hold_s."""
+    """Store 2 MiB blocks, GET them over TCP from a socket that never reads, for hold_s."""
     s, ns, raw = env.scale, _ns(env, "unread"), Raw(env)
     hashes = _hashes(env, "unread", s.unread_blocks)
     frame = bytes(_UNREAD_BLOCK_BYTES)
     reader = Raw(env, rcvhwm=1, rcvbuf=4096)
     try:
         stored = 0
-        for i in range(0, len(hashes), 8):  # 32 MiB a message
-            batch = hashes[i:i + 8]
+        for i in range(0, len(hashes), 16):  # 32 MiB a message
+            batch = hashes[i:i + 16]
             put, _ = raw.call(Op.PUT, [frame] * len(batch), ns=ns,
                               blocks=[[h, None] for h in batch],
                               sizes=[_UNREAD_BLOCK_BYTES] * len(batch))
