@@ -1,0 +1,225 @@
+"""The soak's figures: PING and honest-client latency per window kind and per attack class, wrong
+bytes by cause, daemon RSS; and its bench/README.md section. Pure functions of what bench/soak.py
+recorded (rows of (monotonic start, op, seconds, outcome) and the attack windows)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.machine import describe
+from bench.soak_attacks import ATTACKS
+from bench.soak_clients import PING_PERIOD_S
+
+MiB = 1024 * 1024
+POOL_BYTES = 256 * MiB  # bench/soak.py's pool
+BEFORE = Path(__file__).parent / "results" / "soak_before.json"  # the soak before the fixes
+BUDGET_PING_P99_MS = 50.0  # issue 10: during each attack, another client's PING at p99
+BUDGET_WRONG_BYTES = 0
+
+def p99(values: list[float]) -> float | None:
+    """Nearest-rank 99th percentile."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
+
+
+def _inside(rows: list[Any], windows: list[dict[str, Any]]) -> list[Any]:
+    return [r for r in rows if any(w["start"] <= r[0] <= w["end"] for w in windows)]
+
+
+def with_missed_pings(rows: list[Any], period_s: float) -> list[Any]:
+    """rows plus the pings the pinger would have sent while one call waited (coordinated omission:
+    a stalled daemon must not get fewer samples). A call of L seconds adds the scheduled pings at
+    +k*period, each waiting L - k*period: what a client asking at that moment would have waited."""
+    out = list(rows)
+    for t0, op, seconds, outcome in rows:
+        k = 1
+        while seconds - k * period_s > 0:
+            out.append((t0 + k * period_s, op, seconds - k * period_s, "missed"))
+            k += 1
+    return out
+
+
+def _ping_figures(pings: list[Any], windows: list[dict[str, Any]]) -> dict[str, Any]:
+    sent = _inside(pings, windows)
+    rows = with_missed_pings(sent, PING_PERIOD_S)
+    longest = 0.0  # per window, from its start to its end: a stall at either edge counts
+    for w in windows:
+        answered = sorted(r[0] + r[2] for r in _inside(rows, [w]) if r[3] == "ok")
+        marks = [w["start"], *answered, w["end"]]
+        longest = max(longest, *(b - a for a, b in zip(marks, marks[1:])))
+    return {"pings": len(sent), "p99_ms": _ms(p99([r[2] for r in rows])),
+            "p99_ms_sent_only": _ms(p99([r[2] for r in sent])),
+            "max_ms": _ms(max((r[2] for r in rows), default=None)),
+            "timeouts": sum(r[3] == "timeout" for r in sent),
+            "longest_without_answer_s": round(longest, 3),
+            "seconds": round(sum(w["end"] - w["start"] for w in windows), 2)}
+
+
+def analyse(windows: list[dict[str, Any]], workers: list[dict[str, Any]],
+            rss: list[tuple[float, int, int]], start_s: float,
+            params: dict[str, Any]) -> dict[str, Any]:
+    pings = [r for w in workers if w["name"] == "pinger" for r in w["rows"]]
+    honest = [w for w in workers if w["name"] != "pinger"]
+    attack_windows = [w for w in windows if w["kind"] == "attack"]
+    per_attack = {}
+    for name in ATTACKS:
+        mine = [w for w in attack_windows if w["attack"] == name]
+        per_attack[name] = {**_ping_figures(pings, mine),
+                            "honest_hit_rate": _hit_rate(honest, mine),
+                            "honest_errors": _outcomes(honest, mine),
+                            "rounds": [w["details"] for w in mine]}
+    under_attack = _ping_figures(pings, attack_windows)
+    quiet = [w for w in windows if w["kind"] in ("baseline", "quiet")]
+    restarts = [w for w in windows if w["kind"] == "restart"]
+    wrong = sum(w["wrong_bytes"] for w in honest)
+    by_cause: Counter[str] = Counter()
+    for w in honest:
+        by_cause.update(w["wrong_by_cause"])
+    pool_mib = POOL_BYTES / MiB
+    rss_max = max((s[1] for s in rss), default=0) / MiB
+    violations = sorted(n for n, a in per_attack.items()
+                        if a["p99_ms"] is not None and a["p99_ms"] > BUDGET_PING_P99_MS)
+    return {
+        "wrong_bytes": wrong,
+        "ping_p99_ms_under_attack": under_attack["p99_ms"],
+        "rss_max_over_pool_mib": round(rss_max - pool_mib, 1),
+        "budgets": {
+            "ping_p99_ms_under_attack": {"max": BUDGET_PING_P99_MS,
+                                         "met": (under_attack["p99_ms"] or 0) <= BUDGET_PING_P99_MS,
+                                         "attacks_over_budget": violations},
+            "wrong_bytes": {"max": BUDGET_WRONG_BYTES, "met": wrong <= BUDGET_WRONG_BYTES},
+        },
+        "wrong": {"bytes": wrong, "blocks": sum(w["wrong_blocks"] for w in honest),
+                  "bytes_by_cause": dict(by_cause),
+                  "checked_blocks": sum(w["checked_blocks"] for w in honest),
+                  "checked_bytes": sum(w["checked_bytes"] for w in honest)},
+        "ping": {"under_attack": under_attack, "quiet": _ping_figures(pings, quiet),
+                 "restart": _ping_figures(pings, restarts)},
+        "attacks": per_attack,
+        "honest": {w["name"]: _client_figures(w, attack_windows, quiet, restarts) for w in honest},
+        "restart": {"count": len(restarts),
+                    "downtime_s": [round(w["end"] - w["start"], 2) for w in restarts],
+                    "honest_errors": _outcomes(honest, restarts)},
+        "rss": {"pool_mib": pool_mib, "max_mib": round(rss_max, 1),
+                "max_anon_mib": round(max((s[2] for s in rss), default=0) / MiB, 1),
+                "samples_every_1s": _thin(rss, start_s)},
+        "windows": [{**{k: v for k, v in w.items() if k not in ("start", "end", "details")},
+                     "start_s": round(w["start"] - start_s, 2),
+                     "end_s": round(w["end"] - start_s, 2)} for w in windows],
+        "parameters": params,
+        "command": "python -m bench.soak" + (" --quick" if params["quick"] else ""),
+        "machine": describe(),
+    }
+
+
+def _client_figures(worker: dict[str, Any], attack: list[dict[str, Any]],
+                    quiet: list[dict[str, Any]], restarts: list[dict[str, Any]]) -> dict[str, Any]:
+    rows = worker["rows"]
+    out: dict[str, Any] = {"calls": len(rows), "outcomes": dict(Counter(r[3] for r in rows)),
+                           "wrong_bytes": worker["wrong_bytes"],
+                           "checked_blocks": worker["checked_blocks"]}
+    for op in ("get", "put"):
+        mine = [r for r in rows if r[1] == op]
+        out[op] = {"calls": len(mine), "p99_ms": _ms(p99([r[2] for r in mine])),
+                   "p99_ms_under_attack": _ms(p99([r[2] for r in _inside(mine, attack)])),
+                   "p99_ms_quiet": _ms(p99([r[2] for r in _inside(mine, quiet)])),
+                   "timeouts": sum(r[3] == "timeout" for r in mine),
+                   "errors": sum(r[3].startswith("error") for r in mine),
+                   "full": sum(r[3] == "full" for r in mine)}
+    after = [r for r in rows if restarts and r[0] >= restarts[0]["end"] and r[3] == "ok"]
+    out["first_ok_after_restart_s"] = (round(after[0][0] + after[0][2] - restarts[0]["end"], 3)
+                                       if after else None)
+    return out
+
+
+def _hit_rate(honest: list[dict[str, Any]], windows: list[dict[str, Any]]) -> float | None:
+    rows = [r for w in honest for r in _inside(w["hits"], windows)]
+    asked = sum(r[2] for r in rows)
+    return round(sum(r[1] for r in rows) / asked, 3) if asked else None
+
+
+def _outcomes(honest: list[dict[str, Any]], windows: list[dict[str, Any]]) -> dict[str, int]:
+    return dict(Counter(r[3] for w in honest for r in _inside(w["rows"], windows) if r[3] != "ok"))
+
+
+def _thin(rss: list[tuple[float, int, int]], start_s: float) -> list[list[float]]:
+    """[seconds, VmRSS MiB, RssAnon MiB], at most one sample a second (the max of that second)."""
+    out: dict[int, list[float]] = {}
+    for t, vm, anon in rss:
+        sec = int(t - start_s)
+        row = out.setdefault(sec, [sec, 0.0, 0.0])
+        row[1], row[2] = max(row[1], round(vm / MiB, 1)), max(row[2], round(anon / MiB, 1))
+    return list(out.values())
+
+
+# --- report ------------------------------------------------------------------------------------
+def table(res: dict[str, Any]) -> str:
+    lines = ["| attack | rounds | ping p99 ms | ping max ms | ping timeouts | longest stall s "
+             "| honest hit rate | honest errors |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, a in res["attacks"].items():
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(a["honest_errors"].items())) or "-"
+        lines.append(f"| {name} | {len(a['rounds'])} | {a['p99_ms']} | {a['max_ms']} | "
+                     f"{a['timeouts']} | {a['longest_without_answer_s']} | {a['honest_hit_rate']} "
+                     f"| {errors} |")
+    q = res["ping"]["quiet"]
+    lines.append(f"| (quiet) | - | {q['p99_ms']} | {q['max_ms']} | {q['timeouts']} | "
+                 f"{q['longest_without_answer_s']} | - | - |")
+    return "\n".join(lines)
+
+
+def render(res: dict[str, Any]) -> str:
+    """The bench/README.md section for a soak.json result."""
+    b, w, p = res["budgets"], res["wrong"], res["parameters"]
+    honest = res["honest"]
+    clients = ", ".join(
+        f"{name}: get p99 {c['get']['p99_ms']} ms, put p99 {c['put']['p99_ms']} ms, "
+        f"{c['get']['timeouts'] + c['put']['timeouts']} timeouts, "
+        f"{c['get']['errors'] + c['put']['errors']} errors" for name, c in honest.items())
+    return "\n".join([
+        f"{p['seconds']:.0f} s against a real daemon (pool {p['pool']}): honest clients "
+        f"({p['honest_clients']['shm']} shared-memory, {p['honest_clients']['tcp']} TCP) check "
+        "every byte they read while the attacks of issue 10 run in rotation, with one SIGKILL and "
+        "restart.",
+        "",
+        f"- wrong bytes: **{res['wrong_bytes']}** of {w['checked_bytes']} checked "
+        f"(budget 0: {'met' if b['wrong_bytes']['met'] else 'NOT met'}; by cause: "
+        f"{w['bytes_by_cause'] or 'none'})",
+        f"- PING p99 under attack: **{res['ping_p99_ms_under_attack']} ms** (budget "
+        f"{b['ping_p99_ms_under_attack']['max']:.0f} ms: "
+        f"{'met' if b['ping_p99_ms_under_attack']['met'] else 'NOT met'}"
+        + (f"; over budget: {', '.join(b['ping_p99_ms_under_attack']['attacks_over_budget'])}"
+           if b["ping_p99_ms_under_attack"]["attacks_over_budget"] else "") + ")",
+        f"- daemon RSS: max {res['rss']['max_mib']} MiB, **{res['rss_max_over_pool_mib']} MiB** "
+        f"over the pool (anonymous memory max {res['rss']['max_anon_mib']} MiB)",
+        f"- honest clients: {clients}",
+        f"- restart downtime: {res['restart']['downtime_s']} s; daemon exit on SIGTERM in "
+        f"{p['daemon_sigterm_exit_s']} s",
+        *_before_line(),
+        "",
+        table(res),
+    ])
+
+
+def _before_line() -> list[str]:
+    """One line comparing with bench/results/soak_before.json, when it exists."""
+    try:
+        before = json.loads(BEFORE.read_text())
+    except (OSError, ValueError):
+        return []
+    return [f"- before issue 10's fixes (`bench/results/soak_before.json`, "
+            f"{before['parameters']['seconds']:.0f} s): wrong bytes {before['wrong_bytes']} "
+            f"({before['wrong']['bytes_by_cause'] or 'none'}), PING p99 under attack "
+            f"{before['ping_p99_ms_under_attack']} ms, RSS {before['rss_max_over_pool_mib']} MiB "
+            f"over the pool (its `note` says how it was run)"]
+
+
