@@ -164,16 +164,17 @@ def _thin(rss: list[tuple[float, int, int]], start_s: float) -> list[list[float]
 
 # --- report ------------------------------------------------------------------------------------
 def table(res: dict[str, Any]) -> str:
-    lines = ["| attack | rounds | ping p99 ms | ping max ms | ping timeouts | longest stall s "
-             "| honest hit rate | honest errors |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| attack | rounds | ping p99 ms | p99 of pings sent ms | ping max ms | ping timeouts "
+             "| longest stall s | honest hit rate | honest errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, a in res["attacks"].items():
         errors = ", ".join(f"{k} {v}" for k, v in sorted(a["honest_errors"].items())) or "-"
-        lines.append(f"| {name} | {len(a['rounds'])} | {a['p99_ms']} | {a['max_ms']} | "
-                     f"{a['timeouts']} | {a['longest_without_answer_s']} | {a['honest_hit_rate']} "
-                     f"| {errors} |")
+        lines.append(f"| {name} | {len(a['rounds'])} | {a['p99_ms']} | {a.get('p99_ms_sent_only')} "
+                     f"| {a['max_ms']} | {a['timeouts']} | {a['longest_without_answer_s']} | "
+                     f"{a['honest_hit_rate']} | {errors} |")
     q = res["ping"]["quiet"]
-    lines.append(f"| (quiet) | - | {q['p99_ms']} | {q['max_ms']} | {q['timeouts']} | "
-                 f"{q['longest_without_answer_s']} | - | - |")
+    lines.append(f"| (no attack) | - | {q['p99_ms']} | {q.get('p99_ms_sent_only')} | {q['max_ms']} "
+                 f"| {q['timeouts']} | {q['longest_without_answer_s']} | - | - |")
     return "\n".join(lines)
 
 
@@ -198,7 +199,11 @@ def render(res: dict[str, Any]) -> str:
         f"{b['ping_p99_ms_under_attack']['max']:.0f} ms: "
         f"{'met' if b['ping_p99_ms_under_attack']['met'] else 'NOT met'}"
         + (f"; over budget: {', '.join(b['ping_p99_ms_under_attack']['attacks_over_budget'])}"
-           if b["ping_p99_ms_under_attack"]["attacks_over_budget"] else "") + ")",
+           if b["ping_p99_ms_under_attack"]["attacks_over_budget"] else "") + "); "
+        f"{res['ping']['under_attack'].get('p99_ms_sent_only')} ms counting only the pings sent; "
+        f"with no attack running {res['ping']['quiet']['p99_ms']} ms "
+        f"({res['ping']['quiet'].get('p99_ms_sent_only')} ms sent only): the machine's own share "
+        f"(load average {_load(res)})",
         f"- daemon RSS: max {res['rss']['max_mib']} MiB, **{res['rss_max_over_pool_mib']} MiB** "
         f"over the pool (anonymous memory max {res['rss']['max_anon_mib']} MiB)",
         f"- honest clients: {clients}",
@@ -208,6 +213,11 @@ def render(res: dict[str, Any]) -> str:
         "",
         table(res),
     ])
+
+
+def _load(res: dict[str, Any]) -> str:
+    load = res.get("machine", {}).get("load_avg") or []
+    return " / ".join(f"{x:.1f}" for x in load) or "?"
 
 
 def _before_line() -> list[str]:
