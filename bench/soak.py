@@ -55,6 +55,7 @@ MiB = 1024 * 1024
 POOL = "256MiB"  # POOL_BYTES in soak_report; pages of 32 MiB (pool/8): 524,288 slots of 64 B
 OUT = Path(__file__).parent / "results" / "soak.json"
 RSS_SAMPLE_S = 0.25  # daemon VmRSS sampling period
+_WORKER_START_S = 120.0  # a spawned worker imports numpy and zmq: slow on a loaded machine
 
 
 def progress(start: float, msg: str) -> None:
@@ -129,20 +130,24 @@ def tenant_keys(root: Path) -> tuple[Path, Path, Path]:
     return server, dirs[0], dirs[1]
 
 
-def start_workers(address: str, curve_dir: Path | None, num_shm: int, num_tcp: int, stop: Any,
-                  results: Any) -> list[Any]:
-    """The honest clients and the pinger, each in a fresh (spawned) process."""
+def start_workers(procs: list[Any], address: str, curve_dir: Path | None, num_shm: int,
+                  num_tcp: int, stop: Any, results: Any) -> None:
+    """The honest clients and the pinger, each in a fresh (spawned) process, added to procs;
+    returns once every one has connected."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=pinger, args=(address, curve_dir, stop, results), name="pinger")]
+    ready = ctx.Queue()
+    procs.append(ctx.Process(target=pinger, args=(address, curve_dir, stop, ready, results),
+                             name="pinger"))
     for i in range(num_shm + num_tcp):
         use_shm = i < num_shm
         name = f"{'shm' if use_shm else 'tcp'}-{i}"
         procs.append(ctx.Process(target=honest_client, name=name,
                                  args=(name, address, curve_dir, use_shm, 1000 + i, stop,
-                                       results)))
+                                       ready, results)))
     for p in procs:
         p.start()
-    return procs
+    for _ in procs:
+        ready.get(timeout=_WORKER_START_S)
 
 
 def run_soak(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,12 +170,12 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     sampler.start()
     mp = multiprocessing.get_context("spawn")
     stop, results = mp.Event(), mp.Queue()
-    procs = start_workers(daemon.address, honest_keys, *((1, 1) if quick else (2, 2)), stop,
-                          results)
+    procs: list[Any] = []
     ctx = zmq.Context()
     windows: list[dict[str, Any]] = []
     try:
-        time.sleep(2.0 if quick else 5.0)  # the workers import and connect
+        start_workers(procs, daemon.address, honest_keys, *((1, 1) if quick else (2, 2)), stop,
+                      results)
         run_start = time.monotonic()
         windows.append(_quiet(sampler, "baseline", 2.0 if quick else 10.0))
         restarted, done, rnd = False, Counter[str](), 0

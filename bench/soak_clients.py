@@ -103,11 +103,12 @@ class Recorder:
 
 
 def honest_client(name: str, address: str, curve_dir: Path | None, use_shm: bool, seed: int,
-                  stop: Event, results: Any) -> None:
+                  stop: Event, ready: Any, results: Any) -> None:
     """Read random chains, check every byte, store what is missing; until stop is set."""
     rng = random.Random(seed)
     rec = Recorder(name, [])
     client = Client(address, timeout_s=HONEST_TIMEOUT_S, use_shm=use_shm, curve_dir=curve_dir)
+    _say_ready(client, name, ready)
     recent: deque[int] = deque(maxlen=RECENT_CHAINS)
     next_s = time.monotonic()
     while not stop.is_set():
@@ -140,6 +141,17 @@ def honest_client(name: str, address: str, curve_dir: Path | None, use_shm: bool
     results.put(rec.result())
 
 
+def _say_ready(client: Client, name: str, ready: Any) -> None:
+    """Connect (HELLO, and attach the segment) before the soak's clock starts."""
+    for _ in range(30):
+        try:
+            client.connect()
+            break
+        except ServerUnavailable:
+            continue
+    ready.put(name)
+
+
 def _pick_chain(rng: random.Random, recent: deque[int]) -> int:
     """A third of the time one of the client's recent chains, a third a hot one, else any."""
     draw = rng.random()
@@ -158,10 +170,11 @@ def _check(rec: Recorder, block_hash: bytes, data: bytes) -> None:
         rec.wrong_by_cause[wrong_cause(data)] += wrong
 
 
-def pinger(address: str, curve_dir: Path | None, stop: Event, results: Any) -> None:
+def pinger(address: str, curve_dir: Path | None, stop: Event, ready: Any, results: Any) -> None:
     """PING the daemon every PING_PERIOD_S; a timeout is recorded with its elapsed time."""
     rec = Recorder("pinger", [])
     client = Client(address, timeout_s=PING_TIMEOUT_S, use_shm=False, curve_dir=curve_dir)
+    _say_ready(client, "pinger", ready)
     next_s = time.monotonic()
     while not stop.is_set():
         t0 = time.monotonic()

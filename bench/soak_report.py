@@ -4,6 +4,7 @@ recorded (rows of (monotonic start, op, seconds, outcome) and the attack windows
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections import Counter
@@ -33,7 +34,15 @@ def _ms(value: float | None) -> float | None:
 
 
 def _inside(rows: list[Any], windows: list[dict[str, Any]]) -> list[Any]:
-    return [r for r in rows if any(w["start"] <= r[0] <= w["end"] for w in windows)]
+    """The rows that start inside one of windows (which never overlap)."""
+    ordered = sorted(windows, key=lambda w: w["start"])
+    starts = [w["start"] for w in ordered]
+    out = []
+    for r in rows:
+        i = bisect.bisect_right(starts, r[0]) - 1
+        if i >= 0 and r[0] <= ordered[i]["end"]:
+            out.append(r)
+    return out
 
 
 def with_missed_pings(rows: list[Any], period_s: float) -> list[Any]:
@@ -50,8 +59,9 @@ def with_missed_pings(rows: list[Any], period_s: float) -> list[Any]:
 
 
 def _ping_figures(pings: list[Any], windows: list[dict[str, Any]]) -> dict[str, Any]:
-    sent = _inside(pings, windows)
-    rows = with_missed_pings(sent, PING_PERIOD_S)
+    """pings: every ping sent plus those missed (with_missed_pings), all windows."""
+    sent = [r for r in _inside(pings, windows) if r[3] != "missed"]
+    rows = _inside(pings, windows)  # a ping missed inside a window counts there
     longest = 0.0  # per window, from its start to its end: a stall at either edge counts
     for w in windows:
         answered = sorted(r[0] + r[2] for r in _inside(rows, [w]) if r[3] == "ok")
@@ -68,7 +78,8 @@ def _ping_figures(pings: list[Any], windows: list[dict[str, Any]]) -> dict[str, 
 def analyse(windows: list[dict[str, Any]], workers: list[dict[str, Any]],
             rss: list[tuple[float, int, int]], start_s: float,
             params: dict[str, Any]) -> dict[str, Any]:
-    pings = [r for w in workers if w["name"] == "pinger" for r in w["rows"]]
+    pings = with_missed_pings([r for w in workers if w["name"] == "pinger" for r in w["rows"]],
+                              PING_PERIOD_S)
     honest = [w for w in workers if w["name"] != "pinger"]
     attack_windows = [w for w in windows if w["kind"] == "attack"]
     per_attack = {}
