@@ -6,13 +6,16 @@ bytes of a block without changing vLLM's block hash belongs in the namespace (DE
 
 from __future__ import annotations
 
-import os
-import platform
+import logging
 from dataclasses import dataclass, fields
+from collections.abc import Iterable
 from typing import Any
 
+from connectors.vllm_v1.identity import describe, model_identity
 from kvstore.client import DEFAULT_ADDRESS
 from kvstore.keys import Namespace, namespace_digest, with_tenant
+
+log = logging.getLogger("kvstore.connector")
 
 
 @dataclass(slots=True, frozen=True)
@@ -49,62 +52,25 @@ class ConnectorConfig:
         return cls(**values)
 
 
-def model_identity(vllm_config: Any, config: ConnectorConfig) -> dict[str, Any]:
-    """Everything that changes a block's bytes, read from vLLM's config (same in both roles)."""
-    import vllm
-
-    model = vllm_config.model_config
-    cache = vllm_config.cache_config
-    parallel = vllm_config.parallel_config
-    return {
-        "model": model.model,
-        "revision": model.revision,
-        "served": config.namespace,
-        "dtype": str(model.dtype),
-        "kv_cache_dtype": str(cache.cache_dtype),
-        "block_size": cache.block_size,
-        "num_layers": model.get_num_layers(parallel),
-        "num_kv_heads": model.get_num_kv_heads(parallel),
-        "head_size": model.get_head_size(),
-        "attention_backend": str(getattr(vllm_config.attention_config, "backend", None)),
-        "device": _device_kind(),
-        "tp": parallel.tensor_parallel_size,
-        "pp": parallel.pipeline_parallel_size,
-        "vllm": vllm.__version__,
-        "hash_algo": cache.prefix_caching_hash_algo,
-        # A pinned PYTHONHASHSEED changes vLLM's NONE_HASH and with it every block hash.
-        "hash_seed": os.environ.get("PYTHONHASHSEED"),
-    }
-
-
 def make_namespace(vllm_config: Any, config: ConnectorConfig, rank: int = 0) -> Namespace:
     """The namespace of this model's blocks for one tensor/pipeline-parallel rank."""
-    identity = model_identity(vllm_config, config)
-    identity["rank"] = rank
-    return Namespace(with_tenant(config.tenant, namespace_digest(identity)), config.epoch)
+    return make_namespaces(vllm_config, config, [rank])[0]
 
 
-def _device_kind() -> str:
-    """The device and, on CPUs, the ISA that decides how the attention backend packs pages."""
-    from vllm.platforms import current_platform
-
-    kind = str(current_platform.device_type)
-    if kind != "cpu":
-        try:
-            return f"{kind}:{current_platform.get_device_name()}"
-        except Exception:  # the name only narrows the namespace further
-            return kind
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line
-                    break
-    except OSError:
-        pass
-    isa = [name for name in ("amx_bf16", "avx512f", "avx512_bf16", "avx2") if f" {name}" in flags]
-    return f"cpu:{platform.machine()}:{'+'.join(isa)}"
+def make_namespaces(vllm_config: Any, config: ConnectorConfig, ranks: Iterable[int],
+                    log_factors: bool = False) -> list[Namespace]:
+    """The namespaces of several ranks, from one reading of the model identity; with
+    log_factors, one INFO line names the first and every factor it was made from."""
+    identity = model_identity(vllm_config, config.namespace)
+    namespaces = []
+    for rank in ranks:
+        digest = namespace_digest({**identity, "rank": rank})
+        namespaces.append(Namespace(with_tenant(config.tenant, digest), config.epoch))
+        if log_factors and len(namespaces) == 1:
+            shown = f"{config.tenant}/{digest.hex()}" if config.tenant else digest.hex()
+            log.info("kvstore: namespace %s epoch %d from %s rank=%d", shown, config.epoch,
+                     describe(identity), rank)
+    return namespaces
 
 
 def checked_setting(name: str, value: Any, default: Any) -> Any:

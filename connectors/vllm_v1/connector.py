@@ -27,7 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from connectors.vllm_v1.config import ConnectorConfig, make_namespace
+from connectors.vllm_v1.config import ConnectorConfig, make_namespace, make_namespaces
 from connectors.vllm_v1.events import PoolEvents
 from connectors.vllm_v1.metadata import KVStoreMetadata, KVStoreWorkerMeta
 from connectors.vllm_v1.scheduler_side import SchedulerSide
@@ -72,7 +72,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             # Every rank stores its own shard: claim only what all of them hold.
             parallel = vllm_config.parallel_config
             num_ranks = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
-            namespaces = [make_namespace(vllm_config, config, rank=r) for r in range(num_ranks)]
+            namespaces = make_namespaces(vllm_config, config, range(num_ranks), log_factors=True)
             events = PoolEvents(block_size) if has_events else None
             self._scheduler = SchedulerSide(config, namespaces[0], block_size, events, namespaces)
         else:

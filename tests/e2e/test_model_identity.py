@@ -1,0 +1,52 @@
+"""End to end with real vLLM CPU engines: weights replaced in place (same path, same config and
+shapes, other values) never let a replica load the old weights' KV from the pool (issue 9)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench.models import TEST_MODEL, make_model
+from bench.replica import ReplicaProcess
+from tests.daemon import Daemon, free_port
+from tests.e2e.test_cross_replica import FAST, PREFIX_TOKENS, assert_same_generation, logs_dir
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+
+def test_weights_replaced_in_place_get_a_new_namespace(tmp_path: Path) -> None:
+    """A saves a prefix with weights W1; W2 is copied over the same file; B (same path, same
+    settings) gets no pool tokens and generates exactly what W2 without the connector does."""
+    model = make_model(tmp_path / "current", TEST_MODEL)
+    new = make_model(tmp_path / "new", TEST_MODEL.__class__(seed=1))
+    env = {"KVSTORE_CACHE_DIR": str(tmp_path / "cache")}  # a cached fingerprint must not hide it
+    rng = random.Random(9)
+    prompt = [rng.randrange(1, TEST_MODEL.vocab_size) for _ in range(PREFIX_TOKENS + 20)]
+    logs = logs_dir()
+    daemon = Daemon(port=free_port()).start()
+    try:
+        a = ReplicaProcess(str(model), daemon.address, FAST, log_path=str(logs / "identity-a.log"),
+                           env=env)
+        try:
+            a.wait_ready()
+            a.request(prompt)
+        finally:
+            a.stop()
+        # The rollout: same path, same config.json and shapes, other values (same inode too).
+        shutil.copyfile(new / "model.safetensors", model / "model.safetensors")
+        runs = {}
+        for name, kvstore in (("reference", None), ("b", daemon.address)):
+            replica = ReplicaProcess(str(model), kvstore, FAST, env=env,
+                                     log_path=str(logs / f"identity-{name}.log"))
+            try:
+                replica.wait_ready()
+                runs[name] = replica.request(prompt)
+            finally:
+                replica.stop()
+    finally:
+        daemon.stop()
+    assert runs["b"]["pool_tokens"] == 0, runs["b"]  # A's blocks are W1's: not B's to load
+    assert_same_generation(runs["b"], runs["reference"])
