@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from connectors.vllm_v1.fingerprint import SAMPLE_BUDGET, SAMPLE_BYTES, fingerprint
+from connectors.vllm_v1.fingerprint import BYTES_PER_SAMPLE, SAMPLE_BYTES, fingerprint
 
 RESULTS = Path(__file__).parent / "results"
 GOAL_COLD_S = 2.0  # issue 9: a replica's startup must not wait on reading its weights twice
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result.update(
         parameters={"size_bytes": size, "shard_bytes": SHARD_BYTES, "layers": LAYERS,
-                    "sample_bytes": SAMPLE_BYTES, "sample_budget": SAMPLE_BUDGET,
+                    "sample_bytes": SAMPLE_BYTES, "bytes_per_sample": BYTES_PER_SAMPLE,
                     "rounds": ROUNDS, "write_s": round(write_s, 1), "dir": str(work.parent)},
         machine=describe(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command=command)
     name = "fingerprint-quick.json" if args.quick else "fingerprint.json"

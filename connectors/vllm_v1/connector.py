@@ -52,12 +52,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvstore.connector")
 
 
+def _log_through_vllm() -> None:
+    """vLLM configures only its own "vllm" logger (when it starts an engine): without this, the
+    connector's INFO lines (the namespace at startup) were dropped unless the application
+    configured logging itself."""
+    vllm_log = logging.getLogger("vllm")
+    if log.handlers or logging.getLogger().handlers or not vllm_log.handlers:
+        return
+    for handler in vllm_log.handlers:
+        log.addHandler(handler)
+    log.setLevel(vllm_log.level)
+    log.propagate = False
+
+
 class KVStoreConnector(KVConnectorBase_V1):
     _cache_hit_source = CacheHitSource.HOST
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        _log_through_vllm()
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         config = ConnectorConfig.from_extra(dict(extra))
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":

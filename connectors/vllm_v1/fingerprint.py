@@ -21,8 +21,9 @@ log = logging.getLogger("kvstore.connector")
 
 FINGERPRINT_VERSION = 1  # bump when the sampling changes: old digests and cache entries retire
 SAMPLE_BYTES = 4096  # one page per sample: a cold read costs a seek, not bandwidth
-SAMPLE_BUDGET = 4096  # samples per checkpoint (16 MiB): bounds a cold start on a slow disk
-MAX_SAMPLES_PER_TENSOR_MIN = 3  # start, middle and end of every tensor, budget permitting
+BYTES_PER_SAMPLE = 4 * 2**20  # one sample per 4 MiB of a file: 4096 pages (16 MiB) for 16 GiB
+MIN_SAMPLES_PER_FILE = 64  # small files: still several pages per tensor
+SAMPLES_PER_TENSOR = 3  # start, middle and end of every tensor, budget permitting
 GENERIC_SAMPLES = 256  # pages of a .bin/.pt/.gguf file, spread evenly, plus its head and tail
 GENERIC_EDGE_BYTES = 64 * 1024  # head and tail of a non-safetensors file (pickle/zip directories)
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
@@ -110,13 +111,17 @@ def _prefetch(fd: int, ranges: list[tuple[int, int]]) -> None:
 
 def tensor_samples(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(offset, length) pages to read: every tensor's start, middle and end while the budget
-    allows, the rest of the budget spread over tensors by size; overlapping pages merged."""
+    allows, the rest of the budget spread over tensors by size; overlapping pages merged.
+
+    The budget depends on this file alone (its cached digest must not depend on other files):
+    one page per BYTES_PER_SAMPLE of data, at least one per tensor."""
     spans = [(start, end) for start, end in spans if end > start]
     if not spans:
         return []
-    per_tensor = max(1, min(MAX_SAMPLES_PER_TENSOR_MIN, SAMPLE_BUDGET // len(spans)))
-    spare = max(0, SAMPLE_BUDGET - per_tensor * len(spans))
     total = sum(end - start for start, end in spans)
+    budget = sample_budget(total, len(spans))
+    per_tensor = max(1, min(SAMPLES_PER_TENSOR, budget // len(spans)))
+    spare = max(0, budget - per_tensor * len(spans))
     ranges: list[tuple[int, int]] = []
     for start, end in spans:
         length = end - start
@@ -124,6 +129,11 @@ def tensor_samples(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
         n = max(1, min(n, -(-length // SAMPLE_BYTES)))
         ranges += _spread(start, length, n)
     return _merge(ranges)
+
+
+def sample_budget(data_bytes: int, num_tensors: int) -> int:
+    """Pages to sample from a file holding data_bytes of tensor data in num_tensors tensors."""
+    return max(num_tensors, MIN_SAMPLES_PER_FILE, -(-data_bytes // BYTES_PER_SAMPLE))
 
 
 def generic_samples(size: int) -> list[tuple[int, int]]:

@@ -86,7 +86,11 @@ def weights_identity(name: str, revision: str | None, local: Path | None,
     """The weights' content fingerprint; the model's name and revision where there is none to
     read (a hub id not in the local cache, an object-store URI, dummy weights)."""
     if local is not None and str(load_format) != "dummy":
-        found = fingerprint(local, default_cache_dir())
+        try:
+            found = fingerprint(local, default_cache_dir())
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable or malformed
+            log.warning("kvstore: cannot fingerprint the weights at %s (%s)", local, exc)
+            found = None
         if found is not None:
             log.debug("kvstore: weights fingerprint of %s: %d of %d files read (%d bytes)",
                       local, found.num_files_read, found.num_files, found.num_bytes_read)

@@ -12,12 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.models import TEST_MODEL, make_model
-from connectors.vllm_v1.fingerprint import (
-    SAMPLE_BUDGET,
-    SAMPLE_BYTES,
-    fingerprint,
-    tensor_samples,
-)
+from connectors.vllm_v1.fingerprint import SAMPLE_BYTES, fingerprint, sample_budget, tensor_samples
 from connectors.vllm_v1.identity import local_model_path, long_rope, weights_identity
 
 pytestmark = pytest.mark.timeout(120)
@@ -98,7 +93,7 @@ def test_warm_start_reads_no_tensor_bytes(checkpoints: tuple[Path, Path], tmp_pa
     warm = fingerprint(model, cache)
     read = _bytes_read_by_this_process() - before
     assert cold is not None and warm is not None and warm.digest == cold.digest
-    assert cold.num_bytes_read > 100_000 and warm.num_bytes_read == 0
+    assert cold.num_bytes_read > 50_000 and warm.num_bytes_read == 0
     assert read < 16_384, f"a warm start read {read} bytes"
 
 
@@ -131,16 +126,17 @@ def test_other_weight_formats_are_sampled(tmp_path: Path) -> None:
 
 
 def test_samples_cover_every_tensor_within_the_budget() -> None:
-    """Each tensor gets at least one page; the total stays near the budget however many tensors
-    (a big MoE checkpoint) and however large (a 16 GiB one)."""
+    """Each tensor gets at least one page; a 16 GiB file reads about 4096 pages (16 MiB), also
+    with many small tensors (a big MoE checkpoint)."""
     mib = 2**20
     few = [(i * 512 * mib, (i + 1) * 512 * mib) for i in range(32)]  # 16 GiB in 32 tensors
     many = [(i * mib, (i + 1) * mib) for i in range(20_000)]
     for spans in (few, many):
         ranges = tensor_samples(spans)
+        budget = sample_budget(spans[-1][1] - spans[0][0], len(spans))
         assert all(any(s <= off < e for off, _ in ranges) for s, e in spans[:: len(spans) // 16])
-        assert sum(length for _, length in ranges) <= (SAMPLE_BUDGET + len(spans)) * SAMPLE_BYTES
-    assert len(tensor_samples(few)) >= SAMPLE_BUDGET - len(few)  # the budget is used
+        assert sum(length for _, length in ranges) <= (budget + len(spans)) * SAMPLE_BYTES
+    assert 4096 - 32 <= len(tensor_samples(few)) <= 4096 + 32  # the budget is used
 
 
 def test_a_hub_id_resolves_to_its_local_snapshot(checkpoints: tuple[Path, Path],

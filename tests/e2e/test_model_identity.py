@@ -4,6 +4,7 @@ shapes, other values) never let a replica load the old weights' KV from the pool
 from __future__ import annotations
 
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -50,3 +51,11 @@ def test_weights_replaced_in_place_get_a_new_namespace(tmp_path: Path) -> None:
         daemon.stop()
     assert runs["b"]["pool_tokens"] == 0, runs["b"]  # A's blocks are W1's: not B's to load
     assert_same_generation(runs["b"], runs["reference"])
+    # Each replica logged its namespace once at startup, and an operator sees why they differ.
+    a_ns, b_ns = (logged_namespaces(logs / f"identity-{name}.log") for name in ("a", "b"))
+    assert len(a_ns) == len(b_ns) == 1 and a_ns != b_ns, (a_ns, b_ns)
+
+
+def logged_namespaces(log: Path) -> set[str]:
+    """The namespaces a replica's startup line names (scheduler side)."""
+    return set(re.findall(r"kvstore: namespace ([0-9a-f]{32}) epoch", log.read_text()))
