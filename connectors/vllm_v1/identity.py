@@ -157,8 +157,9 @@ def describe(identity: dict[str, Any]) -> str:
         if key in ("weights_files", "weights_bytes"):
             continue
         if key == "weights":
-            value = (f"{value[:12]} ({identity['weights_files']} files, "
-                     f"{identity['weights_bytes'] / 2**30:.2f} GiB)")
+            files, size = identity["weights_files"], identity["weights_bytes"]
+            shown = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+            value = f"{value[:12]} ({files} file{'s' * (files != 1)}, {shown})"
         elif key == "config":
             value = f"{short_digest(value)} rope={rope_summary(value)}"
         elif isinstance(value, (dict, list)) and value:
