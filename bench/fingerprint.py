@@ -176,11 +176,18 @@ def write_checkpoint(directory: Path, size: int) -> Path:
     return directory
 
 
+def render(result: dict[str, Any]) -> str:
+    """The section of bench/README.md (bench/report.py)."""
+    return table(result)
+
+
 def table(result: dict[str, Any]) -> str:
     ckpt = result["checkpoint"]
     rows = [
         f"checkpoint: {ckpt['bytes'] / 2**30:.2f} GiB in {ckpt['files']} files, "
-        f"{ckpt['tensors']} tensors; page cache: {result['page_cache_drop']}",
+        f"{ckpt['tensors']} tensors; page cache: {result['page_cache_drop']}; cold runs read "
+        f"{result['cold_bytes_read'] / 2**20:.1f} MiB.",
+        "",
         "| measurement | median | goal | ratio to goal |",
         "|---|---|---|---|",
         f"| cold (page cache dropped, no cached fingerprint) | {result['cold_s']['median']:.3f} s "
@@ -189,7 +196,6 @@ def table(result: dict[str, Any]) -> str:
         f"| < {GOAL_WARM_S * 1000:.0f} ms | {result['ratio_to_goal']['warm']:.3f} |",
         f"| page cache hot, no cached fingerprint | "
         f"{result['page_cache_hot_s']['median']:.3f} s | information | |",
-        f"cold read {result['cold_bytes_read'] / 2**20:.1f} MiB",
     ]
     return "\n".join(rows)
 

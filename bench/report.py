@@ -46,6 +46,8 @@ class Section:
 SECTIONS = (
     Section("store", "store", "Store throughput and lookup latency", (), 300),
     Section("eviction", "eviction", "Eviction policies on a mixed workload", (), 300),
+    Section("fingerprint", "fingerprint", "Weights fingerprint at replica startup",
+            ("--drop-caches",), 600),
     Section("peers", "peers", "Peers side by side: LMCache, Redis, vLLM's ExampleConnector", (), 600),
     Section("replicas", "replicas", "Cross-replica reuse and routing", (), 1200),
     # The full TTFT sweep (8k prompts, 3 repeats) takes ~15 min here; make bench runs 1k and 4k.
