@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.models import TEST_MODEL, make_model
+from bench.models import TEST_MODEL, TinyLlama, make_model
 from connectors.vllm_v1.fingerprint import SAMPLE_BYTES, fingerprint, sample_budget, tensor_samples
 from connectors.vllm_v1.identity import local_model_path, long_rope, weights_identity
 
@@ -23,7 +23,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two random-weight checkpoints of the same shape and config (seeds 0 and 1)."""
     base = tmp_path_factory.mktemp("weights")
     return (make_model(base / "w1", TEST_MODEL),
-            make_model(base / "w2", TEST_MODEL.__class__(seed=1)))
+            make_model(base / "w2", TinyLlama(seed=1)))
 
 
 def copy_of(src: Path, dst: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.models import TEST_MODEL, make_model
+from bench.models import TEST_MODEL, TinyLlama, make_model
 from bench.replica import ReplicaProcess
 from tests.daemon import Daemon, free_port
 from tests.e2e.test_cross_replica import FAST, PREFIX_TOKENS, assert_same_generation, logs_dir
@@ -22,7 +22,7 @@ def test_weights_replaced_in_place_get_a_new_namespace(tmp_path: Path) -> None:
     """A saves a prefix with weights W1; W2 is copied over the same file; B (same path, same
     settings) gets no pool tokens and generates exactly what W2 without the connector does."""
     model = make_model(tmp_path / "current", TEST_MODEL)
-    new = make_model(tmp_path / "new", TEST_MODEL.__class__(seed=1))
+    new = make_model(tmp_path / "new", TinyLlama(seed=1))
     env = {"KVSTORE_CACHE_DIR": str(tmp_path / "cache")}  # a cached fingerprint must not hide it
     rng = random.Random(9)
     prompt = [rng.randrange(1, TEST_MODEL.vocab_size) for _ in range(PREFIX_TOKENS + 20)]
