@@ -7,8 +7,8 @@ bytes of a block without changing vLLM's block hash belongs in the namespace (DE
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from typing import Any
 
 from connectors.vllm_v1.identity import describe, model_identity
