@@ -42,7 +42,7 @@ class WorkerSide:
                  rank: int = 0, is_first_rank: bool = True, report_saves: bool = False) -> None:
         self.config = config
         self.ns = ns  # this rank's
-        self.rank = rank  # tensor-parallel rank: which of a load's leases is ours
+        self.rank = rank  # TP rank (with PP: pp_rank * tp + tp_rank): which lease of a load is ours
         self.block_size = block_size
         # Token counts come from one rank only (every rank moves its own slice of each block);
         # so do save confirmations, matching the scheduler's lookups in rank 0's namespace.
