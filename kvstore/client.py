@@ -161,8 +161,14 @@ class Client:
                 for ref, dest in zip(refs, dests):
                     _as_bytes(dest)[:ref.nbytes] = self.pool.view(ref.slot, ref.nbytes)
                 return len(refs)
-        fields = {"ns": ns, "hashes": list(hashes), "lease": lease, "shm": False}
-        return self._call(Op.GET, fields, dests=[_as_bytes(d) for d in dests])["num_hits"]
+        views = [_as_bytes(d) for d in dests]
+        num = 0
+        while True:  # a reply the daemon cut short (partial) is continued where it stopped
+            fields = {"ns": ns, "hashes": list(hashes[num:]), "lease": lease, "shm": False}
+            reply = self._call(Op.GET, fields, dests=views[num:])
+            num += reply["num_hits"]
+            if not reply.get("partial") or not reply["num_hits"]:
+                return num
 
     def get(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None = None) -> list[bytes]:
         """The stored prefix of hashes as bytes (a copy; use get_into or pinned on hot paths)."""
@@ -170,9 +176,13 @@ class Client:
             with self.pinned(ns, hashes, lease) as refs:
                 assert self.pool is not None
                 return [bytes(self.pool.view(r.slot, r.nbytes)) for r in refs]
-        fields = {"ns": ns, "hashes": list(hashes), "lease": lease, "shm": False}
-        reply = self._call(Op.GET, fields, dests=None)
-        return reply.get("blocks", [])  # a miss carries no payload frames, hence no "blocks"
+        blocks: list[bytes] = []
+        while True:  # a reply the daemon cut short (partial) is continued where it stopped
+            fields = {"ns": ns, "hashes": list(hashes[len(blocks):]), "lease": lease, "shm": False}
+            reply = self._call(Op.GET, fields, dests=None)
+            blocks += reply.get("blocks", [])  # a miss carries no payload frames, no "blocks"
+            if not reply.get("partial") or not reply["num_hits"]:
+                return blocks
 
     @contextmanager
     def pinned(self, ns: Namespace, hashes: Sequence[bytes],
@@ -240,7 +250,9 @@ class Client:
                     self.pool.view(ref.slot, ref.nbytes)[:] = view
                     written.append((block_hash, ref))
         except BaseException:
-            self.abort(ns, written)
+            # Every reservation, written or not: one never named again stays fenced (counted
+            # against this client) until the connection closes.
+            self.abort(ns, [(h, r) for (h, _, _), r in zip(blocks, refs) if r is not None])
             raise
         num_stored = self.commit(ns, written) if written else 0
         return PutResult(num_stored, len(blocks) - len(written) - num_full, num_full)

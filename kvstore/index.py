@@ -34,6 +34,7 @@ class Entry:
     num_pins: int = 0
     num_hits: int = 0
     is_live: bool = True  # False once removed from the table; the slot may still be pinned
+    owner: bytes = b""  # RESERVED: the connection writing it (kvstore/clients.py); b"": in-process
 
     @property
     def is_evictable(self) -> bool:
@@ -47,6 +48,7 @@ class Entry:
 class Lease:
     entries: list[Entry]
     deadline_s: float
+    owner: bytes = b""  # the connection holding it (kvstore/clients.py); b"": in-process
 
 
 @dataclass(slots=True)
@@ -182,14 +184,15 @@ class Index:
             lease_id = secrets.randbits(62)
         return lease_id
 
-    def pin(self, entries: list[Entry], deadline_s: float, lease_id: int | None = None) -> int:
+    def pin(self, entries: list[Entry], deadline_s: float, lease_id: int | None = None,
+            owner: bytes = b"") -> int:
         """Pin entries under a lease (new, or lease_id from new_lease_id) until deadline_s."""
         if lease_id is None:
             lease_id = self.new_lease_id()
         assert lease_id not in self.leases, "lease id reused"
         for entry in entries:
             entry.num_pins += 1
-        self.leases[lease_id] = Lease(entries, deadline_s)
+        self.leases[lease_id] = Lease(entries, deadline_s, owner)
         if deadline_s != float("inf"):  # a row that never falls due would stay forever
             heapq.heappush(self._lease_heap, (deadline_s, lease_id))
         return lease_id

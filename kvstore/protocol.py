@@ -35,16 +35,24 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
                Reads the stored prefix of hashes. With a lease id from LOOKUP, reads the leased
                blocks (hashes may start anywhere in the leased prefix, so a large prefix can be
                read in several GETs); the lease stays held until RELEASE or expiry.
-               shm=false: the bytes follow as payload frames. shm=true: slots lists the byte
-               offset of each block in the segment, pinned under lease (the client's, or a new
-               one when none was given) until RELEASE or expiry.
+               shm=false: the bytes follow as payload frames (copies: no slot stays pinned by a
+               reply). The daemon bounds the bytes queued to one client: a reply it cut short
+               carries partial=true (ask again for the rest), and with nothing left it answers
+               "busy". shm=true: slots lists the byte offset of each block in the segment, pinned
+               under lease (the client's, or a new one when none was given) until RELEASE or
+               expiry; a lease presented here is held by this client from then on.
     RESERVE    {ns, blocks: [[hash, parent, nbytes]...], token}
                                                   -> {slots, num_full}
                Two-phase write, step 1 (shared memory only): a slot offset per block, nil where
-               the block is already stored or being written, or the pool is full (num_full counts
-               those). A reserved slot is invisible to readers and reclaimed after a deadline.
+               the block is already stored or being written, or the pool (or this client's share
+               of it) is full (num_full counts those). A reserved slot is invisible to readers.
     COMMIT     {ns, blocks: [[hash, slot]...]}    -> {num_done}   step 2: make written slots readable
     ABORT      {ns, blocks: [[hash, slot]...]}    -> {num_done}   give reserved slots back
+               Both count only from the connection that reserved. A reservation not committed
+               within the daemon's deadline is taken back, but its slot stays fenced (not handed
+               out again) until this connection names it in a COMMIT or ABORT (num_done counts it
+               not) or closes. So a client must COMMIT or ABORT every slot it reserved, after its
+               last write into it, and write nothing into a slot after naming it.
     PUT        {ns, blocks: [[hash, parent]...], sizes} + payload frames
                                                   -> {num_stored, num_present, num_full}
                The TCP write: reserve, copy and commit in one message, for clients on other hosts.
@@ -62,8 +70,10 @@ Errors
     {"ok": false, "id": id or nil, "error": code, "msg": text}. Codes: "version", "bad_request"
     (the request broke this spec; the daemon logs it and keeps serving), "stale_segment",
     "too_large" (a block larger than one page, or a message of more than 1 + MAX_PAYLOAD_FRAMES
-    frames: its frames are dropped as they are read), "busy". Nothing a client sends can crash the
-    daemon, leak a slot, or grow its memory past the bounds in this module.
+    frames: its frames are dropped as they are read), "busy" (this client's replies are not being
+    read). Nothing a client sends can crash the daemon, leak a slot, or grow its memory past the
+    bounds in this module and kvstore/clients.py. A connection's leases and reservations end when
+    it closes.
 
 Versioning
     VERSION changes whenever a message changes meaning. There is no negotiation: both ends must

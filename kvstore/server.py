@@ -12,7 +12,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import zmq
 
 from kvstore import ipc, protocol
 from kvstore.config import ServeConfig
+from kvstore.connections import MAX_UNSENT_AGE_S, Connections, Unsent
 from kvstore.errors import ProtocolError
 from kvstore.gate import Gate, user_id
 from kvstore.inbox import Inbox, Oversized
@@ -77,7 +77,9 @@ class Server:
         self._reload_requested = False
         self.sock = self._bind()
         self._inbox = Inbox(self.sock, 2 + protocol.MAX_PAYLOAD_FRAMES, _DROP_SLICE_FRAMES)
-        self._in_flight: list[tuple[zmq.MessageTracker, int]] = []  # TCP GET sends holding pins
+        self.connections = Connections(self.sock)
+        self.unsent = Unsent(pool.size_bytes)  # copied TCP GET replies ZeroMQ still holds
+        self._owner = b""  # the peer identity of the request being handled
         self._stopping = False
         # Bookkeeping a handler leaves for after its reply is sent (off the client's latency).
         self._after_reply: Callable[[], None] | None = None
@@ -177,6 +179,7 @@ class Server:
 
     def close(self) -> None:
         self.metrics.close()
+        self.connections.close()
         self.sock.close(0)
         if self.gate is not None:
             self.gate.stop()
@@ -220,6 +223,11 @@ class Server:
     def _handle(self, frames: list[zmq.Frame]) -> None:
         start_s = time.perf_counter()
         identity, body = frames[0], frames[1:]
+        self._owner = identity.bytes
+        # The connection a message came on: its holdings end when it closes (Connections).
+        fd = body[0].get(zmq.SRCFD) if body else -1
+        for ended in self.connections.seen(self._owner, fd):
+            self.store.end_client(ended)
         req_id, op = None, None
         errors = self.counters.num_errors
         try:
@@ -259,37 +267,33 @@ class Server:
                 log.exception("internal error after a reply")
 
     def _send(self, identity: zmq.Frame, reply: list[Any]) -> None:
-        tracked = reply[-1] if reply and isinstance(reply[-1], _Pinned) else None
         try:
-            if tracked is None:
-                self.sock.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
-                return
-            # A tracked send needs fresh frames: pass the received identity as bytes.
-            tracker = self.sock.send_multipart([identity.bytes, *reply[:-1]], zmq.NOBLOCK,
-                                               copy=False, track=True)
-            assert tracker is not None, "a tracked send returns a tracker"
-            self._in_flight.append((tracker, tracked.lease_id))
+            self.sock.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
         except Exception as exc:  # peer queue full (HWM) or gone: drop; the client times out
             self.counters.num_errors["dropped"] += 1
             log.warning("reply dropped: %s", exc)
-            if tracked is not None:
-                self.store.unpin(tracked.lease_id)
+            return
+        if len(reply) > 1:  # payload frames of a TCP GET, copies held until ZeroMQ lets go
+            payload = reply[1:]
+            self.unsent.add(identity.bytes, zmq.MessageTracker(*payload),
+                            sum(len(f) for f in payload), time.monotonic())
 
     def _maintain(self) -> bool:
-        """Release pins of finished zero-copy sends, expire leases and reservations and drop
-        invalidated blocks, a slice at a time; whether work is left for the next step."""
-        if self._in_flight:
-            still = []
-            for tracker, lease_id in self._in_flight:
-                if tracker.done:
-                    self.store.unpin(lease_id)
-                else:
-                    still.append((tracker, lease_id))
-            self._in_flight = still
+        """End closed connections' holdings, count sent replies, expire leases and reservations
+        and drop invalidated blocks, a slice at a time; whether work is left for the next step."""
+        for ended in self.connections.closed():
+            self.store.end_client(ended)
+        self.unsent.collect()
+        for identity in self.unsent.stale(time.monotonic() - MAX_UNSENT_AGE_S):
+            if self.connections.cut(identity):
+                errors = self.counters.num_errors
+                errors["unread"] = errors.get("unread", 0) + 1
+                log.warning("cut the connection of %s: it left replies unread for %.0f s",
+                            identity.hex(), MAX_UNSENT_AGE_S)
         self.store.expire(_SLICE_BLOCKS)
         return self.store.drain_invalidated(_SLICE_BLOCKS) or self.store.is_expiry_due()
 
-    # --- handlers: each returns [header, *payloads] (optionally ending in _Pinned) -----------
+    # --- handlers: each returns [header, *payload frames] -------------------------------------
     def _hello(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
         if req.version != protocol.VERSION:
             raise _Refused("version", f"daemon speaks protocol {protocol.VERSION}, client "
@@ -311,58 +315,88 @@ class Server:
         else:
             # Answer first, pin right after the send: this thread reads no other request in
             # between, so the client never sees the lease before it holds.
-            entries, lease = self.store.find_to_pin(req.ns, req.hashes)
+            entries, lease = self.store.find_to_pin(req.ns, req.hashes, self._owner)
             num_hits = len(entries)
             # Counted as found even when no lease could be had (MAX_LEASES): the blocks are
             # there, and the miss is the lease table's, which the leases gauge shows.
             self.store.record_lookup(req.ns, len(req.hashes), self.store.lookup(req.ns, req.hashes)
                                      if lease is None else num_hits)
             ns, num_asked, lease_s = req.ns, len(req.hashes), req.lease_ms / 1000
-            self._after_reply = lambda: self.store.apply_pin(ns, num_asked, entries, lease, lease_s)
+            owner = self._owner
+            self._after_reply = lambda: self.store.apply_pin(ns, num_asked, entries, lease, lease_s,
+                                                             owner)
         return [protocol.encode_reply(req.req_id, num_hits=num_hits, lease=lease)]
 
     def _get(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
         assert req.ns is not None
-        if req.shm:
-            self._check_token(req.token)
+        if not req.shm:
+            return self._get_tcp(req)
+        self._check_token(req.token)
         entries, lease = self._entries_for_get(req)
         sizes = [e.nbytes for e in entries]
         if entries:
-            self._transfer_path = "shm" if req.shm else "tcp"
-        if req.shm:
-            self.counters.bytes_out["shm"] += sum(sizes)
-            return [protocol.encode_reply(req.req_id, num_hits=len(entries), sizes=sizes,
-                                          lease=lease, slots=[e.slot for e in entries])]
-        header = protocol.encode_reply(req.req_id, num_hits=len(entries), sizes=sizes, lease=None)
-        if lease is not None and lease != req.lease:
-            self.store.unpin(lease)  # taken for this GET only; the send pins its own below
-        if not entries:
+            self._transfer_path = "shm"
+        self.counters.bytes_out["shm"] += sum(sizes)
+        return [protocol.encode_reply(req.req_id, num_hits=len(entries), sizes=sizes,
+                                      lease=lease, slots=[e.slot for e in entries])]
+
+    def _get_tcp(self, req: Request) -> list[Any]:
+        """The bytes go out as copies, so no slot stays pinned by a reply the client does not
+        take; their bytes count against the client until ZeroMQ lets them go (Unsent). A reply
+        cut short by that budget says partial; with no budget left the answer is busy."""
+        assert req.ns is not None
+        room = self.unsent.room_for(self._owner)
+        if room <= 0:
+            raise _Refused("busy", "too many reply bytes queued to this client: read them first")
+        entries = self._held_entries(req)
+        if entries is None:
+            entries = self.store.read(req.ns, req.hashes)
+        num, nbytes = 0, 0
+        for entry in entries:  # at least one block, so a large block is never refused forever
+            if num and nbytes + entry.nbytes > room:
+                break
+            num, nbytes = num + 1, nbytes + entry.nbytes
+        sizes = [e.nbytes for e in entries[:num]]
+        header = protocol.encode_reply(req.req_id, num_hits=num, sizes=sizes, lease=None,
+                                       partial=num < len(entries))
+        if not num:
             return [header]
-        # Zero-copy: frames are views of the slots, so the slots stay pinned under a lease of
-        # our own until ZeroMQ reports the send done (see _maintain). A client's lease stays
-        # held: it may read the rest of the leased prefix in further GETs, then RELEASE it.
-        own = self.store.index.pin(entries, float("inf"))
-        payload = [c for e in entries for c in protocol.chunk(self.pool.view(e.slot, e.nbytes))]
-        self.counters.bytes_out["tcp"] += sum(sizes)
-        return [header, *payload, _Pinned(own)]
+        self._transfer_path = "tcp"
+        payload = [zmq.Frame(bytes(c), track=True, copy=False) for e in entries[:num]
+                   for c in protocol.chunk(self.pool.view(e.slot, e.nbytes))]
+        self.counters.bytes_out["tcp"] += nbytes
+        return [header, *payload]
+
+    def _held_entries(self, req: Request) -> list[Entry] | None:
+        """The blocks of req.hashes under the lease req names, or None without a usable lease."""
+        assert req.ns is not None
+        if req.lease is None or not req.hashes:
+            return None
+        held = self.store.lease_entries(req.lease)
+        if held is None or not all(e.is_live for e in held):
+            return None
+        # The hashes may start anywhere in the leased prefix (a load read in batches).
+        start = next((i for i, e in enumerate(held) if e.key == (req.ns, req.hashes[0])), 0)
+        n = _matching_prefix(held[start:], req.ns, req.hashes)
+        return held[start:start + n] if n else None
 
     def _entries_for_get(self, req: Request) -> tuple[list[Entry], int | None]:
         assert req.ns is not None
-        if req.lease is not None:
-            held = self.store.lease_entries(req.lease)
-            if held is not None and all(e.is_live for e in held) and req.hashes:
-                # The hashes may start anywhere in the leased prefix (a load read in batches).
-                start = next((i for i, e in enumerate(held) if e.key == (req.ns, req.hashes[0])), 0)
-                n = _matching_prefix(held[start:], req.ns, req.hashes)
-                if n:
-                    return held[start:start + n], req.lease
-        return self.store.pin(req.ns, req.hashes)
+        held = self._held_entries(req)
+        if held is not None:
+            assert req.lease is not None
+            # The reader holds the lease from now on: the slots it copies from stay pinned until
+            # it releases them or its own connection goes, whatever happens to the lease's taker.
+            self.store.transfer_lease(req.lease, self._owner)
+            return held, req.lease
+        return self.store.pin(req.ns, req.hashes, owner=self._owner)
 
     def _reserve(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
         assert req.ns is not None
         self._check_token(req.token)
         self._check_sizes(req.sizes)
-        result = self.store.reserve(req.ns, list(zip(req.hashes, req.parents, req.sizes)))
+        result = self.store.reserve(req.ns, list(zip(req.hashes, req.parents, req.sizes)),
+                                    self._owner)
         self.counters.num_full += result.num_full > 0
         return [protocol.encode_reply(req.req_id, slots=result.slots, num_full=result.num_full)]
 
@@ -374,7 +408,7 @@ class Server:
             entry = self.store.index.get((req.ns, block_hash))
             # Read before commit() re-dates the entry: its reserve deadline says when it began.
             began_s = self.store.reserved_at(entry) if entry is not None else None
-            if self.store.commit(req.ns, block_hash, SlotId(slot)):
+            if self.store.commit(req.ns, block_hash, SlotId(slot), self._owner):
                 assert entry is not None, "committed a block the index does not hold"
                 num_done += 1
                 self.counters.bytes_in["shm"] += entry.nbytes
@@ -388,13 +422,16 @@ class Server:
 
     def _abort(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
         assert req.ns is not None
-        num_done = sum(self.store.abort(req.ns, h, SlotId(s)) for h, s in zip(req.hashes, req.slots))
+        num_done = sum(self.store.abort(req.ns, h, SlotId(s), self._owner)
+                       for h, s in zip(req.hashes, req.slots))
         return [protocol.encode_reply(req.req_id, num_done=num_done)]
 
     def _put(self, req: Request, payload: list[zmq.Frame]) -> list[Any]:
         assert req.ns is not None
         self._check_sizes(req.sizes)
         blocks = _split_payload(payload, req.sizes)  # validates before any slot is taken
+        # In-process reservations (no owner): they are committed below, before any other
+        # request runs, so no client's share or fence applies to them.
         result = self.store.reserve(req.ns, list(zip(req.hashes, req.parents, req.sizes)))
         self.counters.num_full += result.num_full > 0
         self._transfer_path = "tcp"
@@ -440,6 +477,7 @@ class Server:
         return {
             **self.store.occupancy(),
             "pool_bytes": self.pool.size_bytes,
+            "unsent_bytes": self.unsent.total_bytes,  # TCP GET replies not yet taken by ZeroMQ
             "namespaces": {name.hex(): self._namespace_stats(name)
                            for name in list(self.store.stats)},
             "requests": dict(self.counters.num_requests),
@@ -475,13 +513,6 @@ class _Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass(slots=True, frozen=True)
-class _Pinned:
-    """Marks a reply whose payload frames are slot views pinned under lease_id until sent."""
-
-    lease_id: int
 
 
 def _split_payload(payload: list[zmq.Frame], sizes: tuple[int, ...]) -> list[list[zmq.Frame]]:

@@ -13,12 +13,15 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kvstore.clients import CLIENT_RESERVED_SHARE, ClientLimits, Clients
 from kvstore.index import Entry, Index, State
 from kvstore.keys import BlockHash, Namespace, SlotId
 from kvstore.policy import LRU, FrequencyLRU
 from kvstore.slabs import Slabs
 
-MAX_LEASES = 65_536  # leases are client-created; bound them so a client cannot grow the daemon
+# Leases are client-created; bound them so clients cannot grow the daemon. When the table is full
+# the biggest holder gives up its oldest lease to a smaller one (Clients.lease_to_drop_for).
+MAX_LEASES = 65_536
 MAX_NAMESPACE_STATS = 1024  # per-namespace counters beyond this are pooled under b"" (bounded)
 HOTTEST_SCAN_BLOCKS = 200_000  # blocks one STATS reads for hottest(): ~50 ms, whatever is stored
 INF = float("inf")
@@ -77,6 +80,16 @@ class Store:
     bytes_stored: int = 0  # bytes of the blocks in the index (reserved or committed)
     # Tables unlinked by invalidate, their entries still to be removed (drain_invalidated()).
     _doomed: deque[dict[BlockHash, Entry]] = field(default_factory=deque)
+    # Per-connection holdings and caps. Owner b"" (in-process callers, tests) is not tracked.
+    clients: Clients = field(default_factory=Clients)
+    num_fenced: int = 0  # slots of taken-back reservations whose writer may still be copying
+    num_leases_dropped: int = 0  # leases the biggest holder gave up when the table was full
+
+    def __post_init__(self) -> None:
+        if self.clients.limits.max_reserved_bytes is None:
+            pool_bytes = self.slabs.num_pages * self.slabs.page_bytes
+            self.clients = Clients(ClientLimits(
+                max_reserved_bytes=pool_bytes // CLIENT_RESERVED_SHARE))
 
     @property
     def num_reserved(self) -> int:
@@ -95,44 +108,85 @@ class Store:
         stats.num_hits += num_hits
         stats.num_misses += num_asked - num_hits
 
-    def pin(self, ns: Namespace, hashes: Sequence[BlockHash],
-            lease_s: float | None = None) -> tuple[list[Entry], int | None]:
+    def pin(self, ns: Namespace, hashes: Sequence[BlockHash], lease_s: float | None = None,
+            owner: bytes = b"") -> tuple[list[Entry], int | None]:
         """Find the stored prefix of hashes and pin it under a lease; records hits and recency."""
-        found, lease_id = self.find_to_pin(ns, hashes)
-        self.apply_pin(ns, len(hashes), found, lease_id, lease_s)
+        found, lease_id = self.find_to_pin(ns, hashes, owner)
+        self.apply_pin(ns, len(hashes), found, lease_id, lease_s, owner)
         return found, lease_id
 
-    def find_to_pin(self, ns: Namespace,
-                    hashes: Sequence[BlockHash]) -> tuple[list[Entry], int | None]:
-        """What pin() would pin and under which lease id, changing nothing.
+    def find_to_pin(self, ns: Namespace, hashes: Sequence[BlockHash],
+                    owner: bytes = b"") -> tuple[list[Entry], int | None]:
+        """What pin() would pin and under which lease id; changes nothing but, when the lease
+        table is full, the biggest holder's oldest lease (given up to make room for owner).
 
         The server answers a lookup with this and calls apply_pin() right after the reply is
         sent: one thread owns the store, so no other request runs in between.
         """
         found = self.index.prefix(ns, hashes, self.clock())
-        if not found or len(self.index.leases) >= MAX_LEASES:
+        if not found or not self._can_lease(owner, len(found)):
             return [], None  # nothing to pin, or no lease to protect it with: a miss
         return found, self.index.new_lease_id()
 
+    def _can_lease(self, owner: bytes, num_blocks: int) -> bool:
+        if owner and not self.clients.can_lease(owner, num_blocks):
+            return False  # over this client's caps: its miss, nobody else's
+        if len(self.index.leases) < MAX_LEASES:
+            return True
+        victim = self.clients.lease_to_drop_for(owner)
+        if victim is None:
+            return False
+        self.unpin(victim)
+        self.num_leases_dropped += 1
+        return True
+
+    def read(self, ns: Namespace, hashes: Sequence[BlockHash]) -> list[Entry]:
+        """The stored prefix of hashes, for a read done before this returns (no lease needed):
+        records per-block reads and recency like a pin."""
+        found = self.index.prefix(ns, hashes, self.clock())
+        self._touch(found)
+        return found
+
+    def transfer_lease(self, lease_id: int, owner: bytes) -> None:
+        """Make owner the holder of a lease it presented: the lease then ends with owner's
+        connection, not with the one that took it (a scheduler hands its leases to workers)."""
+        lease = self.index.leases.get(lease_id)
+        if lease is None or lease.owner == owner:
+            return
+        if lease.owner:
+            self.clients.drop_lease(lease.owner, lease_id)
+        lease.owner = owner
+        if owner:
+            self.clients.add_lease(owner, lease_id, len(lease.entries))
+
     def apply_pin(self, ns: Namespace, num_asked: int, found: list[Entry], lease_id: int | None,
-                  lease_s: float | None = None) -> None:
+                  lease_s: float | None = None, owner: bytes = b"") -> None:
         """Pin what find_to_pin() returned, and record per-block reads and recency."""
         if lease_id is None:
             return
+        self._touch(found)
+        lease_s = self.limits.lease_s if lease_s is None else min(lease_s, self.limits.max_lease_s)
+        self.index.pin(found, self.clock() + lease_s, lease_id, owner)
+        if owner:
+            self.clients.add_lease(owner, lease_id, len(found))
+
+    def _touch(self, found: list[Entry]) -> None:
         # Deepest first, so a parent is always more recent than its children: LRU order then
         # reaches leaves before the prefixes they hang from.
         touch = self.policy.touch
         for entry in reversed(found):
             entry.num_hits += 1
             touch(entry)
-        lease_s = self.limits.lease_s if lease_s is None else min(lease_s, self.limits.max_lease_s)
-        self.index.pin(found, self.clock() + lease_s, lease_id)
 
     def unpin(self, lease_id: int) -> bool:
         """Release a lease early; False when it was unknown or already expired."""
-        entries = self.index.unpin(lease_id)
-        if entries is None:
+        lease = self.index.leases.get(lease_id)
+        if lease is None:
             return False
+        if lease.owner:
+            self.clients.drop_lease(lease.owner, lease_id)
+        entries = self.index.unpin(lease_id)
+        assert entries is not None, "a held lease vanished"
         self._free_dead(entries)
         return True
 
@@ -141,18 +195,20 @@ class Store:
         return lease.entries if lease else None
 
     # --- writes ----------------------------------------------------------------------------
-    def reserve(self, ns: Namespace,
-                blocks: Sequence[tuple[BlockHash, BlockHash | None, int]]) -> Reservation:
-        """Take a slot per (hash, parent_hash, nbytes), evicting if needed. Present blocks get None."""
+    def reserve(self, ns: Namespace, blocks: Sequence[tuple[BlockHash, BlockHash | None, int]],
+                owner: bytes = b"") -> Reservation:
+        """Take a slot per (hash, parent_hash, nbytes), evicting if needed. Present blocks get None.
+
+        Past owner's share (kvstore/clients.py) the rest counts as full, like a full pool."""
         guard: list[Entry] = []  # pinned for the duration once eviction is needed (_guard_chains)
         try:
-            return self._reserve(ns, blocks, guard)
+            return self._reserve(ns, blocks, guard, owner)
         finally:
             for entry in guard:
                 entry.num_pins -= 1
 
     def _reserve(self, ns: Namespace, blocks: Sequence[tuple[BlockHash, BlockHash | None, int]],
-                 guard: list[Entry]) -> Reservation:
+                 guard: list[Entry], owner: bytes) -> Reservation:
         now = self.clock()
         slots: list[SlotId | None] = []
         num_full = 0
@@ -165,6 +221,10 @@ class Store:
                 continue
             if self.index.get((ns, block_hash)) is not None:
                 slots.append(None)  # present or being written by another client
+                continue
+            if owner and not self.clients.can_reserve(owner, self.slabs.slot_bytes_for(nbytes)):
+                num_full += 1  # this client's share is taken: full for it, not for others
+                slots.append(None)
                 continue
             slot = self.slabs.alloc(nbytes)
             if slot is None:
@@ -181,8 +241,11 @@ class Store:
                 continue
             self.slot_bytes_used += self.slabs.slot_bytes_for(nbytes)
             self.bytes_stored += nbytes
-            self.index.add_reserved((ns, block_hash), slot, nbytes, parent_hash,
-                                    now + self.limits.reserve_s)
+            entry = self.index.add_reserved((ns, block_hash), slot, nbytes, parent_hash,
+                                            now + self.limits.reserve_s)
+            if owner:
+                entry.owner = owner
+                self.clients.add_reserved(entry, self.slabs.slot_bytes_for(nbytes))
             slots.append(slot)
         return Reservation(slots, num_full)
 
@@ -213,11 +276,14 @@ class Store:
                 walk = entry.parent_hash
         return pinned
 
-    def commit(self, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> bool:
-        """Make a reserved block readable; False when that reservation no longer exists."""
-        entry = self._reserved(ns, block_hash, slot)
+    def commit(self, ns: Namespace, block_hash: BlockHash, slot: SlotId, owner: bytes = b"") -> bool:
+        """Make a reserved block readable; False when that reservation no longer exists or is
+        owner's no longer (another client's, or fenced: then its writer is done with the slot)."""
+        entry = self._reserved(ns, block_hash, slot, owner)
         if entry is None:
             return False
+        if owner:
+            self.clients.drop_reserved(entry, self.slabs.slot_bytes_for(entry.nbytes))
         expiry = INF if self.limits.ttl_s is None else self.clock() + self.limits.ttl_s
         self.index.commit(entry, expiry)
         self.policy.insert(entry)
@@ -234,13 +300,34 @@ class Store:
             return None
         return entry.deadline_s - self.limits.reserve_s
 
-    def abort(self, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> bool:
-        """Drop a reservation and free its slot; False when it no longer exists."""
-        entry = self._reserved(ns, block_hash, slot)
+    def abort(self, ns: Namespace, block_hash: BlockHash, slot: SlotId, owner: bytes = b"") -> bool:
+        """Drop owner's reservation and free its slot; False when it no longer exists (or is not
+        owner's; a fenced slot of owner's is freed then, as its writer is done with it)."""
+        entry = self._reserved(ns, block_hash, slot, owner)
         if entry is None:
             return False
-        self._remove(entry)
+        if owner:
+            self.clients.drop_reserved(entry, self.slabs.slot_bytes_for(entry.nbytes))
+        self._drop_reserved(entry)
         return True
+
+    def end_client(self, owner: bytes) -> int:
+        """A connection is gone: release its leases and reservations and free its fenced slots
+        (nothing writes through a closed connection); returns how many things it held."""
+        state = self.clients.pop(owner)
+        if state is None:
+            return 0
+        for lease_id in state.leases:
+            lease = self.index.leases.get(lease_id)
+            if lease is not None:
+                lease.owner = b""  # already forgotten by self.clients
+                self.unpin(lease_id)
+        for entry in state.reserved.values():
+            self._drop_reserved(entry)
+        for entry in state.fenced.values():
+            self._free_slot(entry)
+        self.num_fenced -= len(state.fenced)
+        return len(state.leases) + len(state.reserved) + len(state.fenced)
 
     # --- maintenance -----------------------------------------------------------------------
     def invalidate(self, name: bytes, below_epoch: int | None = None) -> int:
@@ -338,6 +425,9 @@ class Store:
             "bytes_stored": self.bytes_stored,
             "num_evictions": self.num_evictions,
             "num_reclaimed": self.num_reclaimed,
+            "num_fenced": self.num_fenced,
+            "num_leases_dropped": self.num_leases_dropped,
+            "num_clients": len(self.clients),
             "capacity_bytes": self.slabs.num_pages * self.slabs.page_bytes,
             "used_bytes": self.slot_bytes_used,
         }
@@ -389,14 +479,52 @@ class Store:
         self.num_evictions += len(victims)
         return True
 
-    def _reserved(self, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> Entry | None:
+    def _reserved(self, ns: Namespace, block_hash: BlockHash, slot: SlotId,
+                  owner: bytes) -> Entry | None:
         entry = self.index.get((ns, block_hash))
-        if entry is None or entry.state is not State.RESERVED or entry.slot != slot:
+        if (entry is None or entry.state is not State.RESERVED or entry.slot != slot
+                or entry.owner != owner):
+            if owner:
+                self._unfence(owner, ns, block_hash, slot)
             return None
         return entry
 
+    def _fence(self, entry: Entry) -> None:
+        """Take a reservation away from a writer that may still be copying into its slot: the key
+        is free for other writers, the slot stays taken (counted against the writer) until the
+        writer names it again or its connection goes (docs/operating.md, Writes)."""
+        self.index.detach(entry)
+        self.bytes_stored -= entry.nbytes
+        self.clients.fence(entry)
+        self.num_fenced += 1
+
+    def _drop_reserved(self, entry: Entry) -> None:
+        """Remove a reservation whose writer is done (or gone) and free its slot."""
+        if entry.is_live:  # not when an invalidate has already taken it (drain_invalidated)
+            self.index.detach(entry)
+            self.bytes_stored -= entry.nbytes
+        self._free_slot(entry)
+
+    def _unfence(self, owner: bytes, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> None:
+        """owner names a slot it no longer holds as a reservation: its write is over, so a fenced
+        slot is freed, and so is one an invalidate unlinked but has not removed yet."""
+        entry = self.clients.fenced(owner, slot)
+        if entry is not None and entry.key == (ns, block_hash):
+            self.clients.unfence(entry, self.slabs.slot_bytes_for(entry.nbytes))
+            self.num_fenced -= 1
+            self._free_slot(entry)
+            return
+        entry = self.clients.reserved(owner, slot)
+        if entry is not None and entry.key == (ns, block_hash):  # unreachable: being invalidated
+            self.clients.drop_reserved(entry, self.slabs.slot_bytes_for(entry.nbytes))
+            self._drop_reserved(entry)
+
     def _remove(self, entry: Entry) -> None:
-        """Take an entry out of the index and policy; free its slot unless a lease still pins it."""
+        """Take an entry out of the index and policy; free its slot unless a lease still pins it,
+        or a client may still be writing it (then it is fenced)."""
+        if entry.state is State.RESERVED and entry.owner:
+            self._fence(entry)
+            return
         if entry.state is State.COMMITTED:
             self.policy.remove(entry)
             stats = self._ns_stats(entry.key[0])

@@ -265,7 +265,9 @@ class WorkerSide:
                         written.append((block_hash, ref))
                 _sync(self.kv.device)
             except BaseException:
-                client.abort(self.ns, written)
+                # Every reservation, written or not: one never named again stays fenced in the
+                # daemon until this connection closes (docs/operating.md, Writes).
+                client.abort(self.ns, [(h, r) for h, r in zip(hashes, refs) if r is not None])
                 raise
             num_done = client.commit(self.ns, written) if written else 0
             return _landed_shm(hashes, refs, num_full, written, num_done), num_done

@@ -37,16 +37,20 @@ def test_reserved_block_is_invisible_until_commit(daemon, ctx):
 
 @pytest.mark.timeout(90)
 def test_abandoned_reservation_is_reclaimed_after_reserve_timeout(make_daemon, ctx):
-    """A reservation never committed frees its slot after --reserve-timeout; a late commit fails."""
+    """A reservation never committed is taken back after --reserve-timeout, its slot fenced
+    while its writer may still write it; the late commit fails and frees the slot."""
     d = make_daemon(extra_args=["--reserve-timeout", "0.5"]).start()
     hashes = chain_hashes("abandoned", 3)
     with Client(d.address, CALL_S, ctx=ctx) as client:
         refs, _ = client.reserve(NS, [(h, None, 4096) for h in hashes])
         s = client.stats()
         assert (s["num_reserved"], s["num_slots_used"]) == (3, 3)
-        wait_stats(d.address, lambda s: s["num_reserved"] == 0 and s["num_slots_used"] == 0,
+        wait_stats(d.address, lambda s: s["num_reserved"] == 0 and s["num_fenced"] == 3,
                    20.0, "reservations reclaimed")
+        assert client.stats()["num_slots_used"] == 3
         assert client.commit(NS, list(zip(hashes, refs))) == 0
+        s = client.stats()
+        assert (s["num_fenced"], s["num_slots_used"]) == (0, 0)
         assert client.lookup(NS, hashes).num_hits == 0
         # The keys are free again: a fresh put stores them.
         assert client.put(NS, [(h, None, bytes(4096)) for h in hashes]).num_stored == 3

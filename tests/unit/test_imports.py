@@ -21,13 +21,14 @@ ALLOWED: dict[str, set[str]] = {
     "index": {"keys"},
     "slabs": {"keys"},
     "policy": {"keys", "index"},
-    "store": {"keys", "index", "policy", "slabs"},
+    "clients": {"keys", "index"},
+    "store": {"keys", "index", "policy", "slabs", "clients"},
     "protocol": {"keys", "errors"},
     "client": {"protocol", "keys", "errors", "pool", "ipc"},
     "ipc": set(),
     "tenants": {"keys"},
     "gate": {"protocol", "keys", "errors", "tenants"},
-    "metrics": {"store", "protocol", "keys", "index", "policy", "slabs"},
+    "metrics": {"store", "protocol", "keys", "index", "policy", "slabs", "clients"},
     "config": {"policy", "units", "ipc", "pool"},
 }
 NEVER_FROM_CONNECTORS = {"server", "store", "index"}
