@@ -99,13 +99,16 @@ class Connections:
 
 
 class Unsent:
-    """Bytes of copied replies ZeroMQ still holds, per client and in total (from send trackers)."""
+    """Copies of TCP GET replies ZeroMQ still holds, per client and in total (send trackers), in
+    buffers of CHUNK_BYTES that are reused once ZeroMQ lets them go: fresh allocations of MiBs
+    page-fault on first touch (0.3 GB/s here, against 2-3 GB/s into a buffer used before)."""
 
     def __init__(self, pool_bytes: int) -> None:
         self.max_client_bytes = min(MAX_CLIENT_UNSENT_BYTES, max(pool_bytes // 4, 2 * CHUNK_BYTES))
         self.max_total_bytes = min(MAX_UNSENT_BYTES, max(pool_bytes, 4 * self.max_client_bytes))
         self.total_bytes = 0
-        self._queued: dict[bytes, deque[tuple[zmq.MessageTracker, int, float]]] = {}
+        self._queued: dict[bytes, deque[tuple[zmq.MessageTracker, list[bytearray], float]]] = {}
+        self._free: list[bytearray] = []  # at most max_total_bytes of them
         self._bytes: dict[bytes, int] = {}
         self._cut: set[bytes] = set()  # clients already cut, until their replies are let go
 
@@ -114,8 +117,33 @@ class Unsent:
         return max(0, min(self.max_client_bytes - self._bytes.get(identity, 0),
                           self.max_total_bytes - self.total_bytes))
 
-    def add(self, identity: bytes, tracker: zmq.MessageTracker, nbytes: int, now: float) -> None:
-        self._queued.setdefault(identity, deque()).append((tracker, nbytes, now))
+    def copy(self, views: list[memoryview]) -> tuple[list[zmq.Frame], list[bytearray]]:
+        """Payload frames holding copies of views (each at most CHUNK_BYTES), packed into
+        buffers; hand both to add() once sent, or give the buffers back with release()."""
+        frames: list[zmq.Frame] = []
+        buffers: list[bytearray] = []
+        buf, used = memoryview(b""), 0
+        for view in views:
+            n = len(view)
+            if used + n > len(buf):
+                buffers.append(self._free.pop() if self._free else bytearray(CHUNK_BYTES))
+                buf, used = memoryview(buffers[-1]), 0
+            buf[used:used + n] = view
+            frames.append(zmq.Frame(buf[used:used + n], track=True, copy=False))
+            used += n
+        return frames, buffers
+
+    def release(self, buffers: list[bytearray]) -> None:
+        """Buffers ZeroMQ holds no more (or never got): kept for reuse, up to the total budget."""
+        room = self.max_total_bytes // CHUNK_BYTES - len(self._free)
+        self._free.extend(buffers[:max(room, 0)])
+
+    def add(self, identity: bytes, frames: list[zmq.Frame], buffers: list[bytearray],
+            now: float) -> None:
+        """Count a sent reply's buffers against identity until ZeroMQ lets its frames go."""
+        nbytes = len(buffers) * CHUNK_BYTES
+        self._queued.setdefault(identity, deque()).append(
+            (zmq.MessageTracker(*frames), buffers, now))
         self._bytes[identity] = self._bytes.get(identity, 0) + nbytes
         self.total_bytes += nbytes
 
@@ -124,9 +152,11 @@ class Unsent:
         for identity in list(self._queued):
             queued = self._queued[identity]
             while queued and queued[0][0].done:  # one peer's replies are sent in order
-                nbytes = queued.popleft()[1]
+                buffers = queued.popleft()[1]
+                nbytes = len(buffers) * CHUNK_BYTES
                 self._bytes[identity] -= nbytes
                 self.total_bytes -= nbytes
+                self.release(buffers)
             if not queued:
                 del self._queued[identity], self._bytes[identity]
                 self._cut.discard(identity)

@@ -80,6 +80,7 @@ class Server:
         self.connections = Connections(self.sock)
         self.unsent = Unsent(pool.size_bytes)  # copied TCP GET replies ZeroMQ still holds
         self._owner = b""  # the peer identity of the request being handled
+        self._reply_buffers: list[bytearray] = []  # the copies a TCP GET's reply is made of
         self._stopping = False
         # Bookkeeping a handler leaves for after its reply is sent (off the client's latency).
         self._after_reply: Callable[[], None] | None = None
@@ -272,11 +273,11 @@ class Server:
         except Exception as exc:  # peer queue full (HWM) or gone: drop; the client times out
             self.counters.num_errors["dropped"] += 1
             log.warning("reply dropped: %s", exc)
+            self._reply_buffers = []  # ZeroMQ may still hold views of them: never reused
             return
-        if len(reply) > 1:  # payload frames of a TCP GET, copies held until ZeroMQ lets go
-            payload = reply[1:]
-            self.unsent.add(identity.bytes, zmq.MessageTracker(*payload),
-                            sum(len(f) for f in payload), time.monotonic())
+        if self._reply_buffers:  # a TCP GET's copies: counted until ZeroMQ lets them go
+            self.unsent.add(identity.bytes, reply[1:], self._reply_buffers, time.monotonic())
+            self._reply_buffers = []
 
     def _maintain(self) -> bool:
         """End closed connections' holdings, count sent replies, expire leases and reservations
@@ -362,8 +363,8 @@ class Server:
         if not num:
             return [header]
         self._transfer_path = "tcp"
-        payload = [zmq.Frame(bytes(c), track=True, copy=False) for e in entries[:num]
-                   for c in protocol.chunk(self.pool.view(e.slot, e.nbytes))]
+        payload, self._reply_buffers = self.unsent.copy(
+            [c for e in entries[:num] for c in protocol.chunk(self.pool.view(e.slot, e.nbytes))])
         self.counters.bytes_out["tcp"] += nbytes
         return [header, *payload]
 
