@@ -33,6 +33,8 @@ _RECONNECT_IVL_MAX_MS = 1000
 # daemon restart a socket may sit in ZeroMQ's reconnect backoff for up to _RECONNECT_IVL_MAX_MS;
 # a new socket connects at once (a load right after a restart failed on this in the e2e tests).
 _STALE_SOCKET_WAIT_MS = 100
+# First wait before asking again for the rest of a partial TCP GET answered busy (doubles).
+_BUSY_RETRY_S = 0.001
 
 # The default daemon of this uid on this host (kvstore serve with no address given).
 DEFAULT_ADDRESS = default_address()
@@ -165,7 +167,7 @@ class Client:
         num = 0
         while True:  # a reply the daemon cut short (partial) is continued where it stopped
             fields = {"ns": ns, "hashes": list(hashes[num:]), "lease": lease, "shm": False}
-            reply = self._call(Op.GET, fields, dests=views[num:])
+            reply = self._get_more(fields, views[num:], is_first=not num)
             num += reply["num_hits"]
             if not reply.get("partial") or not reply["num_hits"]:
                 return num
@@ -179,10 +181,24 @@ class Client:
         blocks: list[bytes] = []
         while True:  # a reply the daemon cut short (partial) is continued where it stopped
             fields = {"ns": ns, "hashes": list(hashes[len(blocks):]), "lease": lease, "shm": False}
-            reply = self._call(Op.GET, fields, dests=None)
+            reply = self._get_more(fields, None, is_first=not blocks)
             blocks += reply.get("blocks", [])  # a miss carries no payload frames, no "blocks"
             if not reply.get("partial") or not reply["num_hits"]:
                 return blocks
+
+    def _get_more(self, fields: dict[str, Any], dests: list[memoryview] | None,
+                  is_first: bool) -> dict[str, Any]:
+        """One TCP GET. After a partial reply the daemon may not have counted the reply just read
+        as taken yet and answer busy: retried briefly, within the call's timeout."""
+        deadline = time.monotonic() + self.timeout_s
+        for attempt in itertools.count():
+            try:
+                return self._call(Op.GET, dict(fields), dests=dests)
+            except ServerError as exc:
+                if is_first or exc.code != "busy" or time.monotonic() > deadline:
+                    raise
+            time.sleep(min(_BUSY_RETRY_S * 2**attempt, 0.1))
+        raise AssertionError("unreachable")
 
     @contextmanager
     def pinned(self, ns: Namespace, hashes: Sequence[bytes],

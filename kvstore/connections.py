@@ -10,6 +10,8 @@ import logging
 import socket
 from collections import deque
 
+from typing import Any
+
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -99,15 +101,25 @@ class Connections:
 
 
 class Unsent:
-    """Copies of TCP GET replies ZeroMQ still holds, per client and in total (send trackers), in
-    buffers of CHUNK_BYTES that are reused once ZeroMQ lets them go: fresh allocations of MiBs
-    page-fault on first touch (0.3 GB/s here, against 2-3 GB/s into a buffer used before)."""
+    """TCP GET replies ZeroMQ still holds, per client and in total (send trackers).
+
+    A reply to a client with nothing queued is sent zero-copy from the pool, its blocks pinned
+    until ZeroMQ lets the frames go, as long as such pins stay under an eighth of the pool. Other
+    replies are copies, in buffers of CHUNK_BYTES reused once ZeroMQ lets them go (fresh
+    allocations of MiBs page-fault on first touch: 0.3 GB/s here, 2-3 GB/s into a used buffer).
+    So a client that stops reading pins at most one reply, and for at most MAX_UNSENT_AGE_S.
+    """
 
     def __init__(self, pool_bytes: int) -> None:
         self.max_client_bytes = min(MAX_CLIENT_UNSENT_BYTES, max(pool_bytes // 4, 2 * CHUNK_BYTES))
         self.max_total_bytes = min(MAX_UNSENT_BYTES, max(pool_bytes, 4 * self.max_client_bytes))
-        self.total_bytes = 0
-        self._queued: dict[bytes, deque[tuple[zmq.MessageTracker, list[bytearray], float]]] = {}
+        self.max_pinned_bytes = pool_bytes // 8
+        self.total_bytes = 0  # of copies
+        self.pinned_bytes = 0  # of zero-copy replies
+        # Per client, oldest first: (tracker, copy buffers, sent at, pinned bytes, what is pinned:
+        # the blocks, handed back by collect() for the caller to let go).
+        self._queued: dict[bytes, deque[tuple[zmq.MessageTracker, list[bytearray], float, int,
+                                              Any]]] = {}
         self._free: list[bytearray] = []  # at most max_total_bytes of them
         self._bytes: dict[bytes, int] = {}
         self._cut: set[bytes] = set()  # clients already cut, until their replies are let go
@@ -116,6 +128,10 @@ class Unsent:
         """How many more reply bytes identity may have queued now (0: answer busy)."""
         return max(0, min(self.max_client_bytes - self._bytes.get(identity, 0),
                           self.max_total_bytes - self.total_bytes))
+
+    def can_pin(self, identity: bytes, nbytes: int) -> bool:
+        """Whether a reply of nbytes to identity may go zero-copy (pinning its blocks)."""
+        return identity not in self._queued and self.pinned_bytes + nbytes <= self.max_pinned_bytes
 
     def copy(self, views: list[memoryview]) -> tuple[list[zmq.Frame], list[bytearray]]:
         """Payload frames holding copies of views (each at most CHUNK_BYTES), packed into
@@ -139,27 +155,35 @@ class Unsent:
         self._free.extend(buffers[:max(room, 0)])
 
     def add(self, identity: bytes, frames: list[zmq.Frame], buffers: list[bytearray],
-            now: float) -> None:
-        """Count a sent reply's buffers against identity until ZeroMQ lets its frames go."""
-        nbytes = len(buffers) * CHUNK_BYTES
+            now: float, pinned_bytes: int = 0, pinned: Any = None) -> None:
+        """Count a sent reply (its copy buffers, or its pinned bytes and what they pin) against
+        identity until ZeroMQ lets its frames go."""
+        nbytes = len(buffers) * CHUNK_BYTES + pinned_bytes
+        self.pinned_bytes += pinned_bytes
+        self.total_bytes += nbytes - pinned_bytes
         self._queued.setdefault(identity, deque()).append(
-            (zmq.MessageTracker(*frames), buffers, now))
+            (zmq.MessageTracker(*frames), buffers, now, pinned_bytes, pinned))
         self._bytes[identity] = self._bytes.get(identity, 0) + nbytes
-        self.total_bytes += nbytes
 
-    def collect(self) -> None:
-        """Forget replies ZeroMQ has let go (sent, or dropped with their connection)."""
+    def collect(self) -> list[Any]:
+        """Forget replies ZeroMQ has let go (sent, or dropped with their connection); returns
+        what those sent zero-copy pinned, for the caller to let go."""
+        done: list[Any] = []
         for identity in list(self._queued):
             queued = self._queued[identity]
             while queued and queued[0][0].done:  # one peer's replies are sent in order
-                buffers = queued.popleft()[1]
-                nbytes = len(buffers) * CHUNK_BYTES
-                self._bytes[identity] -= nbytes
-                self.total_bytes -= nbytes
+                _, buffers, _, pinned_bytes, pinned = queued.popleft()
+                copied_bytes = len(buffers) * CHUNK_BYTES
+                self._bytes[identity] -= copied_bytes + pinned_bytes
+                self.total_bytes -= copied_bytes
+                self.pinned_bytes -= pinned_bytes
                 self.release(buffers)
+                if pinned is not None:
+                    done.append(pinned)
             if not queued:
                 del self._queued[identity], self._bytes[identity]
                 self._cut.discard(identity)
+        return done
 
     def stale(self, before: float) -> list[bytes]:
         """Clients with a reply queued since before, not cut yet (each is returned once)."""

@@ -81,6 +81,7 @@ class Server:
         self.unsent = Unsent(pool.size_bytes)  # copied TCP GET replies ZeroMQ still holds
         self._owner = b""  # the peer identity of the request being handled
         self._reply_buffers: list[bytearray] = []  # the copies a TCP GET's reply is made of
+        self._reply_pin: tuple[int, list[Entry]] | None = None  # or its pinned bytes, blocks
         self._stopping = False
         # Bookkeeping a handler leaves for after its reply is sent (off the client's latency).
         self._after_reply: Callable[[], None] | None = None
@@ -274,17 +275,22 @@ class Server:
             self.counters.num_errors["dropped"] += 1
             log.warning("reply dropped: %s", exc)
             self._reply_buffers = []  # ZeroMQ may still hold views of them: never reused
+            if self._reply_pin is not None:
+                self.store.let_go(self._reply_pin[1])
+                self._reply_pin = None
             return
-        if self._reply_buffers:  # a TCP GET's copies: counted until ZeroMQ lets them go
-            self.unsent.add(identity.bytes, reply[1:], self._reply_buffers, time.monotonic())
-            self._reply_buffers = []
+        if self._reply_buffers or self._reply_pin is not None:  # a TCP GET's payload
+            pinned_bytes, pinned = self._reply_pin or (0, None)
+            self.unsent.add(identity.bytes, reply[1:], self._reply_buffers, time.monotonic(),
+                            pinned_bytes, pinned)
+            self._reply_buffers, self._reply_pin = [], None
 
     def _maintain(self) -> bool:
         """End closed connections' holdings, count sent replies, expire leases and reservations
         and drop invalidated blocks, a slice at a time; whether work is left for the next step."""
         for ended in self.connections.closed():
             self.store.end_client(ended)
-        self.unsent.collect()
+        self._collect_sent()
         for identity in self.unsent.stale(time.monotonic() - MAX_UNSENT_AGE_S):
             if self.connections.cut(identity):
                 errors = self.counters.num_errors
@@ -293,6 +299,10 @@ class Server:
                             identity.hex(), MAX_UNSENT_AGE_S)
         self.store.expire(_SLICE_BLOCKS)
         return self.store.drain_invalidated(_SLICE_BLOCKS) or self.store.is_expiry_due()
+
+    def _collect_sent(self) -> None:
+        for entries in self.unsent.collect():
+            self.store.let_go(entries)  # a zero-copy reply's frames are let go
 
     # --- handlers: each returns [header, *payload frames] -------------------------------------
     def _hello(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
@@ -342,11 +352,15 @@ class Server:
                                       lease=lease, slots=[e.slot for e in entries])]
 
     def _get_tcp(self, req: Request) -> list[Any]:
-        """The bytes go out as copies, so no slot stays pinned by a reply the client does not
-        take; their bytes count against the client until ZeroMQ lets them go (Unsent). A reply
+        """The bytes go out zero-copy while the client keeps up and such pins are few, else as
+        copies (Unsent): a client that does not take its replies pins at most one, and only until
+        its connection is cut. They count against the client until ZeroMQ lets them go; a reply
         cut short by that budget says partial; with no budget left the answer is busy."""
         assert req.ns is not None
         room = self.unsent.room_for(self._owner)
+        if room <= 0:
+            self._collect_sent()  # its last replies may be sent, not yet counted
+            room = self.unsent.room_for(self._owner)
         if room <= 0:
             raise _Refused("busy", "too many reply bytes queued to this client: read them first")
         entries = self._held_entries(req)
@@ -363,10 +377,16 @@ class Server:
         if not num:
             return [header]
         self._transfer_path = "tcp"
-        payload, self._reply_buffers = self.unsent.copy(
-            [c for e in entries[:num] for c in protocol.chunk(self.pool.view(e.slot, e.nbytes))])
         self.counters.bytes_out["tcp"] += nbytes
-        return [header, *payload]
+        views = [c for e in entries[:num] for c in protocol.chunk(self.pool.view(e.slot, e.nbytes))]
+        if not self.unsent.can_pin(self._owner, nbytes):
+            payload, self._reply_buffers = self.unsent.copy(views)
+            return [header, *payload]
+        # Zero-copy: the frames are views of the slots, pinned until ZeroMQ lets them go, or
+        # the connection is cut after MAX_UNSENT_AGE_S (Unsent).
+        self.store.hold(entries[:num])
+        self._reply_pin = (nbytes, entries[:num])
+        return [header, *(zmq.Frame(v, track=True, copy=False) for v in views)]
 
     def _held_entries(self, req: Request) -> list[Entry] | None:
         """The blocks of req.hashes under the lease req names, or None without a usable lease."""

@@ -190,6 +190,18 @@ class Store:
         self._free_dead(entries)
         return True
 
+    def hold(self, entries: list[Entry]) -> None:
+        """Pin entries outside the lease table, for a zero-copy send in flight; see let_go()."""
+        for entry in entries:
+            entry.num_pins += 1
+
+    def let_go(self, entries: list[Entry]) -> None:
+        """Undo hold(): free the slots of entries removed meanwhile."""
+        for entry in entries:
+            entry.num_pins -= 1
+            assert entry.num_pins >= 0, "negative pin count"
+        self._free_dead(entries)
+
     def lease_entries(self, lease_id: int) -> list[Entry] | None:
         lease = self.index.leases.get(lease_id)
         return lease.entries if lease else None
