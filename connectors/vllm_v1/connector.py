@@ -36,6 +36,7 @@ from connectors.vllm_v1.worker_side import WorkerSide
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.config.kv_transfer import KVTransferConfig
     from vllm.distributed.kv_events import KVCacheEvent
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
         KVConnectorStats,
@@ -99,6 +100,12 @@ class KVStoreConnector(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a dropped save is a future miss, never an error
 
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: KVTransferConfig) -> bool:
+        # vLLM 0.33+: the worker half drops its views of the KV cache when sleep unmaps it and
+        # retakes them on wake-up (unregister_kv_caches / restore_kv_caches below).
+        return True
+
     # --- scheduler side ------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -148,6 +155,15 @@ class KVStoreConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None, "worker hook called on the scheduler"
         self._worker.register_kv_caches(kv_caches)
+
+    # vLLM 0.33+ sleep mode; never called by 0.32. On workers only, but harmless elsewhere.
+    def unregister_kv_caches(self) -> None:
+        if self._worker is not None:
+            self._worker.unregister_kv_caches()
+
+    def restore_kv_caches(self) -> None:
+        if self._worker is not None:
+            self._worker.restore_kv_caches()
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None, "worker hook called on the scheduler"

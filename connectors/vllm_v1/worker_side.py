@@ -52,6 +52,10 @@ class WorkerSide:
         self._stats_lock = threading.Lock()  # the loader thread adds to it too
         self._saves_meta = KVStoreWorkerMeta()
         self.kv: PagedKV | None = None
+        # What vLLM registered, to retake the views after sleep mode (restore_kv_caches); the
+        # loader holds the lock while it copies, so sleep waits for an in-flight load to end.
+        self._kv_caches: dict[str, torch.Tensor] | None = None
+        self._kv_lock = threading.Lock()
         self._jobs: queue.Queue[LoadSpec | None] = queue.Queue()
         self._done: queue.Queue[tuple[str, list[int]]] = queue.Queue()
         self._failed_block_ids: set[int] = set()
@@ -73,9 +77,28 @@ class WorkerSide:
         except ValueError as exc:
             log.error("kvstore connector disabled: %s", exc)  # vLLM recomputes everything
             return
+        self._kv_caches = kv_caches
         log.info("kvstore: %d KV layers, %d bytes per block, namespace %s",
                  len(self.kv.layers), self.kv.block_bytes, self.ns.name.hex())
         self._loader.start()
+
+    def unregister_kv_caches(self) -> None:
+        """vLLM's sleep mode (0.33+) is about to unmap the KV cache's device memory: drop the
+        views so nothing copies to or from it while asleep. Loads asked for meanwhile are
+        reported failed (vLLM recomputes), saves are skipped. The pool's segment and its
+        cudaHostRegister are host memory, not the KV cache, and stay as they are. Idempotent."""
+        with self._kv_lock:  # an in-flight load (bounded by load_timeout_ms) finishes first
+            if self.kv is not None:
+                self.kv = None
+                log.info("kvstore: KV cache released for vLLM sleep mode; no loads or saves "
+                         "until it is restored")
+
+    def restore_kv_caches(self) -> None:
+        """vLLM woke up with the KV cache at the same addresses: retake the views. Idempotent."""
+        with self._kv_lock:
+            if self.kv is None and self._kv_caches is not None:
+                self.kv = PagedKV(self._kv_caches)
+                log.info("kvstore: KV cache restored after vLLM sleep mode")
 
     def start_load(self, meta: KVStoreMetadata) -> None:
         for spec in meta.loads:
@@ -155,26 +178,34 @@ class WorkerSide:
         while (spec := self._jobs.get()) is not None:
             # The keeper's newest connected client; one of our own only if it has none yet.
             client = swap(self._keeper, "load", client, self._forget_pool) or self._new_client()
-            num_loaded = 0
-            if self.config.fault_load_delay_ms:
-                time.sleep(self.config.fault_load_delay_ms / 1000)
-            start = time.perf_counter()
-            try:
-                num_loaded = self._load(client, spec)
-            except Exception as exc:  # anything: report and let vLLM recompute
-                log.warning("kvstore load of %s failed (%s): recomputing", spec.req_id, exc)
-                self._keeper.poke()
-            else:
-                if num_loaded < len(spec.block_ids):
-                    # A warning: the lookup promised these blocks; vLLM now recomputes them.
-                    log.warning("kvstore: %s loaded %d of %d blocks; recomputing the rest",
-                                spec.req_id, num_loaded, len(spec.block_ids))
-            # Counted before it is reported finished, so the step that sees it sees its stats;
-            # is_local, not has_shm(): counting must never call a daemon that may be gone.
-            self._count_load(spec, num_loaded, time.perf_counter() - start, client.is_local)
-            self._done.put((spec.req_id, spec.block_ids[num_loaded:]))
+            with self._kv_lock:  # sleep mode's unregister_kv_caches waits for this load
+                self._load_one(client, spec)
         if client is not None:
             client.close()
+
+    def _load_one(self, client: Client, spec: LoadSpec) -> None:
+        """Load one request's blocks; whatever happens, report it finished."""
+        if self.kv is None:  # released for sleep mode after the load was queued
+            self._done.put((spec.req_id, list(spec.block_ids)))
+            return
+        num_loaded = 0
+        if self.config.fault_load_delay_ms:
+            time.sleep(self.config.fault_load_delay_ms / 1000)
+        start = time.perf_counter()
+        try:
+            num_loaded = self._load(client, spec)
+        except Exception as exc:  # anything: report and let vLLM recompute
+            log.warning("kvstore load of %s failed (%s): recomputing", spec.req_id, exc)
+            self._keeper.poke()
+        else:
+            if num_loaded < len(spec.block_ids):
+                # A warning: the lookup promised these blocks; vLLM now recomputes them.
+                log.warning("kvstore: %s loaded %d of %d blocks; recomputing the rest",
+                            spec.req_id, num_loaded, len(spec.block_ids))
+        # Counted before it is reported finished, so the step that sees it sees its stats;
+        # is_local, not has_shm(): counting must never call a daemon that may be gone.
+        self._count_load(spec, num_loaded, time.perf_counter() - start, client.is_local)
+        self._done.put((spec.req_id, spec.block_ids[num_loaded:]))
 
     def _count_load(self, spec: LoadSpec, num_loaded: int, seconds: float, is_shm: bool) -> None:
         assert self.kv is not None
