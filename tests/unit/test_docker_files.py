@@ -266,7 +266,10 @@ def test_vllm_accepts_the_replica_commands() -> None:
     script = (
         "import json, sys\n"
         "from vllm.engine.arg_utils import EngineArgs\n"
-        "from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"
+        "try:\n"
+        "    from vllm.entrypoints.common.cli_args import make_arg_parser\n"  # 0.33+
+        "except ImportError:\n"
+        "    from vllm.entrypoints.launchers.cli_args import make_arg_parser\n"  # 0.32
         "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
         "for command in json.loads(sys.argv[1]):\n"
         "    args = make_arg_parser(FlexibleArgumentParser()).parse_args(command)\n"
