@@ -67,7 +67,7 @@ def step(connector: KVStoreConnector, meta: KVStoreMetadata) -> None:
 def load(connector: KVStoreConnector, req_id: str, hashes: list[bytes],
          block_ids: list[int]) -> set[int]:
     """Load hashes into block_ids; returns the block ids that failed (vLLM recomputes them)."""
-    step(connector, KVStoreMetadata(loads=[LoadSpec(req_id, hashes, block_ids, None)]))
+    step(connector, KVStoreMetadata(loads=[LoadSpec(req_id, hashes, block_ids, [])]))
     wait_until(lambda: req_id in (connector.get_finished(set())[1] or ()), 20,
                what=f"{req_id} finished")
     return connector.get_block_ids_with_load_errors()
@@ -116,7 +116,7 @@ def test_sleep_waits_for_a_load_in_flight(daemon: Daemon, make_connector: MakeCo
     connector, caches = make_connector(daemon.address, fault_load_delay_ms=300)
     for layer in caches.values():
         layer.zero_()
-    step(connector, KVStoreMetadata(loads=[LoadSpec("r", hashes, [10, 11, 12], None)]))
+    step(connector, KVStoreMetadata(loads=[LoadSpec("r", hashes, [10, 11, 12], [])]))
     connector.unregister_kv_caches()
     at_sleep = blocks(caches, [10, 11, 12])
     wait_until(lambda: "r" in (connector.get_finished(set())[1] or ()), 20, what="load finished")
