@@ -21,7 +21,7 @@ from kvstore import ipc, protocol
 from kvstore.config import ServeConfig
 from kvstore.connections import MAX_UNSENT_AGE_S, Connections, Unsent
 from kvstore.errors import ProtocolError
-from kvstore.gate import Gate, user_id
+from kvstore.gate import CURVE_FRAME_OVERHEAD_BYTES, Gate, user_id
 from kvstore.inbox import Inbox, Oversized
 from kvstore.malloc import DEFAULT_TRIM_BYTES, give_back
 from kvstore.index import Entry
@@ -99,7 +99,11 @@ class Server:
         sock.setsockopt(zmq.SNDHWM, _SNDHWM)
         sock.setsockopt(zmq.RCVHWM, _RCVHWM)
         # Bound one frame: no payload frame is larger than a chunk, no header larger than its max.
-        sock.setsockopt(zmq.MAXMSGSIZE, max(protocol.CHUNK_BYTES, protocol.MAX_HEADER_BYTES))
+        # libzmq checks the frame as it is on the wire: under CURVE, its encrypted form.
+        max_frame_bytes = max(protocol.CHUNK_BYTES, protocol.MAX_HEADER_BYTES)
+        if self.gate is not None:
+            max_frame_bytes += CURVE_FRAME_OVERHEAD_BYTES
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
         if self.gate is not None:
             self.gate.enable(self.ctx, sock)

@@ -6,14 +6,16 @@ import shutil
 import stat
 from pathlib import Path
 
+import msgpack
 import pytest
 import zmq.auth
 
 from kvstore.client import Client
 from kvstore.errors import ServerUnavailable
 from kvstore.keys import Namespace
+from kvstore.protocol import CHUNK_BYTES, VERSION, Op
 from tests.daemon import free_port
-from tests.integration.helpers import CALL_S, run_cli, stats
+from tests.integration.helpers import CALL_S, MiB, random_blocks, run_cli, stats
 
 NS = Namespace(b"model-a")
 
@@ -125,3 +127,39 @@ def test_segment_file_is_readable_only_by_its_owner(daemon):
     """The shared-memory segment is created with mode 0600."""
     assert _mode(daemon.segment_path) == 0o600
     assert daemon.segment_path.stat().st_size > 256 * 1024 * 1024 - 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("nbytes", [CHUNK_BYTES, CHUNK_BYTES + 1, 9 * MiB],
+                         ids=["chunk", "chunk+1", "9MiB"])
+def test_full_chunk_frames_pass_curve_both_ways(curve_daemon, keys, ctx, nbytes):
+    """Payload frames of a whole CHUNK_BYTES, CURVE-encrypted, fit both ends' frame limit."""
+    data = random_blocks(nbytes, [nbytes])[0]
+    with Client(curve_daemon.address, CALL_S, ctx=ctx, curve_dir=keys, use_shm=False) as client:
+        assert client.put(NS, [(b"big", None, data)]).num_stored == 1
+        assert client.get(NS, [b"big"]) == [data]
+
+
+@pytest.mark.timeout(90)
+def test_curve_still_cuts_off_a_frame_one_byte_past_a_chunk(curve_daemon, keys, ctx):
+    """The CURVE allowance covers encryption only: a CHUNK_BYTES + 1 frame still drops its sender."""
+    public, secret = zmq.auth.load_certificate(keys / "client.key_secret")
+    server_public, _ = zmq.auth.load_certificate(keys / "server.key")
+    header = msgpack.packb({"v": VERSION, "op": Op.PING, "id": 1})
+    for nbytes, answered in ((CHUNK_BYTES, True), (CHUNK_BYTES + 1, False)):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 2000)
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = (
+            public, secret, server_public)
+        sock.connect(curve_daemon.address)
+        try:
+            sock.send_multipart([header, bytes(nbytes)])
+            if answered:
+                assert sock.recv_multipart(), nbytes
+            else:
+                with pytest.raises(zmq.Again):
+                    sock.recv_multipart()
+        finally:
+            sock.close(0)
+    assert stats(curve_daemon.address, keys)["num_blocks"] == 0
