@@ -35,6 +35,9 @@ _RECONNECT_IVL_MAX_MS = 1000
 _STALE_SOCKET_WAIT_MS = 100
 # First wait before asking again for the rest of a partial TCP GET answered busy (doubles).
 _BUSY_RETRY_S = 0.001
+# One put reserves at most 1/this of the pool at a time: the daemon refuses a client more than
+# half (kvstore/clients.py, CLIENT_RESERVED_SHARE), and what it has fenced counts too.
+_PUT_BATCH_SHARE = 4
 
 # The default daemon of this uid on this host (kvstore serve with no address given).
 DEFAULT_ADDRESS = default_address()
@@ -255,6 +258,31 @@ class Client:
 
     def _put_shm(self, ns: Namespace,
                  blocks: Sequence[tuple[bytes, bytes | None, Buffer]]) -> PutResult:
+        """Write in batches of at most 1/_PUT_BATCH_SHARE of the pool: the daemon caps what one
+        client holds reserved (kvstore/clients.py), so one large put goes in several rounds."""
+        assert self.pool is not None
+        max_batch_bytes = self.pool.size_bytes // _PUT_BATCH_SHARE
+        total = PutResult(0, 0, 0)
+        start = 0
+        while start < len(blocks):
+            end, batch_bytes = start + 1, len(memoryview(blocks[start][2]).cast("B"))
+            while end < len(blocks):
+                nbytes = len(memoryview(blocks[end][2]).cast("B"))
+                if batch_bytes + nbytes > max_batch_bytes:
+                    break
+                end, batch_bytes = end + 1, batch_bytes + nbytes
+            done = self._put_shm_batch(ns, blocks[start:end])
+            total = PutResult(total.num_stored + done.num_stored,
+                              total.num_present + done.num_present, total.num_full + done.num_full)
+            if done.num_full:
+                # The chain broke here: later blocks hang from a refused one; count them as full.
+                return PutResult(total.num_stored, total.num_present,
+                                 total.num_full + len(blocks) - end)
+            start = end
+        return total
+
+    def _put_shm_batch(self, ns: Namespace,
+                       blocks: Sequence[tuple[bytes, bytes | None, Buffer]]) -> PutResult:
         views = [memoryview(data).cast("B") for _, _, data in blocks]
         refs, num_full = self.reserve(ns, [(h, p, len(v)) for (h, p, _), v in
                                            zip(blocks, views)])
