@@ -23,6 +23,7 @@ os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 
 _TIMEOUT_S = 120.0
 _CLOSE_TIMEOUT_S = 5.0
+_SYNC_CALL_TIMEOUT_S = 30.0  # a blocking lookup: far above its round trip, under the smoke test's 120 s
 # Llama-3-8B KV: 32 layers x (K, V) x 8 KV heads x head dim 128, bf16 = 128 KiB per token, so a
 # 2 MiB object is a 16-token block and a 32 MiB object is LMCache's default 256-token chunk.
 _LAYERS, _KV_HEADS, _HEAD_DIM, _TOKEN_BYTES = 32, 8, 128, 32 * 2 * 8 * 128 * 2
@@ -190,7 +191,7 @@ class LMCacheConnector:
         keys = [self._key(space, h) for h in hashes]
         loop = self.backends.loop
         if conn.support_batched_contains():
-            return int(conn.batched_contains(keys))
+            return int(_bounded(conn.batched_contains, keys))
         if conn.support_batched_async_contains():
             return int(loop.run(conn.batched_async_contains("bench", keys)))
         for i, key in enumerate(keys):
@@ -222,3 +223,30 @@ def _close(conn: Any, loop: LoopThread) -> None:
             loop.run(conn.close(), _CLOSE_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - best effort at teardown; the process exits next
         pass
+
+
+class PeerHung(TimeoutError):
+    """A peer's own client did not answer within _SYNC_CALL_TIMEOUT_S (not a kvstore failure)."""
+
+
+def _bounded(call: Any, *args: Any) -> Any:
+    """Run a peer's blocking call with a deadline. LMCache 0.5.6's RESP client once never
+    completed a first batch_exists_sync (tests/integration/test_peers_smoke.py, CI run of
+    2026-12-03); a daemon thread keeps such a hang from holding the benchmark past its budget."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call(*args)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True, name="lmcache-call")
+    thread.start()
+    thread.join(_SYNC_CALL_TIMEOUT_S)
+    if thread.is_alive():
+        name = getattr(call, "__qualname__", repr(call))
+        raise PeerHung(f"{name} gave no answer in {_SYNC_CALL_TIMEOUT_S:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
