@@ -343,13 +343,8 @@ class Client:
                 reply = self._receive(sock, req_id, dests)
                 if reply is not None:
                     return _check(reply)
-        except zmq.Again:  # IMMEDIATE: the send waited SNDTIMEO for a connection that never came
-            self._reset()
-            raise ServerUnavailable(f"cannot reach {self.address} within {self.timeout_s:.3g} s "
-                                    f"(is the daemon running?)") from None
         except zmq.ZMQError as exc:
-            self._reset()
-            raise ServerUnavailable(f"{self.address}: {exc.strerror}") from None
+            raise self._unavailable(exc) from None
         self._reset()
         raise ServerUnavailable(f"no reply from {self.address} within {self.timeout_s:.3g} s")
 
@@ -375,17 +370,21 @@ class Client:
                 _drain(sock)
                 if reply.get("id") in ids:
                     replies[reply["id"]] = reply
-        except zmq.Again:
-            self._reset()
-            raise ServerUnavailable(f"cannot reach {self.address} within {self.timeout_s:.3g} s "
-                                    f"(is the daemon running?)") from None
         except zmq.ZMQError as exc:
-            self._reset()
-            raise ServerUnavailable(f"{self.address}: {exc.strerror}") from None
+            raise self._unavailable(exc) from None
         if len(replies) < len(ids):
             self._reset()
             raise ServerUnavailable(f"no reply from {self.address} within {self.timeout_s:.3g} s")
         return [_check(replies[i]) for i in ids]
+
+    def _unavailable(self, exc: zmq.ZMQError) -> ServerUnavailable:
+        """Drop the socket and say why a call failed; zmq.Again means IMMEDIATE made the send
+        wait SNDTIMEO for a connection that never came."""
+        self._reset()
+        if isinstance(exc, zmq.Again):
+            return ServerUnavailable(f"cannot reach {self.address} within {self.timeout_s:.3g} s "
+                                     f"(is the daemon running?)")
+        return ServerUnavailable(f"{self.address}: {exc.strerror}")
 
     def _send(self, deadline: float, frames: list[Any], is_fresh: bool) -> zmq.Socket:
         """Send on the current socket; if an older one is not connected within

@@ -16,3 +16,20 @@ def ctx() -> Iterator[zmq.Context]:
     context = zmq.Context()
     yield context
     assert_terminates(context)
+
+
+@pytest.fixture
+def open_dealer(ctx: zmq.Context):  # type: ignore[no-untyped-def]
+    """Raw DEALERs on the test's context (bench.hostile.dealer), closed at teardown even when the
+    test fails. Shared by the hostile-client tests."""
+    from bench.hostile import dealer
+
+    socks: list[zmq.Socket] = []
+
+    def make(address: str) -> zmq.Socket:
+        socks.append(dealer(ctx, address))
+        return socks[-1]
+
+    yield make
+    for sock in socks:
+        sock.close(0)

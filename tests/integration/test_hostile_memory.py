@@ -6,29 +6,14 @@ bench/hostile.py measures the figures, these tests assert bounds far below the g
 from __future__ import annotations
 
 import pytest
-import zmq
 
 from bench.hostile import (
-    call, dealer, empty_frames_message, header, ping_s, put_tiny, recv_reply,
+    call, empty_frames_message, header, ping_s, put_tiny, recv_reply,
     rss_bytes, send_message, tiny_hashes)
 from kvstore.protocol import MAX_BLOCKS, Op
 
 MiB = 1 << 20
 NUM_FRAMES = 200_000  # ~400 KB on the wire; cost the daemon ~130 MB of frame objects before
-
-
-@pytest.fixture
-def open_dealer(ctx):
-    """Raw DEALERs on the test's context, closed at teardown even when the test fails."""
-    socks: list[zmq.Socket] = []
-
-    def make(address: str) -> zmq.Socket:
-        socks.append(dealer(ctx, address))
-        return socks[-1]
-
-    yield make
-    for sock in socks:
-        sock.close(0)
 
 
 @pytest.mark.timeout(120)

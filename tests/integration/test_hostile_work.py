@@ -9,10 +9,9 @@ import signal
 import time
 
 import pytest
-import zmq
 
 from bench.hostile import (
-    call, dealer, header, hello_token, ping_s, put_chain, put_tiny, recv_reply,
+    call, header, hello_token, ping_s, put_chain, put_tiny, recv_reply,
     reserve_tiny, tiny_hashes)
 from kvstore.protocol import Op
 from tests.daemon import wait_until
@@ -20,20 +19,6 @@ from tests.daemon import wait_until
 # Today's budget is 50 ms at p99 (bench/hostile.py); a shared 2-core CI machine gets 20x that.
 ANSWER_S = 1.0
 NUM_TINY = 2048  # one-byte blocks: each free used to scan a page's free list (~6 ms each)
-
-
-@pytest.fixture
-def open_dealer(ctx):
-    """Raw DEALERs on the test's context, closed at teardown even when the test fails."""
-    socks: list[zmq.Socket] = []
-
-    def make(address: str) -> zmq.Socket:
-        socks.append(dealer(ctx, address))
-        return socks[-1]
-
-    yield make
-    for sock in socks:
-        sock.close(0)
 
 
 @pytest.mark.timeout(120)
