@@ -66,6 +66,16 @@ def daemon_counts(daemon: Daemon) -> dict:
     return {k: v for k, v in stats.items() if k.startswith("num_") or k == "namespaces"}
 
 
+def why_no_hit(name: str, got: dict, daemon: Daemon) -> tuple:
+    """For a failed hit assertion: the response's counters, the daemon's, and the replica's
+    kvstore warnings (a lookup over its time budget, a failed load) from its log."""
+    counters = {k: v for k, v in got.items() if k not in ("tokens", "logprobs")}
+    log = logs_dir() / f"{name}.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    warnings = [line[-200:] for line in lines if "kvstore" in line and "WARNING" in line]
+    return name, counters, daemon_counts(daemon), warnings[-5:]
+
+
 def assert_same_generation(got: dict, want: dict) -> None:
     assert got["tokens"] == want["tokens"]
     diffs = [abs(x - y) for x, y in zip(got["logprobs"], want["logprobs"])]
@@ -115,10 +125,11 @@ def test_prefix_computed_by_one_replica_is_reused_by_others(cluster: Cluster) ->
     first = cluster.a.request(cluster.prompt(prefix))
     assert first["pool_tokens"] == 0  # nobody had it yet
     want_blocks = PREFIX_TOKENS // BLOCK
-    for replica in (cluster.b, cluster.c):
+    for name, replica in (("b", cluster.b), ("c", cluster.c)):
         prompt = cluster.prompt(prefix)
         got = replica.request(prompt)
-        assert got["pool_tokens"] >= (want_blocks - 1) * BLOCK, got
+        assert got["pool_tokens"] >= (want_blocks - 1) * BLOCK, why_no_hit(
+            name, got, cluster.daemon)
         assert got["num_cached_tokens"] >= got["pool_tokens"]
         assert_same_generation(got, cluster.reference.request(prompt))
 
@@ -165,9 +176,8 @@ def test_restarted_daemon_is_rejoined_without_restarting_vllm(cluster: Cluster) 
     for name, replica in (("b", cluster.b), ("c", cluster.c)):
         prompt = cluster.prompt(after)
         got = replica.request(prompt)
-        # On failure: which replica, and what the daemon held (replica logs: KVSTORE_TEST_LOGS).
-        assert got["pool_tokens"] >= (PREFIX_TOKENS // BLOCK - 1) * BLOCK, (
-            name, got["pool_tokens"], daemon_counts(cluster.daemon))
+        assert got["pool_tokens"] >= (PREFIX_TOKENS // BLOCK - 1) * BLOCK, why_no_hit(
+            name, got, cluster.daemon)
         assert_same_generation(got, cluster.reference.request(prompt))
 
 
