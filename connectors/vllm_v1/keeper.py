@@ -29,6 +29,11 @@ log = logging.getLogger("kvstore.connector")
 KEEPALIVE_S = 0.5
 # How often a daemon that does not answer is tried again (each try waits up to the probe timeout).
 RETRY_S = 0.2
+# Consecutive failed probes before an answering daemon counts as down (its lookups then become
+# misses at no cost). One probe past its timeout is no proof: a daemon or a replica stalled for a
+# moment on a loaded machine still answers lookups, which have their own budget and breaker.
+# A user's call failing (poke) probes again at once, so a dead daemon is down within two probes.
+FAILED_PROBES_DOWN = 2
 
 
 class Keeper:
@@ -44,6 +49,7 @@ class Keeper:
         self._ready: dict[str, Client] = {}  # slot -> a fresh connected client, not yet taken
         self._generation: tuple[Any, bytes] | None = None  # (pid, token) of the daemon seen
         self._num_generations = 0  # daemons connected to so far (restarts + 1)
+        self._num_failed_probes = 0  # consecutive HELLOs that failed
         self._first_try = threading.Event()  # set once the first HELLO answered or failed
         self._wake = threading.Event()
         self._refresh = False  # a user's call failed: give every slot a fresh client
@@ -74,6 +80,11 @@ class Keeper:
         and when the daemon answers again after not answering."""
         return self._num_generations
 
+    @property
+    def num_failed_probes(self) -> int:
+        """Consecutive keepalive HELLOs that failed (0 while the daemon answers)."""
+        return self._num_failed_probes
+
     def wait_first_try(self, timeout_s: float) -> bool:
         """Wait (at most timeout_s) for the first HELLO to answer or fail; True if it has."""
         return self._first_try.wait(timeout_s)
@@ -101,7 +112,8 @@ class Keeper:
             while not self._stop.is_set():
                 self._check(probe)
                 self._first_try.set()
-                self._wake.wait(KEEPALIVE_S if self.is_up else RETRY_S)
+                is_sure = self.is_up and not self._num_failed_probes
+                self._wake.wait(KEEPALIVE_S if is_sure else RETRY_S)
                 self._wake.clear()
         finally:
             probe.close()
@@ -110,10 +122,12 @@ class Keeper:
         try:
             hello = probe.connect()
         except KVStoreError as exc:
-            if self._generation is not None:
+            self._num_failed_probes += 1
+            if self._generation is not None and self._num_failed_probes >= FAILED_PROBES_DOWN:
                 log.warning("kvstore daemon at %s stopped answering (%s)", probe.address, exc)
-            self._generation = None
+                self._generation = None
             return
+        self._num_failed_probes = 0
         generation = (hello.get("pid"), bytes(hello.get("token") or b""))
         if generation == self._generation and not self._refresh:
             return

@@ -3,11 +3,13 @@ and again when a daemon comes back, so no request pays for connecting or misses 
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
 
 from connectors.vllm_v1.config import ConnectorConfig
+from connectors.vllm_v1.keeper import Keeper
 from connectors.vllm_v1.scheduler_side import SchedulerSide
 from connectors.vllm_v1.worker_side import WorkerSide
 from kvstore.client import Client
@@ -111,3 +113,32 @@ def test_after_a_daemon_restart_the_next_lookup_hits(daemon: Daemon) -> None:
         watcher.client.close()
     finally:
         sched.shutdown()
+
+
+def test_one_slow_keepalive_does_not_turn_lookups_into_misses(daemon: Daemon) -> None:
+    """A daemon that misses one keepalive (stalled past the probe's timeout, here by SIGSTOP, on a
+    loaded machine by the scheduler) is still up for lookups, which have their own budget; one
+    that misses two in a row is down (CI: a replica reported 0 pool tokens right after a hit)."""
+    keeper = Keeper(lambda use_shm: Client(daemon.address, 0.6, use_shm=False),
+                    {"lookup": False}, probe_timeout_s=0.6).start()
+    assert daemon.proc is not None
+    try:
+        wait_until(lambda: keeper.is_up, 10, what="first HELLO")
+        generations = keeper.num_generations
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: keeper.num_failed_probes >= 1, 10, interval_s=0.01,
+                       what="a probe timing out")
+            assert keeper.is_up, "one missed keepalive marked the daemon down"
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: keeper.num_failed_probes == 0, 10, what="a probe answering")
+        assert keeper.is_up and keeper.num_generations == generations
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: not keeper.is_up, 10, what="two probes timing out: down")
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: keeper.is_up, 10, what="up again")
+    finally:
+        keeper.stop()
