@@ -24,7 +24,7 @@ from kvstore.errors import KVStoreError
 from kvstore.keys import Namespace
 
 from connectors.vllm_v1.blocks import PagedKV
-from connectors.vllm_v1.breaker import Breaker
+from connectors.common import Breaker
 from connectors.vllm_v1.config import ConnectorConfig
 from connectors.vllm_v1.keeper import Keeper, swap
 from connectors.vllm_v1.metadata import KVStoreMetadata, KVStoreWorkerMeta, LoadSpec, SaveSpec
@@ -116,7 +116,9 @@ class WorkerSide:
             # A daemon (re)started and answers: no need to wait out a pause from its downtime.
             self._num_generations_seen = self._keeper.num_generations
             self._save_breaker.close()
-        if self.kv is None or self._save_breaker.is_open():
+        # The keeper's last HELLOs went unanswered: skip at no cost, as the scheduler's lookups do.
+        is_down = self._keeper.is_first_try_done and not self._keeper.is_up
+        if self.kv is None or self._save_breaker.is_open() or is_down:
             self._add_stats(num_failed_saves=1)
         else:
             start = time.perf_counter()
