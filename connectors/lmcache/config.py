@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from connectors.vllm_v1.config import checked_setting
+from connectors.common import checked_setting
 from kvstore.client import DEFAULT_ADDRESS
 from kvstore.keys import with_tenant
 

@@ -29,7 +29,7 @@ from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend
 
 from connectors.lmcache.chunks import ChunkError, chunk_hash, load_chunks, store_chunks
 from connectors.lmcache.config import PluginConfig, chunk_identity
-from connectors.vllm_v1.breaker import Breaker
+from connectors.common import Breaker
 from kvstore.client import Client
 from kvstore.errors import KVStoreError, ServerUnavailable
 from kvstore.keys import Namespace, namespace_digest, with_tenant

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from connectors.vllm_v1.identity import describe, model_identity
+from connectors.common import checked_setting
 from kvstore.client import DEFAULT_ADDRESS
 from kvstore.keys import Namespace, namespace_digest, with_tenant
 
@@ -71,17 +72,3 @@ def make_namespaces(vllm_config: Any, config: ConnectorConfig, ranks: Iterable[i
             log.info("kvstore: namespace %s epoch %d from %s rank=%d", shown, config.epoch,
                      describe(identity), rank)
     return namespaces
-
-
-def checked_setting(name: str, value: Any, default: Any) -> Any:
-    """value, if it has the type of the setting's default; a clear error naming it otherwise.
-    Shared by the LMCache plugin's settings (connectors/lmcache/config.py)."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, not {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
-    elif value is not None and not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, not {value!r}")
-    return value

@@ -25,7 +25,7 @@ from kvstore.client import Client
 from kvstore.errors import KVStoreError
 from kvstore.keys import Namespace
 
-from connectors.vllm_v1.breaker import Breaker
+from connectors.common import Breaker
 from connectors.vllm_v1.config import ConnectorConfig
 from connectors.vllm_v1.events import BlockInfo, PoolEvents, block_info
 from connectors.vllm_v1.keeper import Keeper, swap

@@ -82,6 +82,21 @@ def test_connectors_never_import_the_daemon_side() -> None:
     assert not offenders
 
 
+def test_connectors_share_code_through_common_only() -> None:
+    """Neither connector imports the other: what both need lives in connectors/common.py."""
+    offenders = {}
+    for name, other in (("lmcache", "vllm_v1"), ("vllm_v1", "lmcache")):
+        for path in sorted((ROOT / "connectors" / name).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            modules = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+            modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                        for a in n.names}
+            bad = sorted(m for m in modules if m.startswith(f"connectors.{other}"))
+            if bad:
+                offenders[str(path.relative_to(ROOT))] = bad
+    assert not offenders
+
+
 def test_import_checker_sees_every_import_form(tmp_path: Path) -> None:
     """The checker catches plain, from, aliased, nested and relative imports."""
     source = tmp_path / "probe.py"
