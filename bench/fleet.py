@@ -1,0 +1,401 @@
+"""Cross-replica reuse with a real router: vllm-router in front of real vLLM CPU replicas,
+with and without the kvstore pool.
+
+    python -m bench.fleet [--quick] [--ns 2 3] [--policies round_robin kv_aware ...]
+
+For each cache ("vram": vLLM's own prefix cache only; "pool": the same replicas with the kvstore
+connector in front of one daemon), N real `vllm serve` CPU replicas are started once; then for
+each N and router policy (round_robin, consistent_hash on X-Session-ID, cache_aware with balance
+thresholds tuned for a few requests in flight, kv_aware fed by every replica's KV events, which
+with the pool include the connector's CPU-medium BlockStored/BlockRemoved), the daemon is
+restarted (an empty pool), every replica's prefix cache reset, a fresh vllm-router started, and
+bench/workload.py's seeded trace sent through it as streaming /v1/completions requests with
+--concurrency in flight (bench/fleet_client.py).
+
+Figures per configuration: token hit rate (usage.prompt_tokens_details.cached_tokens / prompt
+tokens) split by tier (pool tokens from the connector's vllm:kvstore_prompt_tokens{tier="pool"}
+on each replica's /metrics, VRAM = cached - pool), TTFT p50/p95 (time to the first streamed
+chunk), throughput, and requests per replica (from the request ids each replica logged).
+
+Failure run (per cache, consistent_hash, largest N): one replica is SIGKILLed after --kill-at of
+the trace; the router's health check drops it and its sessions move to the others. Reported: the
+hit rate of the moved sessions' turns after the kill, next to the same turns in the run without a
+failure. Writes bench/results/fleet.json (hit_rate[cache][policy][N], ttft_p50_s[cache][policy][N],
+moved_sessions_hit_rate[cache], ...), fleet_hit_rate.png, fleet_ttft.png, fleet_failure.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.fleet_client import Result, send_trace
+from bench.fleet_model import FLEET_MODEL, make_fleet_model
+from bench.fleet_procs import BLOCK_SIZE, Replica, Router, StartError, router_binary
+from bench.workload import WorkloadConfig, generate, summarize
+
+RESULTS = Path(__file__).parent / "results"
+CACHES = ("vram", "pool")
+POLICIES = ("round_robin", "consistent_hash", "cache_aware", "kv_aware")
+# cache_aware's defaults (abs 64, rel 1.5) never balance with a few requests in flight: every
+# request went to one worker. Balance as soon as one replica has 2 more in flight than another.
+CACHE_AWARE_OPTIONS = ["--cache-threshold", "0.3", "--balance-abs-threshold", "2",
+                       "--balance-rel-threshold", "1.2"]
+ROUTER_OPTIONS = {"cache_aware": CACHE_AWARE_OPTIONS}
+# Prompts of 0.5-2k tokens (the tiny model recomputes them in well under a second), sessions of
+# 2-5 turns; sized so a configuration replays in about a minute on 2 shared cores.
+FULL_WORKLOAD = WorkloadConfig(system_tokens=(300, 800), sessions=10, turns=(2, 5),
+                               user_tokens=(40, 150), reply_tokens=(40, 120), faq=12,
+                               faq_preamble_tokens=(600, 1000), documents=4,
+                               document_tokens=(400, 1000), max_prompt_tokens=2000)
+QUICK_WORKLOAD = dataclasses.replace(FULL_WORKLOAD, sessions=4, turns=(2, 3), faq=5, documents=1)
+MAX_TOKENS = 4  # generated per request; the trace's longer replies are carried in history
+VRAM_BLOCKS = 192  # per replica: ~3 prompts of 2k tokens, well under the working set
+POOL_BLOCKS = 8192  # holds the whole working set
+BLOCK_BYTES = (FLEET_MODEL.num_layers * 2 * FLEET_MODEL.num_kv_heads * BLOCK_SIZE * 4
+               * (FLEET_MODEL.hidden_size // FLEET_MODEL.num_heads))  # float32 K and V
+START_TIMEOUT_S = 900.0  # engines start in ~50 s idle, minutes when several share 2 loaded cores
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="CI size: N=2, pool only, round_robin and kv_aware, ~14 requests")
+    parser.add_argument("--ns", type=int, nargs="+", help="fleet sizes (default 2 3; quick 2)")
+    parser.add_argument("--caches", nargs="+", choices=CACHES)
+    parser.add_argument("--policies", nargs="+", choices=POLICIES)
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument("--kill-at", type=float, default=0.4,
+                        help="share of the trace sent before the failure run kills a replica")
+    parser.add_argument("--no-failure", action="store_true", help="skip the failure run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "fleet.json")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--model-dir", type=Path, default=Path(".cache/fleet-model"))
+    args = parser.parse_args(argv)
+    ns = args.ns or ([2] if args.quick else [2, 3])
+    caches = args.caches or (["pool"] if args.quick else list(CACHES))
+    policies = args.policies or (["round_robin", "kv_aware"] if args.quick else list(POLICIES))
+    failure = not (args.no_failure or args.quick)
+    try:
+        router_binary()
+    except StartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    workload = dataclasses.replace(QUICK_WORKLOAD if args.quick else FULL_WORKLOAD, seed=args.seed)
+    trace = generate(workload)
+    log(f"trace: {summarize(trace)}")
+    model = str(make_fleet_model(args.model_dir))
+    logs = Path(tempfile.mkdtemp(prefix="kvstore-fleet-"))
+    runs: list[dict[str, Any]] = []
+    try:
+        for cache in caches:
+            runs += run_cache(cache, ns, policies, failure, trace, model, logs, args)
+    except StartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    result = analyse(runs, trace)
+    from bench.machine import describe
+
+    command = " ".join(["python", "-m", "bench.fleet", *(argv if argv is not None else sys.argv[1:])])
+    result["parameters"] = {
+        "workload": dataclasses.asdict(workload), "trace": summarize(trace),
+        "model": dataclasses.asdict(FLEET_MODEL), "dtype": "float32", "block_size": BLOCK_SIZE,
+        "vram_blocks": VRAM_BLOCKS, "pool_blocks": POOL_BLOCKS, "max_tokens": MAX_TOKENS,
+        "concurrency": args.concurrency, "kill_at": args.kill_at,
+        "router": "vllm-router 0.1.17", "router_options": ROUTER_OPTIONS,
+        "ttft": "time to the first streamed chunk of /v1/completions through the router"}
+    result.update(machine=describe(["vllm", "torch", "vllm-router"]), command=command, logs=str(logs))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    if not args.no_plots:
+        plot(result, args.out.parent)
+    log(f"wrote {args.out} (logs in {logs})")
+    return 0
+
+
+# --- runs ------------------------------------------------------------------------------------
+def run_cache(cache: str, ns: list[int], policies: list[str], failure: bool,
+              trace: list[dict[str, Any]], model: str, logs: Path,
+              args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (N, policy) run of one cache on one set of replicas, then the failure run."""
+    from tests.daemon import Daemon
+
+    daemon = Daemon(pool_size=str(POOL_BLOCKS * BLOCK_BYTES)) if cache == "pool" else None
+    replicas: list[Replica] = []
+    runs = []
+    try:
+        if daemon:
+            daemon.start()
+        replicas = [Replica(f"{cache}-{i}", model, logs, daemon.address if daemon else None,
+                            VRAM_BLOCKS) for i in range(max(ns))]
+        log(f"{cache}: starting {len(replicas)} vLLM CPU replicas (logs in {logs})")
+        started = time.monotonic()
+        for r in replicas:
+            r.start()
+        for r in replicas:
+            r.wait_ready(START_TIMEOUT_S)
+        log(f"{cache}: replicas up in {time.monotonic() - started:.0f} s")
+        for n in ns:
+            for policy in policies:
+                runs.append(run_one(cache, policy, replicas[:n], daemon, trace, logs, args))
+        if failure:
+            n = max(ns)
+            runs.append(run_one(cache, "consistent_hash", replicas[:n], daemon, trace, logs, args,
+                                kill=replicas[n - 1]))
+    finally:
+        for r in replicas:
+            r.stop()
+        if daemon:
+            daemon.stop()
+    return runs
+
+
+def fresh_start(replicas: list[Replica], daemon: Any) -> None:
+    """Empty every tier: restart the daemon (an empty pool), then reset each VRAM cache.
+
+    A first request per replica lets its connector rejoin the restarted daemon and keeps
+    first-call costs out of the figures.
+    """
+    from bench.fleet_model import text
+    from bench.fleet_procs import MODEL_NAME, http
+
+    if daemon:
+        daemon.restart()
+    for i, r in enumerate(replicas):
+        warm = [(7 * i + j) % 500 + 1 for j in range(4 * BLOCK_SIZE + 5)]
+        http("POST", r.url + "/v1/completions", {"model": MODEL_NAME, "prompt": text(warm),
+             "max_tokens": 1, "ignore_eos": True}, timeout_s=600).close()
+        r.reset_prefix_cache()
+
+
+def run_one(cache: str, policy: str, replicas: list[Replica], daemon: Any,
+            trace: list[dict[str, Any]], logs: Path, args: argparse.Namespace,
+            kill: Replica | None = None) -> dict[str, Any]:
+    n = len(replicas)
+    tag = f"{cache}-{policy}-{n}" + ("-failure" if kill else "")
+    fresh_start(replicas, daemon)
+    router = Router(policy, replicas, logs, tag, ROUTER_OPTIONS.get(policy)).start()
+    before = [r.metrics() for r in replicas]
+    killed_at: list[float] = []
+    kill_after = max(1, int(args.kill_at * len(trace)))
+    t0 = time.perf_counter()
+
+    def progress(count: int) -> None:
+        if kill is not None and count == kill_after:
+            killed_at.append(time.perf_counter() - t0)
+            threading.Thread(target=kill.kill, daemon=True).start()
+
+    try:
+        results, wall_s = send_trace(router.url, trace, args.concurrency, MAX_TOKENS, tag, progress)
+    finally:
+        router.stop()
+    survivors = [r for r in replicas if r.alive()]
+    after = {r.name: r.metrics() for r in survivors}
+    pool_tokens = sum(after[r.name].get('vllm:kvstore_prompt_tokens_total{tier="pool"}', 0.0)
+                      - b.get('vllm:kvstore_prompt_tokens_total{tier="pool"}', 0.0)
+                      for r, b in zip(replicas, before) if r.name in after)
+    served_by = {}
+    for r in replicas:  # a request retried after the kill is counted where it completed
+        for request_id in r.served_ids():
+            if request_id.startswith(f"cmpl-fleet-{tag}-"):
+                if request_id not in served_by or r.alive():
+                    served_by[request_id] = r.name
+    rows = [{**res.row(), "replica": served_by.get(f"cmpl-{res.request_id}")} for res in results]
+    run = {"cache": cache, "policy": policy, "n": n, "failure": kill is not None,
+           "killed": kill.name if kill else None, "killed_at_s": killed_at[0] if killed_at else None,
+           "wall_s": wall_s, "pool_tokens": pool_tokens, "requests": rows}
+    summary = summarize_run(run)
+    run["summary"] = summary
+    log(f"{tag}: hit {summary['hit_rate']:.3f} (pool {summary['pool_hit_rate']:.3f}), TTFT p50 "
+        f"{summary['ttft_p50_s']:.2f} s p95 {summary['ttft_p95_s']:.2f} s, "
+        f"{summary['requests_per_s']:.2f} req/s, per replica {summary['per_replica']}, "
+        f"{summary['failed']} failed, {wall_s:.0f} s")
+    return run
+
+
+# --- analysis --------------------------------------------------------------------------------
+def summarize_run(run: dict[str, Any]) -> dict[str, Any]:
+    rows = run["requests"]
+    ok = [r for r in rows if r["ok"]]
+    prompt = sum(r["prompt_tokens"] for r in ok) or 1
+    cached = sum(r["cached_tokens"] for r in ok)
+    ttfts = sorted(r["ttft_s"] for r in ok)
+    per_replica: dict[str, int] = {}
+    for r in ok:
+        per_replica[str(r["replica"])] = per_replica.get(str(r["replica"]), 0) + 1
+    return {"hit_rate": cached / prompt, "pool_hit_rate": run["pool_tokens"] / prompt,
+            "vram_hit_rate": (cached - run["pool_tokens"]) / prompt,
+            "recomputed_rate": 1 - cached / prompt,
+            "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p95_s": _quantile(ttfts, 0.95),
+            "requests_per_s": len(ok) / run["wall_s"],
+            "prompt_tokens_per_s": prompt / run["wall_s"],
+            "per_replica": dict(sorted(per_replica.items())),
+            "completed": len(ok), "failed": len(rows) - len(ok)}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] \
+        if len(values) > 1 else values[0]
+
+
+def moved_sessions(failure: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """Hit rate of the killed replica's sessions on their first turn after the kill (and all
+    turns after it), against the same turns in the run without a failure."""
+    rows = failure["requests"]
+    killed = failure["killed"]
+    kill_s = failure["killed_at_s"] or 0.0
+    on_killed = {r["session"] for r in rows if r["replica"] == killed and r["start_s"] < kill_s}
+    after = [r for r in rows if r["session"] in on_killed and r["start_s"] >= kill_s and r["ok"]]
+    first: dict[str, dict[str, Any]] = {}
+    for r in after:
+        first.setdefault(r["session"], r)
+    same = {r["id"]: r for r in (baseline or {}).get("requests", [])}
+
+    def rate(selected: list[dict[str, Any]], source: dict[int, dict[str, Any]] | None = None) -> float:
+        chosen = [source[r["id"]] for r in selected if r["id"] in source] if source else selected
+        prompt = sum(r["prompt_tokens"] for r in chosen)
+        return sum(r["cached_tokens"] for r in chosen) / prompt if prompt else float("nan")
+
+    return {"sessions": len(on_killed), "moved_turns": len(after),
+            "first_turn_hit_rate": rate(list(first.values())),
+            "all_turns_hit_rate": rate(after),
+            "baseline_first_turn_hit_rate": rate(list(first.values()), same) if same else None,
+            "baseline_all_turns_hit_rate": rate(after, same) if same else None,
+            "failed_requests": sum(not r["ok"] for r in rows)}
+
+
+def analyse(runs: list[dict[str, Any]], trace: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {key: {} for key in (
+        "hit_rate", "pool_hit_rate", "vram_hit_rate", "ttft_p50_s", "ttft_p95_s",
+        "requests_per_s", "per_replica", "failed")}
+    out["moved_sessions_hit_rate"] = {}
+    out["moved_sessions"] = {}
+    for run in runs:
+        if run["failure"]:
+            continue
+        for key in list(out):
+            if key in run["summary"]:
+                out[key].setdefault(run["cache"], {}).setdefault(run["policy"], {})[
+                    str(run["n"])] = run["summary"][key]
+    for run in runs:
+        if not run["failure"]:
+            continue
+        baseline = next((r for r in runs if not r["failure"] and r["cache"] == run["cache"]
+                         and r["policy"] == run["policy"] and r["n"] == run["n"]), None)
+        moved = moved_sessions(run, baseline)
+        moved.update(summary=run["summary"], n=run["n"], policy=run["policy"],
+                     killed_at_s=run["killed_at_s"])
+        out["moved_sessions"][run["cache"]] = moved
+        out["moved_sessions_hit_rate"][run["cache"]] = moved["first_turn_hit_rate"]
+    out["goals"] = goals(out)
+    out["runs"] = runs  # every request's figures, for refitting the simulator
+    return out
+
+
+def goals(out: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goals, checked on the figures (None where a run is missing)."""
+    res: dict[str, Any] = {}
+    pool = out["hit_rate"].get("pool", {})
+    if "round_robin" in pool:
+        res["pool_round_robin_vs_best"] = {
+            n: rr / max(by[n] for by in pool.values() if n in by)
+            for n, rr in pool["round_robin"].items()}
+    vram_rr = out["hit_rate"].get("vram", {}).get("round_robin", {})
+    res["vram_round_robin_by_n"] = vram_rr
+    moved = out["moved_sessions"]
+    if "pool" in moved and moved["pool"].get("baseline_first_turn_hit_rate"):
+        res["pool_moved_vs_baseline"] = (moved["pool"]["first_turn_hit_rate"]
+                                         / moved["pool"]["baseline_first_turn_hit_rate"])
+    if "vram" in moved and moved["vram"].get("baseline_first_turn_hit_rate"):
+        res["vram_moved_vs_baseline"] = (moved["vram"]["first_turn_hit_rate"]
+                                         / moved["vram"]["baseline_first_turn_hit_rate"])
+    return res
+
+
+# --- output ----------------------------------------------------------------------------------
+def table(res: dict[str, Any]) -> str:
+    """Markdown: hit rate (pool share), TTFT p50/p95 and requests per replica, per configuration."""
+    lines = ["| cache | policy | N | hit rate | pool | VRAM | TTFT p50 | TTFT p95 | req/s | "
+             "per replica |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for cache, by_policy in res["hit_rate"].items():
+        for policy, by_n in by_policy.items():
+            for n, hit in by_n.items():
+                g = lambda key: res[key][cache][policy][n]  # noqa: E731
+                lines.append(
+                    f"| {cache} | {policy} | {n} | {hit:.3f} | {g('pool_hit_rate'):.3f} | "
+                    f"{g('vram_hit_rate'):.3f} | {g('ttft_p50_s'):.2f} s | {g('ttft_p95_s'):.2f} s "
+                    f"| {g('requests_per_s'):.2f} | {' / '.join(map(str, g('per_replica').values()))} |")
+    for cache, moved in res["moved_sessions"].items():
+        lines.append("")
+        base = moved.get("baseline_first_turn_hit_rate")
+        lines.append(
+            f"failure ({cache}, {moved['policy']}, N={moved['n']}): {moved['sessions']} sessions "
+            f"moved; first turn after the move hit {moved['first_turn_hit_rate']:.3f}"
+            + (f" (same turns without a failure: {base:.3f})" if base is not None else "")
+            + f"; all later turns {moved['all_turns_hit_rate']:.3f}; "
+            f"{moved['failed_requests']} requests failed")
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], where: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key, label, name in (("hit_rate", "token hit rate", "fleet_hit_rate.png"),
+                             ("ttft_p50_s", "TTFT p50 (s)", "fleet_ttft.png")):
+        caches = list(res[key])
+        fig, axes = plt.subplots(1, len(caches), figsize=(5 * len(caches), 4), sharey=True,
+                                 squeeze=False)
+        for ax, cache in zip(axes[0], caches):
+            for policy, by_n in res[key][cache].items():
+                ns = sorted(by_n, key=int)
+                ax.plot([int(n) for n in ns], [by_n[n] for n in ns], marker="o", label=policy)
+            ax.set_title(f"{cache}: {label} vs N (vllm-router)")
+            ax.set_xlabel("replicas N")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(where / name, dpi=100)
+        plt.close(fig)
+    failures = [r for r in res["runs"] if r["failure"]]
+    if failures:
+        fig, axes = plt.subplots(1, len(failures), figsize=(5 * len(failures), 4), sharey=True,
+                                 squeeze=False)
+        for ax, run in zip(axes[0], failures):
+            for replica in sorted({str(r["replica"]) for r in run["requests"]}):
+                rows = [r for r in run["requests"] if str(r["replica"]) == replica and r["ok"]]
+                ax.scatter([r["start_s"] for r in rows],
+                           [r["cached_tokens"] / r["prompt_tokens"] for r in rows], s=12,
+                           label=replica)
+            ax.axvline(run["killed_at_s"] or 0, color="red", linestyle="--",
+                       label=f"{run['killed']} killed")
+            ax.set_title(f"{run['cache']}: per-request hit rate, {run['policy']}")
+            ax.set_xlabel("request start (s)")
+            ax.set_ylabel("cached / prompt tokens")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(where / "fleet_failure.png", dpi=100)
+        plt.close(fig)
+
+
+def log(*parts: object) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
