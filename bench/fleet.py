@@ -51,8 +51,9 @@ CACHE_AWARE_OPTIONS = ["--cache-threshold", "0.3", "--balance-abs-threshold", "2
                        "--balance-rel-threshold", "1.2"]
 ROUTER_OPTIONS = {"cache_aware": CACHE_AWARE_OPTIONS}
 # Prompts of 0.5-2k tokens (the tiny model recomputes them in well under a second), sessions of
-# 2-5 turns; sized so a configuration replays in about a minute on 2 shared cores.
-FULL_WORKLOAD = WorkloadConfig(system_tokens=(300, 800), sessions=10, turns=(2, 5),
+# 3-6 turns (a failed replica's sessions have turns left); a configuration replays in under a
+# minute on 2 shared cores.
+FULL_WORKLOAD = WorkloadConfig(system_tokens=(300, 800), sessions=16, turns=(3, 6),
                                user_tokens=(40, 150), reply_tokens=(40, 120), faq=12,
                                faq_preamble_tokens=(600, 1000), documents=4,
                                document_tokens=(400, 1000), max_prompt_tokens=2000)
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency, "kill_at": args.kill_at,
         "router": "vllm-router 0.1.17", "router_options": ROUTER_OPTIONS,
         "ttft": "time to the first streamed chunk of /v1/completions through the router"}
-    result.update(machine=describe(["vllm", "torch", "vllm-router"]), command=command, logs=str(logs))
+    result.update(machine=describe(["vllm", "torch", "vllm-router"]), command=command, logs=str(logs),
+                  date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
@@ -152,7 +154,7 @@ def run_cache(cache: str, ns: list[int], policies: list[str], failure: bool,
         if failure:
             n = max(ns)
             runs.append(run_one(cache, "consistent_hash", replicas[:n], daemon, trace, logs, args,
-                                kill=replicas[n - 1]))
+                                failure=True))
     finally:
         for r in replicas:
             r.stop()
@@ -181,20 +183,26 @@ def fresh_start(replicas: list[Replica], daemon: Any) -> None:
 
 def run_one(cache: str, policy: str, replicas: list[Replica], daemon: Any,
             trace: list[dict[str, Any]], logs: Path, args: argparse.Namespace,
-            kill: Replica | None = None) -> dict[str, Any]:
+            failure: bool = False) -> dict[str, Any]:
     n = len(replicas)
-    tag = f"{cache}-{policy}-{n}" + ("-failure" if kill else "")
+    tag = f"{cache}-{policy}-{n}" + ("-failure" if failure else "")
     fresh_start(replicas, daemon)
     router = Router(policy, replicas, logs, tag, ROUTER_OPTIONS.get(policy)).start()
     before = [r.metrics() for r in replicas]
+    killed: list[Replica] = []
     killed_at: list[float] = []
+    finished: set[int] = set()
     kill_after = max(1, int(args.kill_at * len(trace)))
     t0 = time.perf_counter()
 
-    def progress(count: int) -> None:
-        if kill is not None and count == kill_after:
+    def progress(result: Result) -> None:
+        finished.add(result.id)
+        if failure and len(finished) == kill_after:
+            victim = busiest(replicas, trace, finished, tag)
+            killed.append(victim)
             killed_at.append(time.perf_counter() - t0)
-            threading.Thread(target=kill.kill, daemon=True).start()
+            threading.Thread(target=victim.kill, daemon=True).start()
+            log(f"{tag}: killed {victim.name} after {kill_after} requests")
 
     try:
         results, wall_s = send_trace(router.url, trace, args.concurrency, MAX_TOKENS, tag, progress)
@@ -212,8 +220,8 @@ def run_one(cache: str, policy: str, replicas: list[Replica], daemon: Any,
                 if request_id not in served_by or r.alive():
                     served_by[request_id] = r.name
     rows = [{**res.row(), "replica": served_by.get(f"cmpl-{res.request_id}")} for res in results]
-    run = {"cache": cache, "policy": policy, "n": n, "failure": kill is not None,
-           "killed": kill.name if kill else None, "killed_at_s": killed_at[0] if killed_at else None,
+    run = {"cache": cache, "policy": policy, "n": n, "failure": failure,
+           "killed": killed[0].name if killed else None, "killed_at_s": killed_at[0] if killed_at else None,
            "wall_s": wall_s, "pool_tokens": pool_tokens, "requests": rows}
     summary = summarize_run(run)
     run["summary"] = summary
@@ -222,6 +230,18 @@ def run_one(cache: str, policy: str, replicas: list[Replica], daemon: Any,
         f"{summary['requests_per_s']:.2f} req/s, per replica {summary['per_replica']}, "
         f"{summary['failed']} failed, {wall_s:.0f} s")
     return run
+
+
+def busiest(replicas: list[Replica], trace: list[dict[str, Any]], finished: set[int],
+            tag: str) -> Replica:
+    """The replica that served the most sessions with turns still to come: the kill moves them."""
+    pending = {r["session"] for r in trace if r["id"] not in finished}
+    session_of = {f"cmpl-fleet-{tag}-{r['id']}": r["session"] for r in trace}
+
+    def moving(replica: Replica) -> int:
+        return len({session_of[i] for i in replica.served_ids() if i in session_of} & pending)
+
+    return max(replicas, key=moving)
 
 
 # --- analysis --------------------------------------------------------------------------------
@@ -391,6 +411,69 @@ def plot(res: dict[str, Any], where: Path) -> None:
         fig.tight_layout()
         fig.savefig(where / "fleet_failure.png", dpi=100)
         plt.close(fig)
+
+
+def render(res: dict[str, Any]) -> str:
+    """The bench/README.md section for a fleet.json result: setup, table, the field's claims."""
+    p = res["parameters"]
+    t, m = p["trace"], p["model"]
+    lines = [
+        f"vllm-router 0.1.17 in front of N real `vllm serve` CPU replicas (Llama {m['num_layers']} "
+        f"layers, hidden {m['hidden_size']}, float32, {p['vram_blocks']} KV blocks of "
+        f"{p['block_size']} tokens each, a word-level tokenizer so cache_aware can render prompts), "
+        f"with vLLM's own prefix cache only (`vram`) or with the kvstore connector and one daemon "
+        f"({p['pool_blocks']} blocks, `pool`). One seeded trace ({t['num_requests']} requests, "
+        f"{t['num_prompt_tokens']} prompt tokens, {t['num_distinct_blocks']} distinct blocks; "
+        f"{t['kinds']}) sent as streaming /v1/completions with {p['concurrency']} in flight, each "
+        f"session's turns in order, {p['max_tokens']} tokens generated each. Daemon restarted, "
+        "prefix caches reset and a fresh router per row. Hit rate = cached prompt tokens (usage) / "
+        "prompt tokens; pool share from the connector's `vllm:kvstore_prompt_tokens{tier=\"pool\"}`; "
+        "TTFT = first streamed chunk through the router. cache_aware runs with "
+        f"`{' '.join(CACHE_AWARE_OPTIONS)}` (its defaults sent everything to one replica); kv_aware "
+        "gets every replica's KV events (with the pool: the connector's CPU-medium ones too). "
+        "Timings are single runs on 2 shared cores; the hit rates do not depend on the load.",
+        "", table(res), "", *claims(res), "",
+        "![hit rate](results/fleet_hit_rate.png) ![TTFT](results/fleet_ttft.png) "
+        "![failure](results/fleet_failure.png)"]
+    return "\n".join(lines)
+
+
+def claims(res: dict[str, Any]) -> list[str]:
+    """The field's claims (issue 13) against these figures, each line computed, not written."""
+    hit = res["hit_rate"]
+    out = ["**The field's claims, here:**", ""]
+    vram, pool = hit.get("vram", {}), hit.get("pool", {})
+    ns = sorted({n for by in vram.values() for n in by}, key=int)
+    if "round_robin" in vram and ns:
+        rr = vram["round_robin"]
+        best = {n: max(by[n] for by in vram.values() if n in by) for n in ns}
+        out.append("- Round-robin without the pool: hit rate " + ", ".join(
+            f"{rr[n]:.3f} at N={n} ({rr[n] / best[n]:.2f}x the best policy)" for n in ns if n in rr)
+            + (": falls with N." if len(ns) > 1 and rr[ns[-1]] < rr[ns[0]] else "."))
+    if "consistent_hash" in vram and "round_robin" in vram:
+        out.append("- Session affinity (consistent_hash on X-Session-ID) keeps sessions local: "
+                   + ", ".join(f"{vram['consistent_hash'][n]:.3f} vs round-robin "
+                               f"{vram['round_robin'][n]:.3f} at N={n}" for n in ns
+                               if n in vram["consistent_hash"]) + ".")
+    moved = res.get("moved_sessions", {})
+    if moved:
+        out.append("- A failed replica's sessions lose their prefixes without the pool: " + "; ".join(
+            f"{cache}: first turn after the move {m['first_turn_hit_rate']:.3f}"
+            + (f" vs {m['baseline_first_turn_hit_rate']:.3f} for the same turns without a "
+               f"failure ({m['first_turn_hit_rate'] / m['baseline_first_turn_hit_rate']:.2f}x)"
+               if m.get("baseline_first_turn_hit_rate") else "")
+            for cache, m in moved.items()) + ".")
+    for policy in ("cache_aware", "kv_aware"):
+        if policy in vram and "round_robin" in vram:
+            out.append(f"- Prefix-aware routing ({policy}) without the pool: " + ", ".join(
+                f"{vram[policy][n]:.3f} at N={n}" for n in ns if n in vram[policy]) + ".")
+    if "round_robin" in pool:
+        g = res["goals"].get("pool_round_robin_vs_best", {})
+        out.append("- With the shared pool any replica serves any prefix: round-robin "
+                   + ", ".join(f"{pool['round_robin'][n]:.3f} at N={n} ({g.get(n, 0):.2f}x the best "
+                               "policy)" for n in sorted(pool["round_robin"], key=int))
+                   + " (goal >= 0.9x at every N).")
+    return out
 
 
 def log(*parts: object) -> None:

@@ -44,7 +44,7 @@ class Result:
 
 def send_trace(router_url: str, trace: Sequence[dict[str, Any]], concurrency: int,
                max_tokens: int, tag: str,
-               on_done: Callable[[int], None] | None = None) -> tuple[list[Result], float]:
+               on_done: Callable[[Result], None] | None = None) -> tuple[list[Result], float]:
     """Every request of trace through the router; (results in trace order, wall seconds)."""
     finished = {request["id"]: threading.Event() for request in trace}
     previous: dict[int, threading.Event] = {}  # each turn waits for the one before it
@@ -55,7 +55,6 @@ def send_trace(router_url: str, trace: Sequence[dict[str, Any]], concurrency: in
         last[request["session"]] = request["id"]
     results: dict[int, Result] = {}
     lock = threading.Lock()
-    count = [0]
     start = time.perf_counter()
 
     def one(request: dict[str, Any]) -> None:
@@ -65,10 +64,9 @@ def send_trace(router_url: str, trace: Sequence[dict[str, Any]], concurrency: in
         result = _stream(router_url, request, max_tokens, f"fleet-{tag}-{request['id']}", start)
         results[request["id"]] = result
         finished[request["id"]].set()
-        with lock:
-            count[0] += 1
-            if on_done:
-                on_done(count[0])
+        if on_done:
+            with lock:  # one callback at a time, in completion order
+                on_done(result)
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, trace))
@@ -86,7 +84,8 @@ def _stream(router_url: str, request: dict[str, Any], max_tokens: int, request_i
     result.start_s = sent - start
     try:
         with http("POST", router_url + "/v1/completions", body, timeout_s=HTTP_TIMEOUT_S,
-                  headers={"X-Session-ID": request["session"], "X-Request-Id": request_id}) as response:
+                  headers={"X-Session-ID": request["session"],
+                           "X-Request-Id": request_id}) as response:
             for raw in response:
                 line = raw.decode().strip()
                 if not line.startswith("data:"):

@@ -50,6 +50,8 @@ SECTIONS = (
             ("--drop-caches",), 600),
     Section("peers", "peers", "Peers side by side: LMCache, Redis, vLLM's ExampleConnector", (), 600),
     Section("replicas", "replicas", "Cross-replica reuse and routing", (), 1200),
+    # Two sets of 3 replicas started once, 16 configurations and 2 failure runs (~15 min here).
+    Section("fleet", "fleet", "Cross-replica reuse behind a real router (vllm-router)", (), 2400),
     # The full TTFT sweep (8k prompts, 3 repeats) takes ~15 min here; make bench runs 1k and 4k.
     Section("ttft", "ttft", "Time to first token per tier", ("--quick",), 900),
     Section("gpu_copy", "gpu_copy", "GPU copy path", (), 300, needs_cuda=True),
