@@ -432,10 +432,28 @@ def render(res: dict[str, Any]) -> str:
         f"`{' '.join(CACHE_AWARE_OPTIONS)}` (its defaults sent everything to one replica); kv_aware "
         "gets every replica's KV events (with the pool: the connector's CPU-medium ones too). "
         "Timings are single runs on 2 shared cores; the hit rates do not depend on the load.",
-        "", table(res), "", *claims(res), "",
+        "", table(res), "", *claims(res), "", *simulated(res),
         "![hit rate](results/fleet_hit_rate.png) ![TTFT](results/fleet_ttft.png) "
         "![failure](results/fleet_failure.png)"]
     return "\n".join(lines)
+
+
+def simulated(res: dict[str, Any]) -> list[str]:
+    """The recalibrated simulator's lines (bench/fleet_sim.py), once it has run on this result."""
+    if "sim" not in res:
+        return []
+    from bench.fleet_sim import sim_table
+
+    w = res["sim"]["work_model"]
+    return ["**Simulated** (`python -m bench.fleet_sim`: bench/sim.py's caches and routers, "
+            "requests sharing the machine's cores by processor sharing, closed loop as sent here; "
+            f"work per request {w['overhead_s'] * 1e3:.0f} ms + "
+            f"{w['recompute_s_per_token'] * 1e6:.0f} us per recomputed token + "
+            f"{w['cached_s_per_token'] * 1e6:.0f} us per cached token, decode "
+            f"{w['decode_s'] * 1e3:.0f} ms; fitted on the {res['sim']['fitted_on']}). "
+            "cache_aware and kv_aware are both modelled as consistent hashing of the first 8 "
+            "blocks with bounded load.", "", sim_table(res["sim"]), "",
+            "![simulated](results/fleet_sim.png)", ""]
 
 
 def claims(res: dict[str, Any]) -> list[str]:

@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.daemon import free_port
 
 MODEL_NAME = "tiny"
 BLOCK_SIZE = 32  # the CPU attention backend needs multiples of 32
@@ -37,6 +36,27 @@ CONNECTOR_EXTRA = {"timeout_ms": 5000, "lookup_timeout_ms": 5000, "load_timeout_
                    "retry_interval_ms": 50}
 HTTP_TIMEOUT_S = 600.0  # one request on a loaded 2-core machine, queued behind others
 POLL_S = 0.5  # health probe interval while a process starts
+
+
+# Below Linux's ephemeral range (32768-60999): a port picked here and bound minutes later by a
+# starting engine is not handed out meanwhile as the source port of some other connection.
+QUIET_PORTS = (20000, 32000)
+
+
+def free_port() -> int:
+    """A loopback TCP port outside the ephemeral range that nothing holds now."""
+    import random
+    import socket
+
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(*QUIET_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 class StartError(RuntimeError):
