@@ -220,7 +220,10 @@ def run_one(cache: str, policy: str, replicas: list[Replica], daemon: Any,
                 if request_id not in served_by or r.alive():
                     served_by[request_id] = r.name
     rows = [{**res.row(), "replica": served_by.get(f"cmpl-{res.request_id}")} for res in results]
+    import os
+
     run = {"cache": cache, "policy": policy, "n": n, "failure": failure,
+           "load_avg_1m": os.getloadavg()[0],  # TTFT depends on what else the machine runs
            "killed": killed[0].name if killed else None, "killed_at_s": killed_at[0] if killed_at else None,
            "wall_s": wall_s, "pool_tokens": pool_tokens, "requests": rows}
     summary = summarize_run(run)
@@ -431,11 +434,24 @@ def render(res: dict[str, Any]) -> str:
         "TTFT = first streamed chunk through the router. cache_aware runs with "
         f"`{' '.join(CACHE_AWARE_OPTIONS)}` (its defaults sent everything to one replica); kv_aware "
         "gets every replica's KV events (with the pool: the connector's CPU-medium ones too). "
-        "Timings are single runs on 2 shared cores; the hit rates do not depend on the load.",
+        "Timings are single runs on 2 cores shared with other jobs: compare TTFT within a cache "
+        "(the two caches run one after the other) and read it with each run's `load_avg_1m` in "
+        "the JSON; the hit rates do not depend on the load." + _loads(res),
         "", table(res), "", *claims(res), "", *simulated(res),
         "![hit rate](results/fleet_hit_rate.png) ![TTFT](results/fleet_ttft.png) "
         "![failure](results/fleet_failure.png)"]
     return "\n".join(lines)
+
+
+def _loads(res: dict[str, Any]) -> str:
+    by_cache: dict[str, list[float]] = {}
+    for run in res["runs"]:
+        if "load_avg_1m" in run:
+            by_cache.setdefault(run["cache"], []).append(run["load_avg_1m"])
+    if not by_cache:
+        return ""
+    return " Load average (1 min) at the end of the runs: " + "; ".join(
+        f"{cache} {min(v):.1f}-{max(v):.1f}" for cache, v in by_cache.items()) + "."
 
 
 def simulated(res: dict[str, Any]) -> list[str]:
