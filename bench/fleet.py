@@ -460,13 +460,14 @@ def simulated(res: dict[str, Any]) -> list[str]:
         return []
     from bench.fleet_sim import sim_table
 
-    w = res["sim"]["work_model"]
+    works = "; ".join(
+        f"{cache}: {w['overhead_s'] * 1e3:.0f} ms + {w['recompute_s_per_token'] * 1e6:.0f} us per "
+        f"recomputed token + {w['cached_s_per_token'] * 1e6:.0f} us per cached token, decode "
+        f"{w['decode_s'] * 1e3:.0f} ms" for cache, w in res["sim"]["work_model"].items())
     return ["**Simulated** (`python -m bench.fleet_sim`: bench/sim.py's caches and routers, "
             "requests sharing the machine's cores by processor sharing, closed loop as sent here; "
-            f"work per request {w['overhead_s'] * 1e3:.0f} ms + "
-            f"{w['recompute_s_per_token'] * 1e6:.0f} us per recomputed token + "
-            f"{w['cached_s_per_token'] * 1e6:.0f} us per cached token, decode "
-            f"{w['decode_s'] * 1e3:.0f} ms; fitted on the {res['sim']['fitted_on']}). "
+            f"machine-seconds of work per request, {works}; fitted on the "
+            f"{res['sim']['fitted_on']}). "
             "cache_aware and kv_aware are both modelled as consistent hashing of the first 8 "
             "blocks with bounded load.", "", sim_table(res["sim"]), "",
             "![simulated](results/fleet_sim.png)", ""]

@@ -11,7 +11,8 @@ decode work, served by processor sharing of the whole machine among the requests
 closed loop exactly as bench/fleet_client.py sends: `concurrency` in flight, started in trace order,
 a session's turn only after its previous turn finished; a request's cache hits are decided when it
 starts. Prefill work = overhead + a x recomputed tokens + b x cached tokens (machine-seconds),
-fitted by least squares on the real N = 3 runs: each real request's TTFT divided by the mean
+fitted by least squares on the real N = 3 runs of the same cache (the two caches ran one after
+the other, under different outside load): each real request's TTFT divided by the mean
 number of requests in flight while it waited for its first token. The real N = 2 runs are then
 predicted out of sample (hit rate and TTFT p50 relative errors under "validation_n2").
 Adds "sim" to the result file, and fleet_sim.png beside it.
@@ -186,12 +187,16 @@ def calibrate(res: dict[str, Any]) -> dict[str, Any]:
                                  for k, v in p["workload"].items()})
     trace = generate(workload)
     plain = [r for r in res["runs"] if not r["failure"]]
-    model = fit([r for r in plain if str(r["n"]) == FIT_N])
+    # One model per cache: the caches ran one after the other, under different outside load.
+    models = {cache: fit([r for r in plain if str(r["n"]) == FIT_N and r["cache"] == cache])
+              for cache in res["hit_rate"]}
     pool = PoolSpec(p["pool_blocks"], p["block_bytes"] if "block_bytes" in p else 1)
     out: dict[str, Any] = {"hit_rate": {}, "pool_hit_rate": {}, "ttft_p50_s": {},
                            "ttft_p95_s": {}, "validation_n2": {},
-                           "work_model": model.__dict__, "fitted_on": f"real N={FIT_N} runs"}
+                           "work_model": {c: m.__dict__ for c, m in models.items()},
+                           "fitted_on": f"real N={FIT_N} runs of the same cache"}
     for cache in res["hit_rate"]:
+        model = models[cache]
         for policy in res["hit_rate"][cache]:
             for n in SIM_NS:
                 got = simulate_fleet(trace, n, policy, p["vram_blocks"],
