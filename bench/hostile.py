@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from kvstore.protocol import CHUNK_BYTES, MAX_BLOCKS, VERSION, Op
+from kvstore.protocol import CHUNK_BYTES, MAX_BLOCKS, MAX_WRITE_ROWS, VERSION, Op
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1 << 20
@@ -72,10 +72,10 @@ def tiny_hashes(tag: str, n: int) -> list[bytes]:
 
 
 def put_tiny(sock: zmq.Socket, name: bytes, hashes: list[bytes], nbytes: int = 1) -> int:
-    """Store one-byte (or nbytes) blocks over TCP, MAX_BLOCKS per PUT; returns how many stored."""
+    """Store one-byte (or nbytes) blocks over TCP, MAX_WRITE_ROWS per PUT; returns how many stored."""
     stored = 0
-    for i in range(0, len(hashes), MAX_BLOCKS):
-        batch = hashes[i:i + MAX_BLOCKS]
+    for i in range(0, len(hashes), MAX_WRITE_ROWS):
+        batch = hashes[i:i + MAX_WRITE_ROWS]
         reply = call(sock, [header(Op.PUT, ns=[name, 0], blocks=[[h, None] for h in batch],
                                    sizes=[nbytes] * len(batch)), *[b"x" * nbytes] * len(batch)])
         assert reply.get("ok"), reply
@@ -86,11 +86,11 @@ def put_tiny(sock: zmq.Socket, name: bytes, hashes: list[bytes], nbytes: int = 1
 
 
 def put_chain(sock: zmq.Socket, name: bytes, hashes: list[bytes], nbytes: int) -> int:
-    """Store one chain (each block the child of the one before), MAX_BLOCKS per PUT."""
+    """Store one chain (each block the child of the one before), MAX_WRITE_ROWS per PUT."""
     stored = 0
-    for i in range(0, len(hashes), MAX_BLOCKS):
+    for i in range(0, len(hashes), MAX_WRITE_ROWS):
         rows = [[hashes[j], hashes[j - 1] if j else None]
-                for j in range(i, min(i + MAX_BLOCKS, len(hashes)))]
+                for j in range(i, min(i + MAX_WRITE_ROWS, len(hashes)))]
         reply = call(sock, [header(Op.PUT, ns=[name, 0], blocks=rows, sizes=[nbytes] * len(rows)),
                             *[bytes(nbytes)] * len(rows)])
         assert reply.get("ok"), reply
@@ -101,8 +101,8 @@ def put_chain(sock: zmq.Socket, name: bytes, hashes: list[bytes], nbytes: int) -
 def reserve_tiny(sock: zmq.Socket, name: bytes, hashes: list[bytes], token: bytes) -> int:
     """Reserve one-byte blocks and never commit them (the daemon reclaims them on expiry)."""
     num = 0
-    for i in range(0, len(hashes), MAX_BLOCKS):
-        batch = hashes[i:i + MAX_BLOCKS]
+    for i in range(0, len(hashes), MAX_WRITE_ROWS):
+        batch = hashes[i:i + MAX_WRITE_ROWS]
         reply = call(sock, [header(Op.RESERVE, ns=[name, 0], token=token,
                                    blocks=[[h, None, 1] for h in batch])])
         assert reply.get("ok"), reply

@@ -151,29 +151,41 @@ def _hashes(env: Env, what: str, n: int) -> list[bytes]:
 
 # --- one message stalls everyone ---------------------------------------------------------------
 def invalidate_tiny(env: Env) -> dict[str, Any]:
-    """Store N one-byte blocks in one PUT, then INVALIDATE them in one message."""
+    """Store N one-byte blocks in PUTs of the largest size served, then INVALIDATE them in one
+    message. A PUT of more rows than HELLO's max_rows is answered too_large (counted)."""
     n, ns, raw = env.scale.tiny_blocks, _ns(env, "tiny"), Raw(env)
     try:
-        put, put_s = raw.call(Op.PUT, [b"x"] * n, ns=ns,
-                              blocks=[[h, None] for h in _hashes(env, "tiny", n)], sizes=[1] * n)
+        hashes = _hashes(env, "tiny", n)
+        stored, put, put_s = 0, None, 0.0
+        for i in range(0, n, protocol.MAX_WRITE_ROWS):
+            batch = hashes[i:i + protocol.MAX_WRITE_ROWS]
+            put, put_s = raw.call(Op.PUT, [b"x"] * len(batch), ns=ns,
+                                  blocks=[[h, None] for h in batch], sizes=[1] * len(batch))
+            stored += (put or {}).get("num_stored", 0)
+        oversized, _ = raw.call(Op.PUT, [b"x"] * n, ns=ns, sizes=[1] * n,
+                                blocks=[[h + b"+", None] for h in hashes])
         inv, inv_s = raw.call(Op.INVALIDATE, name=ns.name, below_epoch=None)
-        return {"blocks": n, "stored": (put or {}).get("num_stored"), "put": _answer(put, put_s),
+        return {"blocks": n, "stored": stored, "put": _answer(put, put_s),
+                "oversized_put": _outcome(oversized),
                 "dropped": (inv or {}).get("num_dropped"), "invalidate": _answer(inv, inv_s)}
     finally:
         raw.close()
 
 
 def reserve_tiny(env: Env) -> dict[str, Any]:
-    """RESERVE N one-byte blocks and never finish them: the daemon reclaims them at the deadline."""
+    """RESERVE N one-byte blocks (in RESERVEs of the largest size served) and never finish them:
+    the daemon reclaims them at the deadline."""
     n, ns, raw = env.scale.tiny_blocks, _ns(env, "reserve"), Raw(env)
     try:
         raw.hello()
-        res, res_s = raw.call(Op.RESERVE, ns=ns, token=raw.token,
-                              blocks=[[h, None, 1] for h in _hashes(env, "reserve", n)])
-        slots = (res or {}).get("slots") or []
+        hashes = _hashes(env, "reserve", n)
+        num, res, res_s = 0, None, 0.0
+        for i in range(0, n, protocol.MAX_WRITE_ROWS):
+            res, res_s = raw.call(Op.RESERVE, ns=ns, token=raw.token,
+                                  blocks=[[h, None, 1] for h in hashes[i:i + protocol.MAX_WRITE_ROWS]])
+            num += sum(s is not None for s in (res or {}).get("slots") or [])
         time.sleep(env.reserve_s + 0.5)  # the reclaim runs now, between everyone's messages
-        return {"blocks": n, "reserved": sum(s is not None for s in slots),
-                "reserve": _answer(res, res_s)}
+        return {"blocks": n, "reserved": num, "reserve": _answer(res, res_s)}
     finally:
         raw.close()
 
@@ -315,7 +327,7 @@ def _guess_honest(env: Env, raw: Raw, slots: list[int]) -> int:
     while time.monotonic() < end:
         chains = rng.sample(range(NUM_CHAINS), 4)
         hashes = [h for c in chains for h in chain_hashes(c)]
-        rows = [[h, slot] for h in hashes for slot in slots][:protocol.MAX_BLOCKS]
+        rows = [[h, slot] for h in hashes for slot in slots][:protocol.MAX_WRITE_ROWS]
         for op in (Op.COMMIT, Op.ABORT):
             reply, _ = raw.call(op, ns=HONEST_NS, blocks=rows)
             accepted += (reply or {}).get("num_done", 0)

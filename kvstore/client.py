@@ -22,6 +22,7 @@ from kvstore.errors import ProtocolError, ServerError, ServerUnavailable, Versio
 from kvstore.ipc import connect_refusal, default_address
 from kvstore.keys import Namespace, SlotId
 from kvstore.pool import Pool
+from kvstore.slabs import SLOT_ALIGN_BYTES, round_up
 from kvstore.protocol import Op
 
 _LINGER_MS = 0  # a dead daemon must not make close() or Context.term() hang
@@ -35,9 +36,6 @@ _RECONNECT_IVL_MAX_MS = 1000
 _STALE_SOCKET_WAIT_MS = 100
 # First wait before asking again for the rest of a partial TCP GET answered busy (doubles).
 _BUSY_RETRY_S = 0.001
-# One put reserves at most 1/this of the pool at a time: the daemon refuses a client more than
-# half (kvstore/clients.py, CLIENT_RESERVED_SHARE), and what it has fenced counts too.
-_PUT_BATCH_SHARE = 4
 
 # The default daemon of this uid on this host (kvstore serve with no address given).
 DEFAULT_ADDRESS = default_address()
@@ -168,12 +166,15 @@ class Client:
                 return len(refs)
         views = [_as_bytes(d) for d in dests]
         num = 0
-        while True:  # a reply the daemon cut short (partial) is continued where it stopped
-            fields = {"ns": ns, "hashes": list(hashes[num:]), "lease": lease, "shm": False}
+        while num < len(hashes):  # in messages of max_rows; one cut short (partial) goes on
+            batch = list(hashes[num:num + self._max_rows("get")])
+            fields = {"ns": ns, "hashes": batch, "lease": lease, "shm": False}
             reply = self._get_more(fields, views[num:], is_first=not num)
             num += reply["num_hits"]
-            if not reply.get("partial") or not reply["num_hits"]:
-                return num
+            if not reply["num_hits"] or (reply["num_hits"] < len(batch)
+                                         and not reply.get("partial")):
+                break
+        return num
 
     def get(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None = None) -> list[bytes]:
         """The stored prefix of hashes as bytes (a copy; use get_into or pinned on hot paths)."""
@@ -182,12 +183,15 @@ class Client:
                 assert self.pool is not None
                 return [bytes(self.pool.view(r.slot, r.nbytes)) for r in refs]
         blocks: list[bytes] = []
-        while True:  # a reply the daemon cut short (partial) is continued where it stopped
-            fields = {"ns": ns, "hashes": list(hashes[len(blocks):]), "lease": lease, "shm": False}
+        while len(blocks) < len(hashes):  # in messages of max_rows; one cut short goes on
+            batch = list(hashes[len(blocks):len(blocks) + self._max_rows("get")])
+            fields = {"ns": ns, "hashes": batch, "lease": lease, "shm": False}
             reply = self._get_more(fields, None, is_first=not blocks)
             blocks += reply.get("blocks", [])  # a miss carries no payload frames, no "blocks"
-            if not reply.get("partial") or not reply["num_hits"]:
-                return blocks
+            if not reply["num_hits"] or (reply["num_hits"] < len(batch)
+                                         and not reply.get("partial")):
+                break
+        return blocks
 
     def _get_more(self, fields: dict[str, Any], dests: list[memoryview] | None,
                   is_first: bool) -> dict[str, Any]:
@@ -212,65 +216,101 @@ class Client:
         """
         if not self._shm_ready():
             raise RuntimeError("pinned() needs the daemon's shared segment (same host)")
-        reply = self._request(Op.GET, ns=ns, hashes=list(hashes), lease=lease, shm=True,
-                              token=self._token())
-        refs = [SlotRef(SlotId(s), n) for s, n in zip(reply["slots"], reply["sizes"])]
+        refs: list[SlotRef] = []
+        leases: list[int] = []
         try:
+            for batch in _batches(hashes, self._max_rows("get")):  # pinned as they come
+                reply = self._request(Op.GET, ns=ns, hashes=list(batch), lease=lease, shm=True,
+                                      token=self._token())
+                refs += [SlotRef(SlotId(s), n) for s, n in zip(reply["slots"], reply["sizes"])]
+                if reply["lease"] is not None and reply["lease"] not in leases:
+                    leases.append(reply["lease"])
+                if reply["num_hits"] < len(batch):
+                    break  # the stored prefix ends here
             yield refs
         finally:
-            if reply["lease"] is not None:
+            for held in leases:
                 try:
-                    self.release(reply["lease"])
+                    self.release(held)
                 except ServerUnavailable:
                     pass  # the lease expires on its own
 
     # --- writes ----------------------------------------------------------------------------
     def put(self, ns: Namespace, blocks: Sequence[tuple[bytes, bytes | None, Buffer]]) -> PutResult:
-        """Store (hash, parent_hash, bytes) blocks, root first; blocks already stored are skipped."""
+        """Store (hash, parent_hash, bytes) blocks, root first; blocks already stored are skipped.
+
+        Sent in as many messages as the daemon's caps (HELLO) need; a block the pool refused
+        ends the chain: the blocks after it count as full and are not sent."""
         if self._shm_ready():
             return self._put_shm(ns, blocks)
         views = [memoryview(data).cast("B") for _, _, data in blocks]
-        fields = {"ns": ns, "blocks": [[h, p] for h, p, _ in blocks],
-                  "sizes": [len(v) for v in views]}
-        payload = [c for v in views for c in protocol.chunk(v)]
-        reply = self._call(Op.PUT, fields, payload=payload)
-        return PutResult(reply["num_stored"], reply["num_present"], reply["num_full"])
+        total = PutResult(0, 0, 0)
+        max_bytes = int(self._limit("max_put_bytes", protocol.MAX_PUT_BYTES))
+        for start, end in _spans([len(v) for v in views], self._max_rows("put"), max_bytes):
+            fields = {"ns": ns, "blocks": [[h, p] for h, p, _ in blocks[start:end]],
+                      "sizes": [len(v) for v in views[start:end]]}
+            payload = [c for v in views[start:end] for c in protocol.chunk(v)]
+            reply = self._call(Op.PUT, fields, payload=payload)
+            total = PutResult(total.num_stored + reply["num_stored"],
+                              total.num_present + reply["num_present"],
+                              total.num_full + reply["num_full"])
+            if reply["num_full"]:
+                return PutResult(total.num_stored, total.num_present,
+                                 total.num_full + len(blocks) - end)
+        return total
 
     def reserve(self, ns: Namespace,
                 blocks: Sequence[tuple[bytes, bytes | None, int]]) -> tuple[list[SlotRef | None], int]:
-        """Two-phase write, step 1 (same host): a slot per (hash, parent, nbytes), or None."""
+        """Two-phase write, step 1 (same host): a slot per (hash, parent, nbytes), or None.
+
+        In messages of max_rows; past a block the daemon refused, the rest count as full (a
+        chain's later blocks hang from it), as within one message."""
         if self._hello is None:
             self.connect()  # the request carries the token HELLO hands out
-        reply = self._request(Op.RESERVE, ns=ns, blocks=[list(b) for b in blocks],
-                              token=self._token())
-        refs = [None if s is None else SlotRef(SlotId(s), b[2])
-                for s, b in zip(reply["slots"], blocks)]
-        return refs, reply["num_full"]
+        refs: list[SlotRef | None] = []
+        num_full = 0
+        for batch in _batches(blocks, self._max_rows("reserve")):
+            if num_full:
+                refs += [None] * len(batch)
+                num_full += len(batch)
+                continue
+            reply = self._request(Op.RESERVE, ns=ns, blocks=[list(b) for b in batch],
+                                  token=self._token())
+            refs += [None if s is None else SlotRef(SlotId(s), b[2])
+                     for s, b in zip(reply["slots"], batch)]
+            num_full += reply["num_full"]
+        return refs, num_full
 
     def commit(self, ns: Namespace, written: Sequence[tuple[bytes, SlotRef]]) -> int:
         """Two-phase write, step 2: make written slots readable; returns how many committed."""
-        reply = self._request(Op.COMMIT, ns=ns, blocks=[[h, r.slot] for h, r in written])
-        return int(reply["num_done"])
+        return self._finish(Op.COMMIT, ns, written)
 
     def abort(self, ns: Namespace, reserved: Sequence[tuple[bytes, SlotRef]]) -> int:
-        reply = self._request(Op.ABORT, ns=ns, blocks=[[h, r.slot] for h, r in reserved])
-        return int(reply["num_done"])
+        return self._finish(Op.ABORT, ns, reserved)
+
+    def _finish(self, op: Op, ns: Namespace, rows: Sequence[tuple[bytes, SlotRef]]) -> int:
+        """COMMIT or ABORT in messages of max_rows, sent back to back (one round trip)."""
+        if self._hello is None:
+            self.connect()
+        requests = [{"ns": ns, "blocks": [[h, r.slot] for h, r in batch]}
+                    for batch in _batches(rows, self._max_rows(op.name.lower()))]
+        if len(requests) == 1:
+            return int(self._request(op, **requests[0])["num_done"])
+        return sum(int(r["num_done"]) for r in self._call_many(op, requests))
 
     def _put_shm(self, ns: Namespace,
                  blocks: Sequence[tuple[bytes, bytes | None, Buffer]]) -> PutResult:
-        """Write in batches of at most 1/_PUT_BATCH_SHARE of the pool: the daemon caps what one
-        client holds reserved (kvstore/clients.py), so one large put goes in several rounds."""
+        """Write in batches the daemon takes whole: at most max_rows blocks, and at most half the
+        slot bytes it lets one client hold reserved (HELLO max_reserved_bytes; what this client
+        has fenced counts too), so one large put goes in several rounds."""
         assert self.pool is not None
-        max_batch_bytes = self.pool.size_bytes // _PUT_BATCH_SHARE
+        min_slot = int(self._limit("min_slot_bytes", SLOT_ALIGN_BYTES))
+        max_reserved = self._limit("max_reserved_bytes", None)
+        max_bytes = (self.pool.size_bytes if max_reserved is None else int(max_reserved)) // 2
+        slot_bytes = [round_up(max(len(memoryview(data).cast("B")), min_slot), SLOT_ALIGN_BYTES)
+                      for _, _, data in blocks]
         total = PutResult(0, 0, 0)
-        start = 0
-        while start < len(blocks):
-            end, batch_bytes = start + 1, len(memoryview(blocks[start][2]).cast("B"))
-            while end < len(blocks):
-                nbytes = len(memoryview(blocks[end][2]).cast("B"))
-                if batch_bytes + nbytes > max_batch_bytes:
-                    break
-                end, batch_bytes = end + 1, batch_bytes + nbytes
+        for start, end in _spans(slot_bytes, self._max_rows("reserve"), max_bytes):
             done = self._put_shm_batch(ns, blocks[start:end])
             total = PutResult(total.num_stored + done.num_stored,
                               total.num_present + done.num_present, total.num_full + done.num_full)
@@ -278,7 +318,6 @@ class Client:
                 # The chain broke here: later blocks hang from a refused one; count them as full.
                 return PutResult(total.num_stored, total.num_present,
                                  total.num_full + len(blocks) - end)
-            start = end
         return total
 
     def _put_shm_batch(self, ns: Namespace,
@@ -310,6 +349,19 @@ class Client:
     def _token(self) -> bytes:
         assert self._hello is not None
         return bytes(self._hello["token"])
+
+    def _limit(self, key: str, default: Any) -> Any:
+        """A cap the daemon announced in HELLO (default when it announced none)."""
+        if self._hello is None:
+            self.connect()
+        assert self._hello is not None
+        value = self._hello.get(key)
+        return default if value is None else value
+
+    def _max_rows(self, op: str) -> int:
+        """Rows the daemon takes in one message of op (HELLO max_rows)."""
+        announced = self._limit("max_rows", {})
+        return max(1, int(announced.get(op, protocol.MAX_BLOCKS)))
 
     def _request(self, op: Op, **fields: Any) -> dict[str, Any]:
         if self._hello is None:
@@ -454,6 +506,25 @@ class Client:
             self._sock.close(_LINGER_MS)
         self._sock = None
         self._hello = None
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """items in consecutive slices of at most size (one empty slice for no items)."""
+    return [items[i:i + size] for i in range(0, len(items), size)] or [items[:0]]
+
+
+def _spans(sizes: Sequence[int], max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+    """(start, end) runs of at most max_rows items and max_bytes, each at least one item."""
+    spans: list[tuple[int, int]] = []
+    start, nbytes = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and (i - start >= max_rows or nbytes + n > max_bytes):
+            spans.append((start, i))
+            start, nbytes = i, 0
+        nbytes += n
+    if start < len(sizes) or not spans:
+        spans.append((start, len(sizes)))
+    return spans
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:

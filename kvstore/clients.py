@@ -21,6 +21,11 @@ MAX_CLIENT_PINNED_BLOCKS = 262_144
 # Blocks one client may have reserved (or fenced) at once: eight full RESERVE requests.
 MAX_CLIENT_RESERVED_BLOCKS = 65_536
 CLIENT_RESERVED_SHARE = 2  # a client may reserve at most 1/this of the pool's bytes
+# The reservation table: slot bytes reserved (or fenced) by all clients together. Past it a client
+# may reserve only up to its fair share (the table over the clients holding reservations), as
+# with leases: so many connections cannot together reserve the whole pool while a newcomer gets
+# "full"; what they hold beyond the table is bounded by their fair shares (1/2 + 1/3 + ... of it).
+RESERVED_TABLE_SHARE = 2  # 1/this of the pool's bytes
 
 
 @dataclass(slots=True, frozen=True)
@@ -29,6 +34,7 @@ class ClientLimits:
     max_pinned_blocks: int = MAX_CLIENT_PINNED_BLOCKS
     max_reserved_blocks: int = MAX_CLIENT_RESERVED_BLOCKS
     max_reserved_bytes: int | None = None  # None: no byte cap (the Store sets pool / 2)
+    reserved_table_bytes: int | None = None  # None: no global rule (the Store sets pool / 2)
 
 
 @dataclass(slots=True, eq=False)
@@ -58,6 +64,8 @@ class Clients:
         # counts are bounded by max_leases, so the max pointer only walks that far.
         self._by_num_leases: dict[int, set[bytes]] = {}
         self._max_leases = 0
+        self.reserved_bytes = 0  # slot bytes reserved and fenced, all clients
+        self._num_reserving = 0  # clients holding reserved or fenced slots
 
     def __len__(self) -> int:
         return len(self._states)
@@ -70,6 +78,9 @@ class Clients:
         state = self._states.pop(owner, None)
         if state is not None and state.leases:
             self._move(owner, len(state.leases), 0)
+        if state is not None and state.reserved_bytes:
+            self.reserved_bytes -= state.reserved_bytes  # the caller frees the slots
+            self._num_reserving -= 1
         return state
 
     # --- leases ----------------------------------------------------------------------------
@@ -111,24 +122,32 @@ class Clients:
 
     # --- reservations ----------------------------------------------------------------------
     def can_reserve(self, owner: bytes, slot_bytes: int) -> bool:
+        """Whether owner may reserve one more slot of slot_bytes: within its own caps, and past
+        its fair share of the reservation table only while the table has room."""
         state = self._states.get(owner)
         if state is None:
             num, held = 0, 0
         else:
             num, held = len(state.reserved) + len(state.fenced), state.reserved_bytes
         cap = self.limits.max_reserved_bytes
-        return num < self.limits.max_reserved_blocks and (cap is None or held + slot_bytes <= cap)
+        if num >= self.limits.max_reserved_blocks or (cap is not None and held + slot_bytes > cap):
+            return False
+        table = self.limits.reserved_table_bytes
+        if table is None or self.reserved_bytes + slot_bytes <= table:
+            return True
+        num_sharing = self._num_reserving + (held == 0)  # owner counts once it asks
+        return held + slot_bytes <= table // num_sharing
 
     def add_reserved(self, entry: Entry, slot_bytes: int) -> None:
         state = self._state(entry.owner)
         state.reserved[entry.slot] = entry
-        state.reserved_bytes += slot_bytes
+        self._add_bytes(state, slot_bytes)
 
     def drop_reserved(self, entry: Entry, slot_bytes: int) -> None:
         """A reservation committed or given back by its writer."""
         state = self._states[entry.owner]
         del state.reserved[entry.slot]
-        state.reserved_bytes -= slot_bytes
+        self._add_bytes(state, -slot_bytes)
         self._forget_if_empty(entry.owner, state)
 
     def fence(self, entry: Entry) -> None:
@@ -141,7 +160,7 @@ class Clients:
         """The writer of a fenced slot is done with it (it named it again, or disconnected)."""
         state = self._states[entry.owner]
         del state.fenced[entry.slot]
-        state.reserved_bytes -= slot_bytes
+        self._add_bytes(state, -slot_bytes)
         self._forget_if_empty(entry.owner, state)
 
     def fenced(self, owner: bytes, slot: SlotId) -> Entry | None:
@@ -153,6 +172,12 @@ class Clients:
         return state.reserved.get(slot) if state else None
 
     # --- internals -------------------------------------------------------------------------
+    def _add_bytes(self, state: ClientState, delta: int) -> None:
+        was_holding = state.reserved_bytes > 0
+        state.reserved_bytes += delta
+        self.reserved_bytes += delta
+        self._num_reserving += (state.reserved_bytes > 0) - was_holding
+
     def _state(self, owner: bytes) -> ClientState:
         assert owner, "in-process callers (owner b'') are not tracked"
         state = self._states.get(owner)

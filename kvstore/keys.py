@@ -9,8 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
-from typing import NewType
+from typing import NamedTuple, NewType
 
 BlockHash = NewType("BlockHash", bytes)
 SlotId = NewType("SlotId", int)  # byte offset of a slot inside the shared segment
@@ -21,9 +20,12 @@ TENANT_SEP = b"/"  # a namespace name b"<tenant>/<digest>" belongs to tenant (kv
 TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")  # 32 + 1 + a 16-byte digest fit
 
 
-@dataclass(slots=True, frozen=True)
-class Namespace:
-    """Which model's bytes a block holds: a digest of the model identity plus an operator epoch."""
+class Namespace(NamedTuple):
+    """Which model's bytes a block holds: a digest of the model identity plus an operator epoch.
+
+    A tuple, not a dataclass: every index lookup hashes and compares (namespace, hash) keys, and a
+    tuple does both in C (a frozen dataclass's Python __hash__/__eq__ were a quarter of a PUT's
+    daemon time: bench/row_costs.py, issue 10)."""
 
     name: bytes
     epoch: int = 0

@@ -25,7 +25,13 @@ Lifecycle
 
 Messages (request fields -> reply fields; every reply has "ok": true and echoes "id")
     HELLO      {version}                          -> {version, segment, segment_bytes, token,
-                                                      page_bytes, chunk_bytes}
+                                                      page_bytes, chunk_bytes, max_rows,
+                                                      max_put_bytes, max_reserved_bytes,
+                                                      min_slot_bytes}
+               max_rows: rows per message of each block-listing op ({"put": 512, ...});
+               max_put_bytes: payload of a PUT of more than one block; max_reserved_bytes: slot
+               bytes one connection may hold reserved (a slot is a block rounded up to
+               min_slot_bytes and 64 bytes). Larger requests are answered "too_large".
     PING       {}                                 -> {}
     LOOKUP     {ns, hashes, lease_ms}             -> {num_hits, lease}
                How many of hashes (chained, root first) are stored as a consecutive prefix. With
@@ -69,8 +75,9 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
 Errors
     {"ok": false, "id": id or nil, "error": code, "msg": text}. Codes: "version", "bad_request"
     (the request broke this spec; the daemon logs it and keeps serving), "stale_segment",
-    "too_large" (a block larger than one page, or a message of more than 1 + MAX_PAYLOAD_FRAMES
-    frames: its frames are dropped as they are read), "busy" (this client's replies are not being
+    "too_large" (a block larger than one page, more rows or PUT bytes than HELLO's max_rows and
+    max_put_bytes, nothing done; or a message of more than 1 + MAX_PAYLOAD_FRAMES frames: its
+    frames are dropped as they are read), "busy" (this client's replies are not being
     read). Nothing a client sends can crash the daemon, leak a slot, or grow its memory past the
     bounds in this module and kvstore/clients.py. A connection's leases and reservations end when
     it closes.
@@ -98,6 +105,17 @@ MAX_BLOCKS = 8192  # per request; a 128k-token prompt at block size 16
 # Payload frames per message: MAX_BLOCKS blocks of up to 2 chunks (8 MiB), or fewer larger ones.
 # The daemon drops frames past this as they are read and answers "too_large" (kvstore/inbox.py).
 MAX_PAYLOAD_FRAMES = 2 * MAX_BLOCKS
+# Rows of one message the daemon serves, per op (issue 10: one message must cost other clients
+# well under the 50 ms PING budget). Per row (bench/results/row_costs.json, 4 KiB blocks, 2 busy
+# cores): PUT ~40 us, RESERVE/COMMIT/ABORT 6-17 us, GET by shared memory ~3 us, LOOKUP ~1 us. So
+# a full-size write costs ~20 ms and a GET ~3 ms; a LOOKUP of a whole 128k-token prompt (8,192
+# rows, ~7 ms) stays one message. Larger ones are refused "too_large" untouched; HELLO announces
+# these and kvstore/client.py splits larger calls.
+MAX_WRITE_ROWS = 512  # PUT, RESERVE, COMMIT, ABORT
+MAX_GET_ROWS = 1024
+# Payload bytes of one PUT of more than one block: its copy into the pool is loop time too
+# (~10-20 ms for 64 MiB here). A single larger block (up to a page) still goes in one message.
+MAX_PUT_BYTES = 64 * 1024 * 1024
 MAX_LEASE_MS = 600_000
 
 
@@ -133,6 +151,23 @@ class Request:
     token: bytes = b""
     name: bytes = b""
     below_epoch: int | None = None
+
+
+def max_rows() -> dict[str, int]:
+    """Rows per message of each block-listing op (the HELLO reply's max_rows)."""
+    return {op.name.lower(): _MAX_ROWS.get(op, MAX_BLOCKS) for op in _LISTING_OPS}
+
+
+def size_refusal(req: Request) -> str | None:
+    """Why req is larger than the daemon serves in one message (error "too_large"); else None."""
+    cap = _MAX_ROWS.get(req.op)
+    if cap is not None and len(req.hashes) > cap:
+        return (f"{req.op.name} of {len(req.hashes)} rows exceeds {cap} per message (HELLO "
+                f"max_rows): send it in several")
+    if req.op is Op.PUT and len(req.sizes) > 1 and sum(req.sizes) > MAX_PUT_BYTES:
+        return (f"PUT of {sum(req.sizes)} bytes in {len(req.sizes)} blocks exceeds "
+                f"{MAX_PUT_BYTES} per message (HELLO max_put_bytes): send it in several")
+    return None
 
 
 def num_frames(nbytes: int) -> int:
@@ -329,6 +364,10 @@ def _invalidate(h: dict[str, Any]) -> dict[str, Any]:
     return {"name": _bin(h.get("name"), "'name'", MAX_NAME_BYTES),
             "below_epoch": _int(h, "below_epoch", optional=True)}
 
+
+_MAX_ROWS = {Op.PUT: MAX_WRITE_ROWS, Op.RESERVE: MAX_WRITE_ROWS, Op.COMMIT: MAX_WRITE_ROWS,
+             Op.ABORT: MAX_WRITE_ROWS, Op.GET: MAX_GET_ROWS}
+_LISTING_OPS = (Op.LOOKUP, Op.GET, Op.RESERVE, Op.COMMIT, Op.ABORT, Op.PUT)
 
 _DECODERS = {
     Op.HELLO: _hello, Op.PING: _empty, Op.LOOKUP: _lookup, Op.GET: _get,

@@ -246,6 +246,9 @@ class Server:
                 refusal = self.gate.refusal(request, self._user_id)
                 if refusal is not None:
                     raise _Refused("forbidden", refusal)
+            too_large = protocol.size_refusal(request)  # before any state is touched
+            if too_large is not None:
+                raise _Refused("too_large", too_large)
             reply = self._handlers[op](request, body[1:])
         except ProtocolError as exc:
             errors["protocol"] += 1
@@ -317,7 +320,9 @@ class Server:
             req.req_id, version=protocol.VERSION, segment=self.pool.path.name,
             segment_bytes=self.pool.size_bytes, token=self.pool.token,
             page_bytes=self.store.slabs.page_bytes, chunk_bytes=protocol.CHUNK_BYTES,
-            pid=os.getpid())]
+            pid=os.getpid(), max_rows=protocol.max_rows(), max_put_bytes=protocol.MAX_PUT_BYTES,
+            max_reserved_bytes=self.store.clients.limits.max_reserved_bytes,
+            min_slot_bytes=self.store.slabs.min_slot_bytes)]
 
     def _ping(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
         return [protocol.encode_reply(req.req_id)]

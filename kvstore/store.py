@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kvstore.clients import CLIENT_RESERVED_SHARE, ClientLimits, Clients
+from kvstore.clients import CLIENT_RESERVED_SHARE, RESERVED_TABLE_SHARE, ClientLimits, Clients
 from kvstore.index import Entry, Index, State
 from kvstore.keys import BlockHash, Namespace, SlotId
 from kvstore.policy import LRU, FrequencyLRU
@@ -89,7 +89,8 @@ class Store:
         if self.clients.limits.max_reserved_bytes is None:
             pool_bytes = self.slabs.num_pages * self.slabs.page_bytes
             self.clients = Clients(ClientLimits(
-                max_reserved_bytes=pool_bytes // CLIENT_RESERVED_SHARE))
+                max_reserved_bytes=pool_bytes // CLIENT_RESERVED_SHARE,
+                reserved_table_bytes=pool_bytes // RESERVED_TABLE_SHARE))
 
     @property
     def num_reserved(self) -> int:

@@ -40,7 +40,8 @@ def test_one_byte_blocks_take_a_minimum_slot_so_the_index_is_bounded_by_the_pool
     writer = open_dealer(d.address)
     stored = put_tiny(writer, b"tiny", tiny_hashes("t", 4 * MAX_BLOCKS))
     stats = call(writer, [header(Op.STATS)])["stats"]
-    assert stats["num_blocks"] == stored <= 16 * MiB // 4096  # the default minimum slot: 4 KiB
+    # Once full, each PUT evicts older blocks for its own: more are stored than stay resident.
+    assert stats["num_blocks"] <= 16 * MiB // 4096 <= stored  # the default minimum slot: 4 KiB
 
 
 @pytest.mark.timeout(120)

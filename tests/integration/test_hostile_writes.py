@@ -136,3 +136,30 @@ def test_reservations_per_client_are_capped(make_daemon, ctx):
             taken += sum(r is not None for r in refs)
         assert taken * BLOCK_BYTES <= 16 * MiB // 2, f"one client reserved {taken} blocks"
         assert honest.put(NS, [(b"h", None, content(b"h"))]).num_stored == 1
+
+
+@pytest.mark.timeout(120)
+def test_connections_together_cannot_reserve_the_whole_pool(ctx):
+    """Reservations have the leases' fair global rule: past the reservation table (half the pool)
+    a client reserves only up to its fair share, so two connections that each reserve all they
+    may still leave a third its share (before, each took half the pool and the third got full)."""
+    from tests.daemon import Daemon
+
+    d = Daemon(pool_size="64MiB", page_size="1MiB").start()
+    clients = [Client(d.address, CALL_S, ctx=ctx) for _ in range(3)]
+    try:
+        for i, attacker in enumerate(clients[:2]):
+            num_full, n = 0, 0
+            while not num_full:
+                blocks = [(b"a%d-%d" % (i, n + j), None, BLOCK_BYTES) for j in range(64)]
+                _, num_full = attacker.reserve(NS, blocks)
+                n += len(blocks)
+        share = 32 * MiB // 3  # the table over the three clients
+        wanted = [(b"h-%d" % j, None, BLOCK_BYTES) for j in range(share // BLOCK_BYTES)]
+        refs, num_full = clients[2].reserve(NS, wanted)
+        assert num_full == 0, f"a newcomer got {len(wanted) - num_full} of its fair share's " \
+                              f"{len(wanted)} slots: the other connections hold the pool"
+    finally:
+        for client in clients:
+            client.close()
+        d.stop()

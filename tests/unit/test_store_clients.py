@@ -9,7 +9,7 @@ from kvstore import store as store_module
 from kvstore.clients import MAX_CLIENT_LEASES
 from tests.unit.test_store import NS, SMALL_BYTES, h, make_store, put
 
-A, B = b"client-a", b"client-b"
+A, B, C = b"client-a", b"client-b", b"client-c"
 
 
 def test_only_the_reserving_client_commits_or_aborts() -> None:
@@ -76,7 +76,22 @@ def test_reservations_of_one_client_are_capped_at_half_the_pool() -> None:
     result = store.reserve(NS, [(h(f"a{i}"), None, SMALL_BYTES) for i in range(8)], owner=A)
     assert sum(s is not None for s in result.slots) == 4 and result.num_full == 4
     result = store.reserve(NS, [(h(f"b{i}"), None, SMALL_BYTES) for i in range(4)], owner=B)
-    assert result.num_full == 0
+    assert sum(s is not None for s in result.slots) > 0
+
+
+def test_past_the_reservation_table_a_client_gets_only_its_fair_share() -> None:
+    """The table (half the pool) is full once A holds its 4 slots: B then gets its fair share of
+    it (4 / 2), C a third (1), and what A gives back makes room again."""
+    store, _ = make_store(num_pages=2)  # 8 slots of 1024 bytes; the table holds 4
+    a = store.reserve(NS, [(h(f"a{i}"), None, SMALL_BYTES) for i in range(4)], owner=A)
+    assert a.num_full == 0
+    result = store.reserve(NS, [(h(f"b{i}"), None, SMALL_BYTES) for i in range(4)], owner=B)
+    assert sum(s is not None for s in result.slots) == 2 and result.num_full == 2
+    result = store.reserve(NS, [(h(f"c{i}"), None, SMALL_BYTES) for i in range(4)], owner=C)
+    assert sum(s is not None for s in result.slots) == 1
+    for i, slot in enumerate(a.slots):
+        assert slot is not None and store.abort(NS, h(f"a{i}"), slot, owner=A)
+    assert store.reserve(NS, [(h("b-more"), None, SMALL_BYTES)], owner=B).num_full == 0
 
 
 def test_leases_of_one_client_are_capped() -> None:
