@@ -22,6 +22,7 @@ _REVOKED = "this client key is no longer admitted (removed from the clients dire
 # "\x07MESSAGE" (8) + short nonce (8) + Poly1305 tag (16) around the plaintext. Measured on
 # libzmq 4.3.5: 33 is the smallest extra that lets a 4 MiB frame through a 4 MiB limit.
 CURVE_FRAME_OVERHEAD_BYTES = 33
+_TENANT_DOMAIN = "tenant:"  # ZAP domain of a tenant's own listener: this, then the tenant name
 
 
 class Gate:
@@ -32,20 +33,28 @@ class Gate:
         # Read before anything listens: a bad key file stops the start (AccessError).
         self.access: Access = load_access(keys_dir)
         self._auth: Any = None
+        self._server_keys: tuple[bytes, bytes] = (b"", b"")
 
-    def enable(self, ctx: zmq.Context, sock: zmq.Socket) -> None:
-        """Make sock a CURVE server whose clients this gate admits."""
-        from zmq.auth import load_certificate
-        from zmq.auth.thread import ThreadAuthenticator
+    def enable(self, ctx: zmq.Context, sock: zmq.Socket, tenant: str | None = None) -> None:
+        """Make sock a CURVE server whose clients this gate admits: every admitted key, or for a
+        tenant's own listener only that tenant's keys (its ZAP domain names the tenant)."""
+        if self._auth is None:
+            from zmq.auth import load_certificate
+            from zmq.auth.thread import ThreadAuthenticator
 
-        public, secret = load_certificate(self.keys_dir / "server.key_secret")
-        assert secret is not None, "server.key_secret holds no secret key"
-        # ZAP asks callback() about each new connection; the User-Id of the connection's
-        # messages is then its z85 public key (pyzmq's curve_user_id).
-        self._auth = ThreadAuthenticator(ctx)
-        self._auth.start()
-        self._auth.configure_curve_callback(domain="*", credentials_provider=self)
-        sock.curve_publickey, sock.curve_secretkey = public, secret
+            public, secret = load_certificate(self.keys_dir / "server.key_secret")
+            assert secret is not None, "server.key_secret holds no secret key"
+            self._server_keys = (public, secret)
+            # ZAP asks callback() about each new connection; the User-Id of the connection's
+            # messages is then its z85 public key (pyzmq's curve_user_id).
+            self._auth = ThreadAuthenticator(ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="*", credentials_provider=self)
+        if tenant is not None:
+            domain = _TENANT_DOMAIN + tenant
+            self._auth.configure_curve_callback(domain=domain, credentials_provider=self)
+            sock.zap_domain = domain.encode()
+        sock.curve_publickey, sock.curve_secretkey = self._server_keys
         sock.curve_server = True
 
     def stop(self) -> None:
@@ -54,8 +63,16 @@ class Gate:
             self._auth = None
 
     def callback(self, domain: str, key: bytes) -> bool:
-        """ZAP (authenticator thread): whether a z85 client key is admitted right now."""
-        return key.decode("ascii", "replace") in self.access.keys  # one read; reload swaps it
+        """ZAP (authenticator thread): whether a z85 client key is admitted right now, on a
+        tenant's own listener only when the key writes that tenant."""
+        access = self.access  # one read; reload swaps it
+        user = key.decode("ascii", "replace")
+        if user not in access.keys:
+            return False
+        if not domain.startswith(_TENANT_DOMAIN):
+            return True
+        grant = (access.grants or {}).get(user)
+        return grant is not None and domain[len(_TENANT_DOMAIN):] in grant.write
 
     def reload(self) -> None:
         """Re-read the clients directory and tenants file; a bad one changes nothing and is
@@ -65,6 +82,9 @@ class Gate:
         except AccessError as exc:
             log.error("reload failed, the keys in force stay: %s", exc)
             return
+        if access.listeners != self.access.listeners:
+            log.warning("tenant listen addresses changed in tenants.toml: they take effect at the "
+                        "next start (the listeners in force stay)")
         self.access = access
         log.warning("reloaded %s: %d client keys, %s", self.keys_dir, len(access.keys),
                     f"{access.num_tenants} tenants" if access.grants is not None

@@ -1,6 +1,7 @@
 """The daemon's ZeroMQ ROUTER loop: decode, dispatch to the Store, reply. No cache logic here.
 
-One thread owns the socket, the store and the pool, so no locks are needed. Every error a client
+One thread owns the sockets (one per listener, kvstore/listeners.py), the store and the pool, so
+no locks are needed. Every error a client
 can cause is answered with an error reply; the loop itself only stops on SIGTERM/SIGINT.
 """
 
@@ -12,17 +13,17 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import zmq
 
-from kvstore import ipc, protocol
+from kvstore import ipc, listeners, protocol
 from kvstore.config import ServeConfig
-from kvstore.connections import MAX_UNSENT_AGE_S, Connections, Unsent
+from kvstore.connections import MAX_UNSENT_AGE_S, Unsent
 from kvstore.errors import ProtocolError
-from kvstore.gate import CURVE_FRAME_OVERHEAD_BYTES, Gate, user_id
-from kvstore.inbox import Inbox, Oversized
+from kvstore.gate import Gate, user_id
+from kvstore.inbox import Oversized
+from kvstore.listeners import AddressInUse, Listener
 from kvstore.malloc import DEFAULT_TRIM_BYTES, give_back
 from kvstore.index import Entry
 from kvstore.keys import Namespace, SlotId
@@ -36,24 +37,19 @@ from kvstore.store import Limits, Store
 log = logging.getLogger("kvstore.server")
 
 _POLL_MS = 50  # how often the loop wakes to expire leases and notice signals when idle
-_LINGER_MS = 0  # on shutdown, drop undelivered replies: clients time out and retry
-_SNDHWM = 10_000  # replies queued per peer before ROUTER drops; bounds memory per slow client
-_RCVHWM = 10_000
 _NUM_HOTTEST = 5  # hottest prefixes per namespace in a STATS reply (`kvstore stats`)
 # Work between two looks at the socket and at signals (issue 10: one message must not stall
 # everyone, SIGTERM is honoured within a second). Each bound is a few to tens of milliseconds.
 _DRAIN_S = 0.02  # messages handled back to back before maintenance runs
 _SLICE_BLOCKS = 4096  # blocks expired or invalidated per maintenance step (~10-20 ms)
-_DROP_SLICE_FRAMES = 20_000  # frames of an over-long message dropped per step (~20-40 ms)
 _BIG_FRAMES = DEFAULT_TRIM_BYTES // protocol.CHUNK_BYTES  # fewer frames cannot hold more bytes
 
 
-class AddressInUse(Exception):
-    """A bind address is taken by another process."""
+__all__ = ["AddressInUse", "Server"]
 
 
 class Server:
-    """Serves one Store over one ROUTER socket bound to every configured address."""
+    """Serves one Store over one ROUTER socket per listener (kvstore/listeners.py)."""
 
     def __init__(self, config: ServeConfig, pool: Pool, ctx: zmq.Context | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -69,17 +65,24 @@ class Server:
         self.metrics = Metrics(self.store, self.counters)
         self._op_names = {op: op.name.lower() for op in Op}
         self._transfer_path: str | None = None  # set by a handler that moves KV bytes
-        self.ctx = ctx or zmq.Context()
         # CURVE keys and tenants; None without --curve-keys. Read before anything listens.
         self.gate = Gate(config.curve_dir) if config.curve_dir is not None else None
+        if ctx is None:
+            ctx = zmq.Context()
+            ctx.set(zmq.IO_THREADS, listeners.io_threads(config, self.gate))  # before any socket
+        self.ctx = ctx
         self._user_id: str | None = None  # the CURVE key of the request being handled
-        self._ipc: tuple[Path, int] | None = None  # the socket file we bound, and its inode
         self._reload_requested = False
-        self.sock = self._bind()
-        self._inbox = Inbox(self.sock, 2 + protocol.MAX_PAYLOAD_FRAMES, _DROP_SLICE_FRAMES)
-        self.connections = Connections(self.sock)
+        try:
+            # The socket file we bound (and its inode), if any, to remove at close.
+            self.listeners, self._ipc = listeners.open_listeners(self.ctx, config, self.gate)
+        except BaseException:
+            if self.gate is not None:
+                self.gate.stop()
+            raise
         self.unsent = Unsent(pool.size_bytes)  # copied TCP GET replies ZeroMQ still holds
-        self._owner = b""  # the peer identity of the request being handled
+        self._listener = self.listeners[0]  # the listener of the request being handled
+        self._owner = b""  # its client: listener and peer identity (listeners.owner_of)
         self._reply_buffers: list[bytearray] = []  # the copies a TCP GET's reply is made of
         self._reply_pin: tuple[int, list[Entry]] | None = None  # or its pinned bytes, blocks
         self._stopping = False
@@ -93,56 +96,6 @@ class Server:
         }
 
     # --- lifecycle -------------------------------------------------------------------------
-    def _bind(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, _LINGER_MS)
-        sock.setsockopt(zmq.SNDHWM, _SNDHWM)
-        sock.setsockopt(zmq.RCVHWM, _RCVHWM)
-        # Bound one frame: no payload frame is larger than a chunk, no header larger than its max.
-        # libzmq checks the frame as it is on the wire: under CURVE, its encrypted form.
-        max_frame_bytes = max(protocol.CHUNK_BYTES, protocol.MAX_HEADER_BYTES)
-        if self.gate is not None:
-            max_frame_bytes += CURVE_FRAME_OVERHEAD_BYTES
-        sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped
-        if self.gate is not None:
-            self.gate.enable(self.ctx, sock)
-        try:
-            for addr in self.config.tcp:
-                try:
-                    sock.bind(addr)
-                except zmq.ZMQError as exc:
-                    if exc.errno == zmq.EADDRINUSE:
-                        raise AddressInUse(f"address {addr} is already in use") from None
-                    raise AddressInUse(f"cannot listen on {addr}: {exc.strerror}") from None
-            path = self.config.ipc_path()
-            if path is not None:
-                self._bind_ipc(sock, path)
-        except BaseException:
-            sock.close(0)
-            if self.gate is not None:
-                self.gate.stop()
-            raise
-        return sock
-
-    def _bind_ipc(self, sock: zmq.Socket, path: Path) -> None:
-        """Bind the ipc socket mode 0600 (the default one in a directory private to our uid)."""
-        try:
-            if self.config.ipc is None:
-                ipc.ensure_private_dir(path.parent)
-            ipc.prepare_bind(path)
-        except ipc.IpcError as exc:
-            raise AddressInUse(str(exc)) from None
-        umask = os.umask(0o077)  # no window in which another uid may connect
-        try:
-            sock.bind(f"ipc://{path}")
-        except zmq.ZMQError as exc:
-            raise AddressInUse(f"cannot listen on ipc://{path}: {exc.strerror}") from None
-        finally:
-            os.umask(umask)
-        ipc.restrict(path)
-        self._ipc = (path, os.lstat(path).st_ino)
-
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish its current request and exit (signal-handler safe)."""
         self._stopping = True
@@ -164,7 +117,8 @@ class Server:
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        for listener in self.listeners:
+            poller.register(listener.sock, zmq.POLLIN)
         try:
             is_busy = False
             while not self._stopping:
@@ -179,14 +133,14 @@ class Server:
                     self._drain()
                 if self._reload_requested:
                     self._reload()
-                is_busy = self._maintain() or self._inbox.is_dropping
+                is_busy = self._maintain() or any(x.inbox.is_reading for x in self.listeners)
         finally:
             self.close()
 
     def close(self) -> None:
         self.metrics.close()
-        self.connections.close()
-        self.sock.close(0)
+        for listener in self.listeners:
+            listener.close()
         if self.gate is not None:
             self.gate.stop()
         self.ctx.term()
@@ -196,22 +150,20 @@ class Server:
 
     # --- the loop --------------------------------------------------------------------------
     def _drain(self) -> None:
-        """Handle messages already queued, without blocking, for up to _DRAIN_S."""
-        deadline_s = time.perf_counter() + _DRAIN_S  # so maintenance still runs under a flood
-        while not self._stopping and time.perf_counter() < deadline_s:
-            message = self._inbox.next()
-            if message is None:
-                return
-            if isinstance(message, Oversized):
-                self._refuse_oversized(message)
-                give_back()  # libzmq's memory for its frames is free now
-                continue
-            # Larger than the freed memory malloc.py keeps for the next PUTs: hand it back.
-            is_big = len(message) > _BIG_FRAMES and sum(map(len, message)) > DEFAULT_TRIM_BYTES
-            self._handle(message)
-            if is_big:
-                message = None  # its frames (libzmq's buffers) are freed with the last reference
-                give_back()
+        """Handle messages already queued on every listener, in turn, without blocking, for up
+        to _DRAIN_S (so maintenance still runs under a flood)."""
+        listeners.drain(self.listeners, self._take, give_back, time.perf_counter() + _DRAIN_S,
+                        lambda: self._stopping)
+
+    def _take(self, listener: Listener, message: list[zmq.Frame] | Oversized) -> bool:
+        """Answer one message; whether it held more memory than malloc.py keeps for the next
+        PUTs (the caller hands it back once the frames, libzmq's buffers, are dropped)."""
+        self._listener = listener
+        if isinstance(message, Oversized):
+            self._refuse_oversized(message)
+            return True
+        self._handle(message)
+        return len(message) > _BIG_FRAMES and sum(map(len, message)) > DEFAULT_TRIM_BYTES
 
     def _refuse_oversized(self, message: Oversized) -> None:
         self.counters.num_errors["too_large"] += 1
@@ -229,11 +181,12 @@ class Server:
     def _handle(self, frames: list[zmq.Frame]) -> None:
         start_s = time.perf_counter()
         identity, body = frames[0], frames[1:]
-        self._owner = identity.bytes
+        listener = self._listener
+        self._owner = listener.owner(identity.bytes)
         # The connection a message came on: its holdings end when it closes (Connections).
         fd = body[0].get(zmq.SRCFD) if body else -1
-        for ended in self.connections.seen(self._owner, fd):
-            self.store.end_client(ended)
+        for ended in listener.connections.seen(identity.bytes, fd):
+            self.store.end_client(listener.owner(ended))
         req_id, op = None, None
         errors = self.counters.num_errors
         try:
@@ -277,7 +230,7 @@ class Server:
 
     def _send(self, identity: zmq.Frame, reply: list[Any]) -> None:
         try:
-            self.sock.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
+            self._listener.sock.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
         except Exception as exc:  # peer queue full (HWM) or gone: drop; the client times out
             self.counters.num_errors["dropped"] += 1
             log.warning("reply dropped: %s", exc)
@@ -288,18 +241,20 @@ class Server:
             return
         if self._reply_buffers or self._reply_pin is not None:  # a TCP GET's payload
             pinned_bytes, pinned = self._reply_pin or (0, None)
-            self.unsent.add(identity.bytes, reply[1:], self._reply_buffers, time.monotonic(),
+            self.unsent.add(self._owner, reply[1:], self._reply_buffers, time.monotonic(),
                             pinned_bytes, pinned)
             self._reply_buffers, self._reply_pin = [], None
 
     def _maintain(self) -> bool:
         """End closed connections' holdings, count sent replies, expire leases and reservations
         and drop invalidated blocks, a slice at a time; whether work is left for the next step."""
-        for ended in self.connections.closed():
-            self.store.end_client(ended)
+        for listener in self.listeners:
+            for ended in listener.connections.closed():
+                self.store.end_client(listener.owner(ended))
         self._collect_sent()
-        for identity in self.unsent.stale(time.monotonic() - MAX_UNSENT_AGE_S):
-            if self.connections.cut(identity):
+        for owner in self.unsent.stale(time.monotonic() - MAX_UNSENT_AGE_S):
+            index, identity = listeners.identity_of(owner)
+            if self.listeners[index].connections.cut(identity):
                 errors = self.counters.num_errors
                 errors["unread"] = errors.get("unread", 0) + 1
                 log.warning("cut the connection of %s: it left replies unread for %.0f s",

@@ -12,6 +12,13 @@ the connector's `tenant` setting adds it). DIR/tenants.toml binds keys to tenant
     keys = ["ops.key"]
     admin = true                      # read, write, invalidate and see every namespace
 
+    [tenants.untrusted]
+    keys = ["eve.key"]
+    listen = "tcp://0.0.0.0:5601"     # optional: a listener of its own, admitting only its keys
+
+A listener is the unit of isolation (kvstore/listeners.py): a flood of frames on one stalls only
+its own clients, so give a tenant you do not trust its own `listen` address.
+
 A key may write (RESERVE, PUT, COMMIT, ABORT, INVALIDATE) the tenants that list it, and read
 (LOOKUP, GET, STATS) those plus their `read` lists. Without the file every admitted key may use
 every namespace. A malformed file or key raises AccessError naming it.
@@ -20,7 +27,7 @@ every namespace. A malformed file or key raises AccessError naming it.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,7 @@ from zmq.utils import z85
 
 from kvstore.keys import TENANT_RE, tenant_of, with_tenant
 
-_TENANT_KEYS = {"keys", "read", "admin"}
+_TENANT_KEYS = {"keys", "read", "admin", "listen"}
 ALL = "*"
 
 
@@ -57,6 +64,7 @@ class Access:
 
     keys: dict[str, str]
     grants: dict[str, Grant] | None  # None: no tenants file
+    listeners: dict[str, str] = field(default_factory=dict)  # tenant -> its own tcp:// address
 
     @property
     def num_tenants(self) -> int:
@@ -104,7 +112,8 @@ def load_access(curve_dir: Path) -> Access:
     path = curve_dir / "tenants.toml"
     if not path.exists():
         return Access(keys, None)
-    return Access(keys, _load_tenants(path, keys))
+    grants, listeners = _load_tenants(path, keys)
+    return Access(keys, grants, listeners)
 
 
 def load_client_keys(directory: Path) -> dict[str, str]:
@@ -142,7 +151,8 @@ def _decodes(key: str) -> bool:
         return False
 
 
-def _load_tenants(path: Path, keys: dict[str, str]) -> dict[str, Grant]:
+def _load_tenants(path: Path,
+                  keys: dict[str, str]) -> tuple[dict[str, Grant], dict[str, str]]:
     try:
         with open(path, "rb") as f:
             document = tomllib.load(f)
@@ -157,6 +167,7 @@ def _load_tenants(path: Path, keys: dict[str, str]) -> dict[str, Grant]:
     write: dict[str, set[str]] = {}
     read: dict[str, set[str]] = {}
     admin: set[str] = set()
+    listeners: dict[str, str] = {}
     for tenant, table in tenants.items():
         where = f"{path}: [tenants.{tenant}]"
         try:
@@ -177,13 +188,20 @@ def _load_tenants(path: Path, keys: dict[str, str]) -> dict[str, Grant]:
                 admin.add(key)
             elif "admin" in table and table["admin"] is not False:
                 raise AccessError(f"{where}: admin must be true or false")
+        if "listen" in table:
+            address = table["listen"]
+            if not isinstance(address, str) or not address.startswith("tcp://"):
+                raise AccessError(f"{where}: listen must be a tcp://HOST:PORT address")
+            if address in listeners.values():
+                raise AccessError(f"{where}: listen address {address} is another tenant's")
+            listeners[tenant] = address
     for key, tenants_read in read.items():
         unknown = sorted(tenants_read - set(tenants) - {ALL})
         if unknown:
             raise AccessError(f"{path}: key {keys[key]} reads tenant {unknown[0]!r}, which has "
                               f"no [tenants.{unknown[0]}] table")
     return {key: Grant(frozenset(write[key]), frozenset(read[key]), key in admin)
-            for key in write}
+            for key in write}, listeners
 
 
 def _strings(value: Any, where: str) -> list[str]:
