@@ -1,5 +1,5 @@
-"""What one row of each block-listing message costs the daemon: the figures that chose the per-message
-row caps (protocol.MAX_WRITE_ROWS, MAX_READ_ROWS; issue 10: one message must cost well under the
+"""What one row of each block-listing message costs the daemon: the figures that chose the
+per-message row caps (protocol.MAX_WRITE_ROWS, MAX_READ_ROWS; issue 10: one message must cost well under the
 50 ms PING budget).
 
 Each op is sent from a raw DEALER to a real daemon at several row counts (4 KiB blocks, the

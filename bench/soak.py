@@ -12,6 +12,11 @@ slots holds 524,288 of them as in the issue; --reserve-timeout 2 s, 1 s in --qui
   pinger    its own process, a PING every 20 ms (1 s deadline): the daemon's responsiveness.
             Its p99 counts the pings it could not send while one call waited (each at what it
             would have waited), so a stalled daemon does not get fewer samples than a fast one
+  listeners the honest clients and the pinger use the daemon's main listener; the attacker has
+            one of its own (its tenant's `listen` address in tenants.toml, or a second --tcp
+            without tenants): the listener is the unit of isolation (kvstore/listeners.py). A
+            second pinger on the attacker's listener measures what a client sharing it gets
+            (ping_same_listener: still stalled while a million-frame message is read)
   attacks   bench/soak_attacks.py, in rotation from the parent process, each bounded in count and
             time, each window ending when a fresh connection's PING is answered again
   restart   once, at half time: SIGKILL, then the same daemon command again
@@ -49,7 +54,7 @@ from bench import soak_attacks as attacks
 from bench.machine import summary
 from bench.soak_clients import honest_client, pinger
 from bench.soak_report import POOL_BYTES, analyse, render
-from tests.daemon import Daemon  # the integration tests' launcher of the real daemon process
+from tests.daemon import Daemon, free_port  # the tests' launcher of the real daemon process
 
 MiB = 1024 * 1024
 POOL = "256MiB"  # POOL_BYTES in soak_report; pages of 32 MiB (pool/8): 524,288 slots of 64 B
@@ -106,9 +111,10 @@ def has_tenants() -> bool:
     return importlib.util.find_spec("kvstore.tenants") is not None
 
 
-def tenant_keys(root: Path) -> tuple[Path, Path, Path]:
+def tenant_keys(root: Path, attacker_address: str) -> tuple[Path, Path, Path]:
     """CURVE keys for the daemon and two tenants, "honest" and "attacker", each key bound to its
-    own tenant's namespaces: (daemon --curve-keys dir, honest client dir, attacker client dir)."""
+    own tenant's namespaces, the attacker on a listener of its own: (daemon --curve-keys dir,
+    honest client dir, attacker client dir)."""
     import zmq.auth
 
     server = root / "daemon"
@@ -123,7 +129,8 @@ def tenant_keys(root: Path) -> tuple[Path, Path, Path]:
         shutil.copy(public, server / "clients" / f"{who}.key")
         dirs.append(mine)
     (server / "tenants.toml").write_text(
-        '[tenants.honest]\nkeys = ["honest.key"]\n\n[tenants.attacker]\nkeys = ["attacker.key"]\n')
+        '[tenants.honest]\nkeys = ["honest.key"]\n\n[tenants.attacker]\nkeys = ["attacker.key"]\n'
+        f'listen = "{attacker_address}"\n')
     for path in root.rglob("*"):
         path.chmod(0o700 if path.is_dir() else 0o600)
     root.chmod(0o700)
@@ -131,13 +138,17 @@ def tenant_keys(root: Path) -> tuple[Path, Path, Path]:
 
 
 def start_workers(procs: list[Any], address: str, curve_dir: Path | None, num_shm: int,
-                  num_tcp: int, stop: Any, results: Any) -> None:
-    """The honest clients and the pinger, each in a fresh (spawned) process, added to procs;
-    returns once every one has connected."""
+                  num_tcp: int, stop: Any, results: Any,
+                  attacker: tuple[str, Path | None]) -> None:
+    """The honest clients and the pinger, each in a fresh (spawned) process, added to procs,
+    and a pinger on the attacker's listener (address, keys); returns once every one has
+    connected."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Queue()
     procs.append(ctx.Process(target=pinger, args=(address, curve_dir, stop, ready, results),
                              name="pinger"))
+    procs.append(ctx.Process(target=pinger, args=(*attacker, stop, ready, results, "pinger-same"),
+                             name="pinger-same"))
     for i in range(num_shm + num_tcp):
         use_shm = i < num_shm
         name = f"{'shm' if use_shm else 'tcp'}-{i}"
@@ -158,10 +169,12 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     quiet_s = 0.5 if quick else 3.0
     tenants = has_tenants() if args.tenants == "auto" else args.tenants == "on"
     keys_root = Path(tempfile.mkdtemp(prefix="kvstore-soak-keys-"))
-    server_keys, honest_keys, attacker_keys = (tenant_keys(keys_root) if tenants
-                                               else (None, None, None))
+    attacker_address = f"tcp://127.0.0.1:{free_port()}"
+    server_keys, honest_keys, attacker_keys = (tenant_keys(keys_root, attacker_address)
+                                               if tenants else (None, None, None))
     serve_args = ["--reserve-timeout", str(reserve_s),
-                  *(["--curve-keys", str(server_keys)] if server_keys else []), *args.serve_arg]
+                  *(["--curve-keys", str(server_keys)] if server_keys
+                    else ["--tcp", attacker_address]), *args.serve_arg]
     # Without keys, tests/daemon.py adds --insecure where the daemon wants it for loopback TCP.
     daemon = Daemon(pool_size=POOL, extra_args=serve_args, client_keys=honest_keys)
     daemon.start()
@@ -175,7 +188,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     windows: list[dict[str, Any]] = []
     try:
         start_workers(procs, daemon.address, honest_keys, *((1, 1) if quick else (2, 2)), stop,
-                      results)
+                      results, (attacker_address, attacker_keys))
         run_start = time.monotonic()
         windows.append(_quiet(sampler, "baseline", 2.0 if quick else 10.0))
         restarted, done, rnd = False, Counter[str](), 0
@@ -187,7 +200,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
                 if not restarted and time.monotonic() - run_start >= seconds / 2:
                     windows.append(_restart(sampler, daemon))
                     restarted = True
-                env = attacks.Env(daemon.address, ctx, scale, reserve_s, rnd, attacker_keys)
+                env = attacks.Env(attacker_address, ctx, scale, reserve_s, rnd, attacker_keys)
                 windows.append(_attack(sampler, name, attack, env))
                 done[name] += 1
                 windows.append(_quiet(sampler, "quiet", quiet_s))
@@ -209,6 +222,10 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
               "reserve_timeout_s": reserve_s, "quiet_s": quiet_s, "scale": asdict(scale),
               "honest_clients": {"shm": 1 if quick else 2, "tcp": 1 if quick else 2},
               "daemon_args": [a if a != str(server_keys) else "DIR" for a in serve_args],
+              "listeners": {"honest_and_pinger": "the main --tcp address",
+                            "attacker_and_pinger_same": ("the attacker tenant's own listen "
+                                                         "address" if tenants
+                                                         else "a second --tcp address")},
               "tenants": ("CURVE keys, tenants.toml binding 'honest' and 'attacker' keys to their "
                           "own namespaces" if tenants else "off: every client may use every "
                           "namespace (no kvstore/tenants.py in this daemon)"),

@@ -181,8 +181,9 @@ def reserve_tiny(env: Env) -> dict[str, Any]:
         hashes = _hashes(env, "reserve", n)
         num, res, res_s = 0, None, 0.0
         for i in range(0, n, protocol.MAX_WRITE_ROWS):
+            batch = hashes[i:i + protocol.MAX_WRITE_ROWS]
             res, res_s = raw.call(Op.RESERVE, ns=ns, token=raw.token,
-                                  blocks=[[h, None, 1] for h in hashes[i:i + protocol.MAX_WRITE_ROWS]])
+                                  blocks=[[h, None, 1] for h in batch])
             num += sum(s is not None for s in (res or {}).get("slots") or [])
         time.sleep(env.reserve_s + 0.5)  # the reclaim runs now, between everyone's messages
         return {"blocks": n, "reserved": num, "reserve": _answer(res, res_s)}

@@ -170,11 +170,12 @@ def _check(rec: Recorder, block_hash: bytes, data: bytes) -> None:
         rec.wrong_by_cause[wrong_cause(data)] += wrong
 
 
-def pinger(address: str, curve_dir: Path | None, stop: Event, ready: Any, results: Any) -> None:
+def pinger(address: str, curve_dir: Path | None, stop: Event, ready: Any, results: Any,
+           name: str = "pinger") -> None:
     """PING the daemon every PING_PERIOD_S; a timeout is recorded with its elapsed time."""
-    rec = Recorder("pinger", [])
+    rec = Recorder(name, [])
     client = Client(address, timeout_s=PING_TIMEOUT_S, use_shm=False, curve_dir=curve_dir)
-    _say_ready(client, "pinger", ready)
+    _say_ready(client, name, ready)
     next_s = time.monotonic()
     while not stop.is_set():
         t0 = time.monotonic()

@@ -9,7 +9,7 @@ listener stalls only the clients of that listener. Each socket also gets its own
 (up to MAX_IO_THREADS), so a large message arriving on one does not hold up another's bytes.
 
 A client is (listener, ROUTER identity): owner_of() makes one bytes key of the two for the Store's
-per-client bookkeeping (kvstore/clients.py), and replies go out on the socket the request came in on.
+per-client bookkeeping (kvstore/clients.py); replies go out on the socket the request came in on.
 """
 
 from __future__ import annotations
@@ -109,8 +109,11 @@ def open_listeners(ctx: zmq.Context, config: ServeConfig,
     return listeners, bound_ipc
 
 
-def drain(listeners: list[Listener], handle: Callable[[Listener, list[zmq.Frame] | Oversized], bool],
-          trim: Callable[[], None], deadline_s: float, is_stopping: Callable[[], bool]) -> None:
+Handler = Callable[[Listener, list[zmq.Frame] | Oversized], bool]  # answers; True: trim after
+
+
+def drain(listeners: list[Listener], handle: Handler, trim: Callable[[], None],
+          deadline_s: float, is_stopping: Callable[[], bool]) -> None:
     """Serve the listeners in turn, one step each (a whole message handled, or a slice of a long
     one read), until none has anything ready or deadline_s (perf_counter) passes. trim() runs
     after a message handle() calls big, once its frames are dropped."""

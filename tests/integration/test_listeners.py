@@ -35,10 +35,10 @@ def two_listeners():  # type: ignore[no-untyped-def]
     d.stop()
 
 
-def _attack_while_pinging(ctx, attacker_address: str, victim_address: str, frames) -> dict:  # type: ignore[no-untyped-def]
-    sock = dealer(ctx, attacker_address, timeout_ms=120_000)
+def _attack_while_pinging(ctx, attacker: str, victim: str, frames) -> dict:  # type: ignore[no-untyped-def]
+    sock = dealer(ctx, attacker, timeout_ms=120_000)
     try:
-        with PingProbe(ctx, victim_address) as probe:
+        with PingProbe(ctx, victim) as probe:
             send_message(sock, frames)
             reply = recv_reply(sock)  # the daemon has read the whole message
         return {"reply": reply, **probe.summary(), "max_s": max(probe.latencies_s)}
