@@ -7,7 +7,7 @@ default --min-block-size); the daemon's time is the round trip less a PING's. Ro
 daemon's caps are refused (too_large), so the large counts only measure on code without caps,
 or with --rows given explicitly against such a daemon. Writes bench/results/row_costs.json.
 
-    python -m bench.row_costs                 # 256 and 1024 rows (the caps)
+    python -m bench.row_costs                 # 128 and 512 rows (512: the write cap)
     python -m bench.row_costs --rows 1024 8192
 """
 
@@ -92,7 +92,7 @@ def measure_rows(address: str, n: int, tag: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.row_costs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="*", default=[256, 1024])
+    parser.add_argument("--rows", type=int, nargs="*", default=[128, 512])
     parser.add_argument("--out", default=str(RESULTS / "row_costs.json"))
     args = parser.parse_args(argv)
     from bench.machine import describe

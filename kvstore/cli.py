@@ -150,13 +150,19 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     server.install_signal_handlers()
     slabs = server.store.slabs
-    print(f"kvstore: listening on {', '.join(config.bind_addresses())}", flush=True)
+    print(f"kvstore: listening on {', '.join(_described(x) for x in server.listeners)}",
+          flush=True)
     print(f"kvstore: segment {pool.path} ({format_size(pool.size_bytes)}, {slabs.num_pages} pages "
           f"of {format_size(slabs.page_bytes)}), policy {config.policy}"
           f"{_curve_note(server)}", flush=True)
     server.serve_forever()
     print("kvstore: stopped, segment removed", flush=True)
     return 0
+
+
+def _described(listener: Any) -> str:
+    """A listener's address, and the tenant it is for when it is one's own."""
+    return listener.address + (f" (tenant {listener.tenant} only)" if listener.tenant else "")
 
 
 def _curve_note(server: Any) -> str:

@@ -33,7 +33,7 @@ _SNDHWM = 10_000  # replies queued per peer before ROUTER drops; bounds memory p
 _RCVHWM = 10_000
 # Frames read from one listener per turn before the next listener's turn: 2-10 us each here
 # (pyzmq's recv), so a turn stays well under the 50 ms PING budget of the other listeners.
-SLICE_FRAMES = 4096
+SLICE_FRAMES = 1024
 MAX_IO_THREADS = 4  # one libzmq I/O thread per listener, up to this many (each idles on epoll)
 MAX_LISTENERS = 255  # a listener's index is the first byte of its clients' owner keys
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 from typing import Any
 
@@ -50,12 +51,19 @@ def give_back() -> bool:
     """Return the process's free heap memory to the kernel (glibc malloc_trim); False without
     glibc. For after a message far larger than any PUT batch: glibc would otherwise keep its
     memory (a dropped 2 GiB message left the daemon 2 GB larger for good; issue 10)."""
+    malloc_trim = _malloc_trim()
+    return malloc_trim is not None and bool(malloc_trim(0))
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None; looked up once: find_library runs `ldconfig -p` in a
+    subprocess, which cost the loop up to 0.5 s after each dropped message on a loaded host."""
     name = ctypes.util.find_library("c")
     try:
         malloc_trim = ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
-        return False
-    if malloc_trim is None:
-        return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    return bool(malloc_trim(0))
+        return None
+    if malloc_trim is not None:
+        malloc_trim.argtypes = [ctypes.c_size_t]
+    return malloc_trim
