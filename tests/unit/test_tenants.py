@@ -45,6 +45,14 @@ def test_grants_follow_the_file(keys: Path) -> None:
     assert not access.is_admin(bob)
 
 
+def test_a_tenant_may_have_a_listener_of_its_own(keys: Path) -> None:
+    """`listen` gives a tenant its own address (kvstore/listeners.py); others have none."""
+    (keys / "tenants.toml").write_text('[tenants.a]\nkeys = ["alice.key"]\n'
+                                       'listen = "tcp://127.0.0.1:5601"\n'
+                                       '[tenants.b]\nkeys = ["bob.key"]\n')
+    assert load_access(keys).listeners == {"a": "tcp://127.0.0.1:5601"}
+
+
 @pytest.mark.parametrize(("text", "needle"), [
     ("[tenants.a\n", "not valid TOML"),
     ('[tenants.a]\nkeys = ["carol.key"]\n', "'carol.key'"),
@@ -53,6 +61,9 @@ def test_grants_follow_the_file(keys: Path) -> None:
     ('[tenants.a]\nkeys = ["alice.key"]\nadmin = "yes"\n', "admin must be"),
     ('[tenants.a]\nkey = ["alice.key"]\n', "allowed keys"),
     ('[serve]\n', "[tenants.NAME]"),
+    ('[tenants.a]\nkeys = ["alice.key"]\nlisten = "udp://x"\n', "listen must be"),
+    ('[tenants.a]\nkeys = ["alice.key"]\nlisten = "tcp://h:1"\n'
+     '[tenants.b]\nkeys = ["bob.key"]\nlisten = "tcp://h:1"\n', "another tenant's"),
 ])
 def test_a_bad_tenants_file_is_named_with_what_is_wrong(keys: Path, text: str, needle: str) -> None:
     (keys / "tenants.toml").write_text(text)
