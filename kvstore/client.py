@@ -22,7 +22,6 @@ from kvstore.errors import ProtocolError, ServerError, ServerUnavailable, Versio
 from kvstore.ipc import connect_refusal, default_address
 from kvstore.keys import Namespace, SlotId
 from kvstore.pool import Pool
-from kvstore.slabs import SLOT_ALIGN_BYTES, round_up
 from kvstore.protocol import Op
 
 _LINGER_MS = 0  # a dead daemon must not make close() or Context.term() hang
@@ -304,10 +303,12 @@ class Client:
         slot bytes it lets one client hold reserved (HELLO max_reserved_bytes; what this client
         has fenced counts too), so one large put goes in several rounds."""
         assert self.pool is not None
-        min_slot = int(self._limit("min_slot_bytes", SLOT_ALIGN_BYTES))
+        align = int(self._limit("slot_align_bytes", 64))
+        min_slot = int(self._limit("min_slot_bytes", align))
         max_reserved = self._limit("max_reserved_bytes", None)
         max_bytes = (self.pool.size_bytes if max_reserved is None else int(max_reserved)) // 2
-        slot_bytes = [round_up(max(len(memoryview(data).cast("B")), min_slot), SLOT_ALIGN_BYTES)
+        # The slot each block takes in the daemon (kvstore/slabs.py slot_bytes_for).
+        slot_bytes = [-(-max(len(memoryview(data).cast("B")), min_slot) // align) * align
                       for _, _, data in blocks]
         total = PutResult(0, 0, 0)
         for start, end in _spans(slot_bytes, self._max_rows("reserve"), max_bytes):

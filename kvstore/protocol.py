@@ -27,11 +27,12 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
     HELLO      {version}                          -> {version, segment, segment_bytes, token,
                                                       page_bytes, chunk_bytes, max_rows,
                                                       max_put_bytes, max_reserved_bytes,
-                                                      min_slot_bytes}
+                                                      min_slot_bytes, slot_align_bytes}
                max_rows: rows per message of each block-listing op ({"put": 512, ...});
                max_put_bytes: payload of a PUT of more than one block; max_reserved_bytes: slot
                bytes one connection may hold reserved (a slot is a block rounded up to
-               min_slot_bytes and 64 bytes). Larger requests are answered "too_large".
+               min_slot_bytes, then to a multiple of slot_align_bytes). Larger requests are
+               answered "too_large".
     PING       {}                                 -> {}
     LOOKUP     {ns, hashes, lease_ms}             -> {num_hits, lease}
                How many of hashes (chained, root first) are stored as a consecutive prefix. With

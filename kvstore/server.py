@@ -30,7 +30,7 @@ from kvstore.keys import Namespace, SlotId
 from kvstore.metrics import Metrics, ServerCounters, error_kinds, namespace_label
 from kvstore.pool import HEADER_BYTES, Pool
 from kvstore.protocol import Op, Request
-from kvstore.slabs import Slabs
+from kvstore.slabs import SLOT_ALIGN_BYTES, Slabs
 from kvstore.policy import POLICIES
 from kvstore.store import Limits, Store
 
@@ -278,7 +278,7 @@ class Server:
             page_bytes=self.store.slabs.page_bytes, chunk_bytes=protocol.CHUNK_BYTES,
             pid=os.getpid(), max_rows=protocol.max_rows(), max_put_bytes=protocol.MAX_PUT_BYTES,
             max_reserved_bytes=self.store.clients.limits.max_reserved_bytes,
-            min_slot_bytes=self.store.slabs.min_slot_bytes)]
+            min_slot_bytes=self.store.slabs.min_slot_bytes, slot_align_bytes=SLOT_ALIGN_BYTES)]
 
     def _ping(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
         return [protocol.encode_reply(req.req_id)]
