@@ -11,9 +11,9 @@ decode work, served by processor sharing of the whole machine among the requests
 closed loop exactly as bench/fleet_client.py sends: `concurrency` in flight, started in trace order,
 a session's turn only after its previous turn finished; a request's cache hits are decided when it
 starts. Prefill work = overhead + a x recomputed tokens + b x cached tokens (machine-seconds),
-fitted by least absolute deviations on the real N = 3 runs of the same cache (the two caches ran one after
-the other, under different outside load): each real request's TTFT divided by the mean
-number of requests in flight while it waited for its first token. The real N = 2 runs are then
+fitted by least absolute deviations on the real N = 3 runs of the same cache (the two caches
+ran one after the other, under different outside load): each real request's TTFT divided by the
+mean number of requests in flight while it waited for its first token. The real N = 2 runs are then
 predicted out of sample (hit rate and TTFT p50 relative errors under "validation_n2").
 Adds "sim" to the result file, and fleet_sim.png beside it.
 """
