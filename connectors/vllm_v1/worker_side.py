@@ -116,9 +116,7 @@ class WorkerSide:
             # A daemon (re)started and answers: no need to wait out a pause from its downtime.
             self._num_generations_seen = self._keeper.num_generations
             self._save_breaker.close()
-        # The keeper's last HELLOs went unanswered: skip at no cost, as the scheduler's lookups do.
-        is_down = self._keeper.is_first_try_done and not self._keeper.is_up
-        if self.kv is None or self._save_breaker.is_open() or is_down:
+        if self.kv is None or self._save_breaker.is_open():
             self._add_stats(num_failed_saves=1)
         else:
             start = time.perf_counter()

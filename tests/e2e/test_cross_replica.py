@@ -21,7 +21,7 @@ import pytest
 
 from bench.models import TEST_MODEL, make_model
 from bench.replica import ReplicaProcess
-from tests.daemon import Daemon, free_port
+from tests.daemon import Daemon, free_port, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -50,11 +50,24 @@ class Cluster:
         return [self.rng.randrange(1, TEST_MODEL.vocab_size) for _ in range(n)]
 
     def start_daemon(self, **kwargs: str) -> None:
+        """A fresh daemon, and every replica's keepers connected to it: a request sent before
+        they notice it is a miss (correct, but not what a test asserting a hit wants)."""
         self.stop_daemon()
         self.daemon = Daemon(port=self.daemon.port, **kwargs).start()
+        from kvstore.client import Client
+
+        with Client(self.daemon.address, 2.0, use_shm=False) as client:
+            wait_until(lambda: client.stats()["requests"].get("hello", 0) >= KEEPER_HELLOS + 1,
+                       60, what="every replica's keepers saying HELLO to the new daemon")
 
     def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
         self.daemon.stop(sig)
+
+
+# HELLOs a connector replica sends a new daemon: the scheduler's keeper probe and its lookup
+# client, the worker's keeper probe and its load and save clients (connectors/vllm_v1/keeper.py).
+KEEPER_HELLOS_PER_REPLICA = 5
+KEEPER_HELLOS = 3 * KEEPER_HELLOS_PER_REPLICA  # A, B and C
 
 
 def daemon_counts(daemon: Daemon) -> dict:
@@ -85,7 +98,7 @@ def assert_same_generation(got: dict, want: dict) -> None:
 # Connector settings for tests: retry a daemon almost at once after a failure. A missing daemon is
 # the keeper's to notice (no lookup or save is sent); the budgets are generous because the tests
 # that assert hits run on shared 2-core CI machines (a 0.5 s load timed out there under load).
-FAST = {"timeout_ms": 2000, "lookup_timeout_ms": 1000, "save_timeout_ms": 1000,
+FAST = {"timeout_ms": 500, "lookup_timeout_ms": 1000, "save_timeout_ms": 500,
         "retry_interval_ms": 5}
 
 
