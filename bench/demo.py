@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.models import TinyLlama, make_model
 from bench.replica import ReplicaProcess
-from tests.daemon import Daemon
+from bench.daemon import Daemon
 
 DEMO_MODEL = TinyLlama(num_layers=4, hidden_size=512, num_heads=8, num_kv_heads=8,
                        intermediate_size=1408, vocab_size=4096, max_position_embeddings=4096)

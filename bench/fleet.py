@@ -131,7 +131,7 @@ def run_cache(cache: str, ns: list[int], policies: list[str], failure: bool,
               trace: list[dict[str, Any]], model: str, logs: Path,
               args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (N, policy) run of one cache on one set of replicas, then the failure run."""
-    from tests.daemon import Daemon
+    from bench.daemon import Daemon
 
     daemon = Daemon(pool_size=str(POOL_BLOCKS * BLOCK_BYTES)) if cache == "pool" else None
     replicas: list[Replica] = []

@@ -43,7 +43,7 @@ def main() -> int:
     from connectors.vllm_v1.worker_side import _register_host_memory
     from kvstore.client import Client
     from kvstore.keys import Namespace
-    from tests.daemon import Daemon
+    from bench.daemon import Daemon
 
     kv = {f"l{i}": torch.randn(NUM_BLOCKS * 2, *PAGE_SHAPE, device="cuda", dtype=torch.bfloat16)
           for i in range(LAYERS)}

@@ -268,7 +268,7 @@ def attack_tiny_fill(ctx: zmq.Context, address: str, num_blocks: int) -> Callabl
 def measure(name: str, make_attack: Callable[..., Callable[[], Any]], scale: int,
             daemon_args: list[str], pool_size: str, settle_s: float = 0.0) -> dict[str, Any]:
     """Start a daemon, prepare the attack, run it under a PING probe; latency and RSS figures."""
-    from tests.daemon import Daemon, free_port
+    from bench.daemon import Daemon, free_port
 
     other = f"tcp://127.0.0.1:{free_port()}"
     d = Daemon(pool_size=pool_size, extra_args=["--tcp", other, *daemon_args]).start()

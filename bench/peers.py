@@ -125,7 +125,7 @@ class Harness:
 
     def start(self) -> None:
         from bench.peers_servers import start_lmcache_server, start_redis
-        from tests.daemon import Daemon
+        from bench.daemon import Daemon
 
         total = sum(w.total_bytes for w in self.workloads)
         # Two clients, each with a read set and a put set, and room for slab rounding.

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.daemon import free_port
+from bench.daemon import free_port
 
 _READY_TIMEOUT_S = 60.0  # a loaded 2-core CI machine starts Python servers slowly
 _STOP_TIMEOUT_S = 10.0

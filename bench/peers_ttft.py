@@ -54,7 +54,7 @@ class ExampleReplica(ReplicaProcess):
 def measure(sizes: list[int], repeats: int, model_dir: Path, log: Callable[[str], None],
             deadline: float) -> dict[str, Any]:
     """TTFT figures per prompt size; stops adding repeats (keeping one) past the deadline."""
-    from tests.daemon import Daemon  # the same daemon process the tests and bench.ttft start
+    from bench.daemon import Daemon  # the same daemon process the tests and bench.ttft start
 
     model = str(make_model(model_dir, BENCH_MODEL))
     logs = Path(tempfile.mkdtemp(prefix="kvstore-peers-ttft-"))

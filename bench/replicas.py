@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_real(trace: list[dict[str, Any]], model_dir: Path, vram_blocks: int,
              pool: PoolSpec) -> dict[str, dict[str, dict[int, list[dict[str, Any]]]]]:
     """Replay trace on real engines: records[cache][routing][N] = one dict per request."""
-    from tests.daemon import Daemon
+    from bench.daemon import Daemon
 
     model = str(make_model(model_dir, REPLICA_MODEL))
     logs = Path(tempfile.mkdtemp(prefix="kvstore-replicas-"))

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "row_costs.json"))
     args = parser.parse_args(argv)
     from bench.machine import describe
-    from tests.daemon import Daemon
+    from bench.daemon import Daemon
 
     d = Daemon(pool_size="2GiB").start()
     results = []

@@ -54,7 +54,7 @@ from bench import soak_attacks as attacks
 from bench.machine import summary
 from bench.soak_clients import honest_client, pinger
 from bench.soak_report import POOL_BYTES, analyse, render
-from tests.daemon import Daemon, free_port  # the tests' launcher of the real daemon process
+from bench.daemon import Daemon, free_port  # the tests' launcher of the real daemon process
 
 MiB = 1024 * 1024
 POOL = "256MiB"  # POOL_BYTES in soak_report; pages of 32 MiB (pool/8): 524,288 slots of 64 B
@@ -175,7 +175,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     serve_args = ["--reserve-timeout", str(reserve_s),
                   *(["--curve-keys", str(server_keys)] if server_keys
                     else ["--tcp", attacker_address]), *args.serve_arg]
-    # Without keys, tests/daemon.py adds --insecure where the daemon wants it for loopback TCP.
+    # Without keys, bench/daemon.py adds --insecure where the daemon wants it for loopback TCP.
     daemon = Daemon(pool_size=POOL, extra_args=serve_args, client_keys=honest_keys)
     daemon.start()
     start_s = time.monotonic()

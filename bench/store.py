@@ -52,7 +52,7 @@ from bench.machine import describe, summary
 from kvstore.client import Client
 from kvstore.keys import Namespace
 from kvstore.protocol import CHUNK_BYTES
-from tests.daemon import Daemon  # the integration tests' launcher of the real daemon process
+from bench.daemon import Daemon  # the integration tests' launcher of the real daemon process
 
 MiB = 1024 * 1024
 BLOCK_TOKENS = 16

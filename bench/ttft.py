@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     log("making the benchmark model (8 layers, hidden 1024) in", args.model_dir)
     model = str(make_model(args.model_dir, BENCH_MODEL))
     logs = Path(tempfile.mkdtemp(prefix="kvstore-ttft-"))
-    from tests.daemon import Daemon  # the same daemon process the tests and bench.store start
+    from bench.daemon import Daemon  # the same daemon process the tests and bench.store start
 
     daemon = Daemon(pool_size="6GiB").start()
     address = daemon.address

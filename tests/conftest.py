@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.daemon import Daemon
+from bench.daemon import Daemon
 
 
 @pytest.fixture

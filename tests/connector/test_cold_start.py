@@ -15,7 +15,7 @@ from connectors.vllm_v1.worker_side import WorkerSide
 from kvstore.client import Client
 from kvstore.keys import Namespace
 from tests.connector import fakes
-from tests.daemon import Daemon, wait_until
+from bench.daemon import Daemon, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,7 +17,7 @@ from kvstore.client import Client
 from kvstore.keys import Namespace
 from tests.connector import fakes
 from tests.connector.fakes import Blocks, Req
-from tests.daemon import Daemon
+from bench.daemon import Daemon
 
 pytestmark = pytest.mark.timeout(60)
 

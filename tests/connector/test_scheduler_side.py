@@ -13,7 +13,7 @@ from kvstore.client import Client
 from kvstore.keys import Namespace
 from tests.connector import fakes
 from tests.connector.fakes import Req
-from tests.daemon import Daemon, wait_until
+from bench.daemon import Daemon, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

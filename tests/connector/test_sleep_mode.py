@@ -17,7 +17,7 @@ from bench.models import TEST_MODEL, make_model
 from connectors.vllm_v1.connector import KVStoreConnector
 from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec
 from tests.connector.test_worker_stats import chain, kv_caches, save_spec
-from tests.daemon import Daemon, wait_until
+from bench.daemon import Daemon, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

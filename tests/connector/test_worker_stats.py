@@ -13,7 +13,7 @@ from connectors.vllm_v1.config import ConnectorConfig
 from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec, SaveSpec
 from connectors.vllm_v1.worker_side import WorkerSide
 from kvstore.keys import Namespace
-from tests.daemon import Daemon, wait_until
+from bench.daemon import Daemon, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ import pytest
 
 from bench.models import TEST_MODEL, make_model
 from bench.replica import ReplicaProcess
-from tests.daemon import Daemon
+from bench.daemon import Daemon
 from tests.e2e.test_cross_replica import BLOCK, assert_same_generation, logs_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

@@ -21,7 +21,7 @@ import pytest
 
 from bench.models import TEST_MODEL, make_model
 from bench.replica import ReplicaProcess
-from tests.daemon import Daemon, free_port, wait_until
+from bench.daemon import Daemon, free_port, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

@@ -28,7 +28,7 @@ import pytest
 from bench.models import TEST_MODEL, make_model
 from bench.replica import CONNECTOR, ReplicaProcess
 from kvstore.client import Client
-from tests.daemon import Daemon, free_port
+from bench.daemon import Daemon, free_port
 from tests.e2e.test_cross_replica import logs_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]

@@ -20,7 +20,7 @@ import pytest
 
 from bench.fleet_model import make_fleet_model, text
 from bench.fleet_procs import MODEL_NAME, Replica, Router, http
-from tests.daemon import Daemon
+from bench.daemon import Daemon
 from tests.e2e.test_cross_replica import logs_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

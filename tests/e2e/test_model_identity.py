@@ -12,7 +12,7 @@ import pytest
 
 from bench.models import TEST_MODEL, TinyLlama, make_model
 from bench.replica import ReplicaProcess
-from tests.daemon import Daemon, free_port
+from bench.daemon import Daemon, free_port
 from tests.e2e.test_cross_replica import FAST, PREFIX_TOKENS, assert_same_generation, logs_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]

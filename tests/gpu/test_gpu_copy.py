@@ -12,7 +12,7 @@ from connectors.vllm_v1.blocks import PagedKV
 from connectors.vllm_v1.worker_side import _register_host_memory
 from kvstore.client import Client
 from kvstore.keys import Namespace
-from tests.daemon import Daemon
+from bench.daemon import Daemon
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

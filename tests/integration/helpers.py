@@ -13,7 +13,7 @@ import numpy as np
 import zmq
 
 from kvstore.client import Client
-from tests.daemon import wait_until
+from bench.daemon import wait_until
 
 MiB = 1024 * 1024
 # Deadline of calls in tests that are not about timing. Generous: the machine may be shared with

@@ -14,7 +14,7 @@ from kvstore.client import Client
 from kvstore.errors import VersionMismatch
 from kvstore.keys import Namespace
 from kvstore.protocol import Op
-from tests.daemon import Daemon, free_port
+from bench.daemon import Daemon, free_port
 from tests.integration.helpers import (
     CALL_S, MiB, random_blocks, raw_dealer, run_cli, stats)
 

@@ -13,7 +13,7 @@ import pytest
 
 from kvstore.client import Client
 from kvstore.keys import Namespace, namespace_digest
-from tests.daemon import free_port, wait_until
+from bench.daemon import free_port, wait_until
 from tests.integration.helpers import CALL_S, REPO, chain_hashes, run_cli, stats
 
 NS_A = Namespace(namespace_digest({"model": "a"}))

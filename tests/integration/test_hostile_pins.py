@@ -13,7 +13,7 @@ from kvstore import protocol
 from kvstore.client import Client
 from kvstore.keys import Namespace
 from kvstore.protocol import Op
-from tests.daemon import wait_until
+from bench.daemon import wait_until
 from tests.integration.helpers import CALL_S, MiB, raw_dealer, stats, wait_stats
 
 NS = Namespace(b"hostile-pins")

@@ -14,7 +14,7 @@ from bench.hostile import (
     call, header, hello_token, ping_s, put_chain, put_tiny, recv_reply,
     reserve_tiny, tiny_hashes)
 from kvstore.protocol import MAX_WRITE_ROWS, Op
-from tests.daemon import wait_until
+from bench.daemon import wait_until
 
 # Today's budget is 50 ms at p99 (bench/hostile.py); a shared 2-core CI machine gets 20x that.
 ANSWER_S = 1.0

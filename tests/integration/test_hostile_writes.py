@@ -143,7 +143,7 @@ def test_connections_together_cannot_reserve_the_whole_pool(ctx):
     """Reservations have the leases' fair global rule: past the reservation table (half the pool)
     a client reserves only up to its fair share, so two connections that each reserve all they
     may still leave a third its share (before, each took half the pool and the third got full)."""
-    from tests.daemon import Daemon
+    from bench.daemon import Daemon
 
     d = Daemon(pool_size="64MiB", page_size="1MiB").start()
     clients = [Client(d.address, CALL_S, ctx=ctx) for _ in range(3)]

@@ -11,7 +11,7 @@ import zmq
 from kvstore.client import Client
 from kvstore.errors import ServerUnavailable
 from kvstore.keys import Namespace
-from tests.daemon import wait_until
+from bench.daemon import wait_until
 from tests.integration.helpers import CALL_S, assert_terminates, is_mapped
 
 NS = Namespace(b"model-a")

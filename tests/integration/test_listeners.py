@@ -18,7 +18,7 @@ from bench.hostile import CHUNK_BYTES, PingProbe, dealer, empty_frames_message, 
 from kvstore.client import Client
 from kvstore.errors import ServerUnavailable
 from kvstore.keys import Namespace
-from tests.daemon import Daemon, free_port
+from bench.daemon import Daemon, free_port
 from tests.integration.helpers import CALL_S, run_cli
 
 # "Promptly": a flood on the other listener stalled PINGs 5-11 s before (7.4 s in this test);

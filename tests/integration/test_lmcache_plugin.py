@@ -35,7 +35,7 @@ from connectors.lmcache.chunks import chunk_hash  # noqa: E402
 from connectors.lmcache.config import PluginConfig  # noqa: E402
 from connectors.lmcache.connector import KVStoreConnector  # noqa: E402
 from kvstore.client import Client  # noqa: E402
-from tests.daemon import Daemon, wait_until  # noqa: E402
+from bench.daemon import Daemon, wait_until  # noqa: E402
 from tests.integration.helpers import CALL_S, stats  # noqa: E402
 
 MODEL = "tiny-llama"

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvstore.client import Client
 from kvstore.errors import ServerError
 from kvstore.keys import Namespace, namespace_digest
-from tests.daemon import free_port
+from bench.daemon import free_port
 from tests.integration.helpers import CALL_S, MiB, chain_hashes, raw_dealer, wait_stats
 from tests.integration.helpers import stats as daemon_stats
 

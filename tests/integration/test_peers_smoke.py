@@ -22,7 +22,7 @@ from bench.peers_servers import (  # noqa: E402
     start_lmcache_server,
     start_redis,
 )
-from tests.daemon import Daemon  # noqa: E402
+from bench.daemon import Daemon  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120),
               # LMCache's logging setup uses a handler OpenTelemetry has deprecated: not ours.

@@ -13,7 +13,7 @@ import pytest
 from kvstore.client import Client
 from kvstore.errors import ServerUnavailable
 from kvstore.keys import Namespace
-from tests.daemon import Daemon, free_port, wait_until
+from bench.daemon import Daemon, free_port, wait_until
 from tests.integration.helpers import CALL_S, random_blocks
 
 NS = Namespace(b"model-a")

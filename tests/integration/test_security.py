@@ -14,7 +14,7 @@ from kvstore.client import Client
 from kvstore.errors import ServerUnavailable
 from kvstore.keys import Namespace
 from kvstore.protocol import CHUNK_BYTES, VERSION, Op
-from tests.daemon import free_port
+from bench.daemon import free_port
 from tests.integration.helpers import CALL_S, MiB, random_blocks, run_cli, stats
 
 NS = Namespace(b"model-a")

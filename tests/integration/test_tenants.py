@@ -20,7 +20,7 @@ import zmq.auth
 from kvstore.client import Client
 from kvstore.errors import ServerError, ServerUnavailable
 from kvstore.keys import Namespace
-from tests.daemon import Daemon, wait_until
+from bench.daemon import Daemon, wait_until
 from tests.integration.helpers import CALL_S, run_cli
 
 NS_A = Namespace(b"a/" + bytes(range(16)))

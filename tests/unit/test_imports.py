@@ -97,6 +97,18 @@ def test_connectors_share_code_through_common_only() -> None:
     assert not offenders
 
 
+def test_bench_never_imports_the_tests() -> None:
+    """bench/ is shipped and run without tests/: what both need lives in bench/ or kvstore/."""
+    offenders = []
+    for path in sorted((ROOT / "bench").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        modules = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        if any(m == "tests" or m.startswith("tests.") for m in modules):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders
+
+
 def test_import_checker_sees_every_import_form(tmp_path: Path) -> None:
     """The checker catches plain, from, aliased, nested and relative imports."""
     source = tmp_path / "probe.py"

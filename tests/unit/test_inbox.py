@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from kvstore.inbox import Inbox, Oversized
-from tests.daemon import wait_until
+from bench.daemon import wait_until
 
 
 @pytest.fixture

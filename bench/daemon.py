@@ -1,4 +1,5 @@
-"""Start the real `kvstore serve` as a subprocess on loopback, for integration and e2e tests."""
+"""Start the real `kvstore serve` as a subprocess on loopback: the one launcher the integration and
+e2e tests and the benchmarks share (bench/ imports nothing from tests/)."""
 
 from __future__ import annotations
 
