@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,16 +164,7 @@ class Client:
                     _as_bytes(dest)[:ref.nbytes] = self.pool.view(ref.slot, ref.nbytes)
                 return len(refs)
         views = [_as_bytes(d) for d in dests]
-        num = 0
-        while num < len(hashes):  # in messages of max_rows; one cut short (partial) goes on
-            batch = list(hashes[num:num + self._max_rows("get")])
-            fields = {"ns": ns, "hashes": batch, "lease": lease, "shm": False}
-            reply = self._get_more(fields, views[num:], is_first=not num)
-            num += reply["num_hits"]
-            if not reply["num_hits"] or (reply["num_hits"] < len(batch)
-                                         and not reply.get("partial")):
-                break
-        return num
+        return sum(reply["num_hits"] for reply in self._get_tcp(ns, hashes, lease, views))
 
     def get(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None = None) -> list[bytes]:
         """The stored prefix of hashes as bytes (a copy; use get_into or pinned on hot paths)."""
@@ -181,16 +172,25 @@ class Client:
             with self.pinned(ns, hashes, lease) as refs:
                 assert self.pool is not None
                 return [bytes(self.pool.view(r.slot, r.nbytes)) for r in refs]
-        blocks: list[bytes] = []
-        while len(blocks) < len(hashes):  # in messages of max_rows; one cut short goes on
-            batch = list(hashes[len(blocks):len(blocks) + self._max_rows("get")])
+        # A miss carries no payload frames, hence no "blocks".
+        return [b for reply in self._get_tcp(ns, hashes, lease, None)
+                for b in reply.get("blocks", [])]
+
+    def _get_tcp(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None,
+                 views: list[memoryview] | None) -> Iterator[dict[str, Any]]:
+        """The replies of a TCP GET of the stored prefix of hashes, in messages of max_rows; a
+        reply cut short by the daemon's reply budget (partial) goes on, any other short one ends
+        the prefix. With views, each reply's payload lands in views from its first block on."""
+        num = 0
+        while num < len(hashes):
+            batch = list(hashes[num:num + self._max_rows("get")])
             fields = {"ns": ns, "hashes": batch, "lease": lease, "shm": False}
-            reply = self._get_more(fields, None, is_first=not blocks)
-            blocks += reply.get("blocks", [])  # a miss carries no payload frames, no "blocks"
+            reply = self._get_more(fields, None if views is None else views[num:], is_first=not num)
+            yield reply
+            num += reply["num_hits"]
             if not reply["num_hits"] or (reply["num_hits"] < len(batch)
                                          and not reply.get("partial")):
-                break
-        return blocks
+                return
 
     def _get_more(self, fields: dict[str, Any], dests: list[memoryview] | None,
                   is_first: bool) -> dict[str, Any]:
@@ -243,20 +243,17 @@ class Client:
         if self._shm_ready():
             return self._put_shm(ns, blocks)
         views = [memoryview(data).cast("B") for _, _, data in blocks]
-        total = PutResult(0, 0, 0)
-        max_bytes = int(self._limit("max_put_bytes", protocol.MAX_PUT_BYTES))
-        for start, end in _spans([len(v) for v in views], self._max_rows("put"), max_bytes):
+
+        def put_span(start: int, end: int) -> PutResult:
             fields = {"ns": ns, "blocks": [[h, p] for h, p, _ in blocks[start:end]],
                       "sizes": [len(v) for v in views[start:end]]}
             payload = [c for v in views[start:end] for c in protocol.chunk(v)]
             reply = self._call(Op.PUT, fields, payload=payload)
-            total = PutResult(total.num_stored + reply["num_stored"],
-                              total.num_present + reply["num_present"],
-                              total.num_full + reply["num_full"])
-            if reply["num_full"]:
-                return PutResult(total.num_stored, total.num_present,
-                                 total.num_full + len(blocks) - end)
-        return total
+            return PutResult(reply["num_stored"], reply["num_present"], reply["num_full"])
+
+        max_bytes = int(self._limit("max_put_bytes", protocol.MAX_PUT_BYTES))
+        spans = _spans([len(v) for v in views], self._max_rows("put"), max_bytes)
+        return _put_spans(spans, len(blocks), put_span)
 
     def reserve(self, ns: Namespace,
                 blocks: Sequence[tuple[bytes, bytes | None, int]]) -> tuple[list[SlotRef | None], int]:
@@ -310,16 +307,9 @@ class Client:
         # The slot each block takes in the daemon (kvstore/slabs.py slot_bytes_for).
         slot_bytes = [-(-max(len(memoryview(data).cast("B")), min_slot) // align) * align
                       for _, _, data in blocks]
-        total = PutResult(0, 0, 0)
-        for start, end in _spans(slot_bytes, self._max_rows("reserve"), max_bytes):
-            done = self._put_shm_batch(ns, blocks[start:end])
-            total = PutResult(total.num_stored + done.num_stored,
-                              total.num_present + done.num_present, total.num_full + done.num_full)
-            if done.num_full:
-                # The chain broke here: later blocks hang from a refused one; count them as full.
-                return PutResult(total.num_stored, total.num_present,
-                                 total.num_full + len(blocks) - end)
-        return total
+        spans = _spans(slot_bytes, self._max_rows("reserve"), max_bytes)
+        return _put_spans(spans, len(blocks),
+                          lambda start, end: self._put_shm_batch(ns, blocks[start:end]))
 
     def _put_shm_batch(self, ns: Namespace,
                        blocks: Sequence[tuple[bytes, bytes | None, Buffer]]) -> PutResult:
@@ -526,6 +516,21 @@ def _spans(sizes: Sequence[int], max_rows: int, max_bytes: int) -> list[tuple[in
     if start < len(sizes) or not spans:
         spans.append((start, len(sizes)))
     return spans
+
+
+def _put_spans(spans: list[tuple[int, int]], num_blocks: int,
+               put_span: Callable[[int, int], PutResult]) -> PutResult:
+    """A put sent span by span, root first; the totals. Once the pool refuses a block the chain
+    is broken: later blocks hang from a refused one, so they count as full and are not sent."""
+    num_stored = num_present = num_full = 0
+    for start, end in spans:
+        done = put_span(start, end)
+        num_stored, num_present = num_stored + done.num_stored, num_present + done.num_present
+        num_full += done.num_full
+        if done.num_full:
+            num_full += num_blocks - end
+            break
+    return PutResult(num_stored, num_present, num_full)
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:
