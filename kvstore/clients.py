@@ -26,6 +26,9 @@ CLIENT_RESERVED_SHARE = 2  # a client may reserve at most 1/this of the pool's b
 # with leases: so many connections cannot together reserve the whole pool while a newcomer gets
 # "full"; what they hold beyond the table is bounded by their fair shares (1/2 + 1/3 + ... of it).
 RESERVED_TABLE_SHARE = 2  # 1/this of the pool's bytes
+# The owner of in-process callers (a PUT's own reservations, tests): never capped nor tracked, so
+# the Store calls in here for every owner without checking which.
+UNTRACKED = b""
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,6 +89,8 @@ class Clients:
     # --- leases ----------------------------------------------------------------------------
     def can_lease(self, owner: bytes, num_blocks: int) -> bool:
         """Whether owner may take one more lease of num_blocks blocks."""
+        if owner == UNTRACKED:
+            return True
         state = self._states.get(owner)
         if state is None:
             return num_blocks <= self.limits.max_pinned_blocks
@@ -93,6 +98,8 @@ class Clients:
                 and state.num_pinned + num_blocks <= self.limits.max_pinned_blocks)
 
     def add_lease(self, owner: bytes, lease_id: int, num_blocks: int) -> None:
+        if owner == UNTRACKED:
+            return
         state = self._state(owner)
         state.leases[lease_id] = num_blocks
         state.num_pinned += num_blocks
@@ -124,6 +131,8 @@ class Clients:
     def can_reserve(self, owner: bytes, slot_bytes: int) -> bool:
         """Whether owner may reserve one more slot of slot_bytes: within its own caps, and past
         its fair share of the reservation table only while the table has room."""
+        if owner == UNTRACKED:
+            return True
         state = self._states.get(owner)
         if state is None:
             num, held = 0, 0
@@ -139,12 +148,16 @@ class Clients:
         return held + slot_bytes <= table // num_sharing
 
     def add_reserved(self, entry: Entry, slot_bytes: int) -> None:
+        if entry.owner == UNTRACKED:
+            return
         state = self._state(entry.owner)
         state.reserved[entry.slot] = entry
         self._add_bytes(state, slot_bytes)
 
     def drop_reserved(self, entry: Entry, slot_bytes: int) -> None:
         """A reservation committed or given back by its writer."""
+        if entry.owner == UNTRACKED:
+            return
         state = self._states[entry.owner]
         del state.reserved[entry.slot]
         self._add_bytes(state, -slot_bytes)

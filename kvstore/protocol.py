@@ -34,10 +34,15 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
                min_slot_bytes, then to a multiple of slot_align_bytes). Larger requests are
                answered "too_large".
     PING       {}                                 -> {}
-    LOOKUP     {ns, hashes, lease_ms}             -> {num_hits, lease}
+    LOOKUP     {ns, hashes, lease_ms, shm, token} -> {num_hits, lease, slots, sizes}
                How many of hashes (chained, root first) are stored as a consecutive prefix. With
                lease_ms > 0 the hits are pinned for that long (lease = id, or nil when num_hits is
                0), so eviction cannot take them before they are read. lease_ms = 0 changes nothing.
+               shm=true (with a lease, and the token: same host) also answers where the hits lie,
+               as GET shm=true does (slots, sizes), so a same-host load is LOOKUP -> copy ->
+               RELEASE: two round trips. The lease stays its taker's; a RELEASE answering
+               released=false means it ended before (expiry, its taker's connection closed) and
+               the copy may have read reused slots: read again with GET.
     GET        {ns, hashes, lease, shm, token}    -> {num_hits, sizes, lease, slots}
                Reads the stored prefix of hashes. With a lease id from LOOKUP, reads the leased
                blocks (hashes may start anywhere in the leased prefix, so a large prefix can be
@@ -322,8 +327,12 @@ def _empty(h: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lookup(h: dict[str, Any]) -> dict[str, Any]:
-    return {"ns": _ns(h), "hashes": _hashes(h),
-            "lease_ms": _int(h, "lease_ms", lo=0, hi=MAX_LEASE_MS)}
+    shm = _bool(h, "shm")
+    lease_ms = _int(h, "lease_ms", lo=0, hi=MAX_LEASE_MS)
+    if shm and not lease_ms:
+        raise ProtocolError("slot references (shm) need a lease (lease_ms > 0)")
+    return {"ns": _ns(h), "hashes": _hashes(h), "lease_ms": lease_ms, "shm": shm,
+            "token": _token(h) if shm else b""}
 
 
 def _get(h: dict[str, Any]) -> dict[str, Any]:

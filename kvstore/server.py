@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -25,13 +26,10 @@ from kvstore.gate import Gate, user_id
 from kvstore.inbox import Oversized
 from kvstore.listeners import AddressInUse, Listener
 from kvstore.malloc import DEFAULT_TRIM_BYTES, give_back
-from kvstore.index import Entry
-from kvstore.keys import Namespace, SlotId
+from kvstore.keys import SlotId
 from kvstore.metrics import Metrics, ServerCounters, error_kinds, namespace_label
-from kvstore.pool import HEADER_BYTES, Pool
+from kvstore.pool import Pool
 from kvstore.protocol import Op, Request
-from kvstore.slabs import SLOT_ALIGN_BYTES, Slabs
-from kvstore.policy import POLICIES
 from kvstore.store import Limits, Store
 
 log = logging.getLogger("kvstore.server")
@@ -49,6 +47,28 @@ _BIG_FRAMES = DEFAULT_TRIM_BYTES // protocol.CHUNK_BYTES  # fewer frames cannot 
 __all__ = ["AddressInUse", "Server"]
 
 
+@dataclass(slots=True, frozen=True)
+class _Call:
+    """Who sent the request being handled: its listener, the client (listener and peer identity,
+    listeners.owner_of) whose holdings end with its connection, and its CURVE key (or None)."""
+
+    listener: Listener
+    owner: bytes
+    user_id: str | None
+
+
+@dataclass(slots=True)
+class _Reply:
+    """A handler's answer: frames after the identity. A TCP GET's payload comes with either the
+    copies it is made of or the blocks pinned under it (Unsent keeps them until ZeroMQ lets go)."""
+
+    frames: list[Any]
+    path: str | None = None  # the transport that moved KV bytes, for the transfer metric
+    copies: list[bytearray] = field(default_factory=list)
+    held: list[Any] | None = None  # what Store.hold() pinned; opaque here
+    held_bytes: int = 0
+
+
 class Server:
     """Serves one Store over one ROUTER socket per listener (kvstore/listeners.py)."""
 
@@ -56,23 +76,18 @@ class Server:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.pool = pool
-        page = config.effective_page_bytes()
-        slabs = Slabs(HEADER_BYTES, (pool.size_bytes - HEADER_BYTES) // page, page,
-                      config.min_block_bytes)
-        assert slabs.num_pages >= 1, "segment smaller than one page"
         limits = Limits(lease_s=config.lease_s, reserve_s=config.reserve_s, ttl_s=config.ttl_s)
-        self.store = Store(slabs, POLICIES[config.policy](), limits, clock)
+        self.store = Store.on_pool(pool, config.effective_page_bytes(), config.min_block_bytes,
+                                   config.policy, limits, clock)
         self.counters = ServerCounters()
         self.metrics = Metrics(self.store, self.counters)
         self._op_names = {op: op.name.lower() for op in Op}
-        self._transfer_path: str | None = None  # set by a handler that moves KV bytes
         # CURVE keys and tenants; None without --curve-keys. Read before anything listens.
         self.gate = Gate(config.curve_dir) if config.curve_dir is not None else None
         if ctx is None:
             ctx = zmq.Context()
             ctx.set(zmq.IO_THREADS, listeners.io_threads(config, self.gate))  # before any socket
         self.ctx = ctx
-        self._user_id: str | None = None  # the CURVE key of the request being handled
         self._reload_requested = False
         try:
             # The socket file we bound (and its inode), if any, to remove at close.
@@ -82,14 +97,8 @@ class Server:
                 self.gate.stop()
             raise
         self.unsent = Unsent(pool.size_bytes)  # copied TCP GET replies ZeroMQ still holds
-        self._listener = self.listeners[0]  # the listener of the request being handled
-        self._owner = b""  # its client: listener and peer identity (listeners.owner_of)
-        self._reply_buffers: list[bytearray] = []  # the copies a TCP GET's reply is made of
-        self._reply_pin: tuple[int, list[Entry]] | None = None  # or its pinned bytes, blocks
         self._stopping = False
-        # Bookkeeping a handler leaves for after its reply is sent (off the client's latency).
-        self._after_reply: Callable[[], None] | None = None
-        self._handlers: dict[Op, Callable[[Request, list[zmq.Frame]], list[Any]]] = {
+        self._handlers: dict[Op, Callable[[Request, list[zmq.Frame], _Call], _Reply]] = {
             Op.HELLO: self._hello, Op.PING: self._ping, Op.LOOKUP: self._lookup, Op.GET: self._get,
             Op.RESERVE: self._reserve, Op.COMMIT: self._commit, Op.ABORT: self._abort,
             Op.PUT: self._put, Op.RELEASE: self._release, Op.STATS: self._stats,
@@ -159,14 +168,13 @@ class Server:
     def _take(self, listener: Listener, message: list[zmq.Frame] | Oversized) -> bool:
         """Answer one message; whether it held more memory than malloc.py keeps for the next
         PUTs (the caller hands it back once the frames, libzmq's buffers, are dropped)."""
-        self._listener = listener
         if isinstance(message, Oversized):
-            self._refuse_oversized(message)
+            self._refuse_oversized(listener, message)
             return True
-        self._handle(message)
+        self._handle(listener, message)
         return len(message) > _BIG_FRAMES and sum(map(len, message)) > DEFAULT_TRIM_BYTES
 
-    def _refuse_oversized(self, message: Oversized) -> None:
+    def _refuse_oversized(self, listener: Listener, message: Oversized) -> None:
         self.counters.num_errors["too_large"] += 1
         log.warning("dropped a message of %d frames from %s", message.num_frames,
                     message.identity.hex())
@@ -177,13 +185,12 @@ class Server:
         req_id = req_id if isinstance(req_id, int) and 0 <= req_id < 2**63 else None
         reply = protocol.encode_error(req_id, "too_large", f"a message of {message.num_frames} "
                                       f"frames exceeds {1 + protocol.MAX_PAYLOAD_FRAMES}")
-        self._send(zmq.Frame(message.identity), [reply])
+        self._send(listener, b"", zmq.Frame(message.identity), _Reply([reply]))
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
+    def _handle(self, listener: Listener, frames: list[zmq.Frame]) -> None:
         start_s = time.perf_counter()
         identity, body = frames[0], frames[1:]
-        listener = self._listener
-        self._owner = listener.owner(identity.bytes)
+        owner = listener.owner(identity.bytes)
         # The connection a message came on: its holdings end when it closes (Connections).
         fd = body[0].get(zmq.SRCFD) if body else -1
         for ended in listener.connections.seen(identity.bytes, fd):
@@ -195,56 +202,51 @@ class Server:
             req_id, op = request.req_id, request.op
             name = self._op_names[op]
             self.counters.num_requests[name] = self.counters.num_requests.get(name, 0) + 1
+            call = _Call(listener, owner, None if self.gate is None else user_id(body[0]))
             if self.gate is not None:
-                self._user_id = user_id(body[0])
-                refusal = self.gate.refusal(request, self._user_id)
+                refusal = self.gate.refusal(request, call.user_id)
                 if refusal is not None:
                     raise _Refused("forbidden", refusal)
             too_large = protocol.size_refusal(request)  # before any state is touched
             if too_large is not None:
                 raise _Refused("too_large", too_large)
-            reply = self._handlers[op](request, body[1:])
+            reply = self._handlers[op](request, body[1:], call)
         except ProtocolError as exc:
             errors["protocol"] += 1
             log.warning("bad request from %s: %s", identity.bytes.hex(), exc)
-            reply = [protocol.encode_error(req_id, "bad_request", str(exc))]
+            reply = _Reply([protocol.encode_error(req_id, "bad_request", str(exc))])
         except _Refused as exc:
             errors[exc.code] = errors.get(exc.code, 0) + 1  # codes are literals here: bounded
-            reply = [protocol.encode_error(req_id, exc.code, str(exc))]
+            reply = _Reply([protocol.encode_error(req_id, exc.code, str(exc))])
         except Exception as exc:  # a bug must not take the pool down with it
             errors["internal"] += 1
             log.exception("internal error handling a request")
-            reply = [protocol.encode_error(req_id, "internal", f"{type(exc).__name__}: {exc}")]
-        self._send(identity, reply)
+            reply = _Reply([protocol.encode_error(req_id, "internal",
+                                                  f"{type(exc).__name__}: {exc}")])
+        self._send(listener, owner, identity, reply)
         if op is not None:
             elapsed_s = time.perf_counter() - start_s
             self.metrics.request_seconds.observe(self._op_names[op], elapsed_s)
-            if self._transfer_path is not None:
-                self.metrics.transfer_seconds.observe(self._transfer_path, elapsed_s)
-        self._transfer_path = None
-        if self._after_reply is not None:
-            after, self._after_reply = self._after_reply, None
-            try:
-                after()
-            except Exception:
-                log.exception("internal error after a reply")
-
-    def _send(self, identity: zmq.Frame, reply: list[Any]) -> None:
+            if reply.path is not None:
+                self.metrics.transfer_seconds.observe(reply.path, elapsed_s)
         try:
-            self._listener.sock.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
+            self.store.settle()  # a lookup's pins: after the send, before the next request
+        except Exception:
+            log.exception("internal error after a reply")
+
+    def _send(self, listener: Listener, owner: bytes, identity: zmq.Frame, reply: _Reply) -> None:
+        try:
+            listener.sock.send_multipart([identity, *reply.frames], zmq.NOBLOCK, copy=False)
         except Exception as exc:  # peer queue full (HWM) or gone: drop; the client times out
             self.counters.num_errors["dropped"] += 1
             log.warning("reply dropped: %s", exc)
-            self._reply_buffers = []  # ZeroMQ may still hold views of them: never reused
-            if self._reply_pin is not None:
-                self.store.let_go(self._reply_pin[1])
-                self._reply_pin = None
+            # reply.copies: ZeroMQ may still hold views of them; they are never reused.
+            if reply.held is not None:
+                self.store.let_go(reply.held)
             return
-        if self._reply_buffers or self._reply_pin is not None:  # a TCP GET's payload
-            pinned_bytes, pinned = self._reply_pin or (0, None)
-            self.unsent.add(self._owner, reply[1:], self._reply_buffers, time.monotonic(),
-                            pinned_bytes, pinned)
-            self._reply_buffers, self._reply_pin = [], None
+        if reply.copies or reply.held is not None:  # a TCP GET's payload
+            self.unsent.add(owner, reply.frames[1:], reply.copies, time.monotonic(),
+                            reply.held_bytes, reply.held)
 
     def _maintain(self) -> bool:
         """End closed connections' holdings, count sent replies, expire leases and reservations
@@ -267,195 +269,133 @@ class Server:
         for entries in self.unsent.collect():
             self.store.let_go(entries)  # a zero-copy reply's frames are let go
 
-    # --- handlers: each returns [header, *payload frames] -------------------------------------
-    def _hello(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+    # --- handlers: each returns a _Reply (header, then any payload frames) -------------------
+    def _hello(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
         if req.version != protocol.VERSION:
             raise _Refused("version", f"daemon speaks protocol {protocol.VERSION}, client "
                                       f"{req.version}: install the same kvstore version on both")
-        return [protocol.encode_reply(
+        return _Reply([protocol.encode_reply(
             req.req_id, version=protocol.VERSION, segment=self.pool.path.name,
             segment_bytes=self.pool.size_bytes, token=self.pool.token,
-            page_bytes=self.store.slabs.page_bytes, chunk_bytes=protocol.CHUNK_BYTES,
-            pid=os.getpid(), max_rows=protocol.max_rows(), max_put_bytes=protocol.MAX_PUT_BYTES,
-            max_reserved_bytes=self.store.clients.limits.max_reserved_bytes,
-            min_slot_bytes=self.store.slabs.min_slot_bytes, slot_align_bytes=SLOT_ALIGN_BYTES)]
+            chunk_bytes=protocol.CHUNK_BYTES, pid=os.getpid(), max_rows=protocol.max_rows(),
+            max_put_bytes=protocol.MAX_PUT_BYTES, **self.store.slot_rules())])
 
-    def _ping(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
-        return [protocol.encode_reply(req.req_id)]
+    def _ping(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
+        return _Reply([protocol.encode_reply(req.req_id)])
 
-    def _lookup(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+    def _lookup(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
         assert req.ns is not None
-        if req.lease_ms == 0:
-            num_hits, lease = self.store.lookup(req.ns, req.hashes), None
-            self.store.record_lookup(req.ns, len(req.hashes), num_hits)
-        else:
-            # Answer first, pin right after the send: this thread reads no other request in
-            # between, so the client never sees the lease before it holds.
-            entries, lease = self.store.find_to_pin(req.ns, req.hashes, self._owner)
-            num_hits = len(entries)
-            # Counted as found even when no lease could be had (MAX_LEASES): the blocks are
-            # there, and the miss is the lease table's, which the leases gauge shows.
-            self.store.record_lookup(req.ns, len(req.hashes), self.store.lookup(req.ns, req.hashes)
-                                     if lease is None else num_hits)
-            ns, num_asked, lease_s = req.ns, len(req.hashes), req.lease_ms / 1000
-            owner = self._owner
-            self._after_reply = lambda: self.store.apply_pin(ns, num_asked, entries, lease, lease_s,
-                                                             owner)
-        return [protocol.encode_reply(req.req_id, num_hits=num_hits, lease=lease)]
+        if req.shm:
+            self._check_token(req.token)
+        found = self.store.answer_lookup(req.ns, req.hashes,
+                                         req.lease_ms / 1000 if req.lease_ms else None,
+                                         call.owner, with_slots=req.shm)
+        if found.slots is None:
+            return _Reply([protocol.encode_reply(req.req_id, num_hits=found.num_hits,
+                                                 lease=found.lease)])
+        assert found.sizes is not None
+        self.counters.bytes_out["shm"] += sum(found.sizes)
+        return _Reply([protocol.encode_reply(req.req_id, num_hits=found.num_hits,
+                                             lease=found.lease, slots=found.slots,
+                                             sizes=found.sizes)],
+                      path="shm" if found.slots else None)
 
-    def _get(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+    def _get(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
         assert req.ns is not None
         if not req.shm:
-            return self._get_tcp(req)
+            return self._get_tcp(req, call)
         self._check_token(req.token)
-        entries, lease = self._entries_for_get(req)
-        sizes = [e.nbytes for e in entries]
-        if entries:
-            self._transfer_path = "shm"
-        self.counters.bytes_out["shm"] += sum(sizes)
-        return [protocol.encode_reply(req.req_id, num_hits=len(entries), sizes=sizes,
-                                      lease=lease, slots=[e.slot for e in entries])]
+        pinned = self.store.pin_for_reader(req.ns, req.hashes, req.lease, call.owner)
+        self.counters.bytes_out["shm"] += sum(pinned.sizes)
+        return _Reply([protocol.encode_reply(req.req_id, num_hits=len(pinned.slots),
+                                             sizes=pinned.sizes, lease=pinned.lease,
+                                             slots=pinned.slots)],
+                      path="shm" if pinned.slots else None)
 
-    def _get_tcp(self, req: Request) -> list[Any]:
+    def _get_tcp(self, req: Request, call: _Call) -> _Reply:
         """The bytes go out zero-copy while the client keeps up and such pins are few, else as
         copies (Unsent): a client that does not take its replies pins at most one, and only until
         its connection is cut. They count against the client until ZeroMQ lets them go; a reply
         cut short by that budget says partial; with no budget left the answer is busy."""
         assert req.ns is not None
-        room = self.unsent.room_for(self._owner)
+        room = self.unsent.room_for(call.owner)
         if room <= 0:
             self._collect_sent()  # its last replies may be sent, not yet counted
-            room = self.unsent.room_for(self._owner)
+            room = self.unsent.room_for(call.owner)
         if room <= 0:
             raise _Refused("busy", "too many reply bytes queued to this client: read them first")
-        entries = self._held_entries(req)
-        if entries is None:
-            entries = self.store.read(req.ns, req.hashes)
-        num, nbytes = 0, 0
-        for entry in entries:  # at least one block, so a large block is never refused forever
-            if num and nbytes + entry.nbytes > room:
-                break
-            num, nbytes = num + 1, nbytes + entry.nbytes
-        sizes = [e.nbytes for e in entries[:num]]
-        header = protocol.encode_reply(req.req_id, num_hits=num, sizes=sizes, lease=None,
-                                       partial=num < len(entries))
-        if not num:
-            return [header]
-        self._transfer_path = "tcp"
+        out = self.store.read_out(req.ns, req.hashes, req.lease, room)
+        sizes = [len(v) for v in out.views]
+        header = protocol.encode_reply(req.req_id, num_hits=len(sizes), sizes=sizes, lease=None,
+                                       partial=out.partial)
+        if not sizes:
+            return _Reply([header])
+        nbytes = sum(sizes)
         self.counters.bytes_out["tcp"] += nbytes
-        views = [c for e in entries[:num] for c in protocol.chunk(self.pool.view(e.slot, e.nbytes))]
-        if not self.unsent.can_pin(self._owner, nbytes):
-            payload, self._reply_buffers = self.unsent.copy(views)
-            return [header, *payload]
+        views = [c for v in out.views for c in protocol.chunk(v)]
+        if not self.unsent.can_pin(call.owner, nbytes):
+            payload, copies = self.unsent.copy(views)
+            return _Reply([header, *payload], path="tcp", copies=copies)
         # Zero-copy: the frames are views of the slots, pinned until ZeroMQ lets them go, or
         # the connection is cut after MAX_UNSENT_AGE_S (Unsent).
-        self.store.hold(entries[:num])
-        self._reply_pin = (nbytes, entries[:num])
-        return [header, *(zmq.Frame(v, track=True, copy=False) for v in views)]
+        self.store.hold(out.held)
+        return _Reply([header, *(zmq.Frame(v, track=True, copy=False) for v in views)],
+                      path="tcp", held=out.held, held_bytes=nbytes)
 
-    def _held_entries(self, req: Request) -> list[Entry] | None:
-        """The blocks of req.hashes under the lease req names, or None without a usable lease."""
-        assert req.ns is not None
-        if req.lease is None or not req.hashes:
-            return None
-        held = self.store.lease_entries(req.lease)
-        if held is None or not all(e.is_live for e in held):
-            return None
-        # The hashes may start anywhere in the leased prefix (a load read in batches).
-        start = next((i for i, e in enumerate(held) if e.key == (req.ns, req.hashes[0])), 0)
-        n = _matching_prefix(held[start:], req.ns, req.hashes)
-        return held[start:start + n] if n else None
-
-    def _entries_for_get(self, req: Request) -> tuple[list[Entry], int | None]:
-        assert req.ns is not None
-        held = self._held_entries(req)
-        if held is not None:
-            assert req.lease is not None
-            # The reader holds the lease from now on: the slots it copies from stay pinned until
-            # it releases them or its own connection goes, whatever happens to the lease's taker.
-            self.store.transfer_lease(req.lease, self._owner)
-            return held, req.lease
-        return self.store.pin(req.ns, req.hashes, owner=self._owner)
-
-    def _reserve(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+    def _reserve(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
         assert req.ns is not None
         self._check_token(req.token)
         self._check_sizes(req.sizes)
         result = self.store.reserve(req.ns, list(zip(req.hashes, req.parents, req.sizes)),
-                                    self._owner)
+                                    call.owner)
         self.counters.num_full += result.num_full > 0
-        return [protocol.encode_reply(req.req_id, slots=result.slots, num_full=result.num_full)]
+        return _Reply([protocol.encode_reply(req.req_id, slots=result.slots,
+                                             num_full=result.num_full)])
 
-    def _commit(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+    def _commit(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
         assert req.ns is not None
-        num_done = 0
-        reserved_at_s = None
-        for block_hash, slot in zip(req.hashes, req.slots):
-            entry = self.store.index.get((req.ns, block_hash))
-            # Read before commit() re-dates the entry: its reserve deadline says when it began.
-            began_s = self.store.reserved_at(entry) if entry is not None else None
-            if self.store.commit(req.ns, block_hash, SlotId(slot), self._owner):
-                assert entry is not None, "committed a block the index does not hold"
-                num_done += 1
-                self.counters.bytes_in["shm"] += entry.nbytes
-                if reserved_at_s is None:
-                    reserved_at_s = began_s
-        if reserved_at_s is not None:
+        done = self.store.commit_many(req.ns, _rows(req), call.owner)
+        self.counters.bytes_in["shm"] += done.nbytes
+        if done.began_s is not None:
             # A shared-memory write spans RESERVE, the client's copy and COMMIT.
             self.metrics.transfer_seconds.observe(
-                "shm", max(0.0, self.store.clock() - reserved_at_s))
-        return [protocol.encode_reply(req.req_id, num_done=num_done)]
+                "shm", max(0.0, self.store.clock() - done.began_s))
+        return _Reply([protocol.encode_reply(req.req_id, num_done=done.num_stored)])
 
-    def _abort(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+    def _abort(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
         assert req.ns is not None
-        num_done = sum(self.store.abort(req.ns, h, SlotId(s), self._owner)
-                       for h, s in zip(req.hashes, req.slots))
-        return [protocol.encode_reply(req.req_id, num_done=num_done)]
+        num_done = self.store.abort_many(req.ns, _rows(req), call.owner)
+        return _Reply([protocol.encode_reply(req.req_id, num_done=num_done)])
 
-    def _put(self, req: Request, payload: list[zmq.Frame]) -> list[Any]:
+    def _put(self, req: Request, payload: list[zmq.Frame], call: _Call) -> _Reply:
         assert req.ns is not None
         self._check_sizes(req.sizes)
         blocks = _split_payload(payload, req.sizes)  # validates before any slot is taken
-        # In-process reservations (no owner): they are committed below, before any other
-        # request runs, so no client's share or fence applies to them.
-        result = self.store.reserve(req.ns, list(zip(req.hashes, req.parents, req.sizes)))
-        self.counters.num_full += result.num_full > 0
-        self._transfer_path = "tcp"
-        num_stored = 0
-        for block_hash, frames, slot in zip(req.hashes, blocks, result.slots):
-            if slot is None:
-                continue
-            offset: int = slot
-            for frame in frames:
-                view = frame.buffer
-                self.pool.buffer[offset:offset + len(view)] = view
-                offset += len(view)
-            self.store.commit(req.ns, block_hash, slot)
-            num_stored += 1
-        self.counters.bytes_in["tcp"] += sum(
-            n for n, slot in zip(req.sizes, result.slots) if slot is not None)
-        num_present = len(req.hashes) - num_stored - result.num_full
-        return [protocol.encode_reply(req.req_id, num_stored=num_stored,
-                                      num_present=num_present, num_full=result.num_full)]
+        done = self.store.put(req.ns, list(zip(req.hashes, req.parents, req.sizes)), blocks)
+        self.counters.num_full += done.num_full > 0
+        self.counters.bytes_in["tcp"] += done.nbytes
+        return _Reply([protocol.encode_reply(req.req_id, num_stored=done.num_stored,
+                                             num_present=done.num_present,
+                                             num_full=done.num_full)], path="tcp")
 
-    def _release(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+    def _release(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
         assert req.lease is not None
-        return [protocol.encode_reply(req.req_id, released=self.store.unpin(req.lease))]
+        return _Reply([protocol.encode_reply(req.req_id, released=self.store.unpin(req.lease))])
 
-    def _stats(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+    def _stats(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
         stats = self.stats()
         if self.gate is not None:
-            stats["namespaces"] = self.gate.visible(self._user_id, stats["namespaces"])
-        return [protocol.encode_reply(req.req_id, stats=stats)]
+            stats["namespaces"] = self.gate.visible(call.user_id, stats["namespaces"])
+        return _Reply([protocol.encode_reply(req.req_id, stats=stats)])
 
-    def _invalidate(self, req: Request, _: list[zmq.Frame]) -> list[Any]:
+    def _invalidate(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
         # The blocks are unreadable from now on. Up to a slice of them are removed before the
         # reply; the rest (an invalidate of millions) in slices by _maintain(), between other
         # clients' messages (docs/operating.md, "What one client can cost the others").
         num = self.store.begin_invalidate(req.name, req.below_epoch)
         self.store.drain_invalidated(_SLICE_BLOCKS)
         log.info("invalidated %d blocks of namespace %s", num, req.name.hex())
-        return [protocol.encode_reply(req.req_id, num_dropped=num)]
+        return _Reply([protocol.encode_reply(req.req_id, num_dropped=num)])
 
     # --- helpers ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -488,9 +428,9 @@ class Server:
 
     def _check_sizes(self, sizes: tuple[int, ...]) -> None:
         for nbytes in sizes:
-            if not self.store.slabs.fits(nbytes):
+            if not self.store.fits(nbytes):
                 raise _Refused("too_large", f"a block of {nbytes} bytes does not fit a page of "
-                                            f"{self.store.slabs.page_bytes} bytes (--page-size)")
+                                            f"{self.store.page_bytes} bytes (--page-size)")
 
 
 class _Refused(Exception):
@@ -501,26 +441,19 @@ class _Refused(Exception):
         self.code = code
 
 
-def _split_payload(payload: list[zmq.Frame], sizes: tuple[int, ...]) -> list[list[zmq.Frame]]:
-    """Group payload frames per block, checking each group adds up to its block's size."""
+def _split_payload(payload: list[zmq.Frame], sizes: tuple[int, ...]) -> list[list[memoryview]]:
+    """Each block's payload frames (their buffers), checking each adds up to its block's size."""
     blocks, idx = [], 0
     for nbytes in sizes:
         num = protocol.num_frames(nbytes)
-        frames = payload[idx:idx + num]
+        frames = [f.buffer for f in payload[idx:idx + num]]
         idx += num
-        if sum(len(f.buffer) for f in frames) != nbytes:
+        if sum(len(f) for f in frames) != nbytes:
             raise ProtocolError(f"payload frames of a block do not add up to its size {nbytes}")
         blocks.append(frames)
     return blocks
 
 
-def _matching_prefix(entries: list[Entry], ns: Namespace, hashes: tuple[bytes, ...]) -> int:
-    """How many leased entries match (ns, hashes) from the start. The namespace counts too: two
-    models share vLLM's block hashes, so a lease of one must never read the other's bytes
-    (tests/integration/test_roundtrip.py::test_lease_of_one_namespace_never_reads_another)."""
-    n = 0
-    for entry, block_hash in zip(entries, hashes):
-        if entry.key != (ns, block_hash):
-            break
-        n += 1
-    return n
+def _rows(req: Request) -> list[tuple[bytes, SlotId]]:
+    """The (hash, slot) rows of a COMMIT or ABORT."""
+    return [(block_hash, SlotId(slot)) for block_hash, slot in zip(req.hashes, req.slots)]

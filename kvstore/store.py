@@ -1,76 +1,49 @@
-"""The pool's state machine: index + eviction policy + slab allocator, and the only place they meet.
+"""The pool: index + eviction policy + slab allocator + the shared segment's bytes, and the only
+place they meet.
 
-Pure and single-threaded: it hands out slot offsets and never touches the bytes (server.py does,
-through pool.py). Time comes from an injected clock so tests can drive expiry.
+server.py decodes a request, calls one method here and encodes what it returns; the matching of
+leases, pinning, copying written bytes into slots and the accounting of reads all happen here.
+Single-threaded: one thread owns the store. Time comes from an injected clock so tests can drive
+expiry. A Store made without a pool (unit tests) keeps the books and never touches bytes.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kvstore import hottest
 from kvstore.clients import CLIENT_RESERVED_SHARE, RESERVED_TABLE_SHARE, ClientLimits, Clients
+from kvstore.hottest import HotPrefix
 from kvstore.index import Entry, Index, State
 from kvstore.keys import BlockHash, Namespace, SlotId
-from kvstore.policy import LRU, FrequencyLRU
-from kvstore.slabs import Slabs
+from kvstore.outcomes import (Found, Limits, NamespaceStats, Outgoing, Pinned, Reservation,
+                              Written)
+from kvstore.policy import LRU, POLICIES, FrequencyLRU
+from kvstore.pool import HEADER_BYTES, Pool
+from kvstore.slabs import SLOT_ALIGN_BYTES, Slabs
+from kvstore.writes import INF, Writes
+
+__all__ = ["Found", "HotPrefix", "Limits", "NamespaceStats", "Outgoing", "Pinned", "Reservation",
+           "Store", "Written"]
 
 # Leases are client-created; bound them so clients cannot grow the daemon. When the table is full
 # the biggest holder gives up its oldest lease to a smaller one (Clients.lease_to_drop_for).
 MAX_LEASES = 65_536
 MAX_NAMESPACE_STATS = 1024  # per-namespace counters beyond this are pooled under b"" (bounded)
-HOTTEST_SCAN_BLOCKS = 200_000  # blocks one STATS reads for hottest(): ~50 ms, whatever is stored
-INF = float("inf")
-
-
-@dataclass(slots=True, frozen=True)
-class Limits:
-    lease_s: float = 10.0  # default pin time after lookup; clients may ask for less or more
-    max_lease_s: float = 60.0
-    reserve_s: float = 10.0  # an unfinished write is reclaimed after this
-    ttl_s: float | None = None  # committed blocks expire after this, when set
-
-
-@dataclass(slots=True)
-class NamespaceStats:
-    """Counters of one namespace name (all epochs). Only ints: the metrics thread reads them."""
-
-    num_lookups: int = 0  # LOOKUP requests
-    num_hits: int = 0  # blocks asked for by lookups and found
-    num_misses: int = 0  # blocks asked for by lookups and not found
-    num_evictions: int = 0
-    num_stored: int = 0  # commits, ever
-    num_blocks: int = 0  # committed blocks resident now
-    num_bytes: int = 0  # their bytes
-
-
-@dataclass(slots=True, frozen=True)
-class HotPrefix:
-    """A prefix that reads keep coming back to: its last block, read count and length in blocks."""
-
-    block_hash: BlockHash
-    num_hits: int
-    num_blocks: int
-
-
-@dataclass(slots=True, frozen=True)
-class Reservation:
-    """Outcome of reserve(): a slot per block, None where the block is present or in flight."""
-
-    slots: list[SlotId | None]
-    num_full: int  # blocks refused because the pool is full of pinned or reserved blocks
 
 
 @dataclass
-class Store:
+class Store(Writes):
+    """The pool's state and bytes. Reads and leases here, writes in kvstore/writes.py."""
+
     slabs: Slabs
     policy: LRU = field(default_factory=FrequencyLRU)  # the daemon's default (bench/eviction.py)
     limits: Limits = field(default_factory=Limits)
     clock: Callable[[], float] = time.monotonic
+    pool: Pool | None = None  # the bytes; None: bookkeeping only (unit tests)
     index: Index = field(default_factory=Index)
     stats: dict[bytes, NamespaceStats] = field(default_factory=dict)
     num_evictions: int = 0
@@ -84,6 +57,8 @@ class Store:
     clients: Clients = field(default_factory=Clients)
     num_fenced: int = 0  # slots of taken-back reservations whose writer may still be copying
     num_leases_dropped: int = 0  # leases the biggest holder gave up when the table was full
+    # Work a request leaves for after its reply is sent (settle()), off the client's latency.
+    _unsettled: deque[Callable[[], None]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         if self.clients.limits.max_reserved_bytes is None:
@@ -92,15 +67,65 @@ class Store:
                 max_reserved_bytes=pool_bytes // CLIENT_RESERVED_SHARE,
                 reserved_table_bytes=pool_bytes // RESERVED_TABLE_SHARE))
 
+    @classmethod
+    def on_pool(cls, pool: Pool, page_bytes: int, min_block_bytes: int, policy: str,
+                limits: Limits, clock: Callable[[], float] = time.monotonic) -> Store:
+        """The store of a daemon: slots in pages of page_bytes after pool's header page."""
+        slabs = Slabs(HEADER_BYTES, (pool.size_bytes - HEADER_BYTES) // page_bytes, page_bytes,
+                      min_block_bytes)
+        assert slabs.num_pages >= 1, "segment smaller than one page"
+        return cls(slabs, POLICIES[policy](), limits, clock, pool)
+
     @property
     def num_reserved(self) -> int:
         """Reservations not yet committed or given back."""
         return self.index.num_entries - self.num_blocks
 
+    @property
+    def page_bytes(self) -> int:
+        return self.slabs.page_bytes
+
+    def slot_rules(self) -> dict[str, int | None]:
+        """How blocks map to slots, for HELLO: clients size their writes by these."""
+        return {"page_bytes": self.slabs.page_bytes, "min_slot_bytes": self.slabs.min_slot_bytes,
+                "slot_align_bytes": SLOT_ALIGN_BYTES,
+                "max_reserved_bytes": self.clients.limits.max_reserved_bytes}
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a block of nbytes fits one page (larger ones are never stored)."""
+        return self.slabs.fits(nbytes)
+
+    def settle(self) -> None:
+        """Run what the last request left for after its reply (the server calls this after each
+        send, before it reads the next request)."""
+        while self._unsettled:
+            self._unsettled.popleft()()
+
     # --- reads -----------------------------------------------------------------------------
     def lookup(self, ns: Namespace, hashes: Sequence[BlockHash]) -> int:
         """How many of hashes are stored as a consecutive prefix. Changes nothing."""
         return len(self.index.prefix(ns, hashes, self.clock()))
+
+    def answer_lookup(self, ns: Namespace, hashes: Sequence[BlockHash], lease_s: float | None,
+                      owner: bytes = b"", with_slots: bool = False) -> Found:
+        """A LOOKUP: the stored prefix of hashes, counted for the hit rate. With lease_s it is
+        pinned for that long, but only at settle(): the answer goes out first (one thread owns
+        the store, so no other request runs in between and the client never sees the lease
+        before it holds). with_slots (a lease only) also says where each block lies."""
+        if lease_s is None:
+            num_hits = self.lookup(ns, hashes)
+            self.record_lookup(ns, len(hashes), num_hits)
+            return Found(num_hits, None)
+        found, lease_id = self._find_to_pin(ns, hashes, owner)
+        # Counted as found even when no lease could be had (MAX_LEASES): the blocks are there,
+        # and the miss is the lease table's, which the leases gauge shows.
+        self.record_lookup(ns, len(hashes), len(found))
+        if lease_id is None:
+            return Found(0, None)
+        self._unsettled.append(lambda: self._apply_pin(found, lease_id, lease_s, owner))
+        if not with_slots:
+            return Found(len(found), lease_id)
+        return Found(len(found), lease_id, [e.slot for e in found], [e.nbytes for e in found])
 
     def record_lookup(self, ns: Namespace, num_asked: int, num_hits: int) -> None:
         """Count one LOOKUP request and its hit and missed blocks (hit rate, metrics)."""
@@ -112,34 +137,45 @@ class Store:
     def pin(self, ns: Namespace, hashes: Sequence[BlockHash], lease_s: float | None = None,
             owner: bytes = b"") -> tuple[list[Entry], int | None]:
         """Find the stored prefix of hashes and pin it under a lease; records hits and recency."""
-        found, lease_id = self.find_to_pin(ns, hashes, owner)
-        self.apply_pin(ns, len(hashes), found, lease_id, lease_s, owner)
+        found, lease_id = self._find_to_pin(ns, hashes, owner)
+        if lease_id is None:
+            return [], None  # nothing to pin, or no lease to protect it with: a miss
+        self._apply_pin(found, lease_id, lease_s, owner)
         return found, lease_id
 
-    def find_to_pin(self, ns: Namespace, hashes: Sequence[BlockHash],
-                    owner: bytes = b"") -> tuple[list[Entry], int | None]:
-        """What pin() would pin and under which lease id; changes nothing but, when the lease
-        table is full, the biggest holder's oldest lease (given up to make room for owner).
+    def pin_for_reader(self, ns: Namespace, hashes: Sequence[BlockHash], lease: int | None,
+                       owner: bytes) -> Pinned:
+        """A GET through shared memory: the blocks of hashes under the lease the reader names
+        (owner holds it from now on), or, without a usable one, the stored prefix under a new
+        lease of owner's."""
+        held = self._held(ns, hashes, lease)
+        if held is not None:
+            assert lease is not None
+            # The reader holds the lease from now on: the slots it copies from stay pinned until
+            # it releases them or its own connection goes, whatever happens to the lease's taker.
+            self._transfer_lease(lease, owner)
+            entries: list[Entry] = held
+        else:
+            entries, lease = self.pin(ns, hashes, owner=owner)
+        return Pinned(lease, [e.slot for e in entries], [e.nbytes for e in entries])
 
-        The server answers a lookup with this and calls apply_pin() right after the reply is
-        sent: one thread owns the store, so no other request runs in between.
-        """
-        found = self.index.prefix(ns, hashes, self.clock())
-        if not found or not self._can_lease(owner, len(found)):
-            return [], None  # nothing to pin, or no lease to protect it with: a miss
-        return found, self.index.new_lease_id()
-
-    def _can_lease(self, owner: bytes, num_blocks: int) -> bool:
-        if owner and not self.clients.can_lease(owner, num_blocks):
-            return False  # over this client's caps: its miss, nobody else's
-        if len(self.index.leases) < MAX_LEASES:
-            return True
-        victim = self.clients.lease_to_drop_for(owner)
-        if victim is None:
-            return False
-        self.unpin(victim)
-        self.num_leases_dropped += 1
-        return True
+    def read_out(self, ns: Namespace, hashes: Sequence[BlockHash], lease: int | None,
+                 max_bytes: int) -> Outgoing:
+        """A GET over TCP: views of the blocks of hashes (leased, or the stored prefix, read
+        now), as many as max_bytes holds but at least one, so a large block is never refused
+        forever. Sending them without a copy needs hold(held) until they are sent."""
+        entries = self._held(ns, hashes, lease)
+        if entries is None:
+            entries = self.index.prefix(ns, hashes, self.clock())
+            self._touch(entries)
+        num, nbytes = 0, 0
+        for entry in entries:
+            if num and nbytes + entry.nbytes > max_bytes:
+                break
+            num, nbytes = num + 1, nbytes + entry.nbytes
+        pool = self._pool()
+        return Outgoing([pool.view(e.slot, e.nbytes) for e in entries[:num]], entries[:num],
+                        num < len(entries))
 
     def read(self, ns: Namespace, hashes: Sequence[BlockHash]) -> list[Entry]:
         """The stored prefix of hashes, for a read done before this returns (no lease needed):
@@ -151,41 +187,14 @@ class Store:
     def transfer_lease(self, lease_id: int, owner: bytes) -> None:
         """Make owner the holder of a lease it presented: the lease then ends with owner's
         connection, not with the one that took it (a scheduler hands its leases to workers)."""
-        lease = self.index.leases.get(lease_id)
-        if lease is None or lease.owner == owner:
-            return
-        if lease.owner:
-            self.clients.drop_lease(lease.owner, lease_id)
-        lease.owner = owner
-        if owner:
-            self.clients.add_lease(owner, lease_id, len(lease.entries))
-
-    def apply_pin(self, ns: Namespace, num_asked: int, found: list[Entry], lease_id: int | None,
-                  lease_s: float | None = None, owner: bytes = b"") -> None:
-        """Pin what find_to_pin() returned, and record per-block reads and recency."""
-        if lease_id is None:
-            return
-        self._touch(found)
-        lease_s = self.limits.lease_s if lease_s is None else min(lease_s, self.limits.max_lease_s)
-        self.index.pin(found, self.clock() + lease_s, lease_id, owner)
-        if owner:
-            self.clients.add_lease(owner, lease_id, len(found))
-
-    def _touch(self, found: list[Entry]) -> None:
-        # Deepest first, so a parent is always more recent than its children: LRU order then
-        # reaches leaves before the prefixes they hang from.
-        touch = self.policy.touch
-        for entry in reversed(found):
-            entry.num_hits += 1
-            touch(entry)
+        self._transfer_lease(lease_id, owner)
 
     def unpin(self, lease_id: int) -> bool:
         """Release a lease early; False when it was unknown or already expired."""
         lease = self.index.leases.get(lease_id)
         if lease is None:
             return False
-        if lease.owner:
-            self.clients.drop_lease(lease.owner, lease_id)
+        self.clients.drop_lease(lease.owner, lease_id)
         entries = self.index.unpin(lease_id)
         assert entries is not None, "a held lease vanished"
         self._free_dead(entries)
@@ -207,123 +216,7 @@ class Store:
         lease = self.index.leases.get(lease_id)
         return lease.entries if lease else None
 
-    # --- writes ----------------------------------------------------------------------------
-    def reserve(self, ns: Namespace, blocks: Sequence[tuple[BlockHash, BlockHash | None, int]],
-                owner: bytes = b"") -> Reservation:
-        """Take a slot per (hash, parent_hash, nbytes), evicting if needed. Present blocks get None.
-
-        Past owner's share (kvstore/clients.py) the rest counts as full, like a full pool."""
-        guard: list[Entry] = []  # pinned for the duration once eviction is needed (_guard_chains)
-        try:
-            return self._reserve(ns, blocks, guard, owner)
-        finally:
-            for entry in guard:
-                entry.num_pins -= 1
-
-    def _reserve(self, ns: Namespace, blocks: Sequence[tuple[BlockHash, BlockHash | None, int]],
-                 guard: list[Entry], owner: bytes) -> Reservation:
-        now = self.clock()
-        slots: list[SlotId | None] = []
-        num_full = 0
-        is_guarded = False
-        for i, (block_hash, parent_hash, nbytes) in enumerate(blocks):
-            if num_full:
-                # The pool refused an earlier block of this chain; a child without it is useless.
-                slots.append(None)
-                num_full += 1
-                continue
-            if self.index.get((ns, block_hash)) is not None:
-                slots.append(None)  # present or being written by another client
-                continue
-            if owner and not self.clients.can_reserve(owner, self.slabs.slot_bytes_for(nbytes)):
-                num_full += 1  # this client's share is taken: full for it, not for others
-                slots.append(None)
-                continue
-            slot = self.slabs.alloc(nbytes)
-            if slot is None:
-                if not is_guarded:  # once per call: the walk is as long as the chain
-                    guard.extend(self._guard_chains(ns, blocks))
-                    is_guarded = True
-                # Room for the whole run of such blocks at once: one scan of the eviction order
-                # per run, not per block (a chain in a full pool took 26 s for 1024 blocks).
-                if self._make_room(nbytes, self._num_to_place(ns, blocks, i)):
-                    slot = self.slabs.alloc(nbytes)
-            if slot is None:
-                num_full += 1
-                slots.append(None)
-                continue
-            self.slot_bytes_used += self.slabs.slot_bytes_for(nbytes)
-            self.bytes_stored += nbytes
-            entry = self.index.add_reserved((ns, block_hash), slot, nbytes, parent_hash,
-                                            now + self.limits.reserve_s)
-            if owner:
-                entry.owner = owner
-                self.clients.add_reserved(entry, self.slabs.slot_bytes_for(nbytes))
-            slots.append(slot)
-        return Reservation(slots, num_full)
-
-    def _guard_chains(self, ns: Namespace,
-                      blocks: Sequence[tuple[BlockHash, BlockHash | None, int]]) -> list[Entry]:
-        """Pin the stored blocks of the chains being written: those listed and all their ancestors.
-
-        Evicting them to make room for their own descendants would leave the new blocks
-        unreachable (lookups match from the root). Writers save a long prompt in several calls
-        (one per prefill chunk), so the ancestors are usually not in this call's list: without
-        the walk a pool-sized prompt evicts its own head, block by block, and keeps only orphans.
-        Returns the entries pinned; the caller unpins them.
-        """
-        seen: set[BlockHash] = set()
-        pinned: list[Entry] = []
-        for block_hash, parent_hash, _ in blocks:
-            walk: BlockHash | None = block_hash
-            while walk is not None and walk not in seen:  # seen: shared ancestors, hash cycles
-                seen.add(walk)
-                entry = self.index.get((ns, walk))
-                if entry is None:
-                    if walk != block_hash:
-                        break  # the chain is broken here: older blocks cannot be hit through it
-                    walk = parent_hash  # block_hash is new: guard from its parent up
-                    continue
-                entry.num_pins += 1
-                pinned.append(entry)
-                walk = entry.parent_hash
-        return pinned
-
-    def commit(self, ns: Namespace, block_hash: BlockHash, slot: SlotId, owner: bytes = b"") -> bool:
-        """Make a reserved block readable; False when that reservation no longer exists or is
-        owner's no longer (another client's, or fenced: then its writer is done with the slot)."""
-        entry = self._reserved(ns, block_hash, slot, owner)
-        if entry is None:
-            return False
-        if owner:
-            self.clients.drop_reserved(entry, self.slabs.slot_bytes_for(entry.nbytes))
-        expiry = INF if self.limits.ttl_s is None else self.clock() + self.limits.ttl_s
-        self.index.commit(entry, expiry)
-        self.policy.insert(entry)
-        stats = self._ns_stats(ns)
-        stats.num_stored += 1
-        stats.num_blocks += 1
-        stats.num_bytes += entry.nbytes
-        self.num_blocks += 1
-        return True
-
-    def reserved_at(self, entry: Entry) -> float | None:
-        """When a reserved block's write began, by the store's clock; None once committed."""
-        if entry.state is not State.RESERVED:
-            return None
-        return entry.deadline_s - self.limits.reserve_s
-
-    def abort(self, ns: Namespace, block_hash: BlockHash, slot: SlotId, owner: bytes = b"") -> bool:
-        """Drop owner's reservation and free its slot; False when it no longer exists (or is not
-        owner's; a fenced slot of owner's is freed then, as its writer is done with it)."""
-        entry = self._reserved(ns, block_hash, slot, owner)
-        if entry is None:
-            return False
-        if owner:
-            self.clients.drop_reserved(entry, self.slabs.slot_bytes_for(entry.nbytes))
-        self._drop_reserved(entry)
-        return True
-
+    # --- connections -----------------------------------------------------------------------
     def end_client(self, owner: bytes) -> int:
         """A connection is gone: release its leases and reservations and free its fenced slots
         (nothing writes through a closed connection); returns how many things it held."""
@@ -341,7 +234,6 @@ class Store:
             self._free_slot(entry)
         self.num_fenced -= len(state.fenced)
         return len(state.leases) + len(state.reserved) + len(state.fenced)
-
     # --- maintenance -----------------------------------------------------------------------
     def invalidate(self, name: bytes, below_epoch: int | None = None) -> int:
         """Drop a namespace's blocks (all epochs, or epochs < below_epoch); returns how many."""
@@ -405,24 +297,8 @@ class Store:
         return self.index.is_due(self.clock())
 
     def hottest(self, name: bytes, k: int) -> list[HotPrefix]:
-        """The k most-read prefixes of a namespace name, most reads first.
-
-        A prefix ends at a block no resident child of which was read as often: when a whole
-        chain is read together only its deepest block is listed, not every block of it. Reads
-        are counted per resident block (Entry.num_hits), so this needs no memory of its own and
-        forgets a block when it is evicted. Scans the namespace (up to HOTTEST_SCAN_BLOCKS of it,
-        oldest first): for STATS, not hot paths.
-        """
-        # At most HOTTEST_SCAN_BLOCKS are looked at: STATS must stay cheap with millions stored.
-        tables = [self.index.tables[ns] for ns in self.index.namespaces_of(name)]
-        scanned = itertools.islice(itertools.chain.from_iterable(
-            t.values() for t in tables), HOTTEST_SCAN_BLOCKS)
-        entries = [e for e in scanned if e.num_hits and e.state is State.COMMITTED]
-        covered = {id(e.parent) for e in entries
-                   if e.parent is not None and e.parent.num_hits == e.num_hits}
-        ends = [e for e in entries if id(e) not in covered]
-        top = heapq.nlargest(k, ends, key=lambda e: (e.num_hits, _depth(e)))
-        return [HotPrefix(e.key[1], e.num_hits, _depth(e)) for e in top]
+        """The k most-read prefixes of a namespace name, most reads first (kvstore/hottest.py)."""
+        return hottest.hottest(self.index, name, k)
 
     def occupancy(self) -> dict[str, int]:
         """Counts for stats replies and metrics."""
@@ -446,91 +322,74 @@ class Store:
         }
 
     # --- internals -------------------------------------------------------------------------
-    def _num_to_place(self, ns: Namespace,
-                      blocks: Sequence[tuple[BlockHash, BlockHash | None, int]], start: int) -> int:
-        """Blocks from start on, up to the first of another size class, that need a slot."""
-        want = self.slabs.slot_bytes_for(blocks[start][2])
-        absent: set[BlockHash] = set()
-        for block_hash, _, nbytes in itertools.islice(blocks, start, None):
-            if self.slabs.slot_bytes_for(nbytes) != want:
-                break
-            if self.index.get((ns, block_hash)) is None:
-                absent.add(block_hash)
-        return len(absent)
+    def _find_to_pin(self, ns: Namespace, hashes: Sequence[BlockHash],
+                     owner: bytes) -> tuple[list[Entry], int | None]:
+        """The stored prefix of hashes and the id of a lease to pin it under (None when empty or
+        no lease can be had); changes nothing but, when the lease table is full, the biggest
+        holder's oldest lease (given up to make room for owner)."""
+        found = self.index.prefix(ns, hashes, self.clock())
+        if not found or not self._can_lease(owner, len(found)):
+            return found, None
+        return found, self.index.new_lease_id()
 
-    def _make_room(self, nbytes: int, num_slots: int = 1) -> bool:
-        """Evict until num_slots slots of nbytes' size class can be had, or as many as the
-        evictable blocks give; False (and nothing evicted) when not even one can."""
-        if not self.slabs.fits(nbytes):
+    def _can_lease(self, owner: bytes, num_blocks: int) -> bool:
+        if not self.clients.can_lease(owner, num_blocks):
+            return False  # over this client's caps: its miss, nobody else's
+        if len(self.index.leases) < MAX_LEASES:
+            return True
+        victim = self.clients.lease_to_drop_for(owner)
+        if victim is None:
             return False
-        want = self.slabs.slot_bytes_for(nbytes)
-        per_page = self.slabs.page_bytes // want
-        victims: list[Entry] = []
-        num_useful, num_got = 0, 0  # victims up to the last that freed room, and the room
-        page_used: dict[int, int] = {}
-        for entry in self.policy.victims():
-            assert entry.num_pins == 0 and entry.state is State.COMMITTED, "policy yielded a pinned block"
-            victims.append(entry)
-            page_idx = self.slabs.page_of(entry.slot)
-            if self.slabs.page_slot_bytes(page_idx) == want:
-                num_got += 1  # its slot serves this size class directly
-            else:
-                left = page_used.get(page_idx, self.slabs.page_num_used(page_idx)) - 1
-                page_used[page_idx] = left
-                if left:
-                    continue
-                num_got += per_page  # a whole page frees up and can take any size class
-            num_useful = len(victims)
-            if num_got >= num_slots:
-                break
-        if not num_useful:
-            return False  # not enough evictable blocks: change nothing
-        victims = victims[:num_useful]  # the rest would free no whole slot
-        for entry in victims:
-            self._ns_stats(entry.key[0]).num_evictions += 1
-            self._remove(entry)
-        self.num_evictions += len(victims)
+        self.unpin(victim)
+        self.num_leases_dropped += 1
         return True
 
-    def _reserved(self, ns: Namespace, block_hash: BlockHash, slot: SlotId,
-                  owner: bytes) -> Entry | None:
-        entry = self.index.get((ns, block_hash))
-        if (entry is None or entry.state is not State.RESERVED or entry.slot != slot
-                or entry.owner != owner):
-            if owner:
-                self._unfence(owner, ns, block_hash, slot)
+    def _apply_pin(self, found: list[Entry], lease_id: int, lease_s: float | None,
+                   owner: bytes) -> None:
+        """Pin what _find_to_pin() found, and record per-block reads and recency."""
+        self._touch(found)
+        lease_s = self.limits.lease_s if lease_s is None else min(lease_s, self.limits.max_lease_s)
+        self.index.pin(found, self.clock() + lease_s, lease_id, owner)
+        self.clients.add_lease(owner, lease_id, len(found))
+
+    def _touch(self, found: list[Entry]) -> None:
+        # Deepest first, so a parent is always more recent than its children: LRU order then
+        # reaches leaves before the prefixes they hang from.
+        touch = self.policy.touch
+        for entry in reversed(found):
+            entry.num_hits += 1
+            touch(entry)
+
+    def _held(self, ns: Namespace, hashes: Sequence[BlockHash],
+              lease_id: int | None) -> list[Entry] | None:
+        """The blocks of hashes under lease_id, or None without a usable lease. The hashes may
+        start anywhere in the leased prefix (a load read in batches). The namespace counts too:
+        two models share vLLM's block hashes, so a lease of one must never read the other's bytes
+        (tests/integration/test_roundtrip.py::test_lease_of_one_namespace_never_reads_another)."""
+        if lease_id is None or not hashes:
             return None
-        return entry
+        held = self.lease_entries(lease_id)
+        if held is None or not all(e.is_live for e in held):
+            return None
+        start = next((i for i, e in enumerate(held) if e.key == (ns, hashes[0])), 0)
+        n = 0
+        for entry, block_hash in zip(held[start:], hashes):
+            if entry.key != (ns, block_hash):
+                break
+            n += 1
+        return held[start:start + n] if n else None
 
-    def _fence(self, entry: Entry) -> None:
-        """Take a reservation away from a writer that may still be copying into its slot: the key
-        is free for other writers, the slot stays taken (counted against the writer) until the
-        writer names it again or its connection goes (docs/operating.md, Writes)."""
-        self.index.detach(entry)
-        self.bytes_stored -= entry.nbytes
-        self.clients.fence(entry)
-        self.num_fenced += 1
-
-    def _drop_reserved(self, entry: Entry) -> None:
-        """Remove a reservation whose writer is done (or gone) and free its slot."""
-        if entry.is_live:  # not when an invalidate has already taken it (drain_invalidated)
-            self.index.detach(entry)
-            self.bytes_stored -= entry.nbytes
-        self._free_slot(entry)
-
-    def _unfence(self, owner: bytes, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> None:
-        """owner names a slot it no longer holds as a reservation: its write is over, so a fenced
-        slot is freed, and so is one an invalidate unlinked but has not removed yet."""
-        entry = self.clients.fenced(owner, slot)
-        if entry is not None and entry.key == (ns, block_hash):
-            self.clients.unfence(entry, self.slabs.slot_bytes_for(entry.nbytes))
-            self.num_fenced -= 1
-            self._free_slot(entry)
+    def _transfer_lease(self, lease_id: int, owner: bytes) -> None:
+        lease = self.index.leases.get(lease_id)
+        if lease is None or lease.owner == owner:
             return
-        entry = self.clients.reserved(owner, slot)
-        if entry is not None and entry.key == (ns, block_hash):  # unreachable: being invalidated
-            self.clients.drop_reserved(entry, self.slabs.slot_bytes_for(entry.nbytes))
-            self._drop_reserved(entry)
+        self.clients.drop_lease(lease.owner, lease_id)
+        lease.owner = owner
+        self.clients.add_lease(owner, lease_id, len(lease.entries))
+
+    def _pool(self) -> Pool:
+        assert self.pool is not None, "a store without a pool keeps the books only"
+        return self.pool
 
     def _remove(self, entry: Entry) -> None:
         """Take an entry out of the index and policy; free its slot unless a lease still pins it,
@@ -566,10 +425,3 @@ class Store:
             stats = self.stats.setdefault(name, NamespaceStats())
         return stats
 
-
-def _depth(entry: Entry) -> int:
-    """Blocks in the resident prefix ending at entry (linked parents are resident)."""
-    depth, node = 1, entry.parent
-    while node is not None:
-        depth, node = depth + 1, node.parent
-    return depth

@@ -22,7 +22,14 @@ ALLOWED: dict[str, set[str]] = {
     "slabs": {"keys"},
     "policy": {"keys", "index"},
     "clients": {"keys", "index"},
-    "store": {"keys", "index", "policy", "slabs", "clients"},
+    "room": {"keys", "index", "slabs"},
+    "hottest": {"keys", "index"},
+    "outcomes": {"keys", "index"},
+    "writes": {"keys", "index", "policy", "slabs", "clients", "room", "outcomes", "pool"},
+    # The Store owns the bytes: index, policy, slabs and the pool meet here and nowhere else.
+    "store": {"keys", "index", "policy", "slabs", "clients", "room", "hottest", "outcomes",
+              "writes", "pool"},
+    "pool": set(),
     "protocol": {"keys", "errors"},
     "client": {"protocol", "keys", "errors", "pool", "ipc"},
     "ipc": set(),
@@ -30,7 +37,15 @@ ALLOWED: dict[str, set[str]] = {
     "gate": {"protocol", "keys", "errors", "tenants"},
     "metrics": {"store", "protocol", "keys", "index", "policy", "slabs", "clients"},
     "config": {"policy", "units", "ipc", "pool"},
+    # The loop decodes, calls the Store, encodes and sends: none of the Store's parts.
+    "server": {"ipc", "listeners", "protocol", "config", "connections", "errors", "gate", "inbox",
+               "malloc", "keys", "metrics", "pool", "store"},
+    "cli": {"config", "errors", "ipc", "keys", "units", "malloc", "pool", "server", "tenants",
+            "client"},
 }
+# What server.py may not reach through its Store or its pool (issue 11: the Store owns the bytes).
+STORE_INTERNALS = {"index", "slabs", "policy", "clients", "pool", "lease_entries", "read", "pin"}
+POOL_BYTES = {"buffer", "view"}
 NEVER_FROM_CONNECTORS = {"server", "store", "index"}
 
 
@@ -69,6 +84,35 @@ def test_module_imports_only_what_the_layering_allows(module: str) -> None:
     imported = kvstore_imports(PACKAGE / f"{module}.py", "kvstore") - {module}
     extra = sorted(imported - ALLOWED[module])
     assert not extra, f"kvstore.{module} imports {extra}"
+
+
+def store_reaches(path: Path) -> list[str]:
+    """Every `<x>.store.<internal>` and `<x>.pool.<bytes>` in a file, and any private attribute
+    of a store (`<x>.store._y`)."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Attribute) or not isinstance(node.value, ast.Attribute):
+            continue
+        owner, attr = node.value.attr, node.attr
+        if (owner == "store" and (attr in STORE_INTERNALS or attr.startswith("_"))) or (
+                owner == "pool" and attr in POOL_BYTES):
+            found.append((node.lineno, f"line {node.lineno}: {owner}.{attr}"))
+    return [text for _, text in sorted(found)]
+
+
+def test_server_touches_no_store_internals() -> None:
+    """server.py calls the Store's methods; its index, slabs, policy, clients and the pool's bytes
+    are the Store's alone (leases, pins and copies into slots happen there)."""
+    assert store_reaches(PACKAGE / "server.py") == []
+
+
+def test_store_reach_checker_sees_internals(tmp_path: Path) -> None:
+    """The checker is live: it flags each kind of reach it forbids, and not a method call."""
+    source = tmp_path / "probe.py"
+    source.write_text("self.store.index.pin(x)\nself.pool.buffer[0:1] = b'x'\n"
+                      "self.store._held(ns)\nself.store.reserve(ns, rows)\n")
+    assert store_reaches(source) == ["line 1: store.index", "line 2: pool.buffer",
+                                     "line 3: store._held"]
 
 
 def test_connectors_never_import_the_daemon_side() -> None:

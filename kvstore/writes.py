@@ -1,0 +1,216 @@
+"""The Store's writes (a mixin of kvstore/store.py's Store): two-phase reserve -> copy -> commit
+or abort by clients on the daemon's host, the one-message PUT of clients on other hosts, and the
+fences that keep a slot from a new writer while a timed-out one may still be copying into it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from kvstore import room
+from kvstore.clients import Clients
+from kvstore.index import Entry, Index, State
+from kvstore.keys import BlockHash, Namespace, SlotId
+from kvstore.outcomes import Limits, NamespaceStats, Reservation, Written
+from kvstore.policy import LRU
+from kvstore.pool import Pool
+from kvstore.room import BlockRow
+from kvstore.slabs import Slabs
+
+INF = float("inf")
+
+
+class Writes:
+    """Write methods of Store; the state they use is Store's (declared here for readers)."""
+
+    if TYPE_CHECKING:
+        slabs: Slabs
+        policy: LRU
+        limits: Limits
+        clock: Callable[[], float]
+        index: Index
+        clients: Clients
+        num_blocks: int
+        num_evictions: int
+        num_fenced: int
+        slot_bytes_used: int
+        bytes_stored: int
+
+        def _pool(self) -> Pool: ...
+        def _remove(self, entry: Entry) -> None: ...
+        def _free_slot(self, entry: Entry) -> None: ...
+        def _ns_stats(self, ns: Namespace) -> NamespaceStats: ...
+
+    def reserve(self, ns: Namespace, blocks: Sequence[BlockRow], owner: bytes = b"") -> Reservation:
+        """Take a slot per (hash, parent_hash, nbytes), evicting if needed. Present blocks get None.
+
+        Past owner's share (kvstore/clients.py) the rest counts as full, like a full pool."""
+        guard: list[Entry] = []  # pinned for the duration once eviction is needed
+        try:
+            return self._reserve(ns, blocks, guard, owner)
+        finally:
+            for entry in guard:
+                entry.num_pins -= 1
+
+    def put(self, ns: Namespace, blocks: Sequence[BlockRow],
+            payload: Sequence[Sequence[memoryview]]) -> Written:
+        """The TCP write: reserve, copy each block's payload (its frames, in order) into its slot,
+        and commit, all before the next request runs; so no client's share or fence applies."""
+        result = self.reserve(ns, blocks)
+        memory = self._pool().buffer
+        num_stored, nbytes = 0, 0
+        for (block_hash, _, size), frames, slot in zip(blocks, payload, result.slots):
+            if slot is None:
+                continue
+            offset: int = slot
+            for frame in frames:
+                memory[offset:offset + len(frame)] = frame
+                offset += len(frame)
+            self.commit(ns, block_hash, slot)
+            num_stored += 1
+            nbytes += size
+        num_present = len(blocks) - num_stored - result.num_full
+        return Written(num_stored, num_present, result.num_full, nbytes)
+
+    def commit(self, ns: Namespace, block_hash: BlockHash, slot: SlotId, owner: bytes = b"") -> bool:
+        """Make a reserved block readable; False when that reservation no longer exists or is
+        owner's no longer (another client's, or fenced: then its writer is done with the slot)."""
+        entry = self._reserved(ns, block_hash, slot, owner)
+        if entry is None:
+            return False
+        self._commit(ns, entry)
+        return True
+
+    def commit_many(self, ns: Namespace, rows: Sequence[tuple[BlockHash, SlotId]],
+                    owner: bytes) -> Written:
+        """COMMIT: commit() each (hash, slot) of owner's; began_s: when the first committed one
+        was reserved (a shared-memory write spans RESERVE, the client's copy and COMMIT)."""
+        num_done, nbytes, began_s = 0, 0, None
+        for block_hash, slot in rows:
+            entry = self._reserved(ns, block_hash, slot, owner)
+            if entry is None:
+                continue
+            if began_s is None:  # read before _commit() re-dates the entry
+                began_s = entry.deadline_s - self.limits.reserve_s
+            self._commit(ns, entry)
+            num_done += 1
+            nbytes += entry.nbytes
+        return Written(num_done, nbytes=nbytes, began_s=began_s)
+
+    def abort(self, ns: Namespace, block_hash: BlockHash, slot: SlotId, owner: bytes = b"") -> bool:
+        """Drop owner's reservation and free its slot; False when it no longer exists (or is not
+        owner's; a fenced slot of owner's is freed then, as its writer is done with it)."""
+        entry = self._reserved(ns, block_hash, slot, owner)
+        if entry is None:
+            return False
+        self.clients.drop_reserved(entry, self.slabs.slot_bytes_for(entry.nbytes))
+        self._drop_reserved(entry)
+        return True
+
+    def abort_many(self, ns: Namespace, rows: Sequence[tuple[BlockHash, SlotId]],
+                   owner: bytes) -> int:
+        """ABORT: abort() each (hash, slot); how many were owner's reservations."""
+        return sum(self.abort(ns, block_hash, slot, owner) for block_hash, slot in rows)
+
+    def _reserve(self, ns: Namespace, blocks: Sequence[BlockRow], guard: list[Entry],
+                 owner: bytes) -> Reservation:
+        now = self.clock()
+        slots: list[SlotId | None] = []
+        num_full = 0
+        is_guarded = False
+        for i, (block_hash, parent_hash, nbytes) in enumerate(blocks):
+            if num_full:
+                # The pool refused an earlier block of this chain; a child without it is useless.
+                slots.append(None)
+                num_full += 1
+                continue
+            if self.index.get((ns, block_hash)) is not None:
+                slots.append(None)  # present or being written by another client
+                continue
+            slot_bytes = self.slabs.slot_bytes_for(nbytes)
+            if not self.clients.can_reserve(owner, slot_bytes):
+                num_full += 1  # this client's share is taken: full for it, not for others
+                slots.append(None)
+                continue
+            slot = self.slabs.alloc(nbytes)
+            if slot is None:
+                if not is_guarded:  # once per call: the walk is as long as the chain
+                    guard.extend(room.guard_chains(self.index, ns, blocks))
+                    is_guarded = True
+                # Room for the whole run of such blocks at once: one scan of the eviction order
+                # per run, not per block (a chain in a full pool took 26 s for 1024 blocks).
+                if self._make_room(nbytes, room.num_to_place(self.index, self.slabs, ns, blocks, i)):
+                    slot = self.slabs.alloc(nbytes)
+            if slot is None:
+                num_full += 1
+                slots.append(None)
+                continue
+            self.slot_bytes_used += slot_bytes
+            self.bytes_stored += nbytes
+            entry = self.index.add_reserved((ns, block_hash), slot, nbytes, parent_hash,
+                                            now + self.limits.reserve_s)
+            entry.owner = owner
+            self.clients.add_reserved(entry, slot_bytes)
+            slots.append(slot)
+        return Reservation(slots, num_full)
+
+    def _make_room(self, nbytes: int, num_slots: int = 1) -> bool:
+        """Evict until num_slots slots of nbytes' size class can be had, or as many as the
+        evictable blocks give; False (and nothing evicted) when not even one can."""
+        victims = room.victims_for(self.slabs, self.policy.victims(), nbytes, num_slots)
+        for entry in victims:
+            self._ns_stats(entry.key[0]).num_evictions += 1
+            self._remove(entry)
+        self.num_evictions += len(victims)
+        return bool(victims)
+
+    def _commit(self, ns: Namespace, entry: Entry) -> None:
+        self.clients.drop_reserved(entry, self.slabs.slot_bytes_for(entry.nbytes))
+        expiry = INF if self.limits.ttl_s is None else self.clock() + self.limits.ttl_s
+        self.index.commit(entry, expiry)
+        self.policy.insert(entry)
+        stats = self._ns_stats(ns)
+        stats.num_stored += 1
+        stats.num_blocks += 1
+        stats.num_bytes += entry.nbytes
+        self.num_blocks += 1
+
+    def _reserved(self, ns: Namespace, block_hash: BlockHash, slot: SlotId,
+                  owner: bytes) -> Entry | None:
+        entry = self.index.get((ns, block_hash))
+        if (entry is None or entry.state is not State.RESERVED or entry.slot != slot
+                or entry.owner != owner):
+            self._unfence(owner, ns, block_hash, slot)
+            return None
+        return entry
+
+    def _fence(self, entry: Entry) -> None:
+        """Take a reservation away from a writer that may still be copying into its slot: the key
+        is free for other writers, the slot stays taken (counted against the writer) until the
+        writer names it again or its connection goes (docs/operating.md, Writes)."""
+        self.index.detach(entry)
+        self.bytes_stored -= entry.nbytes
+        self.clients.fence(entry)
+        self.num_fenced += 1
+
+    def _drop_reserved(self, entry: Entry) -> None:
+        """Remove a reservation whose writer is done (or gone) and free its slot."""
+        if entry.is_live:  # not when an invalidate has already taken it (drain_invalidated)
+            self.index.detach(entry)
+            self.bytes_stored -= entry.nbytes
+        self._free_slot(entry)
+
+    def _unfence(self, owner: bytes, ns: Namespace, block_hash: BlockHash, slot: SlotId) -> None:
+        """owner names a slot it no longer holds as a reservation: its write is over, so a fenced
+        slot is freed, and so is one an invalidate unlinked but has not removed yet."""
+        entry = self.clients.fenced(owner, slot)
+        if entry is not None and entry.key == (ns, block_hash):
+            self.clients.unfence(entry, self.slabs.slot_bytes_for(entry.nbytes))
+            self.num_fenced -= 1
+            self._free_slot(entry)
+            return
+        entry = self.clients.reserved(owner, slot)
+        if entry is not None and entry.key == (ns, block_hash):  # unreachable: being invalidated
+            self.clients.drop_reserved(entry, self.slabs.slot_bytes_for(entry.nbytes))
+            self._drop_reserved(entry)
+
