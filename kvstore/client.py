@@ -46,6 +46,9 @@ Buffer = Any  # anything exporting a writable (or readable, for puts) buffer: me
 class LookupResult:
     num_hits: int
     lease: int | None
+    # with_slots: where the hits lie in the segment whose token this is, pinned under lease.
+    refs: list[SlotRef] | None = None
+    token: bytes | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -123,20 +126,45 @@ class Client:
         self._request(Op.PING)
         return time.perf_counter() - start
 
-    def lookup(self, ns: Namespace, hashes: Sequence[bytes], lease_ms: int = 0) -> LookupResult:
-        """How many of hashes are stored as a consecutive prefix; lease_ms > 0 pins them."""
-        reply = self._request(Op.LOOKUP, ns=ns, hashes=list(hashes), lease_ms=lease_ms)
-        return LookupResult(reply["num_hits"], reply["lease"])
+    def lookup(self, ns: Namespace, hashes: Sequence[bytes], lease_ms: int = 0,
+               with_slots: bool = False) -> LookupResult:
+        """How many of hashes are stored as a consecutive prefix; lease_ms > 0 pins them.
+
+        with_slots (with a lease): the answer also says where each hit lies in the daemon's
+        segment (refs, token), so a same-host reader copies them and releases the lease: two
+        round trips, no GET. Read them only from the segment of that token (same host), and
+        trust the copy only if release() then says True (the lease held throughout)."""
+        reply = self._request(Op.LOOKUP, **self._lookup_fields(ns, hashes, lease_ms, with_slots))
+        return _found(reply, self._token() if with_slots else None)
 
     def lookup_many(self, queries: Sequence[tuple[Namespace, Sequence[bytes]]],
-                    lease_ms: int = 0) -> list[LookupResult]:
+                    lease_ms: int = 0, with_slots: bool = False) -> list[LookupResult]:
         """One LOOKUP per (namespace, hashes), sent back to back and answered in one round trip
         (tensor parallelism: a namespace per rank). A failed one fails all; their leases expire."""
         if self._hello is None:
             self.connect()
-        replies = self._call_many(Op.LOOKUP, [{"ns": ns, "hashes": list(hashes),
-                                               "lease_ms": lease_ms} for ns, hashes in queries])
-        return [LookupResult(r["num_hits"], r["lease"]) for r in replies]
+        requests = [self._lookup_fields(ns, hashes, lease_ms, with_slots) for ns, hashes in queries]
+        try:
+            replies = self._call_many(Op.LOOKUP, requests)
+        except ServerError as exc:
+            if exc.code != "stale_segment":
+                raise
+            self.connect()  # the daemon restarted between calls: retry once with its new token
+            requests = [self._lookup_fields(ns, hashes, lease_ms, with_slots)
+                        for ns, hashes in queries]
+            replies = self._call_many(Op.LOOKUP, requests)
+        return [_found(r, self._token() if with_slots else None) for r in replies]
+
+    def _lookup_fields(self, ns: Namespace, hashes: Sequence[bytes], lease_ms: int,
+                       with_slots: bool) -> dict[str, Any]:
+        fields: dict[str, Any] = {"ns": ns, "hashes": list(hashes), "lease_ms": lease_ms}
+        if with_slots:
+            if not lease_ms:
+                raise ValueError("slot references need a lease (lease_ms > 0)")
+            if self._hello is None:
+                self.connect()  # the request carries the token HELLO hands out
+            fields.update(shm=True, token=self._token())
+        return fields
 
     def release(self, lease: int) -> bool:
         return bool(self._request(Op.RELEASE, lease=lease)["released"])
@@ -531,6 +559,14 @@ def _put_spans(spans: list[tuple[int, int]], num_blocks: int,
             num_full += num_blocks - end
             break
     return PutResult(num_stored, num_present, num_full)
+
+
+def _found(reply: dict[str, Any], token: bytes | None) -> LookupResult:
+    """A LOOKUP reply as a LookupResult; refs (in token's segment) when it was asked for them."""
+    if token is None:
+        return LookupResult(reply["num_hits"], reply["lease"])
+    refs = [SlotRef(SlotId(s), n) for s, n in zip(reply.get("slots") or [], reply.get("sizes") or [])]
+    return LookupResult(reply["num_hits"], reply["lease"], refs, token)
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:

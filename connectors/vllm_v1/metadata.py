@@ -13,12 +13,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 @dataclass(slots=True)
 class LoadSpec:
     """Copy the pooled blocks of hashes into vLLM blocks block_ids, under the scheduler's leases:
-    leases[rank] pins them in that tensor-parallel rank's namespace (None: no lease)."""
+    leases[rank] pins them in that tensor-parallel rank's namespace (None: no lease).
+
+    slots[rank], when the lookup asked for them: (offset, nbytes) of each block in the daemon's
+    segment of that token, so a worker on its host copies and releases, with no GET."""
 
     req_id: str
     hashes: list[bytes]
     block_ids: list[int]
     leases: list[int | None]
+    slots: list[list[tuple[int, int]] | None] = field(default_factory=list)
+    token: bytes | None = None
 
 
 @dataclass(slots=True)

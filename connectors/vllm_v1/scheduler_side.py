@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.client import Client
@@ -48,6 +48,9 @@ class _Claim:
 
     num_hits: int
     leases: list[int | None]
+    # Per rank, with use_shm: (offset, nbytes) of each hit in the segment of token.
+    slots: list[list[tuple[int, int]] | None] = field(default_factory=list)
+    token: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -58,6 +61,7 @@ class _ReqState:
     deadline_s: float  # give the lookup up after this
     num_hit_blocks: int = 0
     leases: list[int | None] | None = None  # per rank, held until the load goes to the workers
+    claim: _Claim | None = None  # the lookup's answer (its slots go to the workers)
     pool_blocks: tuple[int, int] = (0, 0)  # [start, end) blocks loaded from the pool
     num_saved_blocks: int = 0  # blocks [0, n) already handed to the worker for saving
     is_load_issued: bool = False  # a load was handed to the worker for this lookup
@@ -131,8 +135,11 @@ class SchedulerSide:
         start, end = st.start_block, st.start_block + num_blocks
         block_ids = blocks.get_block_ids()[0][start:end]
         hashes = [bytes(h) for h in request.block_hashes[start:end]]
+        claim = st.claim
+        slots = [None if s is None else s[:num_blocks] for s in claim.slots] if claim else []
         self._loads.append(LoadSpec(request.request_id, hashes, list(block_ids),
-                                    list(st.leases or [])))
+                                    list(st.leases or []), slots, claim.token if claim else None))
+        st.claim = None
         st.leases = None  # each rank's worker releases its own after copying
         st.pool_blocks = (start, end)
         st.is_load_issued = True
@@ -243,7 +250,7 @@ class SchedulerSide:
         else:
             try:
                 claim = st.lookup.result()
-                st.num_hit_blocks, st.leases = claim.num_hits, claim.leases
+                st.num_hit_blocks, st.leases, st.claim = claim.num_hits, claim.leases, claim
                 self._breaker.success()
                 self._learn_from_lookup(st)
             except KVStoreError as exc:
@@ -261,12 +268,19 @@ class SchedulerSide:
     def _lookup_call(self, hashes: list[bytes]) -> _Claim:
         self._keeper.wait_first_try(self.config.timeout_ms / 1000)
         client = self._client()
+        # Same host (use_shm): the answer carries where the hits lie, so each worker copies and
+        # releases, with no GET (a load in two round trips; the worker checks the segment).
+        with_slots = self.config.use_shm and self.config.lease_ms > 0
         if len(self.rank_namespaces) == 1:
-            result = client.lookup(self.ns, hashes, lease_ms=self.config.lease_ms)
-            return _Claim(result.num_hits, [result.lease])
-        results = client.lookup_many([(ns, hashes) for ns in self.rank_namespaces],
-                                     lease_ms=self.config.lease_ms)
-        return _Claim(min(r.num_hits for r in results), [r.lease for r in results])
+            results = [client.lookup(self.ns, hashes, lease_ms=self.config.lease_ms,
+                                     with_slots=with_slots)]
+        else:
+            results = client.lookup_many([(ns, hashes) for ns in self.rank_namespaces],
+                                         lease_ms=self.config.lease_ms, with_slots=with_slots)
+        slots = [None if r.refs is None else [(int(x.slot), x.nbytes) for x in r.refs]
+                 for r in results]
+        return _Claim(min(r.num_hits for r in results), [r.lease for r in results],
+                      slots if with_slots else [], results[0].token)
 
     def _release(self, st: _ReqState) -> None:
         if st.lookup is not None:

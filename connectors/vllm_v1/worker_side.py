@@ -21,7 +21,7 @@ import torch
 
 from kvstore.client import Client, SlotRef
 from kvstore.errors import KVStoreError
-from kvstore.keys import Namespace
+from kvstore.keys import Namespace, SlotId
 
 from connectors.vllm_v1.blocks import PagedKV
 from connectors.common import Breaker
@@ -224,6 +224,19 @@ class WorkerSide:
         assert self.kv is not None
         deadline = time.monotonic() + self.config.load_timeout_ms / 1000
         if client.has_shm():
+            found = self._found_refs(client, spec)
+            if found is not None:
+                # The lookup said where the blocks lie: copy, then release (two round trips in
+                # all). A lease that ended before the release may have let a slot be reused
+                # under the copy: then read again below, under a fresh pin.
+                num = self._scatter_refs(self._pool_of(client), found, spec.block_ids, deadline)
+                _sync(self.kv.device)  # copies must land before the lease lets the slots go
+                lease = self._lease(spec)
+                assert lease is not None, "slots come with a lease"
+                if client.release(lease):
+                    return num
+                log.info("kvstore: the lease of %s ended during its copy: reading it again",
+                         spec.req_id)
             with client.pinned(self.ns, spec.hashes, self._lease(spec)) as refs:
                 # Only now: the call may have re-attached a restarted daemon's new segment.
                 pool = self._pool_of(client)
@@ -339,6 +352,14 @@ class WorkerSide:
         """The keeper's clients: connected with timeout_ms, then given each slot's own timeout."""
         return Client(self.config.address, self.config.timeout_ms / 1000,
                       curve_dir=self.config.curve_keys, use_shm=use_shm)
+
+    def _found_refs(self, client: Client, spec: LoadSpec) -> list[SlotRef] | None:
+        """The slots the lookup found for this rank, when they lie in client's segment."""
+        slots = spec.slots[self.rank] if self.rank < len(spec.slots) else None
+        if (slots is None or self._lease(spec) is None or client.pool is None
+                or spec.token != client.pool.token):
+            return None  # no slots asked, or another daemon (restarted) or host: GET them
+        return [SlotRef(SlotId(offset), nbytes) for offset, nbytes in slots[:len(spec.hashes)]]
 
     def _lease(self, spec: LoadSpec) -> int | None:
         return spec.leases[self.rank] if self.rank < len(spec.leases) else None

@@ -40,6 +40,11 @@ Drawn = tuple[dict[str, Any], dict[str, Any], int]
 def lookups(draw: st.DrawFn) -> Drawn:
     ns, hashes = draw(namespaces), draw(hash_lists)
     lease_ms = draw(st.integers(0, MAX_LEASE_MS))
+    if lease_ms and draw(st.booleans()):  # slot references: same host, with a lease only
+        token = draw(tokens)
+        return ({"ns": ns, "hashes": hashes, "lease_ms": lease_ms, "shm": True, "token": token},
+                {"ns": ns, "hashes": tuple(hashes), "lease_ms": lease_ms, "shm": True,
+                 "token": token}, 0)
     return ({"ns": ns, "hashes": hashes, "lease_ms": lease_ms},
             {"ns": ns, "hashes": tuple(hashes), "lease_ms": lease_ms}, 0)
 
@@ -227,6 +232,17 @@ def test_empty_message_and_trailing_bytes_are_rejected() -> None:
         decode_request([])
     with pytest.raises(ProtocolError, match="msgpack"):
         decode_request([encode_request(Op.PING, 1) + b"\x00"])
+
+
+def test_lookup_slots_need_a_lease_and_a_token() -> None:
+    """Slot references are answered only under a lease (else nothing keeps the slots) and only
+    to a client that proves it mapped the segment."""
+    with pytest.raises(ProtocolError, match="lease"):
+        decode_request([encode_request(Op.LOOKUP, 1, ns=Namespace(b"m", 0), hashes=[b"h"],
+                                       lease_ms=0, shm=True, token=b"t")])
+    with pytest.raises(ProtocolError, match="token"):
+        decode_request([encode_request(Op.LOOKUP, 1, ns=Namespace(b"m", 0), hashes=[b"h"],
+                                       lease_ms=10, shm=True)])
 
 
 def test_oversize_header_is_rejected_before_unpacking() -> None:

@@ -1,0 +1,154 @@
+"""A same-host load is LOOKUP (lease and slots) -> copy -> RELEASE: two round trips, no GET
+(issue 11, item 3). Real daemon, real KV tensors; the worker falls back to a GET whenever the
+lookup's slots cannot be trusted (another segment, or a lease that ended before its release)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from bench.daemon import Daemon, wait_until
+from connectors.vllm_v1.config import ConnectorConfig
+from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec, SaveSpec
+from connectors.vllm_v1.worker_side import WorkerSide
+from kvstore.client import Client, LookupResult
+from kvstore.keys import Namespace
+
+pytestmark = pytest.mark.timeout(60)
+
+BLOCK = 16
+NUM_BLOCKS, NUM_LAYERS, PAGE_FLOATS = 32, 4, 256  # 4 KiB per block
+NS = Namespace(b"load-slots-test")
+LEASE_MS = 30_000
+
+
+def chain(n: int, seed: bytes) -> list[bytes]:
+    hashes, parent = [], seed
+    for i in range(n):
+        parent = hashlib.sha256(parent + bytes([i])).digest()
+        hashes.append(parent)
+    return hashes
+
+
+class Replica:
+    """A worker half with its own KV tensors (float32, one view per layer, as on vLLM CPU)."""
+
+    def __init__(self, address: str) -> None:
+        buf = torch.randn(NUM_LAYERS * NUM_BLOCKS * PAGE_FLOATS)
+        self.layers = buf.view(NUM_LAYERS, NUM_BLOCKS, PAGE_FLOATS)
+        config = ConnectorConfig(address=address, timeout_ms=2000, save_timeout_ms=2000)
+        self.worker = WorkerSide(config, NS, BLOCK, report_saves=True)
+        self.worker.register_kv_caches({f"layers.{i}.attn": self.layers[i]
+                                        for i in range(NUM_LAYERS)})
+
+    def save(self, hashes: list[bytes], block_ids: list[int]) -> None:
+        parents = [None, *hashes[:-1]]
+        self.worker.save(KVStoreMetadata(saves=[SaveSpec("s", hashes, parents, block_ids)]))
+        meta = self.worker.take_saves_meta()
+        assert meta is not None and meta.saved == hashes
+
+    def load(self, spec: LoadSpec) -> set[int]:
+        self.worker.start_load(KVStoreMetadata(loads=[spec]))
+        wait_until(lambda: spec.req_id in self.worker.get_finished(), 20, what="load finished")
+        return self.worker.take_failed_block_ids()
+
+    def block(self, block_id: int) -> torch.Tensor:
+        return self.layers[:, block_id].clone()
+
+
+@pytest.fixture
+def replicas(daemon: Daemon) -> Iterator[list[Replica]]:
+    made = [Replica(daemon.address), Replica(daemon.address)]
+    yield made
+    for replica in made:
+        replica.worker.shutdown()
+
+
+def spec_of(found: LookupResult, hashes: list[bytes], block_ids: list[int]) -> LoadSpec:
+    """What the scheduler half hands the worker after a lookup with slots."""
+    assert found.refs is not None and found.num_hits == len(hashes)
+    return LoadSpec("r", hashes, block_ids, [found.lease],
+                    [[(int(r.slot), r.nbytes) for r in found.refs]], found.token)
+
+
+def requests(client: Client) -> dict[str, int]:
+    return dict(client.stats()["requests"])
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
+
+
+def test_a_same_host_load_is_lookup_copy_release(daemon: Daemon, replicas: list[Replica]) -> None:
+    """The lookup's slots are copied and the lease released: no GET goes to the daemon."""
+    saver, loader = replicas
+    hashes = chain(3, b"two-trips")
+    saver.save(hashes, [1, 2, 3])
+    with Client(daemon.address) as scheduler:
+        found = scheduler.lookup(NS, hashes, lease_ms=LEASE_MS, with_slots=True)
+        before = requests(scheduler)
+        assert loader.load(spec_of(found, hashes, [10, 11, 12])) == set()
+        after = requests(scheduler)
+        # Only the loader's RELEASE (and this STATS): no GET read the slots' offsets.
+        assert delta(after, before) == {"release": 1, "stats": 1}
+        assert scheduler.stats()["num_leases"] == 0, "the worker released the scheduler's lease"
+    for src, dst in zip([1, 2, 3], [10, 11, 12]):
+        assert torch.equal(loader.block(dst), saver.block(src))
+
+
+def test_a_lease_that_ended_before_its_release_is_read_again(
+        daemon: Daemon, replicas: list[Replica]) -> None:
+    """The lease ends before the worker copies and the slots take other bytes: its RELEASE says
+    so, and the worker reads the blocks again under a fresh pin (the pool's bytes, not stale)."""
+    saver, loader = replicas
+    hashes = chain(3, b"lost-lease")
+    saver.save(hashes, [1, 2, 3])
+    with Client(daemon.address) as scheduler:
+        found = scheduler.lookup(NS, hashes, lease_ms=LEASE_MS, with_slots=True)
+        assert scheduler.release(found.lease)  # the lease ends (as by expiry)
+        assert scheduler.invalidate(NS.name) == 3  # and the slots are freed...
+        saver.save(hashes, [4, 5, 6])  # ...and written again, other bytes under the same keys
+        refound = scheduler.lookup(NS, hashes)
+        assert refound.num_hits == 3
+        before = requests(scheduler)
+        assert loader.load(spec_of(found, hashes, [10, 11, 12])) == set()
+        assert delta(requests(scheduler), before).get("get") == 1, "read again by GET"
+    for src, dst in zip([4, 5, 6], [10, 11, 12]):
+        assert torch.equal(loader.block(dst), saver.block(src))
+
+
+def test_slots_of_another_segment_are_not_read(daemon: Daemon, replicas: list[Replica]) -> None:
+    """Slots named for another segment (a restarted daemon's, another host's) are never read:
+    the worker GETs the blocks instead."""
+    saver, loader = replicas
+    hashes = chain(2, b"other-segment")
+    saver.save(hashes, [1, 2])
+    with Client(daemon.address) as scheduler:
+        found = scheduler.lookup(NS, hashes, lease_ms=LEASE_MS, with_slots=True)
+        spec = spec_of(found, hashes, [10, 11])
+        spec.token = bytes(16)
+        before = requests(scheduler)
+        assert loader.load(spec) == set()
+        assert delta(requests(scheduler), before).get("get") == 1
+    for src, dst in zip([1, 2], [10, 11]):
+        assert torch.equal(loader.block(dst), saver.block(src))
+
+
+def test_lookup_slots_name_the_stored_bytes(daemon: Daemon) -> None:
+    """A client's lookup with slots points at each block's bytes in the segment; slots need a
+    lease (the client refuses, the daemon answers bad_request)."""
+    blocks = [bytes([i]) * 4096 for i in range(3)]
+    hashes = chain(3, b"client")
+    with Client(daemon.address) as client:
+        client.put(NS, [(h, p, b) for h, p, b in zip(hashes, [None, *hashes[:-1]], blocks)])
+        found = client.lookup(NS, [*hashes, b"absent"], lease_ms=LEASE_MS, with_slots=True)
+        assert found.num_hits == 3 and found.refs is not None and len(found.refs) == 3
+        assert client.pool is not None and found.token == client.pool.token
+        assert [bytes(client.pool.view(r.slot, r.nbytes)) for r in found.refs] == blocks
+        assert client.release(found.lease)
+        with pytest.raises(ValueError):
+            client.lookup(NS, hashes, with_slots=True)
+        assert client.lookup(NS, hashes, lease_ms=LEASE_MS).refs is None
