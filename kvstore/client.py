@@ -7,6 +7,7 @@ ServerUnavailable, which callers treat as a miss; the next call reconnects and s
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,8 @@ from kvstore.errors import ProtocolError, ServerError, ServerUnavailable, Versio
 from kvstore.ipc import connect_refusal, default_address
 from kvstore.keys import Namespace, SlotId
 from kvstore.pool import Pool
-from kvstore.protocol import Op
+from kvstore.protocol import (Abort, Commit, Get, GetReply, Hello, HelloReply, Invalidate, Lookup,
+                              LookupReply, Op, Ping, Put, Release, Request, Reserve, Stats)
 
 _LINGER_MS = 0  # a dead daemon must not make close() or Context.term() hang
 _SNDHWM = 1000  # requests queued while disconnected; beyond this send fails fast
@@ -78,21 +80,21 @@ class Client:
         self._curve = _load_client_keys(Path(curve_dir)) if curve_dir else None
         self._ids = itertools.count(1)
         self._sock: zmq.Socket | None = None
-        self._hello: dict[str, Any] | None = None
+        self._hello: HelloReply | None = None
         self.pool: Pool | None = None  # the daemon's segment, when on its host
 
     # --- connection ------------------------------------------------------------------------
-    def connect(self) -> dict[str, Any]:
+    def connect(self) -> HelloReply:
         """Say HELLO (connecting if needed) and attach the segment when on the daemon's host."""
         if self._sock is None:
             self._sock = self._new_socket()
-        reply = self._call(Op.HELLO, {"version": protocol.VERSION})
+        reply: HelloReply = self._call(Hello(version=protocol.VERSION))
         self._hello = reply
-        if self.pool is not None and self.pool.token != reply["token"]:
+        if self.pool is not None and self.pool.token != reply.token:
             self.pool.close()  # the daemon restarted with a new segment
             self.pool = None
         if self.use_shm and self.pool is None:
-            self.pool = Pool.attach(reply["segment"], reply["token"])
+            self.pool = Pool.attach(reply.segment, reply.token)
         return reply
 
     @property
@@ -123,7 +125,7 @@ class Client:
     def ping(self) -> float:
         """Round-trip time in seconds."""
         start = time.perf_counter()
-        self._request(Op.PING)
+        self._request(Ping())
         return time.perf_counter() - start
 
     def lookup(self, ns: Namespace, hashes: Sequence[bytes], lease_ms: int = 0,
@@ -134,7 +136,7 @@ class Client:
         segment (refs, token), so a same-host reader copies them and releases the lease: two
         round trips, no GET. Read them only from the segment of that token (same host), and
         trust the copy only if release() then says True (the lease held throughout)."""
-        reply = self._request(Op.LOOKUP, **self._lookup_fields(ns, hashes, lease_ms, with_slots))
+        reply = self._request(self._lookup_request(ns, hashes, lease_ms, with_slots))
         return _found(reply, self._token() if with_slots else None)
 
     def lookup_many(self, queries: Sequence[tuple[Namespace, Sequence[bytes]]],
@@ -143,37 +145,38 @@ class Client:
         (tensor parallelism: a namespace per rank). A failed one fails all; their leases expire."""
         if self._hello is None:
             self.connect()
-        requests = [self._lookup_fields(ns, hashes, lease_ms, with_slots) for ns, hashes in queries]
+        requests = [self._lookup_request(ns, hashes, lease_ms, with_slots)
+                    for ns, hashes in queries]
         try:
-            replies = self._call_many(Op.LOOKUP, requests)
+            replies = self._call_many(requests)
         except ServerError as exc:
             if exc.code != "stale_segment":
                 raise
             self.connect()  # the daemon restarted between calls: retry once with its new token
-            requests = [self._lookup_fields(ns, hashes, lease_ms, with_slots)
+            requests = [self._lookup_request(ns, hashes, lease_ms, with_slots)
                         for ns, hashes in queries]
-            replies = self._call_many(Op.LOOKUP, requests)
+            replies = self._call_many(requests)
         return [_found(r, self._token() if with_slots else None) for r in replies]
 
-    def _lookup_fields(self, ns: Namespace, hashes: Sequence[bytes], lease_ms: int,
-                       with_slots: bool) -> dict[str, Any]:
-        fields: dict[str, Any] = {"ns": ns, "hashes": list(hashes), "lease_ms": lease_ms}
-        if with_slots:
-            if not lease_ms:
-                raise ValueError("slot references need a lease (lease_ms > 0)")
-            if self._hello is None:
-                self.connect()  # the request carries the token HELLO hands out
-            fields.update(shm=True, token=self._token())
-        return fields
+    def _lookup_request(self, ns: Namespace, hashes: Sequence[bytes], lease_ms: int,
+                        with_slots: bool) -> Lookup:
+        if not with_slots:
+            return Lookup(ns=ns, hashes=tuple(hashes), lease_ms=lease_ms)
+        if not lease_ms:
+            raise ValueError("slot references need a lease (lease_ms > 0)")
+        if self._hello is None:
+            self.connect()  # the request carries the token HELLO hands out
+        return Lookup(ns=ns, hashes=tuple(hashes), lease_ms=lease_ms, shm=True,
+                      token=self._token())
 
     def release(self, lease: int) -> bool:
-        return bool(self._request(Op.RELEASE, lease=lease)["released"])
+        return bool(self._request(Release(lease=lease)).released)
 
     def stats(self) -> dict[str, Any]:
-        return dict(self._request(Op.STATS)["stats"])
+        return dict(self._request(Stats()).stats)
 
     def invalidate(self, name: bytes, below_epoch: int | None = None) -> int:
-        return int(self._request(Op.INVALIDATE, name=name, below_epoch=below_epoch)["num_dropped"])
+        return int(self._request(Invalidate(name=name, below_epoch=below_epoch)).num_dropped)
 
     # --- reads -----------------------------------------------------------------------------
     def get_into(self, ns: Namespace, hashes: Sequence[bytes], dests: Sequence[Buffer],
@@ -192,7 +195,7 @@ class Client:
                     _as_bytes(dest)[:ref.nbytes] = self.pool.view(ref.slot, ref.nbytes)
                 return len(refs)
         views = [_as_bytes(d) for d in dests]
-        return sum(reply["num_hits"] for reply in self._get_tcp(ns, hashes, lease, views))
+        return sum(reply.num_hits for reply, _ in self._get_tcp(ns, hashes, lease, views))
 
     def get(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None = None) -> list[bytes]:
         """The stored prefix of hashes as bytes (a copy; use get_into or pinned on hot paths)."""
@@ -200,34 +203,35 @@ class Client:
             with self.pinned(ns, hashes, lease) as refs:
                 assert self.pool is not None
                 return [bytes(self.pool.view(r.slot, r.nbytes)) for r in refs]
-        # A miss carries no payload frames, hence no "blocks".
-        return [b for reply in self._get_tcp(ns, hashes, lease, None)
-                for b in reply.get("blocks", [])]
+        return [b for _, blocks in self._get_tcp(ns, hashes, lease, None) for b in blocks]
 
     def _get_tcp(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None,
-                 views: list[memoryview] | None) -> Iterator[dict[str, Any]]:
+                 views: list[memoryview] | None) -> Iterator[tuple[GetReply, list[bytes]]]:
         """The replies of a TCP GET of the stored prefix of hashes, in messages of max_rows; a
         reply cut short by the daemon's reply budget (partial) goes on, any other short one ends
-        the prefix. With views, each reply's payload lands in views from its first block on."""
+        the prefix. With views, each reply's payload lands in views from its first block on;
+        without, it comes as copies (the list next to each reply)."""
         num = 0
         while num < len(hashes):
-            batch = list(hashes[num:num + self._max_rows("get")])
-            fields = {"ns": ns, "hashes": batch, "lease": lease, "shm": False}
-            reply = self._get_more(fields, None if views is None else views[num:], is_first=not num)
-            yield reply
-            num += reply["num_hits"]
-            if not reply["num_hits"] or (reply["num_hits"] < len(batch)
-                                         and not reply.get("partial")):
+            batch = tuple(hashes[num:num + self._max_rows("get")])
+            req = Get(ns=ns, hashes=batch, lease=lease)
+            blocks: list[bytes] = []
+            reply = self._get_more(req, None if views is None else views[num:],
+                                   None if views is not None else blocks, is_first=not num)
+            yield reply, blocks
+            num += reply.num_hits
+            if not reply.num_hits or (reply.num_hits < len(batch) and not reply.partial):
                 return
 
-    def _get_more(self, fields: dict[str, Any], dests: list[memoryview] | None,
-                  is_first: bool) -> dict[str, Any]:
+    def _get_more(self, req: Get, dests: list[memoryview] | None, copies: list[bytes] | None,
+                  is_first: bool) -> GetReply:
         """One TCP GET. After a partial reply the daemon may not have counted the reply just read
         as taken yet and answer busy: retried briefly, within the call's timeout."""
         deadline = time.monotonic() + self.timeout_s
         for attempt in itertools.count():
             try:
-                return self._call(Op.GET, dict(fields), dests=dests)
+                reply: GetReply = self._call(req, dests=dests, copies=copies)
+                return reply
             except ServerError as exc:
                 if is_first or exc.code != "busy" or time.monotonic() > deadline:
                     raise
@@ -247,12 +251,12 @@ class Client:
         leases: list[int] = []
         try:
             for batch in _batches(hashes, self._max_rows("get")):  # pinned as they come
-                reply = self._request(Op.GET, ns=ns, hashes=list(batch), lease=lease, shm=True,
-                                      token=self._token())
-                refs += [SlotRef(SlotId(s), n) for s, n in zip(reply["slots"], reply["sizes"])]
-                if reply["lease"] is not None and reply["lease"] not in leases:
-                    leases.append(reply["lease"])
-                if reply["num_hits"] < len(batch):
+                reply: GetReply = self._request(Get(ns=ns, hashes=tuple(batch), lease=lease,
+                                                    shm=True, token=self._token()))
+                refs += [SlotRef(SlotId(s), n) for s, n in zip(reply.slots or (), reply.sizes)]
+                if reply.lease is not None and reply.lease not in leases:
+                    leases.append(reply.lease)
+                if reply.num_hits < len(batch):
                     break  # the stored prefix ends here
             yield refs
         finally:
@@ -273,11 +277,12 @@ class Client:
         views = [memoryview(data).cast("B") for _, _, data in blocks]
 
         def put_span(start: int, end: int) -> PutResult:
-            fields = {"ns": ns, "blocks": [[h, p] for h, p, _ in blocks[start:end]],
-                      "sizes": [len(v) for v in views[start:end]]}
+            req = Put(ns=ns, hashes=tuple(h for h, _, _ in blocks[start:end]),
+                      parents=tuple(p for _, p, _ in blocks[start:end]),
+                      sizes=tuple(len(v) for v in views[start:end]))
             payload = [c for v in views[start:end] for c in protocol.chunk(v)]
-            reply = self._call(Op.PUT, fields, payload=payload)
-            return PutResult(reply["num_stored"], reply["num_present"], reply["num_full"])
+            reply = self._call(req, payload=payload)
+            return PutResult(reply.num_stored, reply.num_present, reply.num_full)
 
         max_bytes = int(self._limit("max_put_bytes", protocol.MAX_PUT_BYTES))
         spans = _spans([len(v) for v in views], self._max_rows("put"), max_bytes)
@@ -298,29 +303,32 @@ class Client:
                 refs += [None] * len(batch)
                 num_full += len(batch)
                 continue
-            reply = self._request(Op.RESERVE, ns=ns, blocks=[list(b) for b in batch],
-                                  token=self._token())
+            reply = self._request(Reserve(
+                ns=ns, hashes=tuple(b[0] for b in batch), parents=tuple(b[1] for b in batch),
+                sizes=tuple(b[2] for b in batch), token=self._token()))
             refs += [None if s is None else SlotRef(SlotId(s), b[2])
-                     for s, b in zip(reply["slots"], batch)]
-            num_full += reply["num_full"]
+                     for s, b in zip(reply.slots, batch)]
+            num_full += reply.num_full
         return refs, num_full
 
     def commit(self, ns: Namespace, written: Sequence[tuple[bytes, SlotRef]]) -> int:
         """Two-phase write, step 2: make written slots readable; returns how many committed."""
-        return self._finish(Op.COMMIT, ns, written)
+        return self._finish(Commit, ns, written)
 
     def abort(self, ns: Namespace, reserved: Sequence[tuple[bytes, SlotRef]]) -> int:
-        return self._finish(Op.ABORT, ns, reserved)
+        return self._finish(Abort, ns, reserved)
 
-    def _finish(self, op: Op, ns: Namespace, rows: Sequence[tuple[bytes, SlotRef]]) -> int:
+    def _finish(self, kind: type[Commit] | type[Abort], ns: Namespace,
+                rows: Sequence[tuple[bytes, SlotRef]]) -> int:
         """COMMIT or ABORT in messages of max_rows, sent back to back (one round trip)."""
         if self._hello is None:
             self.connect()
-        requests = [{"ns": ns, "blocks": [[h, r.slot] for h, r in batch]}
-                    for batch in _batches(rows, self._max_rows(op.name.lower()))]
+        requests: list[Request] = [
+            kind(ns=ns, hashes=tuple(h for h, _ in batch), slots=tuple(r.slot for _, r in batch))
+            for batch in _batches(rows, self._max_rows(kind.OP.name.lower()))]
         if len(requests) == 1:
-            return int(self._request(op, **requests[0])["num_done"])
-        return sum(int(r["num_done"]) for r in self._call_many(op, requests))
+            return int(self._request(requests[0]).num_done)
+        return sum(int(r.num_done) for r in self._call_many(requests))
 
     def _put_shm(self, ns: Namespace,
                  blocks: Sequence[tuple[bytes, bytes | None, Buffer]]) -> PutResult:
@@ -367,14 +375,14 @@ class Client:
 
     def _token(self) -> bytes:
         assert self._hello is not None
-        return bytes(self._hello["token"])
+        return bytes(self._hello.token)
 
     def _limit(self, key: str, default: Any) -> Any:
         """A cap the daemon announced in HELLO (default when it announced none)."""
         if self._hello is None:
             self.connect()
         assert self._hello is not None
-        value = self._hello.get(key)
+        value = getattr(self._hello, key, None)
         return default if value is None else value
 
     def _max_rows(self, op: str) -> int:
@@ -382,28 +390,31 @@ class Client:
         announced = self._limit("max_rows", {})
         return max(1, int(announced.get(op, protocol.MAX_BLOCKS)))
 
-    def _request(self, op: Op, **fields: Any) -> dict[str, Any]:
+    def _request(self, req: Request) -> Any:
+        """req's typed reply (protocol.py); a shared-memory request is retried once after a
+        daemon restart, with the new segment's token."""
         if self._hello is None:
             self.connect()
         try:
-            return self._call(op, fields)
+            return self._call(req)
         except ServerError as exc:
             if exc.code != "stale_segment":
                 raise
         # The daemon restarted between calls: re-attach and retry once with the new token.
         self.connect()
-        if "token" in fields:
-            fields["token"] = self._token()
-        return self._call(op, fields)
+        if getattr(req, "token", b""):
+            req = dataclasses.replace(req, token=self._token())  # type: ignore[type-var]
+        return self._call(req)
 
-    def _call(self, op: Op, fields: dict[str, Any], payload: Sequence[Any] = (),
-              dests: list[memoryview] | None = None) -> dict[str, Any]:
-        """Send one request and wait for its reply until the deadline (Lazy Pirate)."""
+    def _call(self, req: Request, payload: Sequence[Any] = (),
+              dests: list[memoryview] | None = None, copies: list[bytes] | None = None) -> Any:
+        """Send one request and wait for its typed reply until the deadline (Lazy Pirate). A
+        GET's payload lands in dests (views to receive into), or is appended to copies."""
         is_fresh = self._sock is None
         if self._sock is None:
             self._sock = self._new_socket()
         req_id = next(self._ids)
-        header = protocol.encode_request(op, req_id, **fields)
+        header = protocol.encode(req, req_id)
         deadline = time.monotonic() + self.timeout_s
         try:
             sock = self._send(deadline, [header, *payload], is_fresh)
@@ -411,22 +422,22 @@ class Client:
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
                 if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
                     break
-                reply = self._receive(sock, req_id, dests)
+                reply = self._receive(sock, req_id, dests, copies)
                 if reply is not None:
-                    return _check(reply)
+                    return protocol.decode_reply(req.OP, _check(reply))
         except zmq.ZMQError as exc:
             raise self._unavailable(exc) from None
         self._reset()
         raise ServerUnavailable(f"no reply from {self.address} within {self.timeout_s:.3g} s")
 
-    def _call_many(self, op: Op, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _call_many(self, requests: Sequence[Request]) -> list[Any]:
         """Send requests (header-only) back to back, then wait for all replies until one
         deadline; the daemon answers each in turn, so this costs one round trip."""
         is_fresh = self._sock is None
         if self._sock is None:
             self._sock = self._new_socket()
         ids = [next(self._ids) for _ in requests]
-        headers = [protocol.encode_request(op, i, **f) for i, f in zip(ids, requests)]
+        headers = [protocol.encode(r, i) for i, r in zip(ids, requests)]
         deadline = time.monotonic() + self.timeout_s
         replies: dict[int, dict[str, Any]] = {}
         try:
@@ -446,7 +457,7 @@ class Client:
         if len(replies) < len(ids):
             self._reset()
             raise ServerUnavailable(f"no reply from {self.address} within {self.timeout_s:.3g} s")
-        return [_check(replies[i]) for i in ids]
+        return [protocol.decode_reply(r.OP, _check(replies[i])) for i, r in zip(ids, requests)]
 
     def _unavailable(self, exc: zmq.ZMQError) -> ServerUnavailable:
         """Drop the socket and say why a call failed; zmq.Again means IMMEDIATE made the send
@@ -479,8 +490,8 @@ class Client:
         sock.send_multipart(frames, copy=False)
         return sock
 
-    def _receive(self, sock: zmq.Socket, req_id: int,
-                 dests: list[memoryview] | None) -> dict[str, Any] | None:
+    def _receive(self, sock: zmq.Socket, req_id: int, dests: list[memoryview] | None,
+                 copies: list[bytes] | None) -> dict[str, Any] | None:
         """Read one whole reply; None if it answered an earlier, abandoned request."""
         reply = protocol.decode_header(sock.recv())
         if reply.get("id") != req_id:
@@ -489,10 +500,9 @@ class Client:
         sizes = reply.get("sizes") or []
         if not sock.getsockopt(zmq.RCVMORE):
             return reply
-        if dests is None:  # get(): collect copies
-            blocks = [bytes(_recv_block(sock, memoryview(bytearray(n)), n)) for n in sizes]
-            reply["blocks"] = blocks
-        else:
+        if copies is not None:  # get(): collect copies
+            copies += [bytes(_recv_block(sock, memoryview(bytearray(n)), n)) for n in sizes]
+        elif dests is not None:
             for n, dest in zip(sizes, dests):
                 if len(dest) < n:
                     _drain(sock)
@@ -561,12 +571,12 @@ def _put_spans(spans: list[tuple[int, int]], num_blocks: int,
     return PutResult(num_stored, num_present, num_full)
 
 
-def _found(reply: dict[str, Any], token: bytes | None) -> LookupResult:
+def _found(reply: LookupReply, token: bytes | None) -> LookupResult:
     """A LOOKUP reply as a LookupResult; refs (in token's segment) when it was asked for them."""
     if token is None:
-        return LookupResult(reply["num_hits"], reply["lease"])
-    refs = [SlotRef(SlotId(s), n) for s, n in zip(reply.get("slots") or [], reply.get("sizes") or [])]
-    return LookupResult(reply["num_hits"], reply["lease"], refs, token)
+        return LookupResult(reply.num_hits, reply.lease)
+    refs = [SlotRef(SlotId(s), n) for s, n in zip(reply.slots or (), reply.sizes or ())]
+    return LookupResult(reply.num_hits, reply.lease, refs, token)
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import zmq
 
-from kvstore.protocol import Op, Request
+from kvstore.protocol import Invalidate, Op, Request
 from kvstore.tenants import Access, AccessError, load_access
 
 log = logging.getLogger("kvstore.server")
@@ -92,10 +92,10 @@ class Gate:
 
     def refusal(self, req: Request, user_id: str | None) -> str | None:
         """Why the key user_id may not make req; None when it may."""
-        if req.op in _READ_OPS or req.op in _WRITE_OPS:
-            assert req.ns is not None
-            return self.access.refusal(user_id, req.ns.name, req.op in _WRITE_OPS)
-        if req.op is Op.INVALIDATE:
+        if req.OP in _READ_OPS or req.OP in _WRITE_OPS:
+            ns = getattr(req, "ns")  # every read and write names its namespace (NsRequest)
+            return self.access.refusal(user_id, ns.name, req.OP in _WRITE_OPS)
+        if isinstance(req, Invalidate):
             return self.access.refusal(user_id, req.name, write=True)
         return None if user_id in self.access.keys else _REVOKED
 

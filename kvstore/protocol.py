@@ -88,6 +88,11 @@ Errors
     bounds in this module and kvstore/clients.py. A connection's leases and reservations end when
     it closes.
 
+In code
+    Each op has one frozen request type and one reply type below (Lookup -> LookupReply, ...):
+    decode_request() validates a header into its op's request type, decode_reply() a reply into
+    its reply type; the client builds and reads only these, never header maps.
+
 Versioning
     VERSION changes whenever a message changes meaning. There is no negotiation: both ends must
     run the same version, and HELLO says so clearly when they don't.
@@ -96,8 +101,8 @@ Versioning
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Union
 
 import msgpack
 
@@ -139,24 +144,203 @@ class Op(enum.IntEnum):
     INVALIDATE = 11
 
 
-@dataclass(slots=True, frozen=True)
-class Request:
-    """A decoded, validated request. Fields not used by op keep their defaults."""
+# --- messages: one frozen type per op and direction, validated in decode ---------------------
+# Fields use the wire names of the module docstring; req_id is the header's "id".
+_MESSAGE = dict(slots=True, frozen=True, kw_only=True)
 
-    op: Op
-    req_id: int
+
+@dataclass(**_MESSAGE)
+class Hello:
+    OP: ClassVar[Op] = Op.HELLO
+    req_id: int = 0
     version: int = VERSION
-    ns: Namespace | None = None
-    hashes: tuple[BlockHash, ...] = ()
-    parents: tuple[BlockHash | None, ...] = ()
-    sizes: tuple[int, ...] = ()
-    slots: tuple[int, ...] = ()
-    lease: int | None = None
+
+
+@dataclass(**_MESSAGE)
+class Ping:
+    OP: ClassVar[Op] = Op.PING
+    req_id: int = 0
+
+
+@dataclass(**_MESSAGE)
+class Lookup:
+    """shm (with a lease and the segment's token): answer the hits' slots too."""
+
+    OP: ClassVar[Op] = Op.LOOKUP
+    req_id: int = 0
+    ns: Namespace
+    hashes: tuple[BlockHash, ...]
     lease_ms: int = 0
     shm: bool = False
     token: bytes = b""
-    name: bytes = b""
+
+
+@dataclass(**_MESSAGE)
+class Get:
+    OP: ClassVar[Op] = Op.GET
+    req_id: int = 0
+    ns: Namespace
+    hashes: tuple[BlockHash, ...]
+    lease: int | None = None
+    shm: bool = False
+    token: bytes = b""
+
+
+@dataclass(**_MESSAGE)
+class Reserve:
+    OP: ClassVar[Op] = Op.RESERVE
+    req_id: int = 0
+    ns: Namespace
+    token: bytes
+    hashes: tuple[BlockHash, ...]
+    parents: tuple[BlockHash | None, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(**_MESSAGE)
+class Commit:
+    OP: ClassVar[Op] = Op.COMMIT
+    req_id: int = 0
+    ns: Namespace
+    hashes: tuple[BlockHash, ...]
+    slots: tuple[int, ...]
+
+
+@dataclass(**_MESSAGE)
+class Abort:
+    OP: ClassVar[Op] = Op.ABORT
+    req_id: int = 0
+    ns: Namespace
+    hashes: tuple[BlockHash, ...]
+    slots: tuple[int, ...]
+
+
+@dataclass(**_MESSAGE)
+class Put:
+    """Payload frames follow the header: num_frames(sizes[i]) per block, in order."""
+
+    OP: ClassVar[Op] = Op.PUT
+    req_id: int = 0
+    ns: Namespace
+    hashes: tuple[BlockHash, ...]
+    parents: tuple[BlockHash | None, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(**_MESSAGE)
+class Release:
+    OP: ClassVar[Op] = Op.RELEASE
+    req_id: int = 0
+    lease: int
+
+
+@dataclass(**_MESSAGE)
+class Stats:
+    OP: ClassVar[Op] = Op.STATS
+    req_id: int = 0
+
+
+@dataclass(**_MESSAGE)
+class Invalidate:
+    OP: ClassVar[Op] = Op.INVALIDATE
+    req_id: int = 0
+    name: bytes
     below_epoch: int | None = None
+
+
+Request = Union[Hello, Ping, Lookup, Get, Reserve, Commit, Abort, Put, Release, Stats, Invalidate]
+NsRequest = Union[Lookup, Get, Reserve, Commit, Abort, Put]  # the ops that name a namespace
+_REQUEST_TYPES: dict[Op, type[Any]] = {t.OP: t for t in Request.__args__}  # type: ignore[attr-defined]
+
+
+def request(op: Op, req_id: int, **values: Any) -> Request:
+    """The typed request of op with these fields (those of the module docstring)."""
+    msg: Request = _REQUEST_TYPES[op](req_id=req_id, **values)
+    return msg
+
+
+# Replies. A field marked _OMIT_NONE is left out of the header when None (older replies did not
+# carry it); every other field is always sent, None as nil.
+_OMIT_NONE = {"omit_none": True}
+
+
+@dataclass(**_MESSAGE)
+class HelloReply:
+    version: int
+    segment: str
+    segment_bytes: int
+    token: bytes
+    page_bytes: int
+    chunk_bytes: int
+    pid: int
+    max_rows: dict[str, int]
+    max_put_bytes: int
+    max_reserved_bytes: int | None
+    min_slot_bytes: int
+    slot_align_bytes: int
+
+
+@dataclass(**_MESSAGE)
+class Done:
+    """The reply of PING (nothing), and of COMMIT and ABORT (num_done)."""
+
+    num_done: int | None = field(default=None, metadata=_OMIT_NONE)
+
+
+@dataclass(**_MESSAGE)
+class LookupReply:
+    num_hits: int
+    lease: int | None
+    slots: list[int] | None = field(default=None, metadata=_OMIT_NONE)  # with shm
+    sizes: list[int] | None = field(default=None, metadata=_OMIT_NONE)
+
+
+@dataclass(**_MESSAGE)
+class GetReply:
+    """slots with shm; partial over TCP (the daemon's reply budget cut it short: ask again)."""
+
+    num_hits: int
+    sizes: list[int]
+    lease: int | None
+    slots: list[int] | None = field(default=None, metadata=_OMIT_NONE)
+    partial: bool | None = field(default=None, metadata=_OMIT_NONE)
+
+
+@dataclass(**_MESSAGE)
+class ReserveReply:
+    slots: list[int | None]
+    num_full: int
+
+
+@dataclass(**_MESSAGE)
+class PutReply:
+    num_stored: int
+    num_present: int
+    num_full: int
+
+
+@dataclass(**_MESSAGE)
+class ReleaseReply:
+    released: bool
+
+
+@dataclass(**_MESSAGE)
+class StatsReply:
+    stats: dict[str, Any]
+
+
+@dataclass(**_MESSAGE)
+class InvalidateReply:
+    num_dropped: int
+
+
+Reply = Union[HelloReply, Done, LookupReply, GetReply, ReserveReply, PutReply, ReleaseReply,
+              StatsReply, InvalidateReply]
+_REPLY_TYPES: dict[Op, type[Any]] = {
+    Op.HELLO: HelloReply, Op.PING: Done, Op.LOOKUP: LookupReply, Op.GET: GetReply,
+    Op.RESERVE: ReserveReply, Op.COMMIT: Done, Op.ABORT: Done, Op.PUT: PutReply,
+    Op.RELEASE: ReleaseReply, Op.STATS: StatsReply, Op.INVALIDATE: InvalidateReply,
+}
 
 
 def max_rows() -> dict[str, int]:
@@ -166,11 +350,12 @@ def max_rows() -> dict[str, int]:
 
 def size_refusal(req: Request) -> str | None:
     """Why req is larger than the daemon serves in one message (error "too_large"); else None."""
-    cap = _MAX_ROWS.get(req.op)
-    if cap is not None and len(req.hashes) > cap:
-        return (f"{req.op.name} of {len(req.hashes)} rows exceeds {cap} per message (HELLO "
+    cap = _MAX_ROWS.get(req.OP)
+    hashes: tuple[BlockHash, ...] = getattr(req, "hashes", ())
+    if cap is not None and len(hashes) > cap:
+        return (f"{req.OP.name} of {len(hashes)} rows exceeds {cap} per message (HELLO "
                 f"max_rows): send it in several")
-    if req.op is Op.PUT and len(req.sizes) > 1 and sum(req.sizes) > MAX_PUT_BYTES:
+    if isinstance(req, Put) and len(req.sizes) > 1 and sum(req.sizes) > MAX_PUT_BYTES:
         return (f"PUT of {sum(req.sizes)} bytes in {len(req.sizes)} blocks exceeds "
                 f"{MAX_PUT_BYTES} per message (HELLO max_put_bytes): send it in several")
     return None
@@ -193,7 +378,8 @@ def pack(header: dict[str, Any]) -> bytes:
 
 
 def encode_request(op: Op, req_id: int, **fields: Any) -> bytes:
-    """The header frame of a request; fields use the wire names of the module docstring."""
+    """The header frame of a request from raw wire fields (tests and attacks send any); clients
+    send typed requests with encode()."""
     header = {"v": VERSION, "op": int(op), "id": req_id}
     if "ns" in fields and isinstance(fields["ns"], Namespace):
         fields["ns"] = [fields["ns"].name, fields["ns"].epoch]
@@ -201,8 +387,76 @@ def encode_request(op: Op, req_id: int, **fields: Any) -> bytes:
     return pack(header)
 
 
-def encode_reply(req_id: int | None, **fields: Any) -> bytes:
-    return pack({"v": VERSION, "id": req_id, "ok": True, **fields})
+def encode(req: Request, req_id: int) -> bytes:
+    """The header frame of a typed request, under req_id (whatever req.req_id says)."""
+    return pack({"v": VERSION, "op": int(req.OP), "id": req_id, **_wire_fields(req)})
+
+
+def _wire_fields(req: Request) -> dict[str, Any]:
+    """A request's fields as the wire spells them: blocks as rows, ns as [name, epoch]."""
+    if isinstance(req, Reserve):
+        rows: list[list[Any]] = [list(r) for r in zip(req.hashes, req.parents, req.sizes)]
+        return {"ns": _ns_wire(req.ns), "blocks": rows, "token": req.token}
+    if isinstance(req, (Commit, Abort)):
+        return {"ns": _ns_wire(req.ns), "blocks": [list(r) for r in zip(req.hashes, req.slots)]}
+    if isinstance(req, Put):
+        return {"ns": _ns_wire(req.ns), "blocks": [list(r) for r in zip(req.hashes, req.parents)],
+                "sizes": list(req.sizes)}
+    out = {f.name: getattr(req, f.name) for f in fields(req) if f.name != "req_id"}
+    if "ns" in out:
+        out["ns"] = _ns_wire(out["ns"])
+    if "hashes" in out:
+        out["hashes"] = list(out["hashes"])
+    if isinstance(req, (Lookup, Get)) and not req.shm:
+        del out["shm"], out["token"]  # only a shared-memory request proves the segment
+    return out
+
+
+def _ns_wire(ns: Namespace) -> list[Any]:
+    return [ns.name, ns.epoch]
+
+
+def encode_reply(req_id: int | None, reply: Reply | None = None, **values: Any) -> bytes:
+    """A reply header: typed (reply), or raw fields (values)."""
+    if reply is not None:
+        values = {f.name: getattr(reply, f.name) for f in fields(reply)
+                  if not (f.metadata.get("omit_none") and getattr(reply, f.name) is None)}
+    return pack({"v": VERSION, "id": req_id, "ok": True, **values})
+
+
+def decode_reply(op: Op, header: dict[str, Any]) -> Any:
+    """A successful reply header of op as its typed reply; raises ProtocolError when a field is
+    missing or of the wrong type (a daemon of another build)."""
+    kind = _REPLY_TYPES[op]
+    values = {}
+    for f in fields(kind):
+        if f.name not in header:
+            if f.metadata.get("omit_none"):
+                continue
+            raise ProtocolError(f"{op.name} reply lacks {f.name!r}")
+        values[f.name] = header[f.name]
+    try:
+        reply = kind(**values)
+    except TypeError as exc:
+        raise ProtocolError(f"{op.name} reply: {exc}") from None
+    _check_reply(reply)
+    return reply
+
+
+def _check_reply(reply: Any) -> None:
+    """Types of the fields clients act on (counts, leases, slots); the rest is informational."""
+    for name in ("num_hits", "num_full", "num_done", "num_stored", "num_present", "num_dropped"):
+        value = getattr(reply, name, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 0):
+            raise ProtocolError(f"reply field {name!r} must be a count, got {value!r}")
+    lease = getattr(reply, "lease", None)
+    if lease is not None and (not isinstance(lease, int) or isinstance(lease, bool)):
+        raise ProtocolError(f"reply lease must be an integer or nil, got {lease!r}")
+    for name in ("slots", "sizes"):
+        value = getattr(reply, name, None)
+        if value is not None and not isinstance(value, list):
+            raise ProtocolError(f"reply field {name!r} must be a list")
 
 
 def encode_error(req_id: int | None, code: str, msg: str) -> bytes:
@@ -237,12 +491,12 @@ def decode_request(frames: list[bytes | memoryview]) -> Request:
         # HELLO carries the version check with a clear "version" error; others must match.
         raise ProtocolError(f"header version {h.get('v')!r}, this daemon speaks {VERSION}")
     decoder = _DECODERS[op]
-    fields = decoder(h)
+    values = decoder(h)
     num_payload = len(frames) - 1
-    expected = sum(num_frames(n) for n in fields.get("sizes", ())) if op is Op.PUT else 0
+    expected = sum(num_frames(n) for n in values.get("sizes", ())) if op is Op.PUT else 0
     if num_payload != expected:
         raise ProtocolError(f"{op.name} carries {num_payload} payload frames, expected {expected}")
-    return Request(op=op, req_id=req_id, **fields)
+    return request(op, req_id, **values)
 
 
 # --- field validators -------------------------------------------------------------------------

@@ -29,7 +29,10 @@ from kvstore.malloc import DEFAULT_TRIM_BYTES, give_back
 from kvstore.keys import SlotId
 from kvstore.metrics import Metrics, ServerCounters, error_kinds, namespace_label
 from kvstore.pool import Pool
-from kvstore.protocol import Op, Request
+from kvstore.protocol import (Abort, Commit, Done, Get, GetReply, Hello, HelloReply, Invalidate,
+                              InvalidateReply, Lookup, LookupReply, Op, Ping, Put, PutReply,
+                              Release, ReleaseReply, Reserve, ReserveReply, Stats,
+                              StatsReply)
 from kvstore.store import Limits, Store
 
 log = logging.getLogger("kvstore.server")
@@ -98,7 +101,8 @@ class Server:
             raise
         self.unsent = Unsent(pool.size_bytes)  # copied TCP GET replies ZeroMQ still holds
         self._stopping = False
-        self._handlers: dict[Op, Callable[[Request, list[zmq.Frame], _Call], _Reply]] = {
+        # Each takes its op's request type (protocol.py); decode_request picked it by op.
+        self._handlers: dict[Op, Callable[[Any, list[zmq.Frame], _Call], _Reply]] = {
             Op.HELLO: self._hello, Op.PING: self._ping, Op.LOOKUP: self._lookup, Op.GET: self._get,
             Op.RESERVE: self._reserve, Op.COMMIT: self._commit, Op.ABORT: self._abort,
             Op.PUT: self._put, Op.RELEASE: self._release, Op.STATS: self._stats,
@@ -199,7 +203,7 @@ class Server:
         errors = self.counters.num_errors
         try:
             request = protocol.decode_request([f.buffer for f in body])
-            req_id, op = request.req_id, request.op
+            req_id, op = request.req_id, request.OP
             name = self._op_names[op]
             self.counters.num_requests[name] = self.counters.num_requests.get(name, 0) + 1
             call = _Call(listener, owner, None if self.gate is None else user_id(body[0]))
@@ -270,54 +274,47 @@ class Server:
             self.store.let_go(entries)  # a zero-copy reply's frames are let go
 
     # --- handlers: each returns a _Reply (header, then any payload frames) -------------------
-    def _hello(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
+    def _hello(self, req: Hello, _: list[zmq.Frame], call: _Call) -> _Reply:
         if req.version != protocol.VERSION:
             raise _Refused("version", f"daemon speaks protocol {protocol.VERSION}, client "
                                       f"{req.version}: install the same kvstore version on both")
-        return _Reply([protocol.encode_reply(
-            req.req_id, version=protocol.VERSION, segment=self.pool.path.name,
+        return _Reply([protocol.encode_reply(req.req_id, HelloReply(
+            version=protocol.VERSION, segment=self.pool.path.name,
             segment_bytes=self.pool.size_bytes, token=self.pool.token,
             chunk_bytes=protocol.CHUNK_BYTES, pid=os.getpid(), max_rows=protocol.max_rows(),
-            max_put_bytes=protocol.MAX_PUT_BYTES, **self.store.slot_rules())])
+            max_put_bytes=protocol.MAX_PUT_BYTES, **self.store.slot_rules()))])
 
-    def _ping(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
-        return _Reply([protocol.encode_reply(req.req_id)])
+    def _ping(self, req: Ping, _: list[zmq.Frame], call: _Call) -> _Reply:
+        return _Reply([protocol.encode_reply(req.req_id, Done())])
 
-    def _lookup(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
-        assert req.ns is not None
+    def _lookup(self, req: Lookup, _: list[zmq.Frame], call: _Call) -> _Reply:
         if req.shm:
             self._check_token(req.token)
         found = self.store.answer_lookup(req.ns, req.hashes,
                                          req.lease_ms / 1000 if req.lease_ms else None,
                                          call.owner, with_slots=req.shm)
-        if found.slots is None:
-            return _Reply([protocol.encode_reply(req.req_id, num_hits=found.num_hits,
-                                                 lease=found.lease)])
-        assert found.sizes is not None
-        self.counters.bytes_out["shm"] += sum(found.sizes)
-        return _Reply([protocol.encode_reply(req.req_id, num_hits=found.num_hits,
-                                             lease=found.lease, slots=found.slots,
-                                             sizes=found.sizes)],
+        reply = LookupReply(num_hits=found.num_hits, lease=found.lease, slots=found.slots,
+                            sizes=found.sizes)
+        self.counters.bytes_out["shm"] += sum(found.sizes or ())
+        return _Reply([protocol.encode_reply(req.req_id, reply)],
                       path="shm" if found.slots else None)
 
-    def _get(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
-        assert req.ns is not None
+    def _get(self, req: Get, _: list[zmq.Frame], call: _Call) -> _Reply:
         if not req.shm:
             return self._get_tcp(req, call)
         self._check_token(req.token)
         pinned = self.store.pin_for_reader(req.ns, req.hashes, req.lease, call.owner)
         self.counters.bytes_out["shm"] += sum(pinned.sizes)
-        return _Reply([protocol.encode_reply(req.req_id, num_hits=len(pinned.slots),
-                                             sizes=pinned.sizes, lease=pinned.lease,
-                                             slots=pinned.slots)],
+        reply = GetReply(num_hits=len(pinned.slots), sizes=pinned.sizes, lease=pinned.lease,
+                         slots=pinned.slots)
+        return _Reply([protocol.encode_reply(req.req_id, reply)],
                       path="shm" if pinned.slots else None)
 
-    def _get_tcp(self, req: Request, call: _Call) -> _Reply:
+    def _get_tcp(self, req: Get, call: _Call) -> _Reply:
         """The bytes go out zero-copy while the client keeps up and such pins are few, else as
         copies (Unsent): a client that does not take its replies pins at most one, and only until
         its connection is cut. They count against the client until ZeroMQ lets them go; a reply
         cut short by that budget says partial; with no budget left the answer is busy."""
-        assert req.ns is not None
         room = self.unsent.room_for(call.owner)
         if room <= 0:
             self._collect_sent()  # its last replies may be sent, not yet counted
@@ -326,8 +323,8 @@ class Server:
             raise _Refused("busy", "too many reply bytes queued to this client: read them first")
         out = self.store.read_out(req.ns, req.hashes, req.lease, room)
         sizes = [len(v) for v in out.views]
-        header = protocol.encode_reply(req.req_id, num_hits=len(sizes), sizes=sizes, lease=None,
-                                       partial=out.partial)
+        header = protocol.encode_reply(req.req_id, GetReply(
+            num_hits=len(sizes), sizes=sizes, lease=None, partial=out.partial))
         if not sizes:
             return _Reply([header])
         nbytes = sum(sizes)
@@ -342,60 +339,56 @@ class Server:
         return _Reply([header, *(zmq.Frame(v, track=True, copy=False) for v in views)],
                       path="tcp", held=out.held, held_bytes=nbytes)
 
-    def _reserve(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
-        assert req.ns is not None
+    def _reserve(self, req: Reserve, _: list[zmq.Frame], call: _Call) -> _Reply:
         self._check_token(req.token)
         self._check_sizes(req.sizes)
         result = self.store.reserve(req.ns, list(zip(req.hashes, req.parents, req.sizes)),
                                     call.owner)
         self.counters.num_full += result.num_full > 0
-        return _Reply([protocol.encode_reply(req.req_id, slots=result.slots,
-                                             num_full=result.num_full)])
+        reply = ReserveReply(slots=list(result.slots), num_full=result.num_full)
+        return _Reply([protocol.encode_reply(req.req_id, reply)])
 
-    def _commit(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
-        assert req.ns is not None
+    def _commit(self, req: Commit, _: list[zmq.Frame], call: _Call) -> _Reply:
         done = self.store.commit_many(req.ns, _rows(req), call.owner)
         self.counters.bytes_in["shm"] += done.nbytes
         if done.began_s is not None:
             # A shared-memory write spans RESERVE, the client's copy and COMMIT.
             self.metrics.transfer_seconds.observe(
                 "shm", max(0.0, self.store.clock() - done.began_s))
-        return _Reply([protocol.encode_reply(req.req_id, num_done=done.num_stored)])
+        return _Reply([protocol.encode_reply(req.req_id, Done(num_done=done.num_stored))])
 
-    def _abort(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
-        assert req.ns is not None
+    def _abort(self, req: Abort, _: list[zmq.Frame], call: _Call) -> _Reply:
         num_done = self.store.abort_many(req.ns, _rows(req), call.owner)
-        return _Reply([protocol.encode_reply(req.req_id, num_done=num_done)])
+        return _Reply([protocol.encode_reply(req.req_id, Done(num_done=num_done))])
 
-    def _put(self, req: Request, payload: list[zmq.Frame], call: _Call) -> _Reply:
-        assert req.ns is not None
+    def _put(self, req: Put, payload: list[zmq.Frame], call: _Call) -> _Reply:
         self._check_sizes(req.sizes)
         blocks = _split_payload(payload, req.sizes)  # validates before any slot is taken
         done = self.store.put(req.ns, list(zip(req.hashes, req.parents, req.sizes)), blocks)
         self.counters.num_full += done.num_full > 0
         self.counters.bytes_in["tcp"] += done.nbytes
-        return _Reply([protocol.encode_reply(req.req_id, num_stored=done.num_stored,
-                                             num_present=done.num_present,
-                                             num_full=done.num_full)], path="tcp")
+        reply = PutReply(num_stored=done.num_stored, num_present=done.num_present,
+                         num_full=done.num_full)
+        return _Reply([protocol.encode_reply(req.req_id, reply)], path="tcp")
 
-    def _release(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
-        assert req.lease is not None
-        return _Reply([protocol.encode_reply(req.req_id, released=self.store.unpin(req.lease))])
+    def _release(self, req: Release, _: list[zmq.Frame], call: _Call) -> _Reply:
+        reply = ReleaseReply(released=self.store.unpin(req.lease))
+        return _Reply([protocol.encode_reply(req.req_id, reply)])
 
-    def _stats(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
+    def _stats(self, req: Stats, _: list[zmq.Frame], call: _Call) -> _Reply:
         stats = self.stats()
         if self.gate is not None:
             stats["namespaces"] = self.gate.visible(call.user_id, stats["namespaces"])
-        return _Reply([protocol.encode_reply(req.req_id, stats=stats)])
+        return _Reply([protocol.encode_reply(req.req_id, StatsReply(stats=stats))])
 
-    def _invalidate(self, req: Request, _: list[zmq.Frame], call: _Call) -> _Reply:
+    def _invalidate(self, req: Invalidate, _: list[zmq.Frame], call: _Call) -> _Reply:
         # The blocks are unreadable from now on. Up to a slice of them are removed before the
         # reply; the rest (an invalidate of millions) in slices by _maintain(), between other
         # clients' messages (docs/operating.md, "What one client can cost the others").
         num = self.store.begin_invalidate(req.name, req.below_epoch)
         self.store.drain_invalidated(_SLICE_BLOCKS)
         log.info("invalidated %d blocks of namespace %s", num, req.name.hex())
-        return _Reply([protocol.encode_reply(req.req_id, num_dropped=num)])
+        return _Reply([protocol.encode_reply(req.req_id, InvalidateReply(num_dropped=num))])
 
     # --- helpers ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -454,6 +447,6 @@ def _split_payload(payload: list[zmq.Frame], sizes: tuple[int, ...]) -> list[lis
     return blocks
 
 
-def _rows(req: Request) -> list[tuple[bytes, SlotId]]:
+def _rows(req: Commit | Abort) -> list[tuple[bytes, SlotId]]:
     """The (hash, slot) rows of a COMMIT or ABORT."""
     return [(block_hash, SlotId(slot)) for block_hash, slot in zip(req.hashes, req.slots)]

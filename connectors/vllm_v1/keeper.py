@@ -128,7 +128,7 @@ class Keeper:
                 self._generation = None
             return
         self._num_failed_probes = 0
-        generation = (hello.get("pid"), bytes(hello.get("token") or b""))
+        generation = (hello.pid, bytes(hello.token))
         if generation == self._generation and not self._refresh:
             return
         self._refresh = False

@@ -233,7 +233,7 @@ def test_ten_thousand_hostile_messages_leave_the_daemon_serving_and_leak_free(ma
     leases: set[int] = set()
     with Client(d.address, CALL_S, ctx=ctx) as client, raw_dealer(ctx, d.address, 10_000) as sock:
         assert client.put(LEGIT, legit).num_stored == 3
-        fuzzer = Fuzzer(rng, bytes(client.connect()["token"]))
+        fuzzer = Fuzzer(rng, bytes(client.connect().token))
         for _ in range(NUM_MESSAGES // BATCH):
             for _ in range(BATCH):
                 sock.send_multipart(fuzzer.message())

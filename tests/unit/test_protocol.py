@@ -18,9 +18,15 @@ from kvstore.protocol import (
     MAX_HEADER_BYTES,
     MAX_LEASE_MS,
     Op,
+    Done,
+    LookupReply,
     Request,
+    decode_reply,
     decode_request,
+    encode,
+    num_frames,
     encode_request,
+    request,
 )
 
 U63 = 2**63
@@ -132,7 +138,7 @@ def test_request_round_trips(op: Op, data: st.DataObject, req_id: int, as_view: 
     fields, expected, num_payload = data.draw(REQUESTS[op])
     header = encode_request(op, req_id, **fields)
     frames: list[Any] = [memoryview(header) if as_view else header] + [b""] * num_payload
-    assert decode_request(frames) == Request(op=op, req_id=req_id, **expected)
+    assert decode_request(frames) == request(op, req_id, **expected)
 
 
 def test_request_at_every_documented_limit_decodes() -> None:
@@ -243,6 +249,33 @@ def test_lookup_slots_need_a_lease_and_a_token() -> None:
     with pytest.raises(ProtocolError, match="token"):
         decode_request([encode_request(Op.LOOKUP, 1, ns=Namespace(b"m", 0), hashes=[b"h"],
                                        lease_ms=10, shm=True)])
+
+
+@pytest.mark.parametrize("op", list(Op), ids=lambda op: op.name)
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), req_id=st.integers(0, U63))
+def test_typed_request_encodes_to_what_decodes_back(op: Op, data: st.DataObject,
+                                                    req_id: int) -> None:
+    """A client's typed request (encode) reads back as the same typed request: one type per op,
+    its fields validated in decode."""
+    _, expected, _ = data.draw(REQUESTS[op])
+    sent = request(op, req_id, **expected)
+    frames: list[Any] = [encode(sent, req_id)]
+    if op is Op.PUT:
+        frames += [b""] * sum(num_frames(n) for n in sent.sizes)  # type: ignore[union-attr]
+    got = decode_request(frames)
+    assert got == sent and type(got).OP is op
+
+
+def test_reply_decode_checks_the_fields_clients_act_on() -> None:
+    """Replies are typed too: a missing field or a count of the wrong type is a ProtocolError."""
+    header = {"v": 1, "id": 1, "ok": True, "num_hits": 2, "lease": 7}
+    assert decode_reply(Op.LOOKUP, header) == LookupReply(num_hits=2, lease=7)
+    for bad in ({"num_hits": 2}, {"num_hits": "2", "lease": 7}, {"num_hits": 2, "lease": b"7"},
+                {"num_hits": -1, "lease": None}):
+        with pytest.raises(ProtocolError):
+            decode_reply(Op.LOOKUP, bad)
+    assert decode_reply(Op.PING, {"ok": True}) == Done()
 
 
 def test_oversize_header_is_rejected_before_unpacking() -> None:
