@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench bench-quick clean
+.PHONY: venv test test-fast demo bench bench-quick docker-smoke clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,14 @@ bench: venv
 
 bench-quick: venv
 	$(PY) -m bench.store --quick
+
+# Not part of `test`: builds docker/'s images with podman on a locally made Debian base, runs
+# docker/compose.cpu.yaml, checks that replica 2 loads replica 1's prefix from the pool and that
+# Prometheus scrapes all three, then removes everything (bench/results/docker_smoke.json).
+# Needs root, podman, runc and mmdebstrap (apt-get install podman runc mmdebstrap); about 20-30 min
+# the first time on 2 cores, a few minutes once the layers are cached.
+docker-smoke: venv
+	timeout 5400 $(PY) -m bench.docker_smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -438,3 +438,37 @@ def test_sizing_table_follows_the_formula() -> None:
     for model, layers, heads, head_size, elem_bytes, per_token in rows:
         expected = 2 * int(layers) * int(heads) * int(head_size) * int(elem_bytes)
         assert int(per_token.replace(",", "")) == expected, model
+
+
+# --- the podman smoke (make docker-smoke) ---------------------------------------------------
+def test_smoke_override_swaps_only_weights_and_prometheus() -> None:
+    """docker/podman/compose.smoke.yaml keeps what users run; it adds a model mount, a local
+    Prometheus image, and nothing else (bench/docker_smoke.py runs compose.cpu.yaml with it)."""
+    cpu = load_compose("compose.cpu.yaml")["services"]
+    smoke = load_compose("podman/compose.smoke.yaml")["services"]
+    assert set(smoke) == {*REPLICAS, "prometheus"}
+    for name in REPLICAS:
+        assert set(smoke[name]) == {"volumes"}, name
+        added = {t: m for t, m in mounts(smoke[name]).items() if t not in mounts(cpu[name])}
+        assert mounts(smoke[name]).items() >= mounts(cpu[name]).items(), name
+        assert [read_only for _, read_only in added.values()] == [True], name
+    prometheus = smoke["prometheus"]
+    dockerfile_text = (DOCKER / prometheus["build"]["context"] / prometheus["build"]["dockerfile"])
+    config_target = next(t for t, (s, _) in mounts(cpu["prometheus"]).items()
+                         if s.endswith("prometheus.yml"))
+    assert f"--config.file={config_target}" in dockerfile_text.read_text()
+
+
+def test_smoke_driver_translates_every_compose_key() -> None:
+    """The smoke's podman driver knows each key compose.cpu.yaml uses (it refuses others)."""
+    from bench import docker_smoke
+
+    compose = docker_smoke.load_compose({"MODEL": docker_smoke.MODEL_IN_CONTAINER})
+    assert set(compose["services"]) == SERVICES
+    order = docker_smoke.start_order(compose["services"])
+    assert order.index("keygen") < order.index("daemon") < order.index("replica-1")
+    for name in order:
+        args = docker_smoke.run_args(name, compose["services"][name])
+        if name in REPLICAS:
+            daemon = docker_smoke.container("daemon")
+            assert args[args.index("--ipc") + 1] == f"container:{daemon}", name
