@@ -516,7 +516,7 @@ def screenshot_prometheus() -> str | None:
         return None
     expr = '{__name__=~"kvstore_blocks|vllm:kvstore_prompt_tokens_total"}'
     url = "http://127.0.0.1:9090/graph?" + urllib.parse.urlencode(
-        {"g0.expr": expr, "g0.tab": "0", "g0.range_input": "5m"})
+        {"g0.expr": expr, "g0.tab": "0", "g0.range_input": "2m"})
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     "--window-size=1400,1000", "--virtual-time-budget=15000",
                     f"--screenshot={PROMETHEUS_SCREENSHOT}", url],
