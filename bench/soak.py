@@ -2,6 +2,7 @@
 attack classes run in rotation, with one daemon SIGKILL and restart; for a fixed time.
 
     python -m bench.soak [--quick] [--seconds N] [--out PATH] [--serve-arg=ARG ...]
+    python -m bench.soak --quick --only empty_frames --scale full   # one attack, full size
 
 Against a real `kvstore serve` subprocess (pool 256 MiB, pages of 32 MiB, so a page of 64-byte
 slots holds 524,288 of them as in the issue; --reserve-timeout 2 s, 1 s in --quick):
@@ -52,7 +53,7 @@ import zmq
 
 from bench import soak_attacks as attacks
 from bench.machine import summary
-from bench.soak_clients import honest_client, pinger
+from bench.soak_clients import PING_TIMEOUT_S, honest_client, pinger
 from bench.soak_report import POOL_BYTES, analyse, render
 from bench.daemon import Daemon, free_port  # the tests' launcher of the real daemon process
 
@@ -164,7 +165,9 @@ def start_workers(procs: list[Any], address: str, curve_dir: Path | None, num_sh
 def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     seconds = args.seconds or (20.0 if quick else 600.0)
-    scale = attacks.QUICK if quick else attacks.FULL
+    scale = {"quick": attacks.QUICK, "full": attacks.FULL}.get(args.scale,
+                                                               attacks.QUICK if quick else attacks.FULL)
+    chosen = {n: a for n, a in attacks.ATTACKS.items() if not args.only or n in args.only}
     reserve_s = 1.0 if quick else 2.0
     quiet_s = 0.5 if quick else 3.0
     tenants = has_tenants() if args.tenants == "auto" else args.tenants == "on"
@@ -192,10 +195,10 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
         run_start = time.monotonic()
         windows.append(_quiet(sampler, "baseline", 2.0 if quick else 10.0))
         restarted, done, rnd = False, Counter[str](), 0
-        while time.monotonic() - run_start < seconds or len(done) < len(attacks.ATTACKS):
+        while time.monotonic() - run_start < seconds or len(done) < len(chosen):
             rnd += 1
-            for name, attack in attacks.ATTACKS.items():
-                if time.monotonic() - run_start >= seconds and len(done) == len(attacks.ATTACKS):
+            for name, attack in chosen.items():
+                if time.monotonic() - run_start >= seconds and len(done) == len(chosen):
                     break
                 if not restarted and time.monotonic() - run_start >= seconds / 2:
                     windows.append(_restart(sampler, daemon))
@@ -220,6 +223,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     params = {"seconds": seconds, "quick": quick, "pool": POOL,
               "page": "32MiB (the default, pool/8)",
               "reserve_timeout_s": reserve_s, "quiet_s": quiet_s, "scale": asdict(scale),
+              "attacks": list(chosen),
               "honest_clients": {"shm": 1 if quick else 2, "tcp": 1 if quick else 2},
               "daemon_args": [a if a != str(server_keys) else "DIR" for a in serve_args],
               "listeners": {"honest_and_pinger": "the main --tcp address",
@@ -258,6 +262,9 @@ def _restart(sampler: Sampler, daemon: Daemon) -> dict[str, Any]:
     start = time.monotonic()
     daemon.stop(signal.SIGKILL)
     daemon.start()
+    # A PING sent to the killed daemon is answered by nobody: the pinger waits out its deadline,
+    # then reconnects. That wait belongs to the restart, not to the window after it.
+    time.sleep(PING_TIMEOUT_S + 0.2)
     return {"kind": "restart", "start": start, "end": time.monotonic()}
 
 
@@ -281,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="every attack once, small (CI)")
     parser.add_argument("--seconds", type=float, default=None, help="run time (600; 20 quick)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"result file (default {OUT})")
+    parser.add_argument("--only", action="append", choices=list(attacks.ATTACKS), default=[],
+                        help="run only this attack (repeatable): a focused run")
+    parser.add_argument("--scale", choices=("auto", "quick", "full"), default="auto",
+                        help="how hard each attack pushes (auto: quick with --quick, else full)")
     parser.add_argument("--tenants", choices=("auto", "on", "off"), default="auto",
                         help="bind each side's key to its own namespaces (auto: when supported)")
     parser.add_argument("--serve-arg", action="append", default=[],

@@ -23,6 +23,7 @@ import numpy as np
 from kvstore.client import Client
 from kvstore.errors import KVStoreError, ServerError, ServerUnavailable
 from kvstore.keys import Namespace
+from kvstore.protocol import Ping
 
 # Tenant "honest" (kvstore/tenants.py: a namespace name's tenant is what precedes its first "/").
 HONEST_NS = Namespace(b"honest/soak")
@@ -91,6 +92,8 @@ class Recorder:
     def __post_init__(self) -> None:
         self.wrong_by_cause: Counter[str] = Counter()
         self.hits: list[tuple[float, int, int]] = []  # (t, hits, asked) per get
+        # Pingers: (t0, sent late by, to the daemon's handling, from there to the answer) seconds.
+        self.ping_parts: list[tuple[float, float, float, float]] = []
 
     def add(self, t0: float, op: str, outcome: str) -> None:
         self.rows.append((t0, op, time.monotonic() - t0, outcome))
@@ -99,7 +102,7 @@ class Recorder:
         return {"name": self.name, "rows": self.rows, "hits": self.hits,
                 "wrong_bytes": self.wrong_bytes, "wrong_blocks": self.wrong_blocks,
                 "wrong_by_cause": dict(self.wrong_by_cause), "checked_blocks": self.checked_blocks,
-                "checked_bytes": self.checked_bytes}
+                "checked_bytes": self.checked_bytes, "ping_parts": self.ping_parts}
 
 
 def honest_client(name: str, address: str, curve_dir: Path | None, use_shm: bool, seed: int,
@@ -172,7 +175,13 @@ def _check(rec: Recorder, block_hash: bytes, data: bytes) -> None:
 
 def pinger(address: str, curve_dir: Path | None, stop: Event, ready: Any, results: Any,
            name: str = "pinger") -> None:
-    """PING the daemon every PING_PERIOD_S; a timeout is recorded with its elapsed time."""
+    """PING the daemon every PING_PERIOD_S; a timeout is recorded with its elapsed time.
+
+    Each answered PING is also split in three (rec.ping_parts): how late this process sent it
+    (it shares the CPUs with everyone: lateness is the machine's share, not the daemon's), the
+    time from sending to the daemon handling it (the reply's `at_s`, the daemon's
+    time.monotonic(): CLOCK_MONOTONIC is one clock for every process of the host), and the time
+    from there to this process holding the answer."""
     rec = Recorder(name, [])
     client = Client(address, timeout_s=PING_TIMEOUT_S, use_shm=False, curve_dir=curve_dir)
     _say_ready(client, name, ready)
@@ -180,8 +189,11 @@ def pinger(address: str, curve_dir: Path | None, stop: Event, ready: Any, result
     while not stop.is_set():
         t0 = time.monotonic()
         try:
-            client.ping()
+            reply = client._request(Ping())  # the typed reply: Client.ping() keeps only the RTT
             rec.add(t0, "ping", "ok")
+            at_s = getattr(reply, "at_s", None)
+            if isinstance(at_s, float):  # a daemon that stamps its PING replies
+                rec.ping_parts.append((t0, t0 - next_s, at_s - t0, t0 + rec.rows[-1][2] - at_s))
         except ServerUnavailable:
             rec.add(t0, "ping", "timeout")
         except KVStoreError as exc:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvstore import gcpolicy
 from kvstore.config import (CONFIG_ENV, OPTIONS, ConfigError, Resolved, ServeConfig, resolve,
                             to_toml)
 from kvstore.errors import KVStoreError
@@ -149,6 +150,8 @@ def _serve(args: argparse.Namespace) -> int:
         server.close()
         return 1
     server.install_signal_handlers()
+    # Startup is done: Python's full GC passes leave the loop's way (kvstore/gcpolicy.py).
+    server.full_passes = gcpolicy.settle()
     slabs = server.store.slabs
     print(f"kvstore: listening on {', '.join(_described(x) for x in server.listeners)}",
           flush=True)

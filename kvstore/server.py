@@ -23,6 +23,7 @@ from kvstore.config import ServeConfig
 from kvstore.connections import MAX_UNSENT_AGE_S, Unsent
 from kvstore.errors import ProtocolError
 from kvstore.gate import Gate, user_id
+from kvstore.gcpolicy import FullPasses
 from kvstore.inbox import Oversized
 from kvstore.listeners import AddressInUse, Listener
 from kvstore.malloc import DEFAULT_TRIM_BYTES, give_back
@@ -30,7 +31,7 @@ from kvstore.keys import SlotId
 from kvstore.metrics import Metrics, ServerCounters, error_kinds, namespace_label
 from kvstore.pool import Pool
 from kvstore.protocol import (Abort, Commit, Done, Get, GetReply, Hello, HelloReply, Invalidate,
-                              InvalidateReply, Lookup, LookupReply, Op, Ping, Put, PutReply,
+                              InvalidateReply, Lookup, LookupReply, Op, Ping, Pong, Put, PutReply,
                               Release, ReleaseReply, Reserve, ReserveReply, Stats,
                               StatsReply)
 from kvstore.store import Limits, Store
@@ -101,6 +102,9 @@ class Server:
             raise
         self.unsent = Unsent(pool.size_bytes)  # copied TCP GET replies ZeroMQ still holds
         self._stopping = False
+        # The daemon's own full GC passes (kvstore/gcpolicy.py; set by `kvstore serve`): None
+        # leaves Python's automatic ones, as in a test process that serves in a thread.
+        self.full_passes: FullPasses | None = None
         # Each takes its op's request type (protocol.py); decode_request picked it by op.
         self._handlers: dict[Op, Callable[[Any, list[zmq.Frame], _Call], _Reply]] = {
             Op.HELLO: self._hello, Op.PING: self._ping, Op.LOOKUP: self._lookup, Op.GET: self._get,
@@ -202,7 +206,7 @@ class Server:
         req_id, op = None, None
         errors = self.counters.num_errors
         try:
-            request = protocol.decode_request([f.buffer for f in body])
+            request = protocol.decode_request([f.buffer for f in body], check_rows=True)
             req_id, op = request.req_id, request.OP
             name = self._op_names[op]
             self.counters.num_requests[name] = self.counters.num_requests.get(name, 0) + 1
@@ -215,6 +219,9 @@ class Server:
             if too_large is not None:
                 raise _Refused("too_large", too_large)
             reply = self._handlers[op](request, body[1:], call)
+        except protocol.TooLarge as exc:  # refused from its row count, its rows never read
+            errors["too_large"] = errors.get("too_large", 0) + 1
+            reply = _Reply([protocol.encode_error(exc.req_id, "too_large", str(exc))])
         except ProtocolError as exc:
             errors["protocol"] += 1
             log.warning("bad request from %s: %s", identity.bytes.hex(), exc)
@@ -267,6 +274,8 @@ class Server:
                 log.warning("cut the connection of %s: it left replies unread for %.0f s",
                             identity.hex(), MAX_UNSENT_AGE_S)
         self.store.expire(_SLICE_BLOCKS)
+        if self.full_passes is not None:
+            self.full_passes.collect_if_due(time.monotonic())
         return self.store.drain_invalidated(_SLICE_BLOCKS) or self.store.is_expiry_due()
 
     def _collect_sent(self) -> None:
@@ -285,7 +294,9 @@ class Server:
             max_put_bytes=protocol.MAX_PUT_BYTES, **self.store.slot_rules()))])
 
     def _ping(self, req: Ping, _: list[zmq.Frame], call: _Call) -> _Reply:
-        return _Reply([protocol.encode_reply(req.req_id, Done())])
+        # When it was answered (CLOCK_MONOTONIC, one clock host-wide): a pinger on the host tells
+        # the daemon's share of its latency from its own scheduling (bench/soak_clients.py).
+        return _Reply([protocol.encode_reply(req.req_id, Pong(at_s=time.monotonic()))])
 
     def _lookup(self, req: Lookup, _: list[zmq.Frame], call: _Call) -> _Reply:
         if req.shm:

@@ -20,6 +20,7 @@ from kvstore.protocol import (
     Op,
     Done,
     LookupReply,
+    Pong,
     Request,
     decode_reply,
     decode_request,
@@ -275,7 +276,9 @@ def test_reply_decode_checks_the_fields_clients_act_on() -> None:
                 {"num_hits": -1, "lease": None}):
         with pytest.raises(ProtocolError):
             decode_reply(Op.LOOKUP, bad)
-    assert decode_reply(Op.PING, {"ok": True}) == Done()
+    assert decode_reply(Op.PING, {"ok": True}) == Pong()  # a daemon that does not stamp PINGs
+    assert decode_reply(Op.PING, {"ok": True, "at_s": 5.0}) == Pong(at_s=5.0)
+    assert decode_reply(Op.COMMIT, {"ok": True, "num_done": 3}) == Done(num_done=3)
 
 
 def test_oversize_header_is_rejected_before_unpacking() -> None:
