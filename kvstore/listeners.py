@@ -27,6 +27,7 @@ from kvstore.config import ServeConfig
 from kvstore.connections import Connections
 from kvstore.gate import CURVE_FRAME_OVERHEAD_BYTES, Gate
 from kvstore.inbox import Inbox, Oversized
+from kvstore.releases import Releases
 
 _LINGER_MS = 0  # on shutdown, drop undelivered replies: clients time out and retry
 _SNDHWM = 10_000  # replies queued per peer before ROUTER drops; bounds memory per slow client
@@ -109,26 +110,25 @@ def open_listeners(ctx: zmq.Context, config: ServeConfig,
     return listeners, bound_ipc
 
 
-Handler = Callable[[Listener, list[zmq.Frame] | Oversized], bool]  # answers; True: trim after
+Handler = Callable[[Listener, list[zmq.Frame] | Oversized], bool]  # answers; True: big
 
 
-def drain(listeners: list[Listener], handle: Handler, trim: Callable[[], None],
+def drain(listeners: list[Listener], handle: Handler, releases: Releases,
           deadline_s: float, is_stopping: Callable[[], bool]) -> None:
     """Serve the listeners in turn, one step each (a whole message handled, or a slice of a long
-    one read), until none has anything ready or deadline_s (perf_counter) passes. trim() runs
-    after a message handle() calls big, once its frames are dropped."""
+    one read), until none has anything ready or deadline_s (perf_counter) passes. The frames of a
+    message handle() calls big go to releases, let go a slice per turn (kvstore/releases.py)."""
     while not is_stopping() and time.perf_counter() < deadline_s:
-        is_progress = False
+        is_progress = releases.is_pending and releases.step()
         for listener in listeners:
             message = listener.inbox.next()
             if message is None:
                 is_progress = is_progress or listener.inbox.is_reading
                 continue
             is_progress = True
-            is_big = handle(listener, message)
-            message = None  # the last reference to its frames
-            if is_big:
-                trim()
+            if handle(listener, message):
+                releases.add(message if isinstance(message, list) else [])
+            message = None  # the last reference to its frames, unless releases took them
         if not is_progress:
             return
 

@@ -34,6 +34,7 @@ from kvstore.protocol import (Abort, Commit, Done, Get, GetReply, Hello, HelloRe
                               InvalidateReply, Lookup, LookupReply, Op, Ping, Pong, Put, PutReply,
                               Release, ReleaseReply, Reserve, ReserveReply, Stats,
                               StatsReply)
+from kvstore.releases import Releases
 from kvstore.store import Limits, Store
 
 log = logging.getLogger("kvstore.server")
@@ -102,6 +103,7 @@ class Server:
             raise
         self.unsent = Unsent(pool.size_bytes)  # copied TCP GET replies ZeroMQ still holds
         self._stopping = False
+        self._releases = Releases(give_back)  # big messages' frames, let go in slices
         # The daemon's own full GC passes (kvstore/gcpolicy.py; set by `kvstore serve`): None
         # leaves Python's automatic ones, as in a test process that serves in a thread.
         self.full_passes: FullPasses | None = None
@@ -151,7 +153,8 @@ class Server:
                     self._drain()
                 if self._reload_requested:
                     self._reload()
-                is_busy = self._maintain() or any(x.inbox.is_reading for x in self.listeners)
+                is_busy = (self._maintain() or (self._releases.is_pending and self._releases.step())
+                           or any(x.inbox.is_reading for x in self.listeners))
         finally:
             self.close()
 
@@ -170,8 +173,8 @@ class Server:
     def _drain(self) -> None:
         """Handle messages already queued on every listener, in turn, without blocking, for up
         to _DRAIN_S (so maintenance still runs under a flood)."""
-        listeners.drain(self.listeners, self._take, give_back, time.perf_counter() + _DRAIN_S,
-                        lambda: self._stopping)
+        listeners.drain(self.listeners, self._take, self._releases,
+                        time.perf_counter() + _DRAIN_S, lambda: self._stopping)
 
     def _take(self, listener: Listener, message: list[zmq.Frame] | Oversized) -> bool:
         """Answer one message; whether it held more memory than malloc.py keeps for the next
