@@ -12,7 +12,12 @@ slots holds 524,288 of them as in the issue; --reserve-timeout 2 s, 1 s in --qui
             every byte read is checked: wrong_bytes must be 0
   pinger    its own process, a PING every 20 ms (1 s deadline): the daemon's responsiveness.
             Its p99 counts the pings it could not send while one call waited (each at what it
-            would have waited), so a stalled daemon does not get fewer samples than a fast one
+            would have waited), so a stalled daemon does not get fewer samples than a fast one.
+            Each PING is also split (`split` per attack): how late the pinger sent it (the
+            machine's share: it shares the CPUs), the time from its send to the daemon answering
+            (the reply's `at_s`: the daemon's share) and the way back
+  focused   --only NAME (repeatable) runs just those attacks, --scale full their full size:
+            `python -m bench.soak --quick --only large_multipart --scale full --seconds 30`
   listeners the honest clients and the pinger use the daemon's main listener; the attacker has
             one of its own (its tenant's `listen` address in tenants.toml, or a second --tcp
             without tenants): the listener is the unit of isolation (kvstore/listeners.py). A
@@ -165,8 +170,8 @@ def start_workers(procs: list[Any], address: str, curve_dir: Path | None, num_sh
 def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     seconds = args.seconds or (20.0 if quick else 600.0)
-    scale = {"quick": attacks.QUICK, "full": attacks.FULL}.get(args.scale,
-                                                               attacks.QUICK if quick else attacks.FULL)
+    scale = {"quick": attacks.QUICK, "full": attacks.FULL}.get(
+        args.scale, attacks.QUICK if quick else attacks.FULL)
     chosen = {n: a for n, a in attacks.ATTACKS.items() if not args.only or n in args.only}
     reserve_s = 1.0 if quick else 2.0
     quiet_s = 0.5 if quick else 3.0
@@ -262,10 +267,11 @@ def _restart(sampler: Sampler, daemon: Daemon) -> dict[str, Any]:
     start = time.monotonic()
     daemon.stop(signal.SIGKILL)
     daemon.start()
+    up = time.monotonic()
     # A PING sent to the killed daemon is answered by nobody: the pinger waits out its deadline,
     # then reconnects. That wait belongs to the restart, not to the window after it.
     time.sleep(PING_TIMEOUT_S + 0.2)
-    return {"kind": "restart", "start": start, "end": time.monotonic()}
+    return {"kind": "restart", "start": start, "up": up, "end": time.monotonic()}
 
 
 def _collect(procs: list[Any], results: Any) -> list[dict[str, Any]]:

@@ -162,12 +162,12 @@ def analyse(windows: list[dict[str, Any]], workers: list[dict[str, Any]],
         "attacks": per_attack,
         "honest": {w["name"]: _client_figures(w, attack_windows, quiet, restarts) for w in honest},
         "restart": {"count": len(restarts),
-                    "downtime_s": [round(w["end"] - w["start"], 2) for w in restarts],
+                    "downtime_s": [round(w.get("up", w["end"]) - w["start"], 2) for w in restarts],
                     "honest_errors": _outcomes(honest, restarts)},
         "rss": {"pool_mib": pool_mib, "max_mib": round(rss_max, 1),
                 "max_anon_mib": round(max((s[2] for s in rss), default=0) / MiB, 1),
                 "samples_every_1s": _thin(rss, start_s)},
-        "windows": [{**{k: v for k, v in w.items() if k not in ("start", "end", "details")},
+        "windows": [{**{k: v for k, v in w.items() if k not in ("start", "up", "end", "details")},
                      "start_s": round(w["start"] - start_s, 2),
                      "end_s": round(w["end"] - start_s, 2)} for w in windows],
         "parameters": params,
@@ -190,8 +190,9 @@ def _client_figures(worker: dict[str, Any], attack: list[dict[str, Any]],
                    "timeouts": sum(r[3] == "timeout" for r in mine),
                    "errors": sum(r[3].startswith("error") for r in mine),
                    "full": sum(r[3] == "full" for r in mine)}
-    after = [r for r in rows if restarts and r[0] >= restarts[0]["end"] and r[3] == "ok"]
-    out["first_ok_after_restart_s"] = (round(after[0][0] + after[0][2] - restarts[0]["end"], 3)
+    up = restarts[0].get("up", restarts[0]["end"]) if restarts else 0.0  # the daemon started
+    after = [r for r in rows if restarts and r[0] >= up and r[3] == "ok"]
+    out["first_ok_after_restart_s"] = (round(after[0][0] + after[0][2] - up, 3)
                                        if after else None)
     return out
 
@@ -217,6 +218,10 @@ def _thin(rss: list[tuple[float, int, int]], start_s: float) -> list[list[float]
 
 
 # --- report ------------------------------------------------------------------------------------
+def _v(value: Any) -> Any:
+    return "-" if value is None else value
+
+
 def table(res: dict[str, Any]) -> str:
     lines = ["| attack | rounds | ping p99 ms | p99 of pings sent ms | daemon's share p99 ms "
              "| pinger late p99 ms | way back p99 ms | ping max ms | ping timeouts "
@@ -228,15 +233,15 @@ def table(res: dict[str, Any]) -> str:
         same, split = a.get("same_listener") or {}, a.get("split") or {}
         same_split = a.get("same_listener_split") or {}
         lines.append(f"| {name} | {len(a['rounds'])} | {a['p99_ms']} | {a.get('p99_ms_sent_only')} "
-                     f"| {split.get('daemon_p99_ms')} | {split.get('pinger_late_p99_ms')} "
-                     f"| {split.get('way_back_p99_ms')} "
+                     f"| {_v(split.get('daemon_p99_ms'))} | {_v(split.get('pinger_late_p99_ms'))} "
+                     f"| {_v(split.get('way_back_p99_ms'))} "
                      f"| {a['max_ms']} | {a['timeouts']} | {a['longest_without_answer_s']} | "
-                     f"{same.get('p99_ms')} / {same_split.get('daemon_p99_ms')} / "
+                     f"{same.get('p99_ms')} / {_v(same_split.get('daemon_p99_ms'))} / "
                      f"{same.get('max_ms')} | {a['honest_hit_rate']} | {errors} |")
     q, qs = res["ping"]["quiet"], res["ping"].get("quiet_split") or {}
     lines.append(f"| (no attack) | - | {q['p99_ms']} | {q.get('p99_ms_sent_only')} "
-                 f"| {qs.get('daemon_p99_ms')} | {qs.get('pinger_late_p99_ms')} "
-                 f"| {qs.get('way_back_p99_ms')} | {q['max_ms']} "
+                 f"| {_v(qs.get('daemon_p99_ms'))} | {_v(qs.get('pinger_late_p99_ms'))} "
+                 f"| {_v(qs.get('way_back_p99_ms'))} | {q['max_ms']} "
                  f"| {q['timeouts']} | {q['longest_without_answer_s']} | - | - | - |")
     return "\n".join(lines)
 
@@ -265,9 +270,11 @@ def render(res: dict[str, Any]) -> str:
         + (f"; over budget: {', '.join(b['ping_p99_ms_under_attack']['attacks_over_budget'])}"
            if b["ping_p99_ms_under_attack"]["attacks_over_budget"] else "") + "); "
         f"{res['ping']['under_attack'].get('p99_ms_sent_only')} ms counting only the pings sent; "
-        f"the daemon's share (from the send to the daemon's answer, its `at_s`) "
-        f"{_split(res, 'under_attack_split')} ms, the pinger sent late by "
-        f"{_split(res, 'under_attack_split', 'pinger_late_p99_ms')} ms at p99; "
+        + (f"the daemon's share (from the send to the daemon's answer, its `at_s`) "
+           f"{_split(res, 'under_attack_split')} ms, the pinger sent late by "
+           f"{_split(res, 'under_attack_split', 'pinger_late_p99_ms')} ms at p99 (daemon's share "
+           f"over budget: {_over_daemon_side(b)}); "
+           if _split(res, "under_attack_split") is not None else "") +
         f"with no attack running {res['ping']['quiet']['p99_ms']} ms "
         f"({res['ping']['quiet'].get('p99_ms_sent_only')} ms sent only): the machine's own share "
         f"(load average {_load(res)}); a pinger on the attacker's own listener: "
@@ -282,6 +289,11 @@ def render(res: dict[str, Any]) -> str:
         "",
         table(res),
     ])
+
+
+def _over_daemon_side(budgets: dict[str, Any]) -> str:
+    over = budgets["ping_p99_ms_under_attack"].get("attacks_over_budget_daemon_side") or []
+    return ", ".join(over) or "none"
 
 
 def _split(res: dict[str, Any], key: str, figure: str = "daemon_p99_ms") -> Any:
