@@ -60,6 +60,19 @@ class PutResult:
     num_full: int
 
 
+@dataclass(slots=True)
+class Writing:
+    """A write in progress (Client.writing): fill dests[i] with block i's bytes; None where the
+    pool already has the block or has no room for it. refs: the reserved slots behind dests on
+    the daemon's host (for a device copy straight into the pool), [] over TCP."""
+
+    dests: list[memoryview | None]
+    refs: list[SlotRef | None]
+    num_full: int = 0
+    num_done: int = 0  # blocks committed (made readable) at the clean exit
+    result: PutResult | None = None  # set at the clean exit
+
+
 @dataclass(slots=True, frozen=True)
 class SlotRef:
     """A reserved or pinned slot of the shared segment: where a block's bytes live."""
@@ -350,22 +363,43 @@ class Client:
     def _put_shm_batch(self, ns: Namespace,
                        blocks: Sequence[tuple[bytes, bytes | None, Buffer]]) -> PutResult:
         views = [memoryview(data).cast("B") for _, _, data in blocks]
-        refs, num_full = self.reserve(ns, [(h, p, len(v)) for (h, p, _), v in
-                                           zip(blocks, views)])
-        written = []
-        assert self.pool is not None
+        with self.writing(ns, [(h, p, len(v)) for (h, p, _), v in zip(blocks, views)]) as w:
+            for dest, view in zip(w.dests, views):
+                if dest is not None:
+                    dest[:] = view
+        assert w.result is not None
+        return w.result
+
+    @contextmanager
+    def writing(self, ns: Namespace,
+                blocks: Sequence[tuple[bytes, bytes | None, int]]) -> Iterator[Writing]:
+        """Write (hash, parent, nbytes) blocks, root first, by filling the destinations it
+        yields. A clean exit makes them readable (w.result says how many); an exception gives
+        every reservation back and stores nothing. On the daemon's host the destinations are the
+        reserved slots themselves (RESERVE, your copy, COMMIT); elsewhere buffers sent in PUTs.
+        At most max_rows blocks and half of HELLO's max_reserved_bytes per call on the same
+        host (put() splits larger writes)."""
+        if not self._shm_ready():
+            buffers = [bytearray(n) for _, _, n in blocks]
+            w = Writing([memoryview(b) for b in buffers], [])
+            yield w
+            w.result = self.put(ns, [(h, p, b) for (h, p, _), b in zip(blocks, buffers)])
+            w.num_full, w.num_done = w.result.num_full, w.result.num_stored
+            return
+        refs, num_full = self.reserve(ns, blocks)
+        assert self.pool is not None  # reserve re-attaches a restarted daemon's segment
+        w = Writing([None if r is None else self.pool.view(r.slot, r.nbytes) for r in refs],
+                    refs, num_full)
+        reserved = [(h, r) for (h, _, _), r in zip(blocks, refs) if r is not None]
         try:
-            for (block_hash, _, _), view, ref in zip(blocks, views, refs):
-                if ref is not None:
-                    self.pool.view(ref.slot, ref.nbytes)[:] = view
-                    written.append((block_hash, ref))
+            yield w
         except BaseException:
             # Every reservation, written or not: one never named again stays fenced (counted
             # against this client) until the connection closes.
-            self.abort(ns, [(h, r) for (h, _, _), r in zip(blocks, refs) if r is not None])
+            self.abort(ns, reserved)
             raise
-        num_stored = self.commit(ns, written) if written else 0
-        return PutResult(num_stored, len(blocks) - len(written) - num_full, num_full)
+        w.num_done = self.commit(ns, reserved) if reserved else 0
+        w.result = PutResult(w.num_done, len(blocks) - len(reserved) - num_full, num_full)
 
     # --- plumbing --------------------------------------------------------------------------
     def _shm_ready(self) -> bool:

@@ -297,24 +297,17 @@ class WorkerSide:
         parents = [p for s in saves for p in s.parents]
         block_ids = [b for s in saves for b in s.block_ids]
         if client.has_shm():
-            refs, num_full = client.reserve(self.ns, [(h, p, self.kv.block_bytes)
-                                               for h, p in zip(hashes, parents)])
-            # Only now: reserve may have re-attached a restarted daemon's new segment.
-            pool = self._pool_of(client)
-            written = []
-            try:
-                for block_hash, block_id, ref in zip(hashes, block_ids, refs):
+            # Reserve -> gather into the slots -> commit; an error gives the slots back.
+            with client.writing(self.ns, [(h, p, self.kv.block_bytes)
+                                          for h, p in zip(hashes, parents)]) as w:
+                # Only now: the reserve may have re-attached a restarted daemon's new segment.
+                pool = self._pool_of(client)
+                for block_id, ref in zip(block_ids, w.refs):
                     if ref is not None:
                         self.kv.gather(block_id, pool[ref.slot:ref.slot + ref.nbytes])
-                        written.append((block_hash, ref))
-                _sync(self.kv.device)
-            except BaseException:
-                # Every reservation, written or not: one never named again stays fenced in the
-                # daemon until this connection closes (docs/operating.md, Writes).
-                client.abort(self.ns, [(h, r) for h, r in zip(hashes, refs) if r is not None])
-                raise
-            num_done = client.commit(self.ns, written) if written else 0
-            return _landed_shm(hashes, refs, num_full, written, num_done), num_done
+                _sync(self.kv.device)  # the copies land before COMMIT makes them readable
+            written = [(h, r) for h, r in zip(hashes, w.refs) if r is not None]
+            return _landed_shm(hashes, w.refs, w.num_full, written, w.num_done), w.num_done
         # Another host: gather into a staging buffer and send it as frames, in PUTs of about
         # _TCP_BATCH_BYTES so each one fits a call's timeout.
         per_batch, staging = self._staging(len(block_ids))

@@ -1,0 +1,45 @@
+"""Client.writing(): one write API over both transports (issue 11, item 4). A clean exit stores
+the blocks; an error stores nothing and leaves nothing reserved."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.daemon import Daemon
+from kvstore.client import Client
+from kvstore.keys import Namespace
+
+NS = Namespace(b"writing-test")
+BLOCK_BYTES = 4096
+
+
+def rows(seed: bytes, n: int) -> list[tuple[bytes, bytes | None, int]]:
+    hashes = [seed + bytes([i]) for i in range(n)]
+    return [(h, p, BLOCK_BYTES) for h, p in zip(hashes, [None, *hashes[:-1]])]
+
+
+@pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
+def test_a_clean_exit_stores_and_an_error_stores_nothing(daemon: Daemon, use_shm: bool) -> None:
+    with Client(daemon.address, 2.0, use_shm=use_shm) as client:
+        blocks = rows(b"ok", 3)
+        with client.writing(NS, blocks) as w:
+            assert all(d is not None and len(d) == BLOCK_BYTES for d in w.dests)
+            assert bool(w.refs) == use_shm
+            for i, dest in enumerate(w.dests):
+                assert dest is not None
+                dest[:] = bytes([i + 1]) * BLOCK_BYTES
+        assert w.result is not None and w.result.num_stored == 3 and w.num_done == 3
+        assert client.get(NS, [h for h, _, _ in blocks]) == [bytes([i + 1]) * BLOCK_BYTES
+                                                              for i in range(3)]
+        with client.writing(NS, blocks) as again:  # present: nothing to write
+            assert again.dests == [None] * 3 or not use_shm
+        assert again.result is not None and again.result.num_stored == 0
+
+        failed = rows(b"err", 2)
+        with pytest.raises(RuntimeError, match="copy failed"):
+            with client.writing(NS, failed) as w:
+                raise RuntimeError("copy failed")
+        assert w.result is None
+        assert client.lookup(NS, [h for h, _, _ in failed]).num_hits == 0
+        stats = client.stats()
+        assert stats["num_reserved"] == 0 and stats["num_fenced"] == 0
