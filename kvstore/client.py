@@ -252,6 +252,27 @@ class Client:
         raise AssertionError("unreachable")
 
     @contextmanager
+    def reading(self, ns: Namespace, hashes: Sequence[bytes],
+                lease: int | None = None) -> Iterator[list[memoryview]]:
+        """The stored prefix of hashes (under lease, from a lookup, when given) as one buffer per
+        block, valid inside the with-block. The lease ends at its exit on either transport. On
+        the daemon's host the buffers are the pinned slots themselves (no copy: copy out of them
+        inside the block); elsewhere they were received from the payload frames."""
+        if self._shm_ready():
+            with self.pinned(ns, hashes, lease) as refs:  # releases what it read under
+                assert self.pool is not None
+                yield [self.pool.view(r.slot, r.nbytes) for r in refs]
+            return
+        try:
+            yield [memoryview(b) for b in self.get(ns, hashes, lease)]
+        finally:
+            if lease is not None:
+                try:
+                    self.release(lease)
+                except ServerUnavailable:
+                    pass  # the lease expires on its own
+
+    @contextmanager
     def pinned(self, ns: Namespace, hashes: Sequence[bytes],
                lease: int | None = None) -> Iterator[list[SlotRef]]:
         """Slot references of the stored prefix, pinned until the block exits (same host only).

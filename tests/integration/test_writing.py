@@ -43,3 +43,21 @@ def test_a_clean_exit_stores_and_an_error_stores_nothing(daemon: Daemon, use_shm
         assert client.lookup(NS, [h for h, _, _ in failed]).num_hits == 0
         stats = client.stats()
         assert stats["num_reserved"] == 0 and stats["num_fenced"] == 0
+
+
+@pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
+def test_reading_gives_the_blocks_and_ends_the_lease_on_both_transports(
+        daemon: Daemon, use_shm: bool) -> None:
+    """Client.reading(): the stored prefix, one buffer per block; a lookup's lease ends at the
+    exit whichever transport read it (a TCP GET used to keep it, a shared-memory one not)."""
+    blocks = rows(b"read", 3)
+    hashes = [h for h, _, _ in blocks]
+    with Client(daemon.address, 2.0, use_shm=use_shm) as client:
+        client.put(NS, [(h, p, bytes([i + 7]) * n) for i, (h, p, n) in enumerate(blocks)])
+        found = client.lookup(NS, [*hashes, b"absent"], lease_ms=30_000)
+        assert found.num_hits == 3 and client.stats()["num_leases"] == 1
+        with client.reading(NS, hashes, found.lease) as got:
+            assert [bytes(b) for b in got] == [bytes([i + 7]) * BLOCK_BYTES for i in range(3)]
+        assert client.stats()["num_leases"] == 0
+        with client.reading(NS, [b"absent"]) as none:
+            assert none == []
