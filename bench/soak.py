@@ -15,7 +15,8 @@ slots holds 524,288 of them as in the issue; --reserve-timeout 2 s, 1 s in --qui
             would have waited), so a stalled daemon does not get fewer samples than a fast one.
             Each PING is also split (`split` per attack): how late the pinger sent it (the
             machine's share: it shares the CPUs), the time from its send to the daemon answering
-            (the reply's `at_s`: the daemon's share) and the way back
+            (the reply's `at_s`: the daemon's share) and the way back; and the daemon's loop
+            thread's CPU time and its wait for a CPU while runnable (`daemon_loop_cpu`, schedstat)
   focused   --only NAME (repeatable) runs just those attacks, --scale full their full size:
             `python -m bench.soak --quick --only large_multipart --scale full --seconds 30`
   listeners the honest clients and the pinger use the daemon's main listener; the attacker has
@@ -86,6 +87,16 @@ def rss_of(pid: int) -> tuple[int, int] | None:
     return (fields["VmRSS"], fields["RssAnon"]) if len(fields) == 2 else None
 
 
+def loop_cpu_of(pid: int) -> tuple[int, int] | None:
+    """(ns run on a CPU, ns waiting for one while runnable) of pid's main thread, the daemon's
+    loop (/proc schedstat); None when it is gone or the kernel keeps no schedstats."""
+    try:
+        run_ns, wait_ns, _ = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
+        return int(run_ns), int(wait_ns)
+    except (OSError, ValueError):
+        return None
+
+
 class Sampler(threading.Thread):
     """Samples the daemon's memory and prints a progress line while the soak runs."""
 
@@ -94,6 +105,7 @@ class Sampler(threading.Thread):
         self.daemon_proc = daemon
         self.start_s, self.progress_s = start_s, progress_s
         self.samples: list[tuple[float, int, int]] = []  # (monotonic, VmRSS, RssAnon)
+        self.loop_cpu: list[tuple[float, int, int, int]] = []  # (monotonic, pid, run, wait ns)
         self.window = "starting"
         self.stop_event = threading.Event()
 
@@ -105,6 +117,9 @@ class Sampler(threading.Thread):
             now = time.monotonic()
             if rss is not None:
                 self.samples.append((now, *rss))
+            cpu = loop_cpu_of(proc.pid) if proc is not None else None
+            if cpu is not None and proc is not None:
+                self.loop_cpu.append((now, proc.pid, *cpu))
             if now >= next_print:
                 next_print = now + self.progress_s
                 shown = (f"rss {rss[0] / MiB:.0f} MiB (anon {rss[1] / MiB:.0f})" if rss
@@ -240,7 +255,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
                           "namespace (no kvstore/tenants.py in this daemon)"),
               "daemon_exit_code_on_sigterm": code,
               "daemon_sigterm_exit_s": round(sigterm_s, 3)}
-    return analyse(windows, workers, sampler.samples, start_s, params)
+    return analyse(windows, workers, sampler.samples, start_s, params, sampler.loop_cpu)
 
 
 def _quiet(sampler: Sampler, kind: str, seconds: float) -> dict[str, Any]:

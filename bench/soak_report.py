@@ -96,9 +96,29 @@ def _split_figures(parts: list[Any], windows: list[dict[str, Any]]) -> dict[str,
             "way_back_p99_ms": _ms(p99([r[3] for r in mine]))}
 
 
+def loop_cpu(samples: list[tuple[float, int, int, int]],
+             windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the daemon's loop thread fared for CPU in windows: ms run and ms spent runnable but
+    waiting for a CPU, per second of window (from /proc schedstat samples: (t, pid, run ns,
+    wait ns)). A high wait means the machine, not the daemon's work, delayed its answers."""
+    run_ns = wait_ns = 0
+    seconds = 0.0
+    for w in windows:
+        mine = [x for x in samples if w["start"] <= x[0] <= w["end"]]
+        for a, b in zip(mine, mine[1:]):
+            if a[1] == b[1]:  # the same daemon process (not across the restart)
+                run_ns, wait_ns = run_ns + b[2] - a[2], wait_ns + b[3] - a[3]
+                seconds += b[0] - a[0]
+    if not seconds:
+        return {"run_ms_per_s": None, "wait_ms_per_s": None, "seconds": 0.0}
+    return {"run_ms_per_s": round(run_ns / 1e6 / seconds, 1),
+            "wait_ms_per_s": round(wait_ns / 1e6 / seconds, 1), "seconds": round(seconds, 2)}
+
+
 def analyse(windows: list[dict[str, Any]], workers: list[dict[str, Any]],
             rss: list[tuple[float, int, int]], start_s: float,
-            params: dict[str, Any]) -> dict[str, Any]:
+            params: dict[str, Any],
+            cpu: list[tuple[float, int, int, int]] | None = None) -> dict[str, Any]:
     pings = with_missed_pings([r for w in workers if w["name"] == "pinger" for r in w["rows"]],
                               PING_PERIOD_S)
     # The attacker's own listener: a client sharing it waits while a long message is read.
@@ -114,6 +134,7 @@ def analyse(windows: list[dict[str, Any]], workers: list[dict[str, Any]],
             continue  # a focused run (--only) left it out
         per_attack[name] = {**_ping_figures(pings, mine),
                             "split": _split_figures(parts, mine),
+                            "daemon_loop_cpu": loop_cpu(cpu or [], mine),
                             "same_listener": _ping_figures(same, mine),
                             "same_listener_split": _split_figures(same_parts, mine),
                             "honest_hit_rate": _hit_rate(honest, mine),
@@ -158,6 +179,8 @@ def analyse(windows: list[dict[str, Any]], workers: list[dict[str, Any]],
                  "under_attack_same_listener_split": _split_figures(same_parts, attack_windows),
                  "quiet": _ping_figures(pings, quiet),
                  "quiet_split": _split_figures(parts, quiet),
+                 "daemon_loop_cpu_under_attack": loop_cpu(cpu or [], attack_windows),
+                 "daemon_loop_cpu_quiet": loop_cpu(cpu or [], quiet),
                  "restart": _ping_figures(pings, restarts)},
         "attacks": per_attack,
         "honest": {w["name"]: _client_figures(w, attack_windows, quiet, restarts) for w in honest},
@@ -222,26 +245,35 @@ def _v(value: Any) -> Any:
     return "-" if value is None else value
 
 
+def _cpu(figures: dict[str, Any] | None) -> str:
+    figures = figures or {}
+    if figures.get("run_ms_per_s") is None:
+        return "-"
+    return f"{figures['run_ms_per_s']} / {figures['wait_ms_per_s']}"
+
+
 def table(res: dict[str, Any]) -> str:
     lines = ["| attack | rounds | ping p99 ms | p99 of pings sent ms | daemon's share p99 ms "
-             "| pinger late p99 ms | way back p99 ms | ping max ms | ping timeouts "
+             "| pinger late p99 ms | way back p99 ms | daemon loop: CPU run / wait ms per s "
+             "| ping max ms | ping timeouts "
              "| longest stall s | same listener: p99 / daemon's share p99 / max ms "
              "| honest hit rate | honest errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, a in res["attacks"].items():
         errors = ", ".join(f"{k} {v}" for k, v in sorted(a["honest_errors"].items())) or "-"
         same, split = a.get("same_listener") or {}, a.get("split") or {}
         same_split = a.get("same_listener_split") or {}
         lines.append(f"| {name} | {len(a['rounds'])} | {a['p99_ms']} | {a.get('p99_ms_sent_only')} "
                      f"| {_v(split.get('daemon_p99_ms'))} | {_v(split.get('pinger_late_p99_ms'))} "
-                     f"| {_v(split.get('way_back_p99_ms'))} "
+                     f"| {_v(split.get('way_back_p99_ms'))} | {_cpu(a.get('daemon_loop_cpu'))} "
                      f"| {a['max_ms']} | {a['timeouts']} | {a['longest_without_answer_s']} | "
                      f"{same.get('p99_ms')} / {_v(same_split.get('daemon_p99_ms'))} / "
                      f"{same.get('max_ms')} | {a['honest_hit_rate']} | {errors} |")
     q, qs = res["ping"]["quiet"], res["ping"].get("quiet_split") or {}
     lines.append(f"| (no attack) | - | {q['p99_ms']} | {q.get('p99_ms_sent_only')} "
                  f"| {_v(qs.get('daemon_p99_ms'))} | {_v(qs.get('pinger_late_p99_ms'))} "
-                 f"| {_v(qs.get('way_back_p99_ms'))} | {q['max_ms']} "
+                 f"| {_v(qs.get('way_back_p99_ms'))} "
+                 f"| {_cpu(res['ping'].get('daemon_loop_cpu_quiet'))} | {q['max_ms']} "
                  f"| {q['timeouts']} | {q['longest_without_answer_s']} | - | - | - |")
     return "\n".join(lines)
 
@@ -275,6 +307,10 @@ def render(res: dict[str, Any]) -> str:
            f"{_split(res, 'under_attack_split', 'pinger_late_p99_ms')} ms at p99 (daemon's share "
            f"over budget: {_over_daemon_side(b)}); "
            if _split(res, "under_attack_split") is not None else "") +
+        (f"the daemon's loop thread ran {_cpu_text(res, 'daemon_loop_cpu_under_attack')} under "
+           f"attack, {_cpu_text(res, 'daemon_loop_cpu_quiet')} with none; "
+           if (res["ping"].get("daemon_loop_cpu_under_attack") or {}).get("run_ms_per_s")
+           is not None else "") +
         f"with no attack running {res['ping']['quiet']['p99_ms']} ms "
         f"({res['ping']['quiet'].get('p99_ms_sent_only')} ms sent only): the machine's own share "
         f"(load average {_load(res)}); a pinger on the attacker's own listener: "
@@ -289,6 +325,12 @@ def render(res: dict[str, Any]) -> str:
         "",
         table(res),
     ])
+
+
+def _cpu_text(res: dict[str, Any], key: str) -> str:
+    figures = res["ping"].get(key) or {}
+    return (f"{figures.get('run_ms_per_s')} ms and waited {figures.get('wait_ms_per_s')} ms for "
+            "a CPU per second")
 
 
 def _over_daemon_side(budgets: dict[str, Any]) -> str:
