@@ -417,7 +417,10 @@ class Client:
         except BaseException:
             # Every reservation, written or not: one never named again stays fenced (counted
             # against this client) until the connection closes.
-            self.abort(ns, reserved)
+            try:
+                self.abort(ns, reserved)
+            except ServerUnavailable:
+                pass  # the connection is gone, and its reservations with it
             raise
         w.num_done = self.commit(ns, reserved) if reserved else 0
         w.result = PutResult(w.num_done, len(blocks) - len(reserved) - num_full, num_full)

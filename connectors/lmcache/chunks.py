@@ -18,8 +18,7 @@ from lmcache.utils import CacheEngineKey
 from lmcache.v1.memory_management import MemoryFormat, MemoryObj
 from lmcache.v1.protocol import RemoteMetadata, get_remote_metadata_bytes
 
-from kvstore.client import Client, SlotRef
-from kvstore.errors import ServerUnavailable
+from kvstore.client import Client
 from kvstore.keys import Namespace
 
 # LocalCPUBackend.allocate(shapes, dtypes, fmt), or None when LMCache's buffer is full.
@@ -85,39 +84,16 @@ def store_chunks(client: Client, ns: Namespace, chunks: Sequence[Chunk]) -> int:
     Chunks already stored, being written by another writer, or refused by a full pool are
     skipped: a cache may drop a write.
     """
-    if not client.has_shm():
-        # PUT sends each block as one buffer: header and bytes are joined here (one copy).
-        blocks = []
-        for block_hash, parent, obj in chunks:
-            header, data = encode_header(obj), payload(obj)
-            joined = bytearray(len(header) + len(data))
-            joined[:len(header)], joined[len(header):] = header, data
-            blocks.append((block_hash, parent, joined))
-        return client.put(ns, blocks).num_stored
     headers = [encode_header(obj) for _, _, obj in chunks]
     datas = [payload(obj) for _, _, obj in chunks]
-    refs, _ = client.reserve(ns, [(h, p, len(head) + len(data)) for (h, p, _), head, data
-                                  in zip(chunks, headers, datas)])
-    reserved = [(h, ref) for (h, _, _), ref in zip(chunks, refs) if ref is not None]
-    assert client.pool is not None, "has_shm() attached the segment"
-    try:
-        for head, data, ref in zip(headers, datas, refs):
-            if ref is not None:  # straight into the pool slot: the only copy on this path
-                _write_slot(client, ref, head, data)
-    except BaseException:
-        try:
-            client.abort(ns, reserved)
-        except ServerUnavailable:
-            pass  # the daemon reclaims abandoned reservations after their deadline
-        raise
-    return client.commit(ns, reserved) if reserved else 0
-
-
-def _write_slot(client: Client, ref: SlotRef, header: bytes, data: memoryview) -> None:
-    assert client.pool is not None
-    slot = client.pool.view(ref.slot, ref.nbytes)
-    slot[:len(header)] = header
-    slot[len(header):] = data
+    with client.writing(ns, [(h, p, len(head) + len(data)) for (h, p, _), head, data
+                             in zip(chunks, headers, datas)]) as w:
+        for head, data, dest in zip(headers, datas, w.dests):
+            if dest is not None:  # the pool slot itself on this host: the only copy
+                dest[:len(head)] = head
+                dest[len(head):] = data
+    assert w.result is not None
+    return w.result.num_stored
 
 
 def load_chunks(client: Client, ns: Namespace, hashes: Sequence[bytes], allocate: Allocate,
@@ -129,23 +105,12 @@ def load_chunks(client: Client, ns: Namespace, hashes: Sequence[bytes], allocate
     """
     loaded: list[MemoryObj] = []
     try:
-        if client.has_shm():
-            with client.pinned(ns, hashes, lease) as refs:
-                assert client.pool is not None
-                for ref in refs:
-                    obj = decode_chunk(client.pool.view(ref.slot, ref.nbytes), allocate)
-                    if obj is None:
-                        break
-                    loaded.append(obj)
-            return loaded
-        blocks = client.get(ns, hashes, lease)
-        if lease is not None:
-            client.release(lease)  # a TCP GET leaves a client's lease held (protocol.py, GET)
-        for block in blocks:
-            obj = decode_chunk(memoryview(block), allocate)
-            if obj is None:
-                break
-            loaded.append(obj)
+        with client.reading(ns, hashes, lease) as blocks:  # the lease ends with the block
+            for block in blocks:
+                obj = decode_chunk(block, allocate)
+                if obj is None:
+                    break
+                loaded.append(obj)
         return loaded
     except BaseException:
         for obj in loaded:  # nobody else holds them: give LMCache's buffer back
