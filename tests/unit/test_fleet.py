@@ -1,5 +1,6 @@
 """bench.fleet's pure parts: the fleet tokenizer round trip, per-run figures, the moved sessions
-of the failure run and the goals, on hand-written request rows (no engines, no router)."""
+of the failure run and the goals, on hand-written request rows (no engines, no router); and the
+simulator's parts (bench/fleet_sim.py): caches, router models, shared-machine time, replay."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any
 
 from bench.fleet import analyse, moved_sessions, summarize_run
 from bench.fleet_model import make_fleet_model, text
+from bench.fleet_sim import (CacheAware, EngineCache, EngineModel, Fleet, FewestPrefilling, Job,
+                             PrefixTree, RouterView, common_prefix, run_replay)
 from bench.models import TinyLlama
+from bench.sim import Pool, block_hashes
 
 
 def row(id: int, session: str, replica: str, start_s: float, prompt: int, cached: int,
@@ -67,3 +71,131 @@ def test_goals_compare_pool_round_robin_with_the_best_policy() -> None:
     assert res["hit_rate"]["pool"]["kv_aware"]["2"] == 1.0
     assert res["goals"]["pool_round_robin_vs_best"] == {"2": 0.9}
     assert res["goals"]["vram_round_robin_by_n"] == {"2": 0.4, "3": 0.3}
+
+
+# --- bench/fleet_sim.py: the simulator's parts, on hand-made requests ---------------------------
+
+BS = 4  # tokens per block in these tests
+
+
+def test_engine_cache_keeps_the_blocks_of_requests_in_flight() -> None:
+    cache = EngineCache(num_blocks=5, block_size=BS)  # 4 usable
+    a, b = block_hashes(list(range(8)), BS), block_hashes(list(range(100, 108)), BS)
+    held = cache.allocate(a, 0, 8)  # 2 blocks, still running
+    cache.release(cache.allocate(b, 0, 8))  # 2 blocks, finished
+    c = block_hashes(list(range(200, 208)), BS)
+    cache.allocate(c, 0, 8)  # needs 2: only b's can go
+    assert cache.match(a, 2) == 2 and cache.match(b, 2) == 0
+    cache.release(held)
+    assert cache.match(a, 2) == 2  # freed, not evicted yet
+
+
+def test_common_prefix_counts_characters() -> None:
+    assert common_prefix("w1 w2 w3", "w1 w2 w4") == 7
+    assert common_prefix("", "abc") == 0 and common_prefix("abc", "abc") == 3
+
+
+def test_prefix_tree_names_the_first_worker_to_reach_the_matched_node() -> None:
+    tree = PrefixTree()
+    tree.insert("sys A question 1", 1)
+    tree.insert("sys A question 2", 0)  # reaches the same depth later: the node stays worker 1's
+    assert tree.match("sys A question 3") == (len("sys A question "), 1)
+    tree.insert("sys A question 3 more", 0)
+    assert tree.match("sys A question 3 more and more") == (len("sys A question 3 more"), 0)
+
+
+def test_cache_aware_balances_only_past_both_thresholds() -> None:
+    router = CacheAware(2, cache_threshold=0.3, balance_abs=2, balance_rel=1.2)
+    shared = list(range(1, 60))
+    assert router.route({"prompt": shared}, RouterView([0, 0], [0, 0])) == 0  # empty tree: least
+    # a long shared prefix follows the worker that has it, up to 2 more in flight...
+    assert router.route({"prompt": shared + [70]}, RouterView([2, 0], [0, 0])) == 0
+    # ...and goes to the least loaded past that (3 - 0 > 2 and 3 > 1.2 x 0)
+    assert router.route({"prompt": shared + [71]}, RouterView([3, 0], [0, 0])) == 1
+    # a prompt sharing too little (<= 30% of its characters) goes to the least loaded
+    other = [1, 2] + list(range(300, 360))
+    assert router.route({"prompt": other}, RouterView([1, 2], [0, 0])) == 0
+    assert router.route({"prompt": other}, RouterView([2, 1], [0, 0])) == 0  # now it matches
+
+
+def test_kv_aware_model_takes_the_fewest_waiting_for_a_first_token() -> None:
+    router = FewestPrefilling(3)
+    assert router.route({}, RouterView([3, 1, 1], [0, 1, 1])) == 0
+    assert router.route({}, RouterView([3, 2, 1], [1, 1, 1])) == 2
+
+
+MODEL = EngineModel(step_s=0.01, recompute_s_per_token=0.001, cached_s_per_token=0.0,
+                    decode_s_per_request=0.0, http_s=0.0)
+
+
+def _drain(fleet: Fleet) -> None:
+    while (end := fleet.next_step_end()) != float("inf"):
+        fleet.advance(end)
+
+
+def test_busy_replicas_share_the_machine() -> None:
+    prompt = list(range(1, 91))  # 90 tokens: 0.1 s of machine time with the step
+    alone = Fleet(2, MODEL, 64, None, BS, max_tokens=1)
+    job = Job({"prompt": prompt}, 0.0)
+    alone.arrive(job, 0)
+    alone.advance(0.0)
+    _drain(alone)
+    both = Fleet(2, MODEL, 64, None, BS, max_tokens=1)
+    jobs = [Job({"prompt": prompt}, 0.0), Job({"prompt": [p + 100 for p in prompt]}, 0.0)]
+    both.arrive(jobs[0], 0)
+    both.arrive(jobs[1], 1)
+    both.advance(0.0)
+    _drain(both)
+    assert abs(job.ttft - 0.1) < 1e-9
+    assert all(abs(j.ttft - 0.2) < 1e-9 for j in jobs)  # two engines, one machine
+
+
+def test_outside_load_slows_every_engine_alike() -> None:
+    loaded = EngineModel(**{**MODEL.__dict__, "outside_load": 3.0})
+    fleet = Fleet(2, loaded, 64, None, BS, max_tokens=1)
+    job = Job({"prompt": list(range(1, 91))}, 0.0)
+    fleet.arrive(job, 0)
+    fleet.advance(0.0)
+    _drain(fleet)
+    assert abs(job.ttft - 0.4) < 1e-9  # 0.1 s of work at 1 / (1 + 3) of the machine
+
+
+def test_repeatability_compares_the_failure_run_before_the_kill_with_its_baseline() -> None:
+    from bench.fleet_sim import repeatability
+
+    base = {"cache": "pool", "policy": "consistent_hash", "n": 3, "failure": False,
+            "requests": [row(0, "s", "a", 0, 100, 0), row(1, "t", "b", 0, 100, 50)]}
+    failure = dict(base, failure=True, killed_at_s=0.25,
+                   requests=[dict(r, ttft_s=2 * r["ttft_s"]) for r in base["requests"]])
+    rep = repeatability({"runs": [base, failure]})["pool"]
+    assert rep["requests"] == 1  # request 1's first token (0.4 s) came after the kill
+    assert rep["ttft_p50_s"] == [0.2, 0.1] and rep["rel_difference"] == 1.0
+    assert rep["same_replica"] == 1 and rep["same_cached_tokens"] == 1
+
+
+def test_pool_blocks_are_saved_when_the_prefill_step_ends() -> None:
+    prompt = list(range(1, 91))
+    for start_b, pool_hit in ((0.05, 0), (0.2, 88)):  # before / after A's prefill ends at 0.1 s
+        fleet = Fleet(2, MODEL, 64, Pool(64, 1, "leaf-lru"), BS, max_tokens=1)
+        a, b = Job({"prompt": prompt}, 0.0), Job({"prompt": prompt}, start_b)
+        fleet.arrive(a, 0)
+        fleet.advance(0.0)
+        while fleet.next_step_end() <= start_b:
+            fleet.advance(fleet.next_step_end())
+        fleet.advance(start_b)
+        fleet.arrive(b, 1)
+        fleet.advance(start_b)
+        _drain(fleet)
+        assert b.pool_blocks * BS == pool_hit
+
+
+def test_replay_puts_real_requests_on_their_real_replicas() -> None:
+    prompt = list(range(1, 91))
+    trace = {0: {"id": 0, "prompt": prompt}, 1: {"id": 1, "prompt": prompt + [7] * 10}}
+    rows = [{"id": 0, "replica": "r-0", "start_s": 0.0, "ok": True},
+            {"id": 1, "replica": "r-0", "start_s": 1.0, "ok": True},
+            {"id": 2, "replica": "r-1", "start_s": 0.5, "ok": False}]
+    replay = run_replay({"requests": rows}, trace, MODEL, vram_blocks=64, pool=None,
+                        block_size=BS, max_tokens=1)
+    assert [row["id"] for row, _ in replay] == [0, 1]
+    assert replay[1][1].vram_blocks == 22  # 88 of A's 90 tokens: full blocks only
