@@ -1,6 +1,6 @@
 """bench.fleet's pure parts: the fleet tokenizer round trip, per-run figures, the moved sessions
 of the failure run and the goals, on hand-written request rows (no engines, no router); and the
-simulator's parts (bench/fleet_sim.py): caches, router models, shared-machine time, replay."""
+simulator's parts (bench/fleet_engine.py, fleet_sim.py): caches, router models, shared-machine time, replay."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 from bench.fleet import analyse, moved_sessions, summarize_run
 from bench.fleet_model import make_fleet_model, text
-from bench.fleet_sim import (CacheAware, EngineCache, EngineModel, Fleet, FewestPrefilling, Job,
-                             PrefixTree, RouterView, common_prefix, run_replay)
+from bench.fleet_engine import (CacheAware, EngineCache, EngineModel, Fleet, FewestPrefilling,
+                                Job, PrefixTree, RouterView, common_prefix, run_replay)
+from bench.fleet_sim import repeatability
 from bench.models import TinyLlama
 from bench.sim import Pool, block_hashes
 
@@ -161,8 +162,6 @@ def test_outside_load_slows_every_engine_alike() -> None:
 
 
 def test_repeatability_compares_the_failure_run_before_the_kill_with_its_baseline() -> None:
-    from bench.fleet_sim import repeatability
-
     base = {"cache": "pool", "policy": "consistent_hash", "n": 3, "failure": False,
             "requests": [row(0, "s", "a", 0, 100, 0), row(1, "t", "b", 0, 100, 50)]}
     failure = dict(base, failure=True, killed_at_s=0.25,

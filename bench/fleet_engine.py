@@ -1,0 +1,380 @@
+"""The parts of bench.fleet's simulator: vLLM-like engines with their prefix caches, the pool,
+vllm-router's policies as modelled, and the clock of N engines sharing one machine. Pure Python:
+no sockets, no vLLM. bench/fleet_sim.py calibrates it on the real runs and reports (see there)."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bench.fleet import CACHE_AWARE_OPTIONS
+from bench.fleet_model import text
+from bench.sim import Pool, block_hashes
+
+WORK_EPS_S = 1e-9  # a step this close to done is done: float rounding must not stall the clock
+_OPTIONS = dict(zip(CACHE_AWARE_OPTIONS[::2], CACHE_AWARE_OPTIONS[1::2]))
+CACHE_AWARE = {"cache_threshold": float(_OPTIONS["--cache-threshold"]),  # as bench.fleet runs it
+               "balance_abs": int(_OPTIONS["--balance-abs-threshold"]),
+               "balance_rel": float(_OPTIONS["--balance-rel-threshold"])}
+
+
+# --- caches ------------------------------------------------------------------------------------
+class EngineCache:
+    """vLLM's prefix cache over num_blocks blocks with reference counts (block 0 is the null block).
+
+    A request's blocks are taken when it is scheduled (its full prompt blocks become cached at
+    once) and given back, tail first, when it finishes; only blocks nobody holds can be evicted,
+    oldest freed first."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks - 1))
+        self._refs: dict[int, int] = {}
+        self._hash_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+
+    def match(self, hashes: Sequence[bytes], max_blocks: int) -> int:
+        num = 0
+        for h in hashes[:max_blocks]:
+            if h not in self._block_of:
+                break
+            num += 1
+        return num
+
+    def allocate(self, hashes: Sequence[bytes], num_hit: int, num_tokens: int) -> list[int]:
+        """Take the num_hit matched blocks and fresh ones for the rest (as many as are free)."""
+        blocks = [self._block_of[h] for h in hashes[:num_hit]]
+        for block in blocks:
+            self._free.pop(block, None)
+            self._refs[block] = self._refs.get(block, 0) + 1
+        for _ in range(-(-num_tokens // self.block_size) - num_hit):
+            if not self._free:  # vLLM would queue the request; rare at these sizes
+                break
+            block, _ = self._free.popitem(last=False)
+            old = self._hash_of.pop(block, None)
+            if old is not None:
+                del self._block_of[old]
+            self._refs[block] = 1
+            blocks.append(block)
+        for i in range(num_hit, min(len(hashes), len(blocks))):
+            if hashes[i] not in self._block_of:
+                self._block_of[hashes[i]] = blocks[i]
+                self._hash_of[blocks[i]] = hashes[i]
+        return blocks
+
+    def release(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if not self._refs[block]:
+                self._free[block] = None
+
+
+def hashes_of(request: dict[str, Any], block_size: int) -> list[bytes]:
+    """The prompt's block hashes, kept in the request (a fit replays each request hundreds of times)."""
+    key = f"_block_hashes_{block_size}"
+    if key not in request:
+        request[key] = block_hashes(request["prompt"], block_size)
+    return request[key]
+
+
+# --- routers -----------------------------------------------------------------------------------
+@dataclass
+class RouterView:
+    """What a router knows when it routes a request."""
+
+    in_flight: list[int]  # routed and not finished, per replica
+    prefilling: list[int]  # routed and still without a first token, per replica
+
+
+class RoundRobin:
+    def __init__(self, n: int) -> None:
+        self.n, self._next = n, 0
+
+    def route(self, request: dict[str, Any], view: RouterView) -> int:
+        self._next = (self._next + 1) % self.n
+        return (self._next - 1) % self.n
+
+
+class SessionHash:
+    """consistent_hash on X-Session-ID: a session always lands on the replica its id hashes to."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        points = sorted((_hash64(f"replica-{r}-{v}".encode()), r) for r in range(n) for v in range(64))
+        self._positions, self._owners = [p for p, _ in points], [r for _, r in points]
+
+    def route(self, request: dict[str, Any], view: RouterView) -> int:
+        at = bisect.bisect(self._positions, _hash64(str(request["session"]).encode()))
+        return self._owners[at % len(self._owners)]
+
+
+class PrefixTree:
+    """vllm-router's multi-tenant character tree, reduced to what routing reads from it: the
+    longest prefix any inserted text shares with a query, and the worker that created the node
+    where that match ends (the first worker whose text reached it: the node keeps its creator as
+    `last_tenant`, and a split copies it)."""
+
+    def __init__(self) -> None:
+        self._texts: list[tuple[str, int]] = []
+
+    def insert(self, text: str, worker: int) -> None:
+        self._texts.append((text, worker))
+
+    def match(self, text: str) -> tuple[int, int | None]:
+        best, owner = 0, None
+        for seen, worker in self._texts:  # in insertion order: the first one reaching best wins
+            n = common_prefix(seen, text)
+            if n > best:
+                best, owner = n, worker
+        return best, owner
+
+
+def common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix of a and b (binary search on slice equality)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class CacheAware:
+    """cache_aware of vllm-router 0.1.17 with bench.fleet's thresholds (see the module doc)."""
+
+    def __init__(self, n: int, cache_threshold: float, balance_abs: int,
+                 balance_rel: float) -> None:
+        self.n, self.threshold, self.abs, self.rel = n, cache_threshold, balance_abs, balance_rel
+        self.tree = PrefixTree()
+
+    def route(self, request: dict[str, Any], view: RouterView) -> int:
+        loads = view.in_flight
+        least = min(range(self.n), key=lambda i: loads[i])
+        prompt = text(request["prompt"])
+        if max(loads) - min(loads) > self.abs and max(loads) > self.rel * min(loads):
+            choice = least
+        else:
+            matched, owner = self.tree.match(prompt)
+            choice = owner if owner is not None and matched / len(prompt) > self.threshold else least
+        self.tree.insert(prompt, choice)
+        return choice
+
+
+class FewestPrefilling:
+    """kv_aware as measured with 0.1.17: the replica with the fewest requests waiting for their
+    first token, then the fewest in flight, then the first."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def route(self, request: dict[str, Any], view: RouterView) -> int:
+        return min(range(self.n), key=lambda i: (view.prefilling[i], view.in_flight[i], i))
+
+
+def router_for(policy: str, n: int) -> Any:
+    if policy == "round_robin":
+        return RoundRobin(n)
+    if policy == "consistent_hash":
+        return SessionHash(n)
+    if policy == "cache_aware":
+        return CacheAware(n, **CACHE_AWARE)
+    if policy == "kv_aware":
+        return FewestPrefilling(n)
+    raise ValueError(f"unknown policy {policy!r}")
+
+
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+# --- time --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineModel:
+    """Machine-seconds of one engine step, and the wall seconds outside the engine."""
+
+    step_s: float
+    recompute_s_per_token: float
+    cached_s_per_token: float
+    decode_s_per_request: float
+    http_s: float
+    outside_load: float = 0.0  # other busy processes, in engines: a busy engine runs at 1 / (k + this)
+
+
+@dataclass
+class Job:
+    request: dict[str, Any]
+    arrival: float
+    replica: int = -1
+    hashes: list[bytes] | None = None
+    blocks: list[int] | None = None
+    vram_blocks: int = 0
+    pool_blocks: int = 0
+    decode_left: int = 0
+    ttft: float = float("nan")
+    latency: float = float("nan")
+
+
+class Replica:
+    def __init__(self, cache: EngineCache) -> None:
+        self.cache = cache
+        self.waiting: list[Job] = []
+        self.running: list[Job] = []
+        self.step: list[Job] = []
+        self.work_left = 0.0
+
+
+class Fleet:
+    """N engines sharing the machine, fed by a router (or, for calibration, by a fixed replay)."""
+
+    def __init__(self, n: int, model: EngineModel, vram_blocks: int, pool: Pool | None,
+                 block_size: int, max_tokens: int, noise_sigma: float = 0.0, seed: int = 0) -> None:
+        self.model, self.pool, self.block_size, self.max_tokens = model, pool, block_size, max_tokens
+        # Each step's work times a log-normal factor: the spread the real runs show around the
+        # fitted costs (outside load comes and goes), so a closed loop can go other ways.
+        self.noise_sigma, self.rng = noise_sigma, np.random.default_rng(seed)
+        self.replicas = [Replica(EngineCache(vram_blocks, block_size)) for _ in range(n)]
+        self.now = 0.0
+        self.in_flight = [0] * n
+        self.prefilling = [0] * n
+
+    def view(self) -> RouterView:
+        return RouterView(list(self.in_flight), list(self.prefilling))
+
+    def arrive(self, job: Job, replica: int) -> None:
+        job.replica = replica
+        self.in_flight[replica] += 1
+        self.prefilling[replica] += 1
+        self.replicas[replica].waiting.append(job)
+
+    def _schedule(self, r: Replica) -> None:
+        """Start r's next step: every waiting request's prefill and one token of every running one."""
+        m = self.model
+        work = m.step_s + m.decode_s_per_request * len(r.running)
+        for job in r.waiting:
+            prompt = job.request["prompt"]
+            job.hashes = hashes_of(job.request, self.block_size)
+            most = min((len(prompt) - 1) // self.block_size, len(job.hashes))
+            job.vram_blocks = r.cache.match(job.hashes, most)
+            job.pool_blocks = self.pool.load(job.hashes, job.vram_blocks, most) if self.pool else 0
+            job.blocks = r.cache.allocate(job.hashes, job.vram_blocks, len(prompt) + self.max_tokens)
+            cached = (job.vram_blocks + job.pool_blocks) * self.block_size
+            work += m.recompute_s_per_token * (len(prompt) - cached) + m.cached_s_per_token * cached
+        if self.noise_sigma:
+            work *= float(np.exp(self.rng.normal(0.0, self.noise_sigma)))
+        r.step, r.waiting, r.work_left = r.waiting + r.running, [], work
+
+    def next_step_end(self) -> float:
+        busy = [r for r in self.replicas if r.step]
+        share = len(busy) + self.model.outside_load
+        return self.now + min(r.work_left for r in busy) * share if busy else float("inf")
+
+    def advance(self, until: float) -> list[Job]:
+        """Run the engines up to until (or the first step end before it); the jobs finished."""
+        busy = [r for r in self.replicas if r.step]
+        dt = until - self.now
+        self.now = until
+        finished: list[Job] = []
+        for r in busy:
+            r.work_left -= dt / (len(busy) + self.model.outside_load)
+            if r.work_left <= WORK_EPS_S:
+                finished += self._end_step(self.replicas.index(r), r)
+        for r in self.replicas:
+            if not r.step and (r.waiting or r.running):
+                self._schedule(r)
+        return finished
+
+    def _end_step(self, index: int, r: Replica) -> list[Job]:
+        done, running = [], []
+        for job in r.step:
+            if job.decode_left == 0 and job.ttft != job.ttft:  # its prefill step: first token
+                job.ttft = self.now - job.arrival + self.model.http_s
+                job.decode_left = self.max_tokens - 1
+                self.prefilling[index] -= 1
+                if self.pool and job.hashes:
+                    self.pool.save(job.hashes, range(job.vram_blocks,
+                                                     job.vram_blocks + job.pool_blocks))
+            else:
+                job.decode_left -= 1
+            if job.decode_left <= 0:
+                job.latency = self.now - job.arrival + self.model.http_s
+                r.cache.release(job.blocks or [])
+                self.in_flight[index] -= 1
+                done.append(job)
+            else:
+                running.append(job)
+        r.step, r.running = [], running
+        return done
+
+
+def run_closed_loop(trace: list[dict[str, Any]], n: int, policy: str, model: EngineModel,
+                    vram_blocks: int, pool: Pool | None, block_size: int, max_tokens: int,
+                    concurrency: int, noise_sigma: float = 0.0, seed: int = 0) -> list[Job]:
+    """As bench/fleet_client.py sends: concurrency workers take requests in trace order, and a
+    worker holds its slot while the request's previous turn is still running."""
+    fleet = Fleet(n, model, vram_blocks, pool, block_size, max_tokens, noise_sigma, seed)
+    router = router_for(policy, n)
+    previous, last = {}, {}
+    for request in trace:
+        if request["session"] in last:
+            previous[request["id"]] = last[request["session"]]
+        last[request["session"]] = request["id"]
+    done_at: dict[int, float] = {}
+    queue = list(trace)
+    held: list[dict[str, Any]] = []  # taken by a worker, waiting for the previous turn
+    jobs: list[Job] = []
+    free = concurrency
+    while True:
+        while free and queue:
+            held.append(queue.pop(0))
+            free -= 1
+        for request in list(held):
+            if previous.get(request["id"]) is None or previous[request["id"]] in done_at:
+                held.remove(request)
+                job = Job(request, fleet.now)
+                fleet.arrive(job, router.route(request, fleet.view()))
+                jobs.append(job)
+        for r in fleet.replicas:
+            if not r.step and (r.waiting or r.running):
+                fleet._schedule(r)
+        end = fleet.next_step_end()
+        if end == float("inf"):
+            break
+        for job in fleet.advance(end):
+            done_at[job.request["id"]] = fleet.now
+            free += 1
+    return jobs
+
+
+def run_replay(run: dict[str, Any], trace_by_id: dict[int, dict[str, Any]], model: EngineModel,
+               vram_blocks: int, pool: Pool | None, block_size: int,
+               max_tokens: int) -> list[tuple[dict[str, Any], Job]]:
+    """A real run's completed requests at their real start times on their real replicas."""
+    rows = sorted((r for r in run["requests"] if r["ok"]), key=lambda r: r["start_s"])
+    names = sorted({r["replica"] for r in rows})
+    fleet = Fleet(len(names), model, vram_blocks, pool, block_size, max_tokens)
+    out = []
+    for row in rows + [None]:
+        at = row["start_s"] if row else float("inf")
+        while True:
+            end = fleet.next_step_end()
+            if end > at or end == float("inf"):
+                break
+            fleet.advance(end)
+        if row is None:
+            break
+        fleet.advance(at)
+        job = Job(trace_by_id[row["id"]], at)
+        fleet.arrive(job, names.index(row["replica"]))
+        for r in fleet.replicas:
+            if not r.step and (r.waiting or r.running):
+                fleet._schedule(r)
+        out.append((row, job))
+    return out
