@@ -411,7 +411,10 @@ def _wire_fields(req: Request) -> dict[str, Any]:
     if isinstance(req, Put):
         return {"ns": _ns_wire(req.ns), "blocks": [list(r) for r in zip(req.hashes, req.parents)],
                 "sizes": list(req.sizes)}
-    out = {f.name: getattr(req, f.name) for f in fields(req) if f.name != "req_id"}
+    if isinstance(req, Lookup) and not req.shm:  # the hot path: a scheduler's every lookup
+        return {"ns": [req.ns.name, req.ns.epoch], "hashes": list(req.hashes),
+                "lease_ms": req.lease_ms}
+    out = {name: getattr(req, name) for name in _field_names(type(req)) if name != "req_id"}
     if "ns" in out:
         out["ns"] = _ns_wire(out["ns"])
     if "hashes" in out:
@@ -428,8 +431,11 @@ def _ns_wire(ns: Namespace) -> list[Any]:
 def encode_reply(req_id: int | None, reply: Reply | None = None, **values: Any) -> bytes:
     """A reply header: typed (reply), or raw fields (values)."""
     if reply is not None:
-        values = {f.name: getattr(reply, f.name) for f in fields(reply)
-                  if not (f.metadata.get("omit_none") and getattr(reply, f.name) is None)}
+        values = {}
+        for name, omit_none in _reply_fields(type(reply)):
+            value = getattr(reply, name)
+            if value is not None or not omit_none:
+                values[name] = value
     return pack({"v": VERSION, "id": req_id, "ok": True, **values})
 
 
@@ -438,34 +444,45 @@ def decode_reply(op: Op, header: dict[str, Any]) -> Any:
     missing or of the wrong type (a daemon of another build)."""
     kind = _REPLY_TYPES[op]
     values = {}
-    for f in fields(kind):
-        if f.name not in header:
-            if f.metadata.get("omit_none"):
-                continue
-            raise ProtocolError(f"{op.name} reply lacks {f.name!r}")
-        values[f.name] = header[f.name]
-    try:
-        reply = kind(**values)
-    except TypeError as exc:
-        raise ProtocolError(f"{op.name} reply: {exc}") from None
-    _check_reply(reply)
-    return reply
+    for name, omit_none in _reply_fields(kind):
+        if name in header:
+            value = values[name] = header[name]
+            check = _REPLY_CHECKS.get(name)
+            if check is not None and value is not None and not check(value):
+                raise ProtocolError(f"{op.name} reply field {name!r}: {value!r}")
+        elif not omit_none:
+            raise ProtocolError(f"{op.name} reply lacks {name!r}")
+    return kind(**values)
 
 
-def _check_reply(reply: Any) -> None:
-    """Types of the fields clients act on (counts, leases, slots); the rest is informational."""
-    for name in ("num_hits", "num_full", "num_done", "num_stored", "num_present", "num_dropped"):
-        value = getattr(reply, name, None)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 0):
-            raise ProtocolError(f"reply field {name!r} must be a count, got {value!r}")
-    lease = getattr(reply, "lease", None)
-    if lease is not None and (not isinstance(lease, int) or isinstance(lease, bool)):
-        raise ProtocolError(f"reply lease must be an integer or nil, got {lease!r}")
-    for name in ("slots", "sizes"):
-        value = getattr(reply, name, None)
-        if value is not None and not isinstance(value, list):
-            raise ProtocolError(f"reply field {name!r} must be a list")
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+# What clients act on is checked (counts, leases, slot lists); the rest is informational.
+_REPLY_CHECKS: dict[str, Any] = {
+    **dict.fromkeys(("num_hits", "num_full", "num_done", "num_stored", "num_present",
+                     "num_dropped"), _is_count),
+    "lease": lambda v: type(v) is int, "slots": lambda v: type(v) is list,
+    "sizes": lambda v: type(v) is list,
+}
+_FIELDS_OF: dict[type[Any], Any] = {}
+
+
+def _field_names(kind: type[Any]) -> tuple[str, ...]:
+    names = _FIELDS_OF.get(kind)
+    if names is None:
+        names = _FIELDS_OF[kind] = tuple(f.name for f in fields(kind))
+    return names  # type: ignore[no-any-return]
+
+
+def _reply_fields(kind: type[Any]) -> tuple[tuple[str, bool], ...]:
+    """(name, omitted when None) of each field of a reply type, looked up once per type."""
+    found = _FIELDS_OF.get(kind)
+    if found is None:
+        found = _FIELDS_OF[kind] = tuple((f.name, bool(f.metadata.get("omit_none")))
+                                         for f in fields(kind))
+    return found  # type: ignore[no-any-return]
 
 
 def encode_error(req_id: int | None, code: str, msg: str) -> bytes:
