@@ -38,8 +38,8 @@ bench-quick: venv
 # Not part of `test`: builds docker/'s images with podman on a locally made Debian base, runs
 # docker/compose.cpu.yaml, checks that replica 2 loads replica 1's prefix from the pool and that
 # Prometheus scrapes all three, then removes everything (bench/results/docker_smoke.json).
-# Needs root, podman, runc and mmdebstrap (apt-get install podman runc mmdebstrap); about 20-30 min
-# the first time on 2 cores, a few minutes once the layers are cached.
+# Needs root (it apt-get installs podman, runc and mmdebstrap when missing); about 20 min
+# the first time on 2 cores, about 3 once the layers are cached.
 docker-smoke: venv
 	timeout 5400 $(PY) -m bench.docker_smoke
 

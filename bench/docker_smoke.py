@@ -503,9 +503,24 @@ def check_prometheus() -> dict[str, Any]:
         got = {s["metric"].get("instance"): int(s["value"][1]) for s in series}
         if want <= set(got):
             log(f"prometheus: kvstore_ series per target {got}")
-            return {"query": query, "series_per_target": got}
+            return {"query": query, "series_per_target": got,
+                    "replica_2_pool_tokens": scraped_pool_tokens(deadline)}
         if time.monotonic() > deadline:
             raise RuntimeError(f"prometheus has kvstore_ series only from {got}, want {want}")
+        time.sleep(POLL_S)
+
+
+def scraped_pool_tokens(deadline: float) -> float:
+    """Replica 2's pool tokens as Prometheus scraped them (what the dashboard and graph show)."""
+    query = 'sum(vllm:kvstore_prompt_tokens_total{instance="replica-2:8000",tier="pool"})'
+    url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    while True:
+        series = http_json(url, timeout=30)["data"]["result"]
+        value = float(series[0]["value"][1]) if series else 0.0
+        if value > 0:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError("prometheus never scraped replica 2's pool tokens")
         time.sleep(POLL_S)
 
 
