@@ -192,31 +192,67 @@ class Client:
         return int(self._request(Invalidate(name=name, below_epoch=below_epoch)).num_dropped)
 
     # --- reads -----------------------------------------------------------------------------
+    # One transfer path: get, get_into and reading all go through _read, so both transports
+    # treat a lease alike: get and get_into keep the caller's lease (it holds until RELEASE, a
+    # large prefix read in several calls stays leased); reading() ends it at its exit.
     def get_into(self, ns: Namespace, hashes: Sequence[bytes], dests: Sequence[Buffer],
                  lease: int | None = None) -> int:
         """Copy the stored prefix of hashes into dests (one buffer per block); returns how many.
 
         Same host: one memcpy per block straight from the slot. Other hosts: the payload frames
-        are received directly into dests, with no intermediate buffer.
+        are received directly into dests, with no intermediate buffer. A lease given stays held.
         """
         if len(dests) < len(hashes):
             raise ValueError("need one destination buffer per hash")
-        if self._shm_ready():
-            with self.pinned(ns, hashes, lease) as refs:
-                assert self.pool is not None
-                for ref, dest in zip(refs, dests):
-                    _as_bytes(dest)[:ref.nbytes] = self.pool.view(ref.slot, ref.nbytes)
-                return len(refs)
         views = [_as_bytes(d) for d in dests]
-        return sum(reply.num_hits for reply, _ in self._get_tcp(ns, hashes, lease, views))
+        with self._read(ns, hashes, lease, views, keep_lease=True) as (blocks, is_in_place):
+            if not is_in_place:
+                for block, view in zip(blocks, views):
+                    view[:len(block)] = block
+            return len(blocks)
 
     def get(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None = None) -> list[bytes]:
-        """The stored prefix of hashes as bytes (a copy; use get_into or pinned on hot paths)."""
+        """The stored prefix of hashes as bytes (a copy; use get_into or reading on hot paths).
+        A lease given stays held."""
+        with self._read(ns, hashes, lease, None, keep_lease=True) as (blocks, _):
+            return [bytes(b) for b in blocks]
+
+    @contextmanager
+    def reading(self, ns: Namespace, hashes: Sequence[bytes],
+                lease: int | None = None) -> Iterator[list[memoryview]]:
+        """The stored prefix of hashes (under lease, from a lookup, when given) as one buffer per
+        block, valid inside the with-block. The lease ends at its exit on either transport. On
+        the daemon's host the buffers are the pinned slots themselves (no copy: copy out of them
+        inside the block); elsewhere they were received from the payload frames."""
+        with self._read(ns, hashes, lease, None, keep_lease=False) as (blocks, _):
+            yield blocks
+
+    @contextmanager
+    def _read(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None,
+              dests: list[memoryview] | None,
+              keep_lease: bool) -> Iterator[tuple[list[memoryview], bool]]:
+        """The stored prefix of hashes as buffers, and whether they already are dests' fronts
+        (TCP into dests) rather than views to copy from (pinned slots, or received copies). With
+        keep_lease the caller's lease outlives the call; any other lease ends at its exit."""
         if self._shm_ready():
-            with self.pinned(ns, hashes, lease) as refs:
+            with self._pinned(ns, hashes, lease, keep_lease) as refs:
                 assert self.pool is not None
-                return [bytes(self.pool.view(r.slot, r.nbytes)) for r in refs]
-        return [b for _, blocks in self._get_tcp(ns, hashes, lease, None) for b in blocks]
+                yield [self.pool.view(r.slot, r.nbytes) for r in refs], False
+            return
+        try:
+            blocks: list[memoryview] = []
+            for reply, copies in self._get_tcp(ns, hashes, lease, dests):
+                if dests is None:
+                    blocks += [memoryview(b) for b in copies]
+                else:
+                    blocks += [dests[len(blocks) + i][:n] for i, n in enumerate(reply.sizes)]
+            yield blocks, dests is not None
+        finally:
+            if lease is not None and not keep_lease:
+                try:
+                    self.release(lease)
+                except ServerUnavailable:
+                    pass  # the lease expires on its own
 
     def _get_tcp(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None,
                  views: list[memoryview] | None) -> Iterator[tuple[GetReply, list[bytes]]]:
@@ -275,12 +311,19 @@ class Client:
     @contextmanager
     def pinned(self, ns: Namespace, hashes: Sequence[bytes],
                lease: int | None = None) -> Iterator[list[SlotRef]]:
-        """Slot references of the stored prefix, pinned until the block exits (same host only).
+        """Slot references of the stored prefix, pinned until the block exits (same host only);
+        the lease given ends there too.
 
         Read them with self.pool.view(ref.slot, ref.nbytes): zero-copy access to the pool.
         """
         if not self._shm_ready():
             raise RuntimeError("pinned() needs the daemon's shared segment (same host)")
+        with self._pinned(ns, hashes, lease, keep_lease=False) as refs:
+            yield refs
+
+    @contextmanager
+    def _pinned(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None,
+                keep_lease: bool) -> Iterator[list[SlotRef]]:
         refs: list[SlotRef] = []
         leases: list[int] = []
         try:
@@ -295,6 +338,8 @@ class Client:
             yield refs
         finally:
             for held in leases:
+                if keep_lease and held == lease:
+                    continue  # the caller's: it holds until the caller releases it
                 try:
                     self.release(held)
                 except ServerUnavailable:
