@@ -12,9 +12,14 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from kvstore.client import Client
+from kvstore.keys import Namespace
 
 RESULTS = Path(__file__).parent / "results" / "gpu_copy.json"
 NUM_BLOCKS = 256
@@ -34,16 +39,27 @@ def timed(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
+@contextmanager
+def slot_tensors(client: Client, ns: Namespace, hashes: list[bytes],
+                 block_bytes: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """The whole pool segment and one int8 tensor per reserved slot of a write of hashes (same
+    host): fill them inside the block; Client.writing() commits them at a clean exit and gives
+    them back on an error. Every block must get a slot (a bench pool sized to hold them all)."""
+    with client.writing(ns, [(h, None, block_bytes) for h in hashes]) as w:
+        assert client.pool is not None, "slot_tensors needs the daemon's shared segment"
+        assert all(r is not None for r in w.refs), "the pool refused a block: size it larger"
+        pool = torch.frombuffer(client.pool.buffer, dtype=torch.int8)
+        yield pool, [pool[r.slot:r.slot + r.nbytes] for r in w.refs if r is not None]
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("bench.gpu_copy: no CUDA device here; run it on a GPU machine", file=sys.stderr)
         return 0
+    from bench.daemon import Daemon
     from bench.machine import describe
     from connectors.vllm_v1.blocks import PagedKV
     from connectors.vllm_v1.worker_side import _register_host_memory
-    from kvstore.client import Client
-    from kvstore.keys import Namespace
-    from bench.daemon import Daemon
 
     kv = {f"l{i}": torch.randn(NUM_BLOCKS * 2, *PAGE_SHAPE, device="cuda", dtype=torch.bfloat16)
           for i in range(LAYERS)}
@@ -52,18 +68,17 @@ def main() -> int:
     daemon = Daemon(pool_size=f"{int(total * 1.3) >> 20}MiB").start()
     try:
         with Client(daemon.address, timeout_s=10) as client:
-            ns = Namespace(b"gpu-bench")
             hashes = [i.to_bytes(32, "big") for i in range(NUM_BLOCKS)]
-            refs, _ = client.reserve(ns, [(h, None, paged.block_bytes) for h in hashes])
-            assert client.pool is not None and all(r is not None for r in refs)
-            pool = torch.frombuffer(client.pool.buffer, dtype=torch.int8)
-            registered: set[int] = set()
-            _register_host_memory(pool, registered)
-            slots = [pool[r.slot:r.slot + r.nbytes] for r in refs if r is not None]
-            save_s = timed(lambda: [paged.gather(b, s) for b, s in enumerate(slots)])
-            load_s = timed(lambda: [paged.scatter(NUM_BLOCKS + b, s) for b, s in enumerate(slots)])
+            with slot_tensors(client, Namespace(b"gpu-bench"), hashes,
+                              paged.block_bytes) as (pool, slots):
+                registered: set[int] = set()
+                _register_host_memory(pool, registered)
+                save_s = timed(lambda: [paged.gather(b, s) for b, s in enumerate(slots)])
+                load_s = timed(lambda: [paged.scatter(NUM_BLOCKS + b, s)
+                                        for b, s in enumerate(slots)])
             pinned = torch.empty(NUM_BLOCKS, paged.block_bytes, dtype=torch.int8, pin_memory=True)
-            flat = torch.cat([layer[:NUM_BLOCKS].view(torch.int8).flatten(1) for layer in paged.layers], 1)
+            flat = torch.cat([layer[:NUM_BLOCKS].view(torch.int8).flatten(1)
+                              for layer in paged.layers], 1)
             d2h_s = timed(lambda: pinned.copy_(flat, non_blocking=True))
             h2d_s = timed(lambda: flat.copy_(pinned, non_blocking=True))
     finally:

@@ -61,3 +61,28 @@ def test_reading_gives_the_blocks_and_ends_the_lease_on_both_transports(
         assert client.stats()["num_leases"] == 0
         with client.reading(NS, [b"absent"]) as none:
             assert none == []
+
+
+def test_bench_gpu_copys_slot_tensors_are_the_written_slots(daemon: Daemon) -> None:
+    """bench.gpu_copy's save path (GPU-only as a whole) writes through Client.writing(): what
+    goes into its slot tensors is what a reader gets after the block; an error stores nothing."""
+    import torch
+
+    from bench.gpu_copy import slot_tensors
+
+    hashes = [bytes([i]) * 32 for i in range(3)]
+    with Client(daemon.address, 2.0) as client:
+        with slot_tensors(client, NS, hashes, BLOCK_BYTES) as (pool, slots):
+            assert len(slots) == 3 and pool.numel() >= 3 * BLOCK_BYTES
+            for i, slot in enumerate(slots):
+                slot.fill_(i + 1)
+        assert client.get(NS, hashes) == [bytes([i + 1]) * BLOCK_BYTES for i in range(3)]
+        failed = [bytes([9, i]) * 16 for i in range(2)]
+        with pytest.raises(RuntimeError, match="gather failed"):
+            with slot_tensors(client, NS, failed, BLOCK_BYTES):
+                raise RuntimeError("gather failed")
+        assert client.lookup(NS, failed).num_hits == 0
+        assert client.stats()["num_reserved"] == 0
+    if not torch.cuda.is_available():
+        from bench import gpu_copy
+        assert gpu_copy.main() == 0  # says it needs CUDA and writes no result
