@@ -223,6 +223,11 @@ class WorkerSide:
         """Fill spec's blocks from the pool; returns how many leading blocks are now valid."""
         assert self.kv is not None
         deadline = time.monotonic() + self.config.load_timeout_ms / 1000
+        # NOTE: the one transport choice left outside kvstore/client.py, with the save's below
+        # (issue 11, item 4). Same host, the blocks go straight from the pool tensor (page-locked
+        # for DMA under CUDA) into the KV pages, under the slots the LOOKUP already answered (no
+        # GET: two round trips); Client.reading() would hand out memoryviews after its own GET.
+        # Another host reads in staging batches of _TCP_BATCH_BYTES, each inside a call's timeout.
         if client.has_shm():
             found = self._found_refs(client, spec)
             if found is not None:
@@ -296,6 +301,10 @@ class WorkerSide:
         hashes = [h for s in saves for h in s.hashes]
         parents = [p for s in saves for p in s.parents]
         block_ids = [b for s in saves for b in s.block_ids]
+        # NOTE: kept apart from the transport, unlike Client.writing()'s callers: same host, the
+        # KV pages are gathered straight into the reserved slots as pool tensors (page-locked for
+        # DMA under CUDA); another host reuses one staging buffer of _TCP_BATCH_BYTES per PUT,
+        # where writing() would allocate a buffer per block for the whole save at once.
         if client.has_shm():
             # Reserve -> gather into the slots -> commit; an error gives the slots back.
             with client.writing(self.ns, [(h, p, self.kv.block_bytes)
