@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 from kvstore.ipc import default_ipc_path
 from kvstore.policy import DEFAULT_POLICY, POLICIES
+from kvstore.tiers import make_tier
 from kvstore.pool import SEGMENT_NAME_RE
 from kvstore.units import format_size, parse_size
 
@@ -68,6 +69,8 @@ class ServeConfig:
     ttl_s: float | None = None
     metrics_port: int = DEFAULT_METRICS_PORT
     metrics_host: str = DEFAULT_METRICS_HOST
+    tier: str = ""  # "": no tier below the pool (kvstore/tiers.py; only test tiers exist yet)
+    tier_timeout_s: float = 0.2
 
     def effective_page_bytes(self) -> int:
         if self.page_bytes is not None:
@@ -122,6 +125,14 @@ class ServeConfig:
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be a port number 0..65535 (0: off), "
                               f"got {self.metrics_port}", "metrics_port")
+        if self.tier:
+            try:
+                make_tier(self.tier)
+            except ValueError as exc:
+                raise ConfigError(f"--tier: {exc}", "tier") from None
+        if self.tier_timeout_s <= 0:
+            raise ConfigError(f"--tier-timeout must be positive, got {self.tier_timeout_s}",
+                              "tier_timeout")
         if not self.metrics_host:
             raise ConfigError("--metrics-host must not be empty", "metrics_host")
 
@@ -243,6 +254,10 @@ OPTIONS: tuple[Option, ...] = (
            "port of the Prometheus /metrics endpoint; 0 turns it off"),
     Option("metrics_host", "metrics_host", _text,
            "address the metrics endpoint listens on"),
+    Option("tier", "tier", _text, "a tier below the pool (FOR TESTS ONLY so far: memory, "
+           "memory-slow:300ms, memory-failing; default none)"),
+    Option("tier_timeout", "tier_timeout_s", _seconds,
+           "seconds a LOOKUP waits on the tier before the pool's prefix is answered"),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 

@@ -36,6 +36,7 @@ from kvstore.protocol import (Abort, Commit, Done, Get, GetReply, Hello, HelloRe
                               StatsReply)
 from kvstore.releases import Releases
 from kvstore.store import Limits, Store
+from kvstore.tiers import Block, TierLink, make_tier
 
 log = logging.getLogger("kvstore.server")
 
@@ -107,8 +108,14 @@ class Server:
         # The daemon's own full GC passes (kvstore/gcpolicy.py; set by `kvstore serve`): None
         # leaves Python's automatic ones, as in a test process that serves in a thread.
         self.full_passes: FullPasses | None = None
+        # The tier below the pool (kvstore/tiers.py), off by default: evictions are offered to it
+        # and LOOKUPs past the pool's prefix wait on it in its pending table, not in the loop.
+        self.tier: TierLink | None = None
+        if config.tier:
+            self.tier = TierLink(make_tier(config.tier), config.tier_timeout_s)
+            self.store.on_evict = self.tier.offer
         # Each takes its op's request type (protocol.py); decode_request picked it by op.
-        self._handlers: dict[Op, Callable[[Any, list[zmq.Frame], _Call], _Reply]] = {
+        self._handlers: dict[Op, Callable[[Any, list[zmq.Frame], _Call], _Reply | None]] = {
             Op.HELLO: self._hello, Op.PING: self._ping, Op.LOOKUP: self._lookup, Op.GET: self._get,
             Op.RESERVE: self._reserve, Op.COMMIT: self._commit, Op.ABORT: self._abort,
             Op.PUT: self._put, Op.RELEASE: self._release, Op.STATS: self._stats,
@@ -139,18 +146,23 @@ class Server:
         poller = zmq.Poller()
         for listener in self.listeners:
             poller.register(listener.sock, zmq.POLLIN)
+        if self.tier is not None:
+            poller.register(self.tier.wake_fd, zmq.POLLIN)  # the tier's thread has an answer
         try:
             is_busy = False
             while not self._stopping:
                 try:
                     # Busy (work left in slices): only look, never wait, for messages.
-                    ready = dict(poller.poll(0 if is_busy else _POLL_MS))
+                    wait_ms = _POLL_MS if self.tier is None else self.tier.timeout_ms(_POLL_MS)
+                    ready = dict(poller.poll(0 if is_busy else wait_ms))
                 except zmq.ZMQError as exc:
                     if exc.errno == errno.EINTR:
                         continue  # a signal arrived; the loop condition decides
                     raise
                 if ready:
                     self._drain()
+                if self.tier is not None:
+                    self._finish_tier_lookups(self.tier.wake_fd in ready)
                 if self._reload_requested:
                     self._reload()
                 is_busy = (self._maintain() or (self._releases.is_pending and self._releases.step())
@@ -159,6 +171,8 @@ class Server:
             self.close()
 
     def close(self) -> None:
+        if self.tier is not None:
+            self.tier.close()
         self.metrics.close()
         for listener in self.listeners:
             listener.close()
@@ -222,6 +236,8 @@ class Server:
             if too_large is not None:
                 raise _Refused("too_large", too_large)
             reply = self._handlers[op](request, body[1:], call)
+            if reply is None:
+                return  # a LOOKUP waiting on the tier: answered by _finish_tier_lookups()
         except protocol.TooLarge as exc:  # refused from its row count, its rows never read
             errors["too_large"] = errors.get("too_large", 0) + 1
             reply = _Reply([protocol.encode_error(exc.req_id, "too_large", str(exc))])
@@ -301,9 +317,17 @@ class Server:
         # the daemon's share of its latency from its own scheduling (bench/soak_clients.py).
         return _Reply([protocol.encode_reply(req.req_id, Pong(at_s=time.monotonic()))])
 
-    def _lookup(self, req: Lookup, _: list[zmq.Frame], call: _Call) -> _Reply:
+    def _lookup(self, req: Lookup, _: list[zmq.Frame], call: _Call) -> _Reply | None:
         if req.shm:
             self._check_token(req.token)
+        if self.tier is not None:
+            num_hits = self.store.lookup(req.ns, req.hashes)
+            if num_hits < len(req.hashes) and self.tier.ask((call, req), req.ns,
+                                                            req.hashes[num_hits:]):
+                return None  # answered when the tier is (or its deadline passes)
+        return self._answer_lookup(req, call)
+
+    def _answer_lookup(self, req: Lookup, call: _Call) -> _Reply:
         found = self.store.answer_lookup(req.ns, req.hashes,
                                          req.lease_ms / 1000 if req.lease_ms else None,
                                          call.owner, with_slots=req.shm)
@@ -312,6 +336,29 @@ class Server:
         self.counters.bytes_out["shm"] += sum(found.sizes or ())
         return _Reply([protocol.encode_reply(req.req_id, reply)],
                       path="shm" if found.slots else None)
+
+    def _finish_tier_lookups(self, is_woken: bool) -> None:
+        """Answer the LOOKUPs whose tier answered (its blocks put into the pool first) or whose
+        deadline passed (the pool's prefix alone: a late or failed tier is a miss)."""
+        assert self.tier is not None
+        done: list[tuple[Any, list[Block]]] = self.tier.answered() if is_woken else []
+        done += [(asker, []) for asker in self.tier.expired()]
+        for (call, req), blocks in done:
+            try:
+                # A block that fits no page of this pool ends the chain there.
+                fit = [self.store.fits(len(data)) for _, _, data in blocks] + [False]
+                blocks = blocks[:fit.index(False)]
+                if blocks:
+                    self.store.put(req.ns, [(h, parent, len(data)) for h, parent, data in blocks],
+                                   [[memoryview(data)] for _, _, data in blocks])
+                reply = self._answer_lookup(req, call)
+            except Exception as exc:  # a bug must not leave the client waiting
+                log.exception("answering a LOOKUP after the tier")
+                self.counters.num_errors["internal"] += 1
+                reply = _Reply([protocol.encode_error(req.req_id, "internal", str(exc))])
+            identity = zmq.Frame(listeners.identity_of(call.owner)[1])
+            self._send(call.listener, call.owner, identity, reply)
+            self.store.settle()
 
     def _get(self, req: Get, _: list[zmq.Frame], call: _Call) -> _Reply:
         if not req.shm:
@@ -406,8 +453,11 @@ class Server:
 
     # --- helpers ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """The STATS reply: occupancy, per-namespace counts and hottest prefixes, counters."""
+        """The STATS reply: occupancy, per-namespace counts and hottest prefixes, counters (and
+        the tier's, only with one: without a tier the reply is as before)."""
+        tier = {} if self.tier is None else {"tier": self.tier.stats()}
         return {
+            **tier,
             **self.store.occupancy(),
             "pool_bytes": self.pool.size_bytes,
             "unsent_bytes": self.unsent.total_bytes,  # TCP GET replies not yet taken by ZeroMQ

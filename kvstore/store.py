@@ -24,7 +24,7 @@ from kvstore.outcomes import (Found, Limits, NamespaceStats, Outgoing, Pinned, R
 from kvstore.policy import LRU, POLICIES, FrequencyLRU
 from kvstore.pool import HEADER_BYTES, Pool
 from kvstore.slabs import SLOT_ALIGN_BYTES, Slabs
-from kvstore.writes import INF, Writes
+from kvstore.writes import INF, Evicted, Writes
 
 __all__ = ["Found", "HotPrefix", "Limits", "NamespaceStats", "Outgoing", "Pinned", "Reservation",
            "Store", "Written"]
@@ -59,6 +59,9 @@ class Store(Writes):
     num_leases_dropped: int = 0  # leases the biggest holder gave up when the table was full
     # Work a request leaves for after its reply is sent (settle()), off the client's latency.
     _unsettled: deque[Callable[[], None]] = field(default_factory=deque)
+    # Told of each evicted block with a view of its bytes, valid only during the call (the slot
+    # is reused next): the tier below the pool copies it (kvstore/tiers.py). None: no tier.
+    on_evict: Evicted | None = None
 
     def __post_init__(self) -> None:
         if self.clients.limits.max_reserved_bytes is None:

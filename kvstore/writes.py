@@ -18,6 +18,8 @@ from kvstore.room import BlockRow
 from kvstore.slabs import Slabs
 
 INF = float("inf")
+# (namespace, hash, parent hash, a view of the bytes valid only during the call): Store.on_evict.
+Evicted = Callable[[Namespace, BlockHash, "BlockHash | None", memoryview], None]
 
 
 class Writes:
@@ -35,6 +37,8 @@ class Writes:
         num_fenced: int
         slot_bytes_used: int
         bytes_stored: int
+        pool: Pool | None
+        on_evict: Evicted | None
 
         def _pool(self) -> Pool: ...
         def _remove(self, entry: Entry) -> None: ...
@@ -159,6 +163,11 @@ class Writes:
         evictable blocks give; False (and nothing evicted) when not even one can."""
         victims = room.victims_for(self.slabs, self.policy.victims(), nbytes, num_slots)
         for entry in victims:
+            if self.on_evict is not None and self.pool is not None:
+                # Before _remove frees the slot: the next tier takes its copy now (tiers.py).
+                ns, block_hash = entry.key
+                self.on_evict(ns, block_hash, entry.parent_hash,
+                              self.pool.view(entry.slot, entry.nbytes))
             self._ns_stats(entry.key[0]).num_evictions += 1
             self._remove(entry)
         self.num_evictions += len(victims)
