@@ -70,7 +70,7 @@ class ServeConfig:
     metrics_port: int = DEFAULT_METRICS_PORT
     metrics_host: str = DEFAULT_METRICS_HOST
     tier: str = ""  # "": no tier below the pool (kvstore/tiers.py; only test tiers exist yet)
-    tier_timeout_s: float = 0.2
+    tier_timeout_s: float = 0.1  # under the connector's 200 ms lookup budget, pool time included
 
     def effective_page_bytes(self) -> int:
         if self.page_bytes is not None:

@@ -15,7 +15,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +105,7 @@ class TierLink:
     calls the tier, and puts answers on the done queue, then writes a byte to the pipe."""
 
     def __init__(self, tier: Tier, timeout_s: float,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.tier, self.timeout_s, self.clock = tier, timeout_s, clock
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[tuple[int, list[Block] | None]] = queue.SimpleQueue()
@@ -153,7 +153,7 @@ class TierLink:
                 pass
         except BlockingIOError:
             pass
-        out = []
+        out: list[tuple[Any, list[Block]]] = []
         while True:
             try:
                 ask_id, blocks = self._done.get_nowait()
@@ -171,7 +171,7 @@ class TierLink:
     def expired(self) -> list[Any]:
         """The askers whose deadline passed (answered from the pool alone: a late tier is a
         miss)."""
-        now, out = self.clock(), []
+        now, out = self.clock(), list[Any]()
         while self._pending:
             ask_id, pending = next(iter(self._pending.items()))
             if pending.deadline_s > now:

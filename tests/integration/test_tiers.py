@@ -98,3 +98,12 @@ def test_a_tier_past_its_deadline_gives_the_pools_prefix(make_daemon, ctx):
         assert client.lookup(NS, hashes).num_hits == 0  # none in the pool, the tier too late
         assert time.monotonic() - started < 2.5
         assert client.stats()["tier"]["num_timed_out"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_without_a_tier_the_daemon_answers_as_before(make_daemon, ctx):
+    """Off by default: no tier section in STATS, a miss is answered at once from the pool."""
+    d = make_daemon(pool_size=POOL, page_size=PAGE).start()
+    with Client(d.address, CALL_S, ctx=ctx) as client:
+        assert client.lookup(NS, chain_hashes("none", 3)).num_hits == 0
+        assert "tier" not in client.stats()

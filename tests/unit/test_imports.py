@@ -38,10 +38,12 @@ ALLOWED: dict[str, set[str]] = {
     "tenants": {"keys"},
     "gate": {"protocol", "keys", "errors", "tenants"},
     "metrics": {"store", "protocol", "keys", "index", "policy", "slabs", "clients"},
-    "config": {"policy", "units", "ipc", "pool"},
+    "config": {"policy", "units", "ipc", "pool", "tiers"},
+    # The seam below the pool: knows keys only; the server puts what it returns into the Store.
+    "tiers": {"keys"},
     # The loop decodes, calls the Store, encodes and sends: none of the Store's parts.
     "server": {"ipc", "listeners", "protocol", "config", "connections", "errors", "gate", "inbox",
-               "malloc", "keys", "metrics", "pool", "store", "gcpolicy", "releases"},
+               "malloc", "keys", "metrics", "pool", "store", "gcpolicy", "releases", "tiers"},
     "cli": {"config", "errors", "ipc", "keys", "units", "malloc", "pool", "server", "tenants",
             "client", "gcpolicy"},
 }
