@@ -81,6 +81,11 @@ class Connections:
             sock.detach()
         return True
 
+    def is_open(self, identity: bytes) -> bool:
+        """Whether identity's connection has not been seen closing (a deferred reply's asker may
+        be gone; one whose end is not read yet is ended by the next closed(), as usual)."""
+        return identity in self._fd_of
+
     def closed(self) -> list[bytes]:
         """Identities whose connection closed since the last call."""
         ended, self._ended_early = self._ended_early, []

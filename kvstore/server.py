@@ -344,6 +344,7 @@ class Server:
         done: list[tuple[Any, list[Block]]] = self.tier.answered() if is_woken else []
         done += [(asker, []) for asker in self.tier.expired()]
         for (call, req), blocks in done:
+            identity = listeners.identity_of(call.owner)[1]
             try:
                 # A block that fits no page of this pool ends the chain there.
                 fit = [self.store.fits(len(data)) for _, _, data in blocks] + [False]
@@ -351,13 +352,14 @@ class Server:
                 if blocks:
                     self.store.put(req.ns, [(h, parent, len(data)) for h, parent, data in blocks],
                                    [[memoryview(data)] for _, _, data in blocks])
+                if not call.listener.connections.is_open(identity):
+                    continue  # the asker is gone and its holdings ended: no lease may outlive it
                 reply = self._answer_lookup(req, call)
             except Exception as exc:  # a bug must not leave the client waiting
                 log.exception("answering a LOOKUP after the tier")
                 self.counters.num_errors["internal"] += 1
                 reply = _Reply([protocol.encode_error(req.req_id, "internal", str(exc))])
-            identity = zmq.Frame(listeners.identity_of(call.owner)[1])
-            self._send(call.listener, call.owner, identity, reply)
+            self._send(call.listener, call.owner, zmq.Frame(identity), reply)
             self.store.settle()
 
     def _get(self, req: Get, _: list[zmq.Frame], call: _Call) -> _Reply:

@@ -107,3 +107,26 @@ def test_without_a_tier_the_daemon_answers_as_before(make_daemon, ctx):
     with Client(d.address, CALL_S, ctx=ctx) as client:
         assert client.lookup(NS, chain_hashes("none", 3)).num_hits == 0
         assert "tier" not in client.stats()
+
+
+@pytest.mark.timeout(60)
+def test_an_asker_gone_before_the_tier_answers_holds_nothing(make_daemon, ctx, open_dealer):
+    """A client that asked with a lease and closed while the tier worked: the blocks still reach
+    the pool, but no lease (nor client record) outlives its connection."""
+    from kvstore import protocol
+
+    d, hashes, _ = _evicted_chain(make_daemon, ctx, 4, "--tier", "memory-slow:500ms",
+                                  "--tier-timeout", "5")
+    sock = open_dealer(d.address)
+    sock.send(protocol.encode_request(protocol.Op.LOOKUP, 1, ns=NS, hashes=hashes,
+                                      lease_ms=30_000))
+    with Client(d.address, CALL_S, ctx=ctx) as client:
+        client.ping()  # the LOOKUP was read (one loop, messages in order per listener)
+        sock.close(0)
+        deadline = time.monotonic() + 10
+        while client.stats()["tier"]["num_pending"] and time.monotonic() < deadline:
+            client.ping()  # the loop's round trip paces this, no sleep
+        stats = client.stats()
+        assert stats["tier"]["num_blocks_found"] == 4
+        assert client.lookup(NS, hashes).num_hits == 4  # in the pool now
+        assert stats["num_leases"] == 0 and stats["num_clients"] <= 1, stats
