@@ -322,7 +322,7 @@ class Server:
             self._check_token(req.token)
         if self.tier is not None:
             num_hits = self.store.lookup(req.ns, req.hashes)
-            if num_hits < len(req.hashes) and self.tier.ask((call, req), req.ns,
+            if num_hits < len(req.hashes) and self.tier.ask((call, req, time.perf_counter()), req.ns,
                                                             req.hashes[num_hits:]):
                 return None  # answered when the tier is (or its deadline passes)
         return self._answer_lookup(req, call)
@@ -343,7 +343,7 @@ class Server:
         assert self.tier is not None
         done: list[tuple[Any, list[Block]]] = self.tier.answered() if is_woken else []
         done += [(asker, []) for asker in self.tier.expired()]
-        for (call, req), blocks in done:
+        for (call, req, start_s), blocks in done:
             identity = listeners.identity_of(call.owner)[1]
             try:
                 # A block that fits no page of this pool ends the chain there.
@@ -360,6 +360,7 @@ class Server:
                 self.counters.num_errors["internal"] += 1
                 reply = _Reply([protocol.encode_error(req.req_id, "internal", str(exc))])
             self._send(call.listener, call.owner, zmq.Frame(identity), reply)
+            self.metrics.request_seconds.observe("lookup", time.perf_counter() - start_s)
             self.store.settle()
 
     def _get(self, req: Get, _: list[zmq.Frame], call: _Call) -> _Reply:
