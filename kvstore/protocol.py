@@ -588,10 +588,17 @@ def _list(h: dict[str, Any], key: str) -> list[Any]:
 
 def _hashes(h: dict[str, Any]) -> tuple[BlockHash, ...]:
     values = _list(h, "hashes")
-    # Checked in bulk (C loops), not per hash: a lookup carries a whole prompt's hashes.
-    if values and (set(map(type, values)) != {bytes}
-                   or min(map(len, values)) < 1 or max(map(len, values)) > MAX_HASH_BYTES):
-        raise ProtocolError(f"each block hash must be 1..{MAX_HASH_BYTES} bytes of binary")
+    # Checked in bulk (C loops), not per hash: a lookup carries a whole prompt's hashes (a third
+    # of a 256-hash LOOKUP's decode went to three passes here). join() takes only bytes-like
+    # items, and of what msgpack decodes only bin is bytes-like (it never yields bytearray).
+    if values:
+        try:
+            b"".join(values)
+        except TypeError:
+            raise ProtocolError(f"each block hash must be 1..{MAX_HASH_BYTES} bytes of binary") from None
+        lengths = set(map(len, values))
+        if min(lengths) < 1 or max(lengths) > MAX_HASH_BYTES:
+            raise ProtocolError(f"each block hash must be 1..{MAX_HASH_BYTES} bytes of binary")
     return tuple(values)
 
 

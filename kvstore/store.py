@@ -358,10 +358,9 @@ class Store(Writes):
     def _touch(self, found: list[Entry]) -> None:
         # Deepest first, so a parent is always more recent than its children: LRU order then
         # reaches leaves before the prefixes they hang from.
-        touch = self.policy.touch
-        for entry in reversed(found):
+        for entry in found:
             entry.num_hits += 1
-            touch(entry)
+        self.policy.touch_many(reversed(found))
 
     def _held(self, ns: Namespace, hashes: Sequence[BlockHash],
               lease_id: int | None) -> list[Entry] | None:

@@ -8,6 +8,8 @@ tests/unit/test_sim.py and bench/eviction.py.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore.policy import FrequencyLRU
 from tests.unit.test_policy import Tree
@@ -81,3 +83,36 @@ def test_removed_block_forgets_its_hits() -> None:
 def test_bad_settings_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         FrequencyLRU(**kwargs)
+
+
+@settings(max_examples=150, deadline=None)
+@given(num_blocks=st.integers(1, 12), fraction=st.sampled_from([0.1, 0.25, 0.5, 1.0]),
+       batches=st.lists(st.lists(st.integers(0, 11), max_size=14), max_size=8),
+       num_removed=st.integers(0, 4))
+def test_touch_many_equals_touch_in_turn(num_blocks: int, fraction: float,
+                                         batches: list[list[int]], num_removed: int) -> None:
+    """touch_many (a lookup's hits in one call, kvstore/store.py _touch) leaves the same order,
+    hit counts and protected segment as touch() on each entry in turn, also with a protected
+    segment over its limit after removals (touch() trims only after a promotion)."""
+    one, many = Tree(FrequencyLRU), Tree(FrequencyLRU)
+    for tree in (one, many):
+        tree.policy.protected_fraction = fraction
+        for i in range(num_blocks):
+            tree.add(f"b{i}")
+    for batch_no, batch in enumerate(batches):
+        names = [f"b{i}" for i in batch if f"b{i}" in one.entries]
+        for name in names:
+            one.policy.touch(one.entries[name])
+        many.policy.touch_many([many.entries[n] for n in names])
+        if batch_no == 1:  # shrink the pool: the protected limit drops under its size
+            for tree in (one, many):
+                for name in sorted(tree.entries)[:num_removed]:
+                    tree.policy.remove(tree.entries.pop(name))
+
+        def state(tree: Tree) -> tuple[list[str], list[str], list[int]]:
+            names_of = {id(e): n for n, e in tree.entries.items()}
+            policy = tree.policy
+            assert isinstance(policy, FrequencyLRU)
+            return ([names_of[k] for k in policy._order], [names_of[k] for k in policy._protected],
+                    [policy._num_hits[id(tree.entries[n])] for n in sorted(tree.entries)])
+        assert state(one) == state(many)
