@@ -592,13 +592,14 @@ def _hashes(h: dict[str, Any]) -> tuple[BlockHash, ...]:
     # of a 256-hash LOOKUP's decode went to three passes here). join() takes only bytes-like
     # items, and of what msgpack decodes only bin is bytes-like (it never yields bytearray).
     if values:
+        bad = f"each block hash must be 1..{MAX_HASH_BYTES} bytes of binary"
         try:
             b"".join(values)
         except TypeError:
-            raise ProtocolError(f"each block hash must be 1..{MAX_HASH_BYTES} bytes of binary") from None
+            raise ProtocolError(bad) from None
         lengths = set(map(len, values))
         if min(lengths) < 1 or max(lengths) > MAX_HASH_BYTES:
-            raise ProtocolError(f"each block hash must be 1..{MAX_HASH_BYTES} bytes of binary")
+            raise ProtocolError(bad)
     return tuple(values)
 
 
