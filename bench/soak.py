@@ -60,7 +60,7 @@ import zmq
 from bench import soak_attacks as attacks
 from bench.machine import summary
 from bench.soak_clients import PING_TIMEOUT_S, honest_client, pinger
-from bench.soak_report import POOL_BYTES, analyse, render
+from bench.soak_report import analyse, render
 from bench.daemon import Daemon, free_port  # the tests' launcher of the real daemon process
 
 MiB = 1024 * 1024

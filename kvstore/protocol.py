@@ -100,16 +100,30 @@ Versioning
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Union
+from dataclasses import fields
+from typing import Any
 
 import msgpack
 
 from kvstore.errors import ProtocolError
 from kvstore.keys import MAX_HASH_BYTES, MAX_NAME_BYTES, BlockHash, Namespace
+# The message types live in kvstore/messages.py; they are re-exported here so callers import the
+# whole protocol from one module.
+from kvstore.messages import (REPLY_TYPES, VERSION, Abort, Commit, Done, Get, GetReply, Hello,
+                              HelloReply, Invalidate, InvalidateReply, Lookup, LookupReply,
+                              NsRequest, Op, Ping, Pong, Put, PutReply, Release, ReleaseReply,
+                              Reply, Request, Reserve, ReserveReply, Stats, StatsReply, request)
 
-VERSION = 1
+# The wire protocol as other modules import it (the message types re-exported).
+__all__ = ["CHUNK_BYTES", "MAX_BLOCKS", "MAX_GET_ROWS", "MAX_HEADER_BYTES", "MAX_LEASE_MS",
+           "MAX_PAYLOAD_FRAMES", "MAX_PUT_BYTES", "MAX_WRITE_ROWS", "VERSION", "Abort", "Commit",
+           "Done", "Get", "GetReply", "Hello", "HelloReply", "Invalidate", "InvalidateReply",
+           "Lookup", "LookupReply", "NsRequest", "Op", "Ping", "Pong", "Put", "PutReply",
+           "Release", "ReleaseReply", "Reply", "Request", "Reserve", "ReserveReply", "Stats",
+           "StatsReply", "TooLarge", "chunk", "decode_header", "decode_reply", "decode_request",
+           "encode", "encode_error", "encode_reply", "encode_request", "max_rows", "num_frames",
+           "pack", "request", "size_refusal"]
+
 CHUNK_BYTES = 4 * 1024 * 1024  # ZeroMQ moves 2-4 MiB frames ~4x faster than 32 MiB ones
 MAX_HEADER_BYTES = 2 << 20  # MAX_BLOCKS rows of two 64-byte hashes and a size (~1.2 MB) fit
 MAX_BLOCKS = 8192  # per request; a 128k-token prompt at block size 16
@@ -130,226 +144,6 @@ MAX_PUT_BYTES = 64 * 1024 * 1024
 MAX_LEASE_MS = 600_000
 
 
-class Op(enum.IntEnum):
-    HELLO = 1
-    PING = 2
-    LOOKUP = 3
-    GET = 4
-    RESERVE = 5
-    COMMIT = 6
-    ABORT = 7
-    PUT = 8
-    RELEASE = 9
-    STATS = 10
-    INVALIDATE = 11
-
-
-# --- messages: one frozen type per op and direction, validated in decode ---------------------
-# Fields use the wire names of the module docstring; req_id is the header's "id".
-_MESSAGE = dict(slots=True, frozen=True, kw_only=True)
-
-
-@dataclass(**_MESSAGE)
-class Hello:
-    OP: ClassVar[Op] = Op.HELLO
-    req_id: int = 0
-    version: int = VERSION
-
-
-@dataclass(**_MESSAGE)
-class Ping:
-    OP: ClassVar[Op] = Op.PING
-    req_id: int = 0
-
-
-@dataclass(**_MESSAGE)
-class Lookup:
-    """shm (with a lease and the segment's token): answer the hits' slots too."""
-
-    OP: ClassVar[Op] = Op.LOOKUP
-    req_id: int = 0
-    ns: Namespace
-    hashes: tuple[BlockHash, ...]
-    lease_ms: int = 0
-    shm: bool = False
-    token: bytes = b""
-
-
-@dataclass(**_MESSAGE)
-class Get:
-    OP: ClassVar[Op] = Op.GET
-    req_id: int = 0
-    ns: Namespace
-    hashes: tuple[BlockHash, ...]
-    lease: int | None = None
-    shm: bool = False
-    token: bytes = b""
-
-
-@dataclass(**_MESSAGE)
-class Reserve:
-    OP: ClassVar[Op] = Op.RESERVE
-    req_id: int = 0
-    ns: Namespace
-    token: bytes
-    hashes: tuple[BlockHash, ...]
-    parents: tuple[BlockHash | None, ...]
-    sizes: tuple[int, ...]
-
-
-@dataclass(**_MESSAGE)
-class Commit:
-    OP: ClassVar[Op] = Op.COMMIT
-    req_id: int = 0
-    ns: Namespace
-    hashes: tuple[BlockHash, ...]
-    slots: tuple[int, ...]
-
-
-@dataclass(**_MESSAGE)
-class Abort:
-    OP: ClassVar[Op] = Op.ABORT
-    req_id: int = 0
-    ns: Namespace
-    hashes: tuple[BlockHash, ...]
-    slots: tuple[int, ...]
-
-
-@dataclass(**_MESSAGE)
-class Put:
-    """Payload frames follow the header: num_frames(sizes[i]) per block, in order."""
-
-    OP: ClassVar[Op] = Op.PUT
-    req_id: int = 0
-    ns: Namespace
-    hashes: tuple[BlockHash, ...]
-    parents: tuple[BlockHash | None, ...]
-    sizes: tuple[int, ...]
-
-
-@dataclass(**_MESSAGE)
-class Release:
-    OP: ClassVar[Op] = Op.RELEASE
-    req_id: int = 0
-    lease: int
-
-
-@dataclass(**_MESSAGE)
-class Stats:
-    OP: ClassVar[Op] = Op.STATS
-    req_id: int = 0
-
-
-@dataclass(**_MESSAGE)
-class Invalidate:
-    OP: ClassVar[Op] = Op.INVALIDATE
-    req_id: int = 0
-    name: bytes
-    below_epoch: int | None = None
-
-
-Request = Union[Hello, Ping, Lookup, Get, Reserve, Commit, Abort, Put, Release, Stats, Invalidate]
-NsRequest = Union[Lookup, Get, Reserve, Commit, Abort, Put]  # the ops that name a namespace
-_REQUEST_TYPES: dict[Op, type[Any]] = {t.OP: t for t in Request.__args__}  # type: ignore[attr-defined]
-
-
-def request(op: Op, req_id: int, **values: Any) -> Request:
-    """The typed request of op with these fields (those of the module docstring)."""
-    msg: Request = _REQUEST_TYPES[op](req_id=req_id, **values)
-    return msg
-
-
-# Replies. A field marked _OMIT_NONE is left out of the header when None (older replies did not
-# carry it); every other field is always sent, None as nil.
-_OMIT_NONE = {"omit_none": True}
-
-
-@dataclass(**_MESSAGE)
-class HelloReply:
-    version: int
-    segment: str
-    segment_bytes: int
-    token: bytes
-    page_bytes: int
-    chunk_bytes: int
-    pid: int
-    max_rows: dict[str, int]
-    max_put_bytes: int
-    max_reserved_bytes: int | None
-    min_slot_bytes: int
-    slot_align_bytes: int
-
-
-@dataclass(**_MESSAGE)
-class Pong:
-    """The reply of PING: when the daemon answered it, its time.monotonic() (CLOCK_MONOTONIC is one
-    clock for every process of a host), so a client on the host can tell the daemon's share of
-    its wait from its own (bench/soak_clients.py)."""
-
-    at_s: float | None = field(default=None, metadata=_OMIT_NONE)
-
-
-@dataclass(**_MESSAGE)
-class Done:
-    """The reply of COMMIT and ABORT (num_done)."""
-
-    num_done: int | None = field(default=None, metadata=_OMIT_NONE)
-
-
-@dataclass(**_MESSAGE)
-class LookupReply:
-    num_hits: int
-    lease: int | None
-    slots: list[int] | None = field(default=None, metadata=_OMIT_NONE)  # with shm
-    sizes: list[int] | None = field(default=None, metadata=_OMIT_NONE)
-
-
-@dataclass(**_MESSAGE)
-class GetReply:
-    """slots with shm; partial over TCP (the daemon's reply budget cut it short: ask again)."""
-
-    num_hits: int
-    sizes: list[int]
-    lease: int | None
-    slots: list[int] | None = field(default=None, metadata=_OMIT_NONE)
-    partial: bool | None = field(default=None, metadata=_OMIT_NONE)
-
-
-@dataclass(**_MESSAGE)
-class ReserveReply:
-    slots: list[int | None]
-    num_full: int
-
-
-@dataclass(**_MESSAGE)
-class PutReply:
-    num_stored: int
-    num_present: int
-    num_full: int
-
-
-@dataclass(**_MESSAGE)
-class ReleaseReply:
-    released: bool
-
-
-@dataclass(**_MESSAGE)
-class StatsReply:
-    stats: dict[str, Any]
-
-
-@dataclass(**_MESSAGE)
-class InvalidateReply:
-    num_dropped: int
-
-
-Reply = Union[HelloReply, Pong, Done, LookupReply, GetReply, ReserveReply, PutReply, ReleaseReply,
-              StatsReply, InvalidateReply]
-_REPLY_TYPES: dict[Op, type[Any]] = {
-    Op.HELLO: HelloReply, Op.PING: Pong, Op.LOOKUP: LookupReply, Op.GET: GetReply,
-    Op.RESERVE: ReserveReply, Op.COMMIT: Done, Op.ABORT: Done, Op.PUT: PutReply,
-    Op.RELEASE: ReleaseReply, Op.STATS: StatsReply, Op.INVALIDATE: InvalidateReply,
-}
 
 
 def max_rows() -> dict[str, int]:
@@ -442,7 +236,7 @@ def encode_reply(req_id: int | None, reply: Reply | None = None, **values: Any) 
 def decode_reply(op: Op, header: dict[str, Any]) -> Any:
     """A successful reply header of op as its typed reply; raises ProtocolError when a field is
     missing or of the wrong type (a daemon of another build)."""
-    kind = _REPLY_TYPES[op]
+    kind = REPLY_TYPES[op]
     values = {}
     for name, omit_none in _reply_fields(kind):
         if name in header:

@@ -18,7 +18,7 @@ from kvstore import hottest
 from kvstore.clients import CLIENT_RESERVED_SHARE, RESERVED_TABLE_SHARE, ClientLimits, Clients
 from kvstore.hottest import HotPrefix
 from kvstore.index import Entry, Index, State
-from kvstore.keys import BlockHash, Namespace, SlotId
+from kvstore.keys import BlockHash, Namespace
 from kvstore.outcomes import (Found, Limits, NamespaceStats, Outgoing, Pinned, Reservation,
                               Written)
 from kvstore.policy import LRU, POLICIES, FrequencyLRU

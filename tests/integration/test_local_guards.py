@@ -18,7 +18,7 @@ import zmq.auth
 
 from kvstore.client import Client
 from kvstore.keys import Namespace
-from kvstore.pool import _HEADER, _MAGIC
+from kvstore.pool import _HEADER
 from bench.daemon import Daemon, wait_until
 from tests.integration.helpers import CALL_S, run_cli
 

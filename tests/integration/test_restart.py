@@ -79,8 +79,8 @@ def test_first_call_after_a_restart_does_not_wait_for_zeromq_reconnect_backoff(
     new socket can answer within the 1 s timeout (the default backoff reaches 1 s, which made a
     vLLM load right after a daemon restart fail in the e2e tests).
     """
-    monkeypatch.setattr("kvstore.client._RECONNECT_IVL_MS", 30_000)
-    monkeypatch.setattr("kvstore.client._RECONNECT_IVL_MAX_MS", 30_000)
+    monkeypatch.setattr("kvstore.calls._RECONNECT_IVL_MS", 30_000)
+    monkeypatch.setattr("kvstore.calls._RECONNECT_IVL_MAX_MS", 30_000)
     data = random_blocks(4, [8192])[0]
     with Client(daemon.address, 1.0, ctx=ctx, use_shm=use_shm) as client:
         client.put(NS, [(b"before", None, data)])
