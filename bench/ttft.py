@@ -25,7 +25,9 @@ from bench.models import BENCH_MODEL, make_model
 from bench.replica import ReplicaProcess
 
 RESULTS = Path(__file__).parent / "results" / "ttft.json"
-GOALS = {"pool_shm_vs_recompute_4k": 0.2, "miss_overhead": 1.05}
+# pool_shm_vs_vram_4k: a pool hit over shared memory against the replica's own VRAM hit (issue 11:
+# the load path, LOOKUP -> copy -> RELEASE, should add little to what the engine does anyway).
+GOALS = {"pool_shm_vs_recompute_4k": 0.2, "miss_overhead": 1.05, "pool_shm_vs_vram_4k": 1.3}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +120,7 @@ def report(figures: dict[int, dict[str, Any]], repeats: int, command: str) -> No
     result = {
         "pool_shm_vs_recompute_4k": figures[key]["pool_shm"] / figures[key]["recompute"],
         "pool_tcp_vs_recompute_4k": figures[key]["pool_tcp"] / figures[key]["recompute"],
+        "pool_shm_vs_vram_4k": figures[key]["pool_shm"] / figures[key]["vram_hit"],
         "miss_overhead": miss,
         "goals": GOALS,
         "seconds": {str(n): f for n, f in figures.items()},
@@ -129,12 +132,14 @@ def report(figures: dict[int, dict[str, Any]], repeats: int, command: str) -> No
     }
     result["goals_met"] = {
         "pool_shm_vs_recompute_4k": result["pool_shm_vs_recompute_4k"] <= GOALS["pool_shm_vs_recompute_4k"],
-        "miss_overhead": result["miss_overhead"] <= GOALS["miss_overhead"]}
+        "miss_overhead": result["miss_overhead"] <= GOALS["miss_overhead"],
+        "pool_shm_vs_vram_4k": result["pool_shm_vs_vram_4k"] <= GOALS["pool_shm_vs_vram_4k"]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\npool hit (shm) at {key} tokens: {result['pool_shm_vs_recompute_4k']:.3f} x recompute "
           f"(goal <= 0.2); over TCP {result['pool_tcp_vs_recompute_4k']:.3f}; all-miss "
-          f"{result['miss_overhead']:.3f} x no connector (goal <= 1.05)")
+          f"{result['miss_overhead']:.3f} x no connector (goal <= 1.05); pool hit (shm) "
+          f"{result['pool_shm_vs_vram_4k']:.3f} x a VRAM hit (goal <= 1.3)")
     print(f"machine: {summary(result['machine'])}\nwrote {RESULTS}")
 
 
@@ -165,11 +170,27 @@ def render(res: dict[str, Any]) -> str:
         f"{res['goals']['pool_shm_vs_recompute_4k']}, {'met' if met['pool_shm_vs_recompute_4k'] else '**missed**'}), "
         f"`pool_tcp_vs_recompute_4k` = {res['pool_tcp_vs_recompute_4k']:.3f}, `miss_overhead` = "
         f"{res['miss_overhead']:.3f} (goal <= {res['goals']['miss_overhead']}, "
-        f"{'met' if met['miss_overhead'] else '**missed**'}).",
+        f"{'met' if met['miss_overhead'] else '**missed**'})"
+        + _vs_vram(res) + ".",
         "- An all-miss ratio below 1 means the connector's cost is inside the run-to-run noise of "
         "this machine (the samples of every repeat are in the JSON).",
     ]
+    for n, f in res["seconds"].items():  # a load past its budget is recomputed: no pool tokens
+        for path, tokens in f.get("pool_tokens", {}).items():
+            if 0 in tokens:
+                lines.append(f"- {n} tokens, {path}: {tokens.count(0)} of {len(tokens)} repeats got "
+                             "no pool tokens (the load ran past its budget and vLLM recomputed); "
+                             "the median mixes them.")
     return "\n".join(lines)
+
+
+def _vs_vram(res: dict[str, Any]) -> str:
+    """The pool-vs-VRAM clause, for results that have it (older ones did not)."""
+    if "pool_shm_vs_vram_4k" not in res:
+        return ""
+    met = res["goals_met"]["pool_shm_vs_vram_4k"]
+    return (f", `pool_shm_vs_vram_4k` = {res['pool_shm_vs_vram_4k']:.3f} (goal <= "
+            f"{res['goals']['pool_shm_vs_vram_4k']}, {'met' if met else '**missed**'})")
 
 
 def log(*parts: object) -> None:
