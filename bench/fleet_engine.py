@@ -5,8 +5,6 @@ no sockets, no vLLM. bench/fleet_sim.py calibrates it on the real runs and repor
 from __future__ import annotations
 
 import bisect
-import hashlib
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +13,7 @@ import numpy as np
 
 from bench.fleet import CACHE_AWARE_OPTIONS
 from bench.fleet_model import text
-from bench.sim import Pool, block_hashes
+from bench.sim import Pool, VramCache, block_hashes, hash64
 
 WORK_EPS_S = 1e-9  # a step this close to done is done: float rounding must not stall the clock
 _OPTIONS = dict(zip(CACHE_AWARE_OPTIONS[::2], CACHE_AWARE_OPTIONS[1::2]))
@@ -25,54 +23,18 @@ CACHE_AWARE = {"cache_threshold": float(_OPTIONS["--cache-threshold"]),  # as be
 
 
 # --- caches ------------------------------------------------------------------------------------
-class EngineCache:
-    """vLLM's prefix cache over num_blocks blocks with reference counts (block 0 is the null block).
-
-    A request's blocks are taken when it is scheduled (its full prompt blocks become cached at
-    once) and given back, tail first, when it finishes; only blocks nobody holds can be evicted,
-    oldest freed first."""
+class EngineCache(VramCache):
+    """vLLM's prefix cache of one replica of the fleet: a request's blocks are taken when it is
+    scheduled (its full prompt blocks become cached at once) and given back, tail first, when it
+    finishes; only blocks nobody holds can be evicted, oldest freed first (bench/sim.py)."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
+        super().__init__(num_blocks)
         self.block_size = block_size
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks - 1))
-        self._refs: dict[int, int] = {}
-        self._hash_of: dict[int, bytes] = {}
-        self._block_of: dict[bytes, int] = {}
-
-    def match(self, hashes: Sequence[bytes], max_blocks: int) -> int:
-        num = 0
-        for h in hashes[:max_blocks]:
-            if h not in self._block_of:
-                break
-            num += 1
-        return num
 
     def allocate(self, hashes: Sequence[bytes], num_hit: int, num_tokens: int) -> list[int]:
-        """Take the num_hit matched blocks and fresh ones for the rest (as many as are free)."""
-        blocks = [self._block_of[h] for h in hashes[:num_hit]]
-        for block in blocks:
-            self._free.pop(block, None)
-            self._refs[block] = self._refs.get(block, 0) + 1
-        for _ in range(-(-num_tokens // self.block_size) - num_hit):
-            if not self._free:  # vLLM would queue the request; rare at these sizes
-                break
-            block, _ = self._free.popitem(last=False)
-            old = self._hash_of.pop(block, None)
-            if old is not None:
-                del self._block_of[old]
-            self._refs[block] = 1
-            blocks.append(block)
-        for i in range(num_hit, min(len(hashes), len(blocks))):
-            if hashes[i] not in self._block_of:
-                self._block_of[hashes[i]] = blocks[i]
-                self._hash_of[blocks[i]] = hashes[i]
-        return blocks
-
-    def release(self, blocks: list[int]) -> None:
-        for block in reversed(blocks):
-            self._refs[block] -= 1
-            if not self._refs[block]:
-                self._free[block] = None
+        """Take the num_hit matched blocks and fresh ones for num_tokens (as many as are free)."""
+        return self.hold(hashes, num_hit, -(-num_tokens // self.block_size))
 
 
 def hashes_of(request: dict[str, Any], block_size: int) -> list[bytes]:
@@ -106,11 +68,11 @@ class SessionHash:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        points = sorted((_hash64(f"replica-{r}-{v}".encode()), r) for r in range(n) for v in range(64))
+        points = sorted((hash64(f"replica-{r}-{v}".encode()), r) for r in range(n) for v in range(64))
         self._positions, self._owners = [p for p, _ in points], [r for _, r in points]
 
     def route(self, request: dict[str, Any], view: RouterView) -> int:
-        at = bisect.bisect(self._positions, _hash64(str(request["session"]).encode()))
+        at = bisect.bisect(self._positions, hash64(str(request["session"]).encode()))
         return self._owners[at % len(self._owners)]
 
 
@@ -189,10 +151,6 @@ def router_for(policy: str, n: int) -> Any:
     if policy == "kv_aware":
         return FewestPrefilling(n)
     raise ValueError(f"unknown policy {policy!r}")
-
-
-def _hash64(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 # --- time --------------------------------------------------------------------------------------

@@ -47,13 +47,15 @@ def block_hashes(prompt: Sequence[int], block_size: int) -> list[bytes]:
 
 # --- tier 0: a replica's VRAM prefix cache -----------------------------------------------------
 class VramCache:
-    """vLLM's prefix cache over num_blocks physical blocks (block 0 is vLLM's null block)."""
+    """vLLM's prefix cache over num_blocks physical blocks (block 0 is vLLM's null block), with
+    reference counts: blocks a running request holds cannot be evicted."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 2:
             raise ValueError(f"a VRAM cache needs at least 2 blocks, got {num_blocks}")
         self.num_usable = num_blocks - 1
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.num_usable))
+        self._refs: dict[int, int] = {}
         self._hash_of: dict[int, bytes] = {}
         self._block_of: dict[bytes, int] = {}
 
@@ -73,21 +75,36 @@ class VramCache:
         if num_needed > self.num_usable:
             raise ValueError(f"a {num_tokens}-token prompt needs {num_needed} blocks; the VRAM "
                              f"cache has {self.num_usable}")
+        self.release(self.hold(hashes, num_hit, num_needed))
+
+    def hold(self, hashes: Sequence[bytes], num_hit: int, num_needed: int) -> list[int]:
+        """Take the num_hit matched blocks and fresh ones up to num_needed (as many as are free:
+        vLLM would queue the request, rare at these sizes); their full blocks become cached."""
         blocks = [self._block_of[h] for h in hashes[:num_hit]]
         for block in blocks:
             self._free.pop(block, None)  # in use: out of the free queue (vLLM's touch)
+            self._refs[block] = self._refs.get(block, 0) + 1
         for _ in range(num_needed - num_hit):
+            if not self._free:
+                break
             block, _ = self._free.popitem(last=False)  # the oldest free block is evicted
             old = self._hash_of.pop(block, None)
             if old is not None:
                 del self._block_of[old]
+            self._refs[block] = 1
             blocks.append(block)
-        for i in range(num_hit, min(len(hashes), num_needed)):
+        for i in range(num_hit, min(len(hashes), len(blocks))):
             if hashes[i] not in self._block_of:  # full blocks become cached
                 self._block_of[hashes[i]] = blocks[i]
                 self._hash_of[blocks[i]] = hashes[i]
-        for block in reversed(blocks):  # tail first: a request's last blocks are evicted first
-            self._free[block] = None
+        return blocks
+
+    def release(self, blocks: list[int]) -> None:
+        """Give back what hold() took, tail first: a request's last blocks are evicted first."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if not self._refs[block]:
+                self._free[block] = None
 
 
 # --- tier 1: the shared pool (the daemon's Store) ----------------------------------------------
@@ -151,7 +168,7 @@ class SessionAffinity:
         self.num_replicas = num_replicas
 
     def route(self, request: dict[str, Any], hashes: Sequence[bytes]) -> int:
-        return _hash64(str(request["session"]).encode()) % self.num_replicas
+        return hash64(str(request["session"]).encode()) % self.num_replicas
 
 
 class PrefixHash:
@@ -169,7 +186,7 @@ class PrefixHash:
             raise ValueError("key_blocks, window, virtual_nodes must be >= 1 and eps >= 0")
         self.num_replicas, self.key_blocks, self.eps, self.window = (
             num_replicas, key_blocks, eps, window)
-        points = sorted((_hash64(f"replica-{r}-{v}".encode()), r)
+        points = sorted((hash64(f"replica-{r}-{v}".encode()), r)
                         for r in range(num_replicas) for v in range(virtual_nodes))
         self._positions = [p for p, _ in points]
         self._owners = [r for _, r in points]
@@ -186,7 +203,7 @@ class PrefixHash:
         key = (hashes[min(self.key_blocks, len(hashes)) - 1] if hashes
                else np.asarray(request["prompt"], dtype=np.int64).tobytes())
         bound = self.bound()
-        start = bisect.bisect(self._positions, _hash64(key))
+        start = bisect.bisect(self._positions, hash64(key))
         for step in range(len(self._owners)):
             replica = self._owners[(start + step) % len(self._owners)]
             if self.loads[replica] < bound:
@@ -210,7 +227,7 @@ def make_router(routing: str, num_replicas: int, **options: Any) -> Router:
     raise ValueError(f"unknown routing {routing!r}; choose from {', '.join(ROUTINGS)}")
 
 
-def _hash64(data: bytes) -> int:
+def hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 

@@ -1,4 +1,5 @@
-"""Stand-ins for what the scheduler half reads from vLLM, shared by the scheduler-side tests."""
+"""Stand-ins for what the connector reads from vLLM (requests, blocks, KV tensors), shared by the
+connector tests."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from kvstore.client import Client
 from kvstore.keys import Namespace
@@ -50,3 +52,18 @@ def store(address: str, ns: Namespace, req: Req, num_blocks: int) -> None:
     with Client(address) as client:
         client.put(ns, [(h, req.block_hashes[i - 1] if i else None, np.full(64, i, np.uint8))
                         for i, h in enumerate(req.block_hashes[:num_blocks])])
+
+
+def chain(n: int, seed: bytes) -> list[bytes]:
+    """n chained block hashes: each one covers its parent's."""
+    hashes, parent = [], seed
+    for i in range(n):
+        parent = hashlib.sha256(parent + bytes([i])).digest()
+        hashes.append(parent)
+    return hashes
+
+
+def kv_layers(num_layers: int, num_blocks: int, page_floats: int) -> torch.Tensor:
+    """KV pages like vLLM 0.32 on CPU: one float32 allocation, viewed per layer."""
+    return torch.randn(num_layers * num_blocks * page_floats).view(num_layers, num_blocks,
+                                                                   page_floats)

@@ -4,7 +4,6 @@ lookup's slots cannot be trusted (another segment, or a lease that ended before 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +15,7 @@ from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec, SaveSpec
 from connectors.vllm_v1.worker_side import WorkerSide
 from kvstore.client import Client, LookupResult
 from kvstore.keys import Namespace
+from tests.connector.fakes import chain, kv_layers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,20 +25,11 @@ NS = Namespace(b"load-slots-test")
 LEASE_MS = 30_000
 
 
-def chain(n: int, seed: bytes) -> list[bytes]:
-    hashes, parent = [], seed
-    for i in range(n):
-        parent = hashlib.sha256(parent + bytes([i])).digest()
-        hashes.append(parent)
-    return hashes
-
-
 class Replica:
     """A worker half with its own KV tensors (float32, one view per layer, as on vLLM CPU)."""
 
     def __init__(self, address: str) -> None:
-        buf = torch.randn(NUM_LAYERS * NUM_BLOCKS * PAGE_FLOATS)
-        self.layers = buf.view(NUM_LAYERS, NUM_BLOCKS, PAGE_FLOATS)
+        self.layers = kv_layers(NUM_LAYERS, NUM_BLOCKS, PAGE_FLOATS)
         config = ConnectorConfig(address=address, timeout_ms=2000, save_timeout_ms=2000)
         self.worker = WorkerSide(config, NS, BLOCK, report_saves=True)
         self.worker.register_kv_caches({f"layers.{i}.attn": self.layers[i]

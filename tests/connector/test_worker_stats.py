@@ -3,7 +3,6 @@ what a save or load moved, over which transport, and which planned blocks the po
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -13,6 +12,7 @@ from connectors.vllm_v1.config import ConnectorConfig
 from connectors.vllm_v1.metadata import KVStoreMetadata, LoadSpec, SaveSpec
 from connectors.vllm_v1.worker_side import WorkerSide
 from kvstore.keys import Namespace
+from tests.connector.fakes import chain, kv_layers
 from bench.daemon import Daemon, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,18 +25,8 @@ MakeWorker = Callable[..., WorkerSide]
 
 
 def kv_caches() -> dict[str, torch.Tensor]:
-    """Like vLLM 0.32 on CPU: one allocation, a float32 view per layer."""
-    buf = torch.randn(NUM_LAYERS * NUM_BLOCKS * PAGE_FLOATS)
-    layers = buf.view(NUM_LAYERS, NUM_BLOCKS, PAGE_FLOATS)
+    layers = kv_layers(NUM_LAYERS, NUM_BLOCKS, PAGE_FLOATS)
     return {f"layers.{i}.attn": layers[i] for i in range(NUM_LAYERS)}
-
-
-def chain(n: int, seed: bytes) -> list[bytes]:
-    hashes, parent = [], seed
-    for i in range(n):
-        parent = hashlib.sha256(parent + bytes([i])).digest()
-        hashes.append(parent)
-    return hashes
 
 
 def save_spec(hashes: list[bytes], block_ids: list[int]) -> KVStoreMetadata:
