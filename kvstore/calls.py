@@ -43,7 +43,7 @@ class Calls:
         _hello: HelloReply | None
 
     def _call(self, req: Request, payload: Sequence[Any] = (),
-              dests: list[memoryview] | None = None, copies: list[bytes] | None = None) -> Any:
+              dests: list[memoryview] | None = None, copies: list[memoryview] | None = None) -> Any:
         """Send one request and wait for its typed reply until the deadline (Lazy Pirate). A
         GET's payload lands in dests (views to receive into), or is appended to copies."""
         is_fresh = self._sock is None
@@ -127,7 +127,7 @@ class Calls:
         return sock
 
     def _receive(self, sock: zmq.Socket, req_id: int, dests: list[memoryview] | None,
-                 copies: list[bytes] | None) -> dict[str, Any] | None:
+                 copies: list[memoryview] | None) -> dict[str, Any] | None:
         """Read one whole reply; None if it answered an earlier, abandoned request."""
         reply = protocol.decode_header(sock.recv())
         if reply.get("id") != req_id:
@@ -136,8 +136,8 @@ class Calls:
         sizes = reply.get("sizes") or []
         if not sock.getsockopt(zmq.RCVMORE):
             return reply
-        if copies is not None:  # get(): collect copies
-            copies += [bytes(_recv_block(sock, memoryview(bytearray(n)), n)) for n in sizes]
+        if copies is not None:  # get() and reading(): each block received into its own buffer
+            copies += [_recv_block(sock, memoryview(bytearray(n)), n) for n in sizes]
         elif dests is not None:
             for n, dest in zip(sizes, dests):
                 if len(dest) < n:

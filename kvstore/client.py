@@ -235,7 +235,7 @@ class Client(Calls):
             blocks: list[memoryview] = []
             for reply, copies in self._get_tcp(ns, hashes, lease, dests):
                 if dests is None:
-                    blocks += [memoryview(b) for b in copies]
+                    blocks += copies
                 else:
                     blocks += [dests[len(blocks) + i][:n] for i, n in enumerate(reply.sizes)]
             yield blocks, dests is not None
@@ -247,7 +247,7 @@ class Client(Calls):
                     pass  # the lease expires on its own
 
     def _get_tcp(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None,
-                 views: list[memoryview] | None) -> Iterator[tuple[GetReply, list[bytes]]]:
+                 views: list[memoryview] | None) -> Iterator[tuple[GetReply, list[memoryview]]]:
         """The replies of a TCP GET of the stored prefix of hashes, in messages of max_rows; a
         reply cut short by the daemon's reply budget (partial) goes on, any other short one ends
         the prefix. With views, each reply's payload lands in views from its first block on;
@@ -256,7 +256,7 @@ class Client(Calls):
         while num < len(hashes):
             batch = tuple(hashes[num:num + self._max_rows("get")])
             req = Get(ns=ns, hashes=batch, lease=lease)
-            blocks: list[bytes] = []
+            blocks: list[memoryview] = []
             reply = self._get_more(req, None if views is None else views[num:],
                                    None if views is not None else blocks, is_first=not num)
             yield reply, blocks
@@ -264,7 +264,7 @@ class Client(Calls):
             if not reply.num_hits or (reply.num_hits < len(batch) and not reply.partial):
                 return
 
-    def _get_more(self, req: Get, dests: list[memoryview] | None, copies: list[bytes] | None,
+    def _get_more(self, req: Get, dests: list[memoryview] | None, copies: list[memoryview] | None,
                   is_first: bool) -> GetReply:
         """One TCP GET. After a partial reply the daemon may not have counted the reply just read
         as taken yet and answer busy: retried briefly, within the call's timeout."""
