@@ -43,19 +43,28 @@ POLL_S = 0.5  # health probe interval while a process starts
 QUIET_PORTS = (20000, 32000)
 
 
+# Ports this process already handed out. Replicas start side by side and bind late, and vLLM's
+# server binds with SO_REUSEPORT, so two picks of the same port would both "succeed": two
+# replicas behind one URL (a CI run saw it: the router refused a duplicate worker URL).
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback TCP port outside the ephemeral range that nothing holds now."""
+    """A loopback TCP port outside the ephemeral range that nothing holds now, never the same twice."""
     import random
     import socket
 
     rng = random.SystemRandom()
     while True:
         port = rng.randrange(*QUIET_PORTS)
+        if port in _GIVEN:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
+        _GIVEN.add(port)
         return port
 
 

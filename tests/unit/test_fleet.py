@@ -198,3 +198,13 @@ def test_replay_puts_real_requests_on_their_real_replicas() -> None:
                         block_size=BS, max_tokens=1)
     assert [row["id"] for row, _ in replay] == [0, 1]
     assert replay[1][1].vram_blocks == 22  # 88 of A's 90 tokens: full blocks only
+
+
+def test_free_port_never_hands_out_the_same_port_twice() -> None:
+    # Replicas bind their ports late and vLLM binds with SO_REUSEPORT, so a port picked twice
+    # put two replicas behind one URL (CI: the router refused a duplicate worker URL).
+    from bench.fleet_procs import QUIET_PORTS, free_port
+
+    ports = [free_port() for _ in range(1500)]  # a random pick repeats within ~140 draws
+    assert len(set(ports)) == len(ports)
+    assert all(QUIET_PORTS[0] <= p < QUIET_PORTS[1] for p in ports)
