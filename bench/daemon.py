@@ -42,6 +42,7 @@ class Daemon:
     page_size: str | None = None
     extra_args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"  # another loopback address (127.0.0.2...) stands for another node
     segment: str = field(default_factory=lambda: f"kvstore-test-{uuid.uuid4().hex[:12]}")
     client_keys: Path | None = None  # with --curve-keys: the keys the readiness check uses
     # Loopback TCP without keys needs --insecure (any local user could connect); tests pass it.
@@ -54,7 +55,7 @@ class Daemon:
     def address(self) -> str:
         if not self.listen_tcp:  # kvstore/ipc.py default_ipc_path, spelled out for old code
             return f"ipc:///dev/shm/kvstore-sockets-{os.geteuid()}/{self.segment}.sock"
-        return f"tcp://127.0.0.1:{self.port}"
+        return f"tcp://{self.host}:{self.port}"
 
     def start(self, wait: bool = True) -> Daemon:
         args = [sys.executable, "-m", "kvstore.cli", "serve",

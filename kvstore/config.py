@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from kvstore.directory import parse_url
 from kvstore.ipc import default_ipc_path
 from kvstore.policy import DEFAULT_POLICY, POLICIES
 from kvstore.tiers import make_tier
@@ -71,6 +72,8 @@ class ServeConfig:
     metrics_host: str = DEFAULT_METRICS_HOST
     tier: str = ""  # "": no tier below the pool (kvstore/tiers.py; only test tiers exist yet)
     tier_timeout_s: float = 0.1  # under the connector's 200 ms lookup budget, pool time included
+    cluster: str = ""  # "": one node; valkey://HOST:PORT[,...]: the cluster tier (kvstore/cluster.py)
+    cluster_address: str = ""  # "": the first --tcp address; what peers pull from
 
     def effective_page_bytes(self) -> int:
         if self.page_bytes is not None:
@@ -130,11 +133,37 @@ class ServeConfig:
                 make_tier(self.tier)
             except ValueError as exc:
                 raise ConfigError(f"--tier: {exc}", "tier") from None
+        if self.cluster:
+            self._validate_cluster()
         if self.tier_timeout_s <= 0:
             raise ConfigError(f"--tier-timeout must be positive, got {self.tier_timeout_s}",
                               "tier_timeout")
         if not self.metrics_host:
             raise ConfigError("--metrics-host must not be empty", "metrics_host")
+
+
+    def _validate_cluster(self) -> None:
+        try:
+            parse_url(self.cluster)
+        except ValueError as exc:
+            raise ConfigError(f"--cluster: {exc}", "cluster") from None
+        if self.tier:
+            raise ConfigError("--cluster and --tier are exclusive: the cluster is the tier below "
+                              "the pool", "cluster")
+        if not self.tcp:
+            raise ConfigError("--cluster needs a --tcp address: peers pull blocks over TCP",
+                              "cluster")
+        address = self.advertised_address()
+        host = urlparse(address.replace("tcp://", "//", 1)).hostname or ""
+        if not address.startswith("tcp://") or host in ("", "*", "0.0.0.0", "::"):
+            raise ConfigError(f"--cluster-address must be a tcp://HOST:PORT peers can reach, "
+                              f"got {address!r} (set it when --tcp listens on a wildcard)",
+                              "cluster_address")
+
+    def advertised_address(self) -> str:
+        """The TCP address peers pull this daemon's blocks from (--cluster-address, else the
+        first --tcp address)."""
+        return self.cluster_address or (self.tcp[0] if self.tcp else "")
 
 
 def is_loopback(addr: str) -> bool:
@@ -258,6 +287,11 @@ OPTIONS: tuple[Option, ...] = (
            "memory-slow:300ms, memory-failing; default none)"),
     Option("tier_timeout", "tier_timeout_s", _seconds,
            "seconds a LOOKUP waits on the tier before the pool's prefix is answered"),
+    Option("cluster", "cluster", _text,
+           "valkey://HOST:PORT[,HOST:PORT...]: find and pull blocks held by the other daemons "
+           "registered on this Valkey cluster (default: one node)"),
+    Option("cluster_address", "cluster_address", _text,
+           "tcp://HOST:PORT the other daemons pull from (default: the first --tcp address)"),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 

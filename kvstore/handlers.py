@@ -119,6 +119,9 @@ class Handlers:
                 # A block that fits no page of this pool ends the chain there.
                 fit = [self.store.fits(len(data)) for _, _, data in blocks] + [False]
                 blocks = blocks[:fit.index(False)]
+                if blocks and blocks[0][1] is None:  # a peer's pull does not know it: req does
+                    at = req.hashes.index(blocks[0][0])
+                    blocks[0] = (blocks[0][0], req.hashes[at - 1] if at else None, blocks[0][2])
                 if blocks:
                     self.store.put(req.ns, [(h, parent, len(data)) for h, parent, data in blocks],
                                    [[memoryview(data)] for _, _, data in blocks])

@@ -111,6 +111,15 @@ class Metrics:
         self._http: Any = None
         self._thread: threading.Thread | None = None
 
+    def add_cluster(self, cluster: Any) -> None:
+        """The cluster tier's counts (kvstore/cluster.py ClusterTier) and its directory's lookup
+        latency, observed on the tier's thread (one writer, like the loop's Timings)."""
+        latency = Timings("kvstore_cluster_directory_seconds",
+                          "Time a lookup of a chain's holders took on the Valkey directory",
+                          "op", ("holders",), _REQUEST_BUCKETS_S)
+        cluster.directory.on_latency = lambda seconds: latency.observe("holders", seconds)
+        self.registry.register(_ClusterCollector(cluster, latency))
+
     def serve(self, host: str, port: int) -> None:
         """Serve /metrics on host:port from a daemon thread (never blocks the loop)."""
         self._http, self._thread = start_http_server(port, host, registry=self.registry)
@@ -174,3 +183,35 @@ class _StoreCollector(Collector):
                                 value=len(store.index.leases))
         yield GaugeMetricFamily("kvstore_reservations_active", "Slots reserved, not yet committed",
                                 value=store.num_reserved)
+
+
+class _ClusterCollector(Collector):
+    """kvstore_cluster_*: lookups continued on peers, pulls, bytes, failures, directory state."""
+
+    def __init__(self, cluster: Any, latency: Timings) -> None:
+        self.cluster, self.latency = cluster, latency
+
+    def collect(self) -> Iterator[Any]:
+        s = self.cluster.stats
+        d = self.cluster.directory
+        yield self.latency.family()
+        for name, doc, value in (
+                ("kvstore_cluster_lookups", "Lookups continued past the local pool", s.num_asked),
+                ("kvstore_cluster_hits", "Of those, lookups that got blocks from a peer",
+                 s.num_hits),
+                ("kvstore_cluster_pulls", "GETs sent to peer daemons", s.num_pulls),
+                ("kvstore_cluster_pulled_blocks", "Blocks pulled from peers", s.num_blocks),
+                ("kvstore_cluster_pulled_bytes", "Bytes pulled from peers", s.num_bytes),
+                ("kvstore_cluster_pull_failures", "Pulls that failed or ran out of time",
+                 s.num_pull_failures),
+                ("kvstore_cluster_directory_failures",
+                 "Directory lookups Valkey did not fully answer", d.stats.num_lookup_failures),
+                ("kvstore_cluster_registered", "Block entries written to the directory",
+                 d.stats.num_registered),
+                ("kvstore_cluster_stale_dropped", "Stale directory entries removed",
+                 d.stats.num_dropped_stale)):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("kvstore_cluster_members", "Live daemons in the directory",
+                                value=d.stats.num_members)
+        yield GaugeMetricFamily("kvstore_cluster_directory_up",
+                                "1 while every Valkey node asked lately answered", value=int(d.is_up))

@@ -84,6 +84,17 @@ class Server(Handlers):
         if config.tier:
             self.tier = TierLink(make_tier(config.tier), config.tier_timeout_s)
             self.store.on_evict = self.tier.offer
+        elif config.cluster:
+            from kvstore.cluster import open_cluster
+
+            # Evictions unregister (no bytes copied), commits register: the directory's thread
+            # writes both in batches (kvstore/directory.py).
+            cluster = open_cluster(config.cluster, config.advertised_address(),
+                                   config.tier_timeout_s, config.curve_dir)
+            self.tier = TierLink(cluster, config.tier_timeout_s)
+            self.store.on_evict = cluster.directory.unregistered
+            self.store.on_commit = cluster.directory.registered
+            self.metrics.add_cluster(cluster)
         # Each takes its op's request type (protocol.py); decode_request picked it by op.
         self._handlers: dict[Op, Callable[[Any, list[zmq.Frame], Call], Answer | None]] = {
             Op.HELLO: self._hello, Op.PING: self._ping, Op.LOOKUP: self._lookup, Op.GET: self._get,

@@ -62,6 +62,9 @@ class Store(Writes):
     # Told of each evicted block with a view of its bytes, valid only during the call (the slot
     # is reused next): the tier below the pool copies it (kvstore/tiers.py). None: no tier.
     on_evict: Evicted | None = None
+    # Told of each block committed (readable from now on): the cluster directory registers it
+    # (kvstore/directory.py, queued, never waited on). None: no cluster.
+    on_commit: Callable[[Namespace, BlockHash], None] | None = None
 
     def __post_init__(self) -> None:
         if self.clients.limits.max_reserved_bytes is None:

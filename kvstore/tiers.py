@@ -45,6 +45,13 @@ class Tier:
         """The blocks of the longest stored prefix of hashes, root first."""
         raise NotImplementedError
 
+    def snapshot(self) -> dict[str, Any]:
+        """The tier's own counts, for STATS (none by default)."""
+        return {}
+
+    def close(self) -> None:
+        """Let go of what the tier holds (after its thread stopped, or gave up waiting)."""
+
 
 @dataclass
 class MemoryTier(Tier):
@@ -188,12 +195,14 @@ class TierLink:
         first = next(iter(self._pending.values()))
         return max(0, min(default_ms, int((first.deadline_s - self.clock()) * 1000) + 1))
 
-    def stats(self) -> dict[str, int]:
-        return {**self.counts, "num_pending": len(self._pending)}
+    def stats(self) -> dict[str, Any]:
+        return {**self.counts, "num_pending": len(self._pending), **self.tier.snapshot()}
 
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=1.0)  # a tier stuck in I/O is a daemon thread: left behind
+        if not self._thread.is_alive():
+            self.tier.close()
         os.close(self.wake_fd)
         os.close(self._wake_w)
 

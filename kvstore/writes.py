@@ -39,6 +39,7 @@ class Writes:
         bytes_stored: int
         pool: Pool | None
         on_evict: Evicted | None
+        on_commit: Callable[[Namespace, BlockHash], None] | None
 
         def _pool(self) -> Pool: ...
         def _remove(self, entry: Entry) -> None: ...
@@ -183,6 +184,8 @@ class Writes:
         stats.num_blocks += 1
         stats.num_bytes += entry.nbytes
         self.num_blocks += 1
+        if self.on_commit is not None:
+            self.on_commit(ns, entry.key[1])
 
     def _reserved(self, ns: Namespace, block_hash: BlockHash, slot: SlotId,
                   owner: bytes) -> Entry | None:

@@ -40,14 +40,18 @@ ALLOWED: dict[str, set[str]] = {
     "tenants": {"keys"},
     "gate": {"protocol", "keys", "errors", "tenants"},
     "metrics": {"store", "protocol", "keys", "index", "policy", "slabs", "clients"},
-    "config": {"policy", "units", "ipc", "pool", "tiers"},
+    "config": {"policy", "units", "ipc", "pool", "tiers", "directory"},
     # The seam below the pool: knows keys only; the server puts what it returns into the Store.
     "tiers": {"keys"},
+    # The cluster tier (issue 12): the directory knows keys only (and Valkey); the tier pulls
+    # from peers with the daemon's own client, never touching the Store.
+    "directory": {"keys"},
+    "cluster": {"client", "directory", "keys", "tiers"},
     # The loop decodes, calls the Store, encodes and sends: none of the Store's parts.
     "handlers": {"listeners", "protocol", "connections", "errors", "gate", "keys", "metrics",
                  "pool", "store", "tiers"},
     "server": {"ipc", "listeners", "protocol", "config", "connections", "errors", "gate", "inbox",
-               "malloc", "metrics", "pool", "store", "gcpolicy", "releases", "tiers", "handlers"},
+               "malloc", "metrics", "pool", "store", "gcpolicy", "releases", "tiers", "handlers", "cluster"},
     "cli": {"config", "errors", "ipc", "keys", "units", "malloc", "pool", "server", "tenants",
             "client", "gcpolicy"},
 }

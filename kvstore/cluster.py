@@ -1,0 +1,175 @@
+"""The cluster tier (issue 12): a LOOKUP running past the local pool's prefix asks the directory
+(kvstore/directory.py) which peers hold the rest of the chain, and pulls those blocks from them
+over the daemon's own TCP protocol (a kvstore Client GET), within the tier's deadline. The server
+puts what comes back into the local pool (kvstore/tiers.py's seam), where the Store's on_commit
+registers it: a hot prefix gains a copy on each node that uses it.
+
+Runs on the tier's thread (TierLink); blocking here never blocks the server loop. Faults are
+misses: Valkey down (no holders), a holder gone (its pull fails or runs out of time: it is skipped
+for a while and its entries for the blocks asked are dropped), a holder that evicted the blocks
+(a short answer: the entries of the blocks it lacks are dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from kvstore.client import Client
+from kvstore.directory import Directory, Member
+from kvstore.keys import BlockHash, Namespace
+from kvstore.tiers import Block, Tier
+
+log = logging.getLogger("kvstore.cluster")
+
+SUSPECT_S = 5.0  # a holder whose pull failed is not asked for this long (its heartbeat TTL)
+MAX_PEER_CLIENTS = 64  # open connections to peers kept for the next pulls; LRU beyond
+# Below this much time left, a pull is not started: it could not finish before the deadline.
+MIN_PULL_S = 0.005
+
+
+@dataclass
+class PullStats:
+    """Written by the tier's thread only; read by STATS and the /metrics scrape."""
+
+    num_asked: int = 0  # lookups continued past the local pool
+    num_hits: int = 0  # of those, how many got at least one block from a peer
+    num_blocks: int = 0  # blocks pulled from peers
+    num_bytes: int = 0
+    num_pulls: int = 0  # GETs sent to peers
+    num_pull_failures: int = 0  # GETs that failed or ran out of time
+    num_short_pulls: int = 0  # GETs answered with fewer blocks than the directory promised
+    pull_seconds: float = 0.0
+
+
+class ClusterTier(Tier):
+    """Pulls blocks past the local pool from the peers the directory names."""
+
+    def __init__(self, directory: Directory, timeout_s: float,
+                 curve_dir: Path | None = None) -> None:
+        self.directory, self.timeout_s, self.curve_dir = directory, timeout_s, curve_dir
+        self.stats = PullStats()
+        self._ctx = zmq.Context()
+        self._clients: dict[str, Client] = {}  # address -> connected client, recent last
+        self._suspect: dict[str, float] = {}  # daemon id -> skipped until
+
+    def put(self, ns: Namespace, block: Block) -> None:
+        """Evictions are not offered (the server unregisters them instead, no bytes copied)."""
+
+    def get(self, ns: Namespace, hashes: Sequence[BlockHash]) -> list[Block]:
+        deadline_s = time.monotonic() + self.timeout_s
+        self.stats.num_asked += 1
+        holders = self.directory.holders(ns, hashes)
+        found: list[Block] = []
+        tried: set[str] = set()
+        while len(found) < len(holders):
+            start = len(found)
+            peer, run = self._pick(holders, start, tried)
+            left_s = deadline_s - time.monotonic()
+            if peer is None or left_s < MIN_PULL_S:
+                break
+            tried.add(peer.daemon_id)
+            wanted = list(hashes[start:start + run])
+            datas = self._pull(peer, ns, wanted, left_s)
+            if datas is None:
+                continue  # that holder failed; another may hold the same blocks
+            if len(datas) < run:
+                self.stats.num_short_pulls += 1
+                self.directory.drop_holder(ns, wanted[len(datas):], peer.daemon_id)
+            for block_hash, data in zip(wanted, datas):
+                parent = found[-1][0] if found else None  # the first's: the server knows it
+                found.append((block_hash, parent, data))
+        if found:
+            self.stats.num_hits += 1
+            self.stats.num_blocks += len(found)
+            self.stats.num_bytes += sum(len(b[2]) for b in found)
+        return found
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+        self.directory.close()
+        self._ctx.term()
+
+    def snapshot(self) -> dict[str, Any]:
+        s = self.stats
+        return {"cluster": {
+            **self.directory.snapshot(), "num_asked": s.num_asked, "num_hits": s.num_hits,
+            "num_blocks_pulled": s.num_blocks, "bytes_pulled": s.num_bytes,
+            "num_pulls": s.num_pulls, "num_pull_failures": s.num_pull_failures,
+            "num_short_pulls": s.num_short_pulls}}
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _pick(self, holders: list[list[Member]], start: int,
+              tried: set[str]) -> tuple[Member | None, int]:
+        """The untried, unsuspected holder of holders[start] with the longest run from there."""
+        now = time.monotonic()
+        best, best_run = None, 0
+        for member in holders[start]:
+            if member.daemon_id in tried or self._suspect.get(member.daemon_id, 0.0) > now:
+                continue
+            run = 1
+            while start + run < len(holders) and any(
+                    m.daemon_id == member.daemon_id for m in holders[start + run]):
+                run += 1
+            if run > best_run:
+                best, best_run = member, run
+        return best, best_run
+
+    def _pull(self, peer: Member, ns: Namespace, hashes: list[BlockHash],
+              timeout_s: float) -> list[bytes] | None:
+        """The stored prefix of hashes on peer, or None when the pull failed (peer suspected,
+        its entries for hashes dropped, its connection closed)."""
+        self.stats.num_pulls += 1
+        start = time.perf_counter()
+        client = self._client(peer.address)
+        client.timeout_s = timeout_s
+        try:
+            datas = client.get(ns, hashes)
+        except Exception as exc:  # unreachable, too slow, refused: a miss
+            self.stats.num_pull_failures += 1
+            log.info("pull of %d blocks from %s (%s) failed: %s", len(hashes), peer.daemon_id,
+                     peer.address, exc)
+            self._suspect[peer.daemon_id] = time.monotonic() + SUSPECT_S
+            self.directory.drop_holder(ns, hashes, peer.daemon_id)
+            self._clients.pop(peer.address, None)
+            client.close()
+            return None
+        finally:
+            self.stats.pull_seconds += time.perf_counter() - start
+        return datas
+
+    def _client(self, address: str) -> Client:
+        client = self._clients.pop(address, None)
+        if client is None:
+            client = Client(address, self.timeout_s, ctx=self._ctx, use_shm=False,
+                            curve_dir=self.curve_dir)
+            if len(self._clients) >= MAX_PEER_CLIENTS:
+                oldest = next(iter(self._clients))
+                self._clients.pop(oldest).close()
+        self._clients[address] = client  # most recent last
+        return client
+
+
+def open_cluster(url: str, address: str, timeout_s: float,
+                 curve_dir: Path | None) -> ClusterTier:
+    """The cluster tier of `kvstore serve --cluster url`: this daemon joins the directory as
+    address (with its CURVE server key when it has one) and pulls with the client keys of
+    curve_dir when it holds them (`kvstore keygen` writes both: one key set for the fleet)."""
+    curve_key, client_keys = None, None
+    if curve_dir is not None:
+        from zmq.auth import load_certificate
+
+        curve_key = load_certificate(curve_dir / "server.key")[0].decode()
+        if (curve_dir / "client.key_secret").exists() and (curve_dir / "server.key").exists():
+            client_keys = curve_dir
+    # Valkey calls of a lookup must leave time for the pull in the same deadline.
+    directory = Directory(url, address, curve_key, timeout_s=max(0.01, timeout_s / 2))
+    return ClusterTier(directory, timeout_s, client_keys)

@@ -1,0 +1,105 @@
+"""Beyond one node (issue 12): two real daemons, each standing for a node on its own loopback
+address (127.0.0.2, 127.0.0.3; network namespaces are not used here), find each other's blocks
+through a real 3-master Valkey cluster (tests/valkey_cluster.py) and pull them over TCP. Every
+fault is a miss, never an error: a Valkey master killed, Valkey gone, the holder killed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kvstore.client import Client
+from kvstore.directory import Valkeys, block_key, parse_url
+from kvstore.keys import Namespace
+from tests.integration.helpers import CALL_S, as_chain, chain_hashes, random_blocks, wait_stats
+
+NS = Namespace(b"model-a")
+BLOCK = 256 * 1024
+N = 8
+# Generous for a shared CI machine; a pull on loopback takes milliseconds.
+TIER_TIMEOUT_S = 2.0
+
+
+def _node(make_daemon, valkey_cluster, host: str, timeout_s: float = TIER_TIMEOUT_S):  # type: ignore[no-untyped-def]
+    return make_daemon(pool_size="64MiB", host=host, extra_args=[
+        "--cluster", valkey_cluster.url, "--tier-timeout", str(timeout_s)]).start()
+
+
+def _registered(d, n: int) -> dict:  # type: ignore[no-untyped-def]
+    """Stats once d's directory thread wrote n block entries."""
+    return wait_stats(d.address, lambda s: s["tier"]["cluster"]["num_registered"] >= n, 10,
+                      f"{n} blocks registered by {d.address}")
+
+
+def _put_on(d, tag: str, n: int = N) -> tuple[list[bytes], list[bytes]]:  # type: ignore[no-untyped-def]
+    hashes, datas = chain_hashes(tag, n), random_blocks(hash(tag) % 1000, [BLOCK] * n)
+    with Client(d.address, CALL_S, use_shm=False) as client:
+        assert client.put(NS, as_chain(hashes, datas)).num_stored == n
+    _registered(d, n)
+    return hashes, datas
+
+
+@pytest.mark.timeout(90)
+def test_a_block_put_on_one_node_is_read_through_the_other(make_daemon, valkey_cluster):
+    a = _node(make_daemon, valkey_cluster, "127.0.0.2")
+    b = _node(make_daemon, valkey_cluster, "127.0.0.3")
+    hashes, datas = _put_on(a, "shared")
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        assert client.lookup(NS, hashes).num_hits == N  # pulled from a into b's pool
+        assert client.get(NS, hashes) == datas  # read from b, the bytes a was given
+        cluster = client.stats()["tier"]["cluster"]
+    assert cluster["num_blocks_pulled"] == N and cluster["bytes_pulled"] == N * BLOCK
+    assert cluster["num_pull_failures"] == 0
+    _registered(b, N)  # b now holds a copy and says so
+
+
+@pytest.mark.timeout(90)
+def test_a_valkey_master_killed_lookups_still_answer(make_daemon, valkey_cluster):
+    a = _node(make_daemon, valkey_cluster, "127.0.0.2")
+    b = _node(make_daemon, valkey_cluster, "127.0.0.3")
+    hashes, datas = _put_on(a, "one-master-down")
+    valkey_cluster.kill(0)
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        num_hits = client.lookup(NS, hashes).num_hits  # the keys in the dead master's slots miss
+        assert 0 <= num_hits <= N
+        assert client.get(NS, hashes) == datas[:num_hits]
+        assert client.stats()["errors"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_valkey_gone_the_node_serves_its_local_pool(make_daemon, valkey_cluster):
+    b = _node(make_daemon, valkey_cluster, "127.0.0.3")
+    hashes, datas = _put_on(b, "local", 2)
+    valkey_cluster.stop()
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        more = chain_hashes("local", 4)
+        started = time.monotonic()
+        assert client.lookup(NS, more).num_hits == 2  # its own two, the rest a miss
+        assert time.monotonic() - started < TIER_TIMEOUT_S + 1.0
+        assert client.get(NS, hashes) == datas
+        stats = client.stats()
+        assert stats["errors"] == 0 and not stats["tier"]["cluster"]["is_up"]
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_holder_is_a_miss_within_the_deadline_and_its_entries_go(
+        make_daemon, valkey_cluster):
+    a = _node(make_daemon, valkey_cluster, "127.0.0.2")
+    b = _node(make_daemon, valkey_cluster, "127.0.0.3", timeout_s=0.5)
+    hashes, _ = _put_on(a, "gone")
+    a_id = _registered(a, N)["tier"]["cluster"]["daemon_id"]
+    a.kill()
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        started = time.monotonic()
+        assert client.lookup(NS, hashes).num_hits == 0
+        assert time.monotonic() - started < 0.5 + 1.0  # the deadline, and scheduling slack
+        assert client.stats()["errors"] == 0
+    # The holder's entries are removed from the directory (a failed pull drops them).
+    valkeys = Valkeys(parse_url(valkey_cluster.url), 1.0, lambda *_: None)
+    key = block_key(NS, hashes[0])
+    deadline = time.monotonic() + 10
+    while (members := valkeys.run([("SMEMBERS", key)])[0]) and time.monotonic() < deadline:
+        assert client.ping() >= 0  # paces the poll on the daemon's round trip
+    valkeys.close()
+    assert a_id.encode() not in (members or []), members
