@@ -290,6 +290,16 @@ def render_stats(stats: dict[str, Any], address: str,
         lines += ["", "hottest prefixes", f"{'NAMESPACE':<14}{'READS':>8}{'BLOCKS':>8}  LAST BLOCK"]
         for label, prefix in sorted(hot, key=lambda x: -x[1]["hits"]):
             lines.append(f"{label:<14}{prefix['hits']:>8}{prefix['blocks']:>8}  {prefix['hash']}")
+    cluster = stats.get("tier", {}).get("cluster")
+    if cluster:  # `kvstore serve --cluster`: what the other nodes gave this one
+        state = "up" if cluster["is_up"] else "DOWN (lookups past the pool are misses)"
+        lines += ["", f"cluster: directory {state}, {cluster['num_members']} daemons, "
+                      f"{cluster['num_held']} blocks registered here; "
+                      f"{cluster['num_hits']} of {cluster['num_asked']} lookups past the pool hit, "
+                      f"{cluster['num_blocks_pulled']} blocks "
+                      f"({format_size(cluster['bytes_pulled'])}) pulled in {cluster['num_pulls']} "
+                      f"pulls, {cluster['num_pull_failures']} failed; directory lookup p50 "
+                      f"{cluster['lookup_p50_ms']:.2f} ms"]
     if rates:
         seconds = max(rates[1], 1e-9)
         moved = [f"{d} {path} {format_size((stats[k][path] - rates[0][k][path]) / seconds)}/s"

@@ -129,7 +129,7 @@ class ClusterTier(Tier):
         its entries for hashes dropped, its connection closed)."""
         self.stats.num_pulls += 1
         start = time.perf_counter()
-        client = self._client(peer.address)
+        client = self._client(peer)
         client.timeout_s = timeout_s
         try:
             datas = client.get(ns, hashes)
@@ -146,30 +146,34 @@ class ClusterTier(Tier):
             self.stats.pull_seconds += time.perf_counter() - start
         return datas
 
-    def _client(self, address: str) -> Client:
-        client = self._clients.pop(address, None)
+    def _client(self, peer: Member) -> Client:
+        client = self._clients.pop(peer.address, None)
         if client is None:
-            client = Client(address, self.timeout_s, ctx=self._ctx, use_shm=False,
+            client = Client(peer.address, self.timeout_s, ctx=self._ctx, use_shm=False,
                             curve_dir=self.curve_dir)
+            if client._curve is not None and peer.curve_key:
+                # Our client key, the server key the peer advertises in the directory: each node
+                # may have its own (it must admit our client key in its clients/ directory).
+                client._curve = (*client._curve[:2], peer.curve_key.encode())
             if len(self._clients) >= MAX_PEER_CLIENTS:
                 oldest = next(iter(self._clients))
                 self._clients.pop(oldest).close()
-        self._clients[address] = client  # most recent last
+        self._clients[peer.address] = client  # most recent last
         return client
 
 
 def open_cluster(url: str, address: str, timeout_s: float,
                  curve_dir: Path | None) -> ClusterTier:
     """The cluster tier of `kvstore serve --cluster url`: this daemon joins the directory as
-    address (with its CURVE server key when it has one) and pulls with the client keys of
-    curve_dir when it holds them (`kvstore keygen` writes both: one key set for the fleet)."""
+    address (with its CURVE server key when it has one) and pulls with the client keys in
+    curve_dir when it holds them (`kvstore keygen` writes both)."""
     curve_key, client_keys = None, None
     if curve_dir is not None:
         from zmq.auth import load_certificate
 
         curve_key = load_certificate(curve_dir / "server.key")[0].decode()
-        if (curve_dir / "client.key_secret").exists() and (curve_dir / "server.key").exists():
+        if (curve_dir / "client.key_secret").exists():
             client_keys = curve_dir
-    # Valkey calls of a lookup must leave time for the pull in the same deadline.
+    # Valkey calls of a lookup must leave time for the pull within the same deadline.
     directory = Directory(url, address, curve_key, timeout_s=max(0.01, timeout_s / 2))
     return ClusterTier(directory, timeout_s, client_keys)

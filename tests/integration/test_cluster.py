@@ -9,10 +9,16 @@ import time
 
 import pytest
 
+import signal
+import subprocess
+
+from bench.daemon import free_port
 from kvstore.client import Client
 from kvstore.directory import Valkeys, block_key, parse_url
 from kvstore.keys import Namespace
-from tests.integration.helpers import CALL_S, as_chain, chain_hashes, random_blocks, wait_stats
+from tests.integration.helpers import (CALL_S, as_chain, chain_hashes, random_blocks, run_cli,
+                                       wait_stats)
+from tests.integration.test_metrics import scrape, value
 
 NS = Namespace(b"model-a")
 BLOCK = 256 * 1024
@@ -21,9 +27,31 @@ N = 8
 TIER_TIMEOUT_S = 2.0
 
 
-def _node(make_daemon, valkey_cluster, host: str, timeout_s: float = TIER_TIMEOUT_S):  # type: ignore[no-untyped-def]
-    return make_daemon(pool_size="64MiB", host=host, extra_args=[
-        "--cluster", valkey_cluster.url, "--tier-timeout", str(timeout_s)]).start()
+def _node(make_daemon, valkey_cluster, host: str, timeout_s: float = TIER_TIMEOUT_S,  # type: ignore[no-untyped-def]
+          extra: tuple[str, ...] = (), **kwargs):
+    return make_daemon(pool_size=kwargs.pop("pool_size", "64MiB"), host=host, extra_args=[
+        "--cluster", valkey_cluster.url, "--tier-timeout", str(timeout_s), *extra],
+        **kwargs).start()
+
+
+def _entries(valkey_cluster, key: str) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """The daemon ids the directory lists for a block key, read straight from Valkey."""
+    valkeys = Valkeys(parse_url(valkey_cluster.url), CALL_S, lambda *_: None)
+    try:
+        return valkeys.run([("SMEMBERS", key)])[0] or []
+    finally:
+        valkeys.close()
+
+
+def _until_gone(valkey_cluster, key: str, daemon_id: str, d) -> list[bytes]:  # type: ignore[no-untyped-def]
+    """Poll until daemon_id is no longer listed for key (the removal is asynchronous)."""
+    deadline = time.monotonic() + 10
+    while daemon_id.encode() in (ids := _entries(valkey_cluster, key)):
+        if time.monotonic() > deadline:
+            break
+        with Client(d.address, CALL_S, use_shm=False) as client:
+            client.ping()  # paces the poll on a daemon round trip, no sleep
+    return ids
 
 
 def _registered(d, n: int) -> dict:  # type: ignore[no-untyped-def]
@@ -43,7 +71,8 @@ def _put_on(d, tag: str, n: int = N) -> tuple[list[bytes], list[bytes]]:  # type
 @pytest.mark.timeout(90)
 def test_a_block_put_on_one_node_is_read_through_the_other(make_daemon, valkey_cluster):
     a = _node(make_daemon, valkey_cluster, "127.0.0.2")
-    b = _node(make_daemon, valkey_cluster, "127.0.0.3")
+    port = free_port()
+    b = _node(make_daemon, valkey_cluster, "127.0.0.3", extra=("--metrics-port", str(port)))
     hashes, datas = _put_on(a, "shared")
     with Client(b.address, CALL_S, use_shm=False) as client:
         assert client.lookup(NS, hashes).num_hits == N  # pulled from a into b's pool
@@ -52,6 +81,13 @@ def test_a_block_put_on_one_node_is_read_through_the_other(make_daemon, valkey_c
     assert cluster["num_blocks_pulled"] == N and cluster["bytes_pulled"] == N * BLOCK
     assert cluster["num_pull_failures"] == 0
     _registered(b, N)  # b now holds a copy and says so
+    assert len(_entries(valkey_cluster, block_key(NS, hashes[-1]))) == 2
+    samples = scrape(port)
+    assert value(samples, "kvstore_cluster_pulled_bytes_total") == N * BLOCK
+    assert value(samples, "kvstore_cluster_hits_total") == 1
+    assert value(samples, "kvstore_cluster_directory_seconds_count", op="holders") >= 1
+    shown = run_cli("stats", "--address", b.address).stdout.decode()
+    assert f"{N} blocks (2.0 MiB) pulled in 1 pulls, 0 failed" in shown, shown
 
 
 @pytest.mark.timeout(90)
@@ -96,10 +132,58 @@ def test_a_killed_holder_is_a_miss_within_the_deadline_and_its_entries_go(
         assert time.monotonic() - started < 0.5 + 1.0  # the deadline, and scheduling slack
         assert client.stats()["errors"] == 0
     # The holder's entries are removed from the directory (a failed pull drops them).
-    valkeys = Valkeys(parse_url(valkey_cluster.url), 1.0, lambda *_: None)
-    key = block_key(NS, hashes[0])
-    deadline = time.monotonic() + 10
-    while (members := valkeys.run([("SMEMBERS", key)])[0]) and time.monotonic() < deadline:
-        assert client.ping() >= 0  # paces the poll on the daemon's round trip
-    valkeys.close()
-    assert a_id.encode() not in (members or []), members
+    assert a_id.encode() not in _until_gone(valkey_cluster, block_key(NS, hashes[0]), a_id, b)
+
+
+@pytest.mark.timeout(90)
+def test_a_slow_holder_is_a_miss_within_the_deadline(make_daemon, valkey_cluster):
+    """The holder stopped (SIGSTOP: alive, registered, not answering) past b's deadline."""
+    a = _node(make_daemon, valkey_cluster, "127.0.0.2")
+    b = _node(make_daemon, valkey_cluster, "127.0.0.3", timeout_s=0.5)
+    hashes, _ = _put_on(a, "slow")
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        with Client(b.address, CALL_S, use_shm=False) as client:
+            started = time.monotonic()
+            assert client.lookup(NS, hashes).num_hits == 0
+            assert time.monotonic() - started < 0.5 + 1.0
+            assert client.ping() >= 0 and client.stats()["errors"] == 0
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.timeout(90)
+def test_blocks_evicted_on_the_holder_leave_the_directory(make_daemon, valkey_cluster):
+    """Evicted blocks are unregistered by their holder, so no peer pulls for them."""
+    a = _node(make_daemon, valkey_cluster, "127.0.0.2", pool_size="16MiB", page_size="2MiB")
+    b = _node(make_daemon, valkey_cluster, "127.0.0.3")
+    hashes, _ = _put_on(a, "evicted", 4)
+    a_id = _registered(a, 4)["tier"]["cluster"]["daemon_id"]
+    with Client(a.address, CALL_S, use_shm=False) as client:  # 64 slots: evicts all four
+        for h in chain_hashes("filler", 64):
+            client.put(NS, [(h, None, bytes(BLOCK))])
+    wait_stats(a.address, lambda s: s["tier"]["cluster"]["num_unregistered"] >= 4, 10,
+               "evictions unregistered")
+    assert a_id.encode() not in _entries(valkey_cluster, block_key(NS, hashes[0]))
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        assert client.lookup(NS, hashes).num_hits == 0
+        assert client.stats()["tier"]["cluster"]["num_pulls"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_holder_without_the_blocks_is_a_short_pull_and_its_entries_go(
+        make_daemon, valkey_cluster):
+    """Blocks dropped on the holder without an eviction (kvstore invalidate) stay listed; the
+    pull comes back short, b answers the miss and removes the entries."""
+    a = _node(make_daemon, valkey_cluster, "127.0.0.2")
+    b = _node(make_daemon, valkey_cluster, "127.0.0.3")
+    hashes, _ = _put_on(a, "invalidated")
+    a_id = _registered(a, N)["tier"]["cluster"]["daemon_id"]
+    with Client(a.address, CALL_S, use_shm=False) as client:
+        assert client.invalidate(NS.name) == N
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        assert client.lookup(NS, hashes).num_hits == 0
+        cluster = client.stats()["tier"]["cluster"]
+    assert cluster["num_short_pulls"] == 1 and cluster["num_pull_failures"] == 0
+    assert a_id.encode() not in _until_gone(valkey_cluster, block_key(NS, hashes[0]), a_id, b)
