@@ -10,9 +10,8 @@ import time
 import pytest
 
 import signal
-import subprocess
 
-from bench.daemon import free_port
+from bench.daemon import free_port, wait_until
 from kvstore.client import Client
 from kvstore.directory import Valkeys, block_key, parse_url
 from kvstore.keys import Namespace
@@ -187,3 +186,27 @@ def test_a_holder_without_the_blocks_is_a_short_pull_and_its_entries_go(
         cluster = client.stats()["tier"]["cluster"]
     assert cluster["num_short_pulls"] == 1 and cluster["num_pull_failures"] == 0
     assert a_id.encode() not in _until_gone(valkey_cluster, block_key(NS, hashes[0]), a_id, b)
+
+
+@pytest.mark.timeout(90)
+def test_pulls_between_daemons_with_their_own_curve_keys(make_daemon, valkey_cluster, tmp_path):
+    """Each node has its own `kvstore keygen` keys and admits the other's client key: b pulls
+    with its client key and the server key a advertises in the directory."""
+    keys = {}
+    for name in ("a", "b"):
+        keys[name] = tmp_path / name
+        assert run_cli("keygen", str(keys[name])).returncode == 0
+    for name, other in (("a", "b"), ("b", "a")):
+        (keys[name] / "clients" / f"{other}.key").write_bytes(
+            (keys[other] / "client.key").read_bytes())
+    a = _node(make_daemon, valkey_cluster, "127.0.0.2", client_keys=keys["a"],
+              extra=("--curve-keys", str(keys["a"])))
+    b = _node(make_daemon, valkey_cluster, "127.0.0.3", client_keys=keys["b"],
+              extra=("--curve-keys", str(keys["b"])))
+    hashes, datas = chain_hashes("curve", 2), random_blocks(11, [BLOCK] * 2)
+    with Client(a.address, CALL_S, use_shm=False, curve_dir=keys["a"]) as client:
+        assert client.put(NS, as_chain(hashes, datas)).num_stored == 2
+        wait_until(lambda: client.stats()["tier"]["cluster"]["num_registered"] >= 2, 10)
+    with Client(b.address, CALL_S, use_shm=False, curve_dir=keys["b"]) as client:
+        assert client.lookup(NS, hashes).num_hits == 2
+        assert client.get(NS, hashes) == datas
