@@ -62,8 +62,10 @@ class ClusterTier(Tier):
     def put(self, ns: Namespace, block: Block) -> None:
         """Evictions are not offered (the server unregisters them instead, no bytes copied)."""
 
-    def get(self, ns: Namespace, hashes: Sequence[BlockHash]) -> list[Block]:
-        deadline_s = time.monotonic() + self.timeout_s
+    def get(self, ns: Namespace, hashes: Sequence[BlockHash],
+            deadline_s: float | None = None) -> list[Block]:
+        if deadline_s is None:
+            deadline_s = time.monotonic() + self.timeout_s
         self.stats.num_asked += 1
         holders = self.directory.holders(ns, hashes)
         found: list[Block] = []

@@ -41,8 +41,10 @@ class Tier:
         """Keep a block evicted from the pool (or drop it: a tier may be full)."""
         raise NotImplementedError
 
-    def get(self, ns: Namespace, hashes: Sequence[BlockHash]) -> list[Block]:
-        """The blocks of the longest stored prefix of hashes, root first."""
+    def get(self, ns: Namespace, hashes: Sequence[BlockHash],
+            deadline_s: float | None = None) -> list[Block]:
+        """The blocks of the longest stored prefix of hashes, root first. deadline_s (the
+        TierLink's clock, time.monotonic by default): when the asker stops waiting."""
         raise NotImplementedError
 
     def snapshot(self) -> dict[str, Any]:
@@ -66,7 +68,8 @@ class MemoryTier(Tier):
     def put(self, ns: Namespace, block: Block) -> None:
         self.blocks[(ns, block[0])] = block
 
-    def get(self, ns: Namespace, hashes: Sequence[BlockHash]) -> list[Block]:
+    def get(self, ns: Namespace, hashes: Sequence[BlockHash],
+            deadline_s: float | None = None) -> list[Block]:
         if self.delay_s:
             time.sleep(self.delay_s)  # the tier's thread, never the loop's
         if self.is_failing:
@@ -219,9 +222,12 @@ class TierLink:
                     self._queued_bytes -= len(block[2])
                 continue
             _, ask_id, ns, hashes = job
+            pending = self._pending.get(ask_id)  # a dict read: safe beside the loop's writes
+            if pending is None or pending.deadline_s <= self.clock():
+                continue  # its asker was answered without it: no work for no one (a backlog)
             blocks: list[Block] | None
             try:
-                blocks = self.tier.get(ns, hashes)
+                blocks = self.tier.get(ns, hashes, pending.deadline_s)
             except Exception as exc:  # a fault is a miss
                 log.warning("tier lookup failed: %s", exc)
                 blocks = None

@@ -43,12 +43,30 @@ def test_evictions_beyond_the_queued_bytes_bound_are_not_offered(monkeypatch) ->
         link.close()
 
 
+class _CountingTier(MemoryTier):
+    """A slow tier that says when a get() starts and counts them."""
+
+    def __init__(self) -> None:
+        super().__init__(delay_s=0.2)
+        self.started = threading.Event()
+        self.num_gets = 0
+
+    def get(self, ns: Namespace, hashes, deadline_s=None):  # type: ignore[no-untyped-def]
+        self.num_gets += 1
+        self.started.set()
+        return super().get(ns, hashes, deadline_s)
+
+
 def test_a_late_answer_is_dropped_after_its_deadline() -> None:
+    """The first question's answer comes after its deadline and is dropped; the second, whose
+    deadline passed while it waited behind the first, is never asked (no work for no one)."""
     now = [0.0]
-    link = TierLink(MemoryTier(delay_s=0.2), timeout_s=0.1, clock=lambda: now[0])
+    tier = _CountingTier()
+    link = TierLink(tier, timeout_s=0.1, clock=lambda: now[0])
     try:
         assert link.ask("first", NS, [BlockHash(b"a")])
         assert link.ask("second", NS, [BlockHash(b"b")])
+        assert tier.started.wait(10)  # the worker is inside the first get()
         assert link.timeout_ms(50) == 50  # no deadline before the loop's own wake-up
         assert link.expired() == []
         now[0] = 0.2
@@ -59,3 +77,4 @@ def test_a_late_answer_is_dropped_after_its_deadline() -> None:
         assert link.stats()["num_timed_out"] == 2 and link.stats()["num_pending"] == 0
     finally:
         link.close()
+    assert tier.num_gets == 1  # close() joined the worker: the second was skipped
