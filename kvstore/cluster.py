@@ -106,7 +106,7 @@ class ClusterTier(Tier):
             **self.directory.snapshot(), "num_asked": s.num_asked, "num_hits": s.num_hits,
             "num_blocks_pulled": s.num_blocks, "bytes_pulled": s.num_bytes,
             "num_pulls": s.num_pulls, "num_pull_failures": s.num_pull_failures,
-            "num_short_pulls": s.num_short_pulls}}
+            "num_short_pulls": s.num_short_pulls, "pull_seconds": round(s.pull_seconds, 6)}}
 
     # --- helpers ---------------------------------------------------------------------------
     def _pick(self, holders: list[list[Member]], start: int,
