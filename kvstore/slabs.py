@@ -33,6 +33,10 @@ class _Page:
     freed: array[int] = field(default_factory=lambda: array("q"))  # slot indexes, stack
     in_use: bytearray = field(default_factory=bytearray)  # 1 per slot in use
     num_used: int = 0
+    # What each slot handed out holds (the Store's entry; None once freed), by slot index: a
+    # page is repurposed by evicting what it holds, found without a scan of the index.
+    holders: list[object] = field(default_factory=list)
+    is_draining: bool = False  # being emptied for another size class: takes no new slots
 
 
 class Slabs:
@@ -93,6 +97,7 @@ class Slabs:
         else:
             idx = page.num_fresh
             page.num_fresh += 1
+            page.holders.append(None)
         page.in_use[idx] = 1
         page.num_used += 1
         self.num_slots_in_use += 1
@@ -107,16 +112,48 @@ class Slabs:
         idx, rest = divmod(slot - page.offset, page.slot_bytes or 1)
         assert page.slot_bytes and not rest and page.in_use[idx], f"double free of slot {slot}"
         page.in_use[idx] = 0
+        page.holders[idx] = None
         page.num_used -= 1
         self.num_slots_in_use -= 1
         if page.num_used == 0:
             self._partial[page.slot_bytes].discard(page_idx)
             page.slot_bytes, page.num_slots, page.num_fresh = 0, 0, 0
-            page.freed, page.in_use = array("q"), bytearray()
+            page.freed, page.in_use, page.holders = array("q"), bytearray(), []
+            page.is_draining = False
             self._free_pages.append(page_idx)
         else:
             page.freed.append(idx)
-            self._partial[page.slot_bytes].add(page_idx)
+            if not page.is_draining:
+                self._partial[page.slot_bytes].add(page_idx)
+
+    def set_holder(self, slot: SlotId, holder: object) -> None:
+        """Record what an allocated slot holds (holders() hands it back until the slot is freed)."""
+        page = self._pages[self.page_of(slot)]
+        page.holders[(slot - page.offset) // page.slot_bytes] = holder
+
+    def holders(self, page_idx: int) -> list[object]:
+        """What the slots of a page hold, by slot index (None: free); the list is the page's
+        own, replaced when the page is freed: read it, never change it."""
+        return self._pages[page_idx].holders
+
+    def drain(self, page_idx: int) -> None:
+        """Hand out no more slots of a page in use, so that it empties as its slots are freed
+        (and then serves any size class, like any free page)."""
+        page = self._pages[page_idx]
+        assert page.slot_bytes, "drain of a free page"
+        page.is_draining = True
+        self._partial[page.slot_bytes].discard(page_idx)
+
+    def is_draining(self, page_idx: int) -> bool:
+        return self._pages[page_idx].is_draining
+
+    def pages_to_repurpose(self, slot_bytes: int) -> list[int]:
+        """Pages in use by another size class and not draining, fewest slots in use first.
+        O(pages): there are few (pool / page; config.py keeps pages large)."""
+        pages = [i for i, p in enumerate(self._pages)
+                 if p.slot_bytes and p.slot_bytes != slot_bytes and not p.is_draining]
+        pages.sort(key=lambda i: self._pages[i].num_used)
+        return pages
 
     def page_of(self, slot: SlotId) -> int:
         """Index of the page holding slot."""

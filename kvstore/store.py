@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kvstore import hottest
+from kvstore import hottest, room
 from kvstore.clients import CLIENT_RESERVED_SHARE, RESERVED_TABLE_SHARE, ClientLimits, Clients
 from kvstore.hottest import HotPrefix
 from kvstore.index import Entry, Index, State
@@ -47,6 +47,9 @@ class Store(Writes):
     index: Index = field(default_factory=Index)
     stats: dict[bytes, NamespaceStats] = field(default_factory=dict)
     num_evictions: int = 0
+    # Blocks one message may evict (kvstore/room.py); a page to repurpose empties over messages.
+    max_evictions_per_message: int = room.MAX_EVICTIONS_PER_MESSAGE
+    _repurposing: room.Repurposing | None = None  # the page being emptied for another class
     num_reclaimed: int = 0  # reservations abandoned past their deadline (a writer timed out)
     num_blocks: int = 0  # committed blocks, kept as it changes so reading it costs nothing
     slot_bytes_used: int = 0  # bytes of the slots taken (reserved or committed, or still pinned)

@@ -34,6 +34,8 @@ class Writes:
         clients: Clients
         num_blocks: int
         num_evictions: int
+        max_evictions_per_message: int
+        _repurposing: room.Repurposing | None
         num_fenced: int
         slot_bytes_used: int
         bytes_stored: int
@@ -123,6 +125,7 @@ class Writes:
         slots: list[SlotId | None] = []
         num_full = 0
         is_guarded = False
+        evictions_left = self.max_evictions_per_message  # for the whole message (issue 10)
         for i, (block_hash, parent_hash, nbytes) in enumerate(blocks):
             if num_full:
                 # The pool refused an earlier block of this chain; a child without it is useless.
@@ -144,7 +147,11 @@ class Writes:
                     is_guarded = True
                 # Room for the whole run of such blocks at once: one scan of the eviction order
                 # per run, not per block (a chain in a full pool took 26 s for 1024 blocks).
-                if self._make_room(nbytes, room.num_to_place(self.index, self.slabs, ns, blocks, i)):
+                num_evicted, is_room = self._make_room(
+                    nbytes, room.num_to_place(self.index, self.slabs, ns, blocks, i),
+                    evictions_left)
+                evictions_left -= num_evicted
+                if is_room:
                     slot = self.slabs.alloc(nbytes)
             if slot is None:
                 num_full += 1
@@ -155,24 +162,83 @@ class Writes:
             entry = self.index.add_reserved((ns, block_hash), slot, nbytes, parent_hash,
                                             now + self.limits.reserve_s)
             entry.owner = owner
+            self.slabs.set_holder(slot, entry)
             self.clients.add_reserved(entry, slot_bytes)
             slots.append(slot)
         return Reservation(slots, num_full)
 
-    def _make_room(self, nbytes: int, num_slots: int = 1) -> bool:
-        """Evict until num_slots slots of nbytes' size class can be had, or as many as the
-        evictable blocks give; False (and nothing evicted) when not even one can."""
-        victims = room.victims_for(self.slabs, self.policy.victims(), nbytes, num_slots)
+    def _make_room(self, nbytes: int, num_slots: int, max_evictions: int) -> tuple[int, bool]:
+        """Evict up to max_evictions blocks so that num_slots slots of nbytes' size class can be
+        had, or as many as can; returns (blocks evicted, whether any room was made).
+
+        In the policy's order while that frees room within the bound. Past it (a new size class
+        whose victims spread over every page: thousands of evictions to free one), a page of
+        another class is repurposed instead, emptied a slice per message (_repurpose); the rows
+        meanwhile are answered full. Nothing is evicted when no page could ever free."""
+        if max_evictions <= 0:
+            return 0, False  # this message's evictions are spent: full until the next one
+        victims, is_cut = room.victims_for(self.slabs, self.policy.victims(), nbytes, num_slots,
+                                           max_evictions, room.MAX_SLOT_VISITS_PER_MESSAGE)
         for entry in victims:
-            if self.on_evict is not None and self.pool is not None:
-                # Before _remove frees the slot: the next tier takes its copy now (tiers.py).
-                ns, block_hash = entry.key
-                self.on_evict(ns, block_hash, entry.parent_hash,
-                              self.pool.view(entry.slot, entry.nbytes))
-            self._ns_stats(entry.key[0]).num_evictions += 1
-            self._remove(entry)
-        self.num_evictions += len(victims)
-        return bool(victims)
+            self._evict(entry)
+        if victims or not (is_cut or self._repurposing):  # no page could free: change nothing
+            return len(victims), bool(victims)
+        return self._repurpose(nbytes, max_evictions)
+
+    def _repurpose(self, nbytes: int, max_evictions: int) -> tuple[int, bool]:
+        """Evict up to max_evictions blocks of the page being repurposed (choosing one first if
+        none is), looking at up to MAX_SLOT_VISITS_PER_MESSAGE of its slots from where the last
+        message stopped; returns (blocks evicted, whether the page is free now). The page takes
+        no new slots meanwhile, and frees by itself when its last pinned or reserved slot goes.
+
+        Every block of the page goes, in slot order, not leaf first: a block whose children lie
+        on other pages leaves them unreachable (a lookup matches from the root) until they are
+        evicted in turn; freeing the page in the policy's order is what cost thousands."""
+        slabs = self.slabs
+        work = self._repurposing
+        if work is not None and not slabs.is_draining(work.page_idx):
+            work = self._repurposing = None  # freed between messages (its pins ended)
+        want = slabs.slot_bytes_for(nbytes)
+        if work is not None and slabs.page_slot_bytes(work.page_idx) == want:
+            # Being emptied for another class: a writer of its own class would only take the
+            # page back when it frees (and undo the work); it evicts in the policy's order only.
+            return 0, False
+        if work is None:
+            page_idx = room.page_to_repurpose(slabs, nbytes, room.MAX_SLOT_VISITS_PER_MESSAGE)
+            if page_idx is None:
+                return 0, False
+            slabs.drain(page_idx)
+            work = self._repurposing = room.Repurposing(page_idx)
+        holders = slabs.holders(work.page_idx)
+        num_evicted, num_visits, is_wrapped = 0, 0, False
+        while (num_evicted < max_evictions and num_visits < room.MAX_SLOT_VISITS_PER_MESSAGE
+               and slabs.is_draining(work.page_idx)):
+            if work.cursor >= len(holders):
+                if is_wrapped:
+                    break  # what is left is pinned or being written: it goes by itself
+                work.cursor, is_wrapped = 0, True
+                continue
+            holder = holders[work.cursor]
+            work.cursor += 1
+            num_visits += 1
+            if room.can_go_now(holder):
+                assert isinstance(holder, Entry)
+                self._evict(holder)
+                num_evicted += 1
+        if slabs.is_draining(work.page_idx):
+            return num_evicted, False
+        self._repurposing = None  # its last slot was freed: a free page now
+        return num_evicted, True
+
+    def _evict(self, entry: Entry) -> None:
+        if self.on_evict is not None and self.pool is not None:
+            # Before _remove frees the slot: the next tier takes its copy now (tiers.py).
+            ns, block_hash = entry.key
+            self.on_evict(ns, block_hash, entry.parent_hash,
+                          self.pool.view(entry.slot, entry.nbytes))
+        self._ns_stats(entry.key[0]).num_evictions += 1
+        self._remove(entry)
+        self.num_evictions += 1
 
     def _commit(self, ns: Namespace, entry: Entry) -> None:
         self.clients.drop_reserved(entry, self.slabs.slot_bytes_for(entry.nbytes))

@@ -173,3 +173,22 @@ def test_bytes_wasted_counts_only_open_pages() -> None:
     assert slabs.bytes_wasted() == PAGE_BYTES - 3008
     slabs.free(slot)
     assert slabs.bytes_wasted() == 0
+
+
+def test_a_draining_page_hands_out_no_slot_and_frees_when_emptied() -> None:
+    """drain(): the page's freed slots are not handed out again (its class goes to another page,
+    or is refused), and once its last slot is freed it is a free page for any class."""
+    slabs = Slabs(BASE, 2, PAGE_BYTES)
+    slots = [slabs.alloc(1000) for _ in range(4)]
+    for slot in slots:
+        slabs.set_holder(slot, f"block at {slot}")
+    assert slabs.holders(0) == [f"block at {slot}" for slot in slots]
+    slabs.drain(0)
+    slabs.free(slots[0])
+    assert slabs.holders(0)[0] is None and slabs.is_draining(0)
+    assert slabs.page_of(slabs.alloc(1000)) == 1  # not the free slot of the draining page
+    assert slabs.pages_to_repurpose(3008) == [1]  # page 0 is draining already
+    for slot in slots[1:]:
+        slabs.free(slot)
+    assert not slabs.is_draining(0) and slabs.page_slot_bytes(0) == 0
+    assert slabs.alloc(3000) == BASE

@@ -293,3 +293,113 @@ def test_mass_expiry_runs_in_slices() -> None:
     assert store.expire(2) == 2 and store.num_blocks == 3
     assert store.expire(2) == 2 and store.expire(2) == 1 and store.num_blocks == 0
     assert store.slabs.num_slots_used() == 0
+
+
+# --- a new size class in a full pool (issue 10: bounded work per message) ----------------------
+TINY_BYTES = 64  # 64 slots per page with a 64-byte minimum slot
+CAP = 16  # evictions per message in these tests: a page of tiny blocks takes four messages
+
+
+def tiny_store(num_pages: int) -> Store:
+    """A full pool of tiny blocks t0, t1, ... (64 a page, in page order), every odd one read last
+    so that the policy's victims spread over every page: freeing one in that order takes more
+    than CAP evictions."""
+    store = Store(Slabs(0, num_pages, PAGE_BYTES, min_slot_bytes=TINY_BYTES), clock=FakeClock(),
+                  max_evictions_per_message=CAP)
+    num = num_pages * PAGE_BYTES // TINY_BYTES
+    for i in range(0, num, 64):
+        put(store, [(f"t{j}", None) for j in range(i, i + 64)], nbytes=TINY_BYTES)
+    assert store.slabs.num_free_pages == 0
+    store.read(NS, [h(f"t{j}") for j in range(1, num, 2)])
+    return store
+
+
+def write_large_until_stored(store: Store, name: str, max_messages: int) -> list[int]:
+    """Reserve one large block (a size class no page has) once per message until it gets a
+    slot; returns the evictions of each message."""
+    evictions: list[int] = []
+    for _ in range(max_messages):
+        before = store.num_evictions
+        result = store.reserve(NS, [(h(name), None, LARGE_BYTES)])
+        evictions.append(store.num_evictions - before)
+        assert evictions[-1] <= CAP, evictions
+        if result.num_full == 0:
+            return evictions
+    raise AssertionError(f"no slot after {max_messages} messages: {evictions}")
+
+
+def pages_of(store: Store, names: list[str]) -> set[int]:
+    return {store.slabs.page_of(store.index.get((NS, h(n))).slot) for n in names}
+
+
+def test_a_new_size_class_gets_a_page_within_the_bound_over_several_messages() -> None:
+    """Freeing a page in the policy's order would take 32 + 16 evictions: one page is emptied
+    instead, CAP blocks a message, the writer answered full until the page is free; the other
+    pages keep every block."""
+    store = tiny_store(num_pages=4)
+    assert write_large_until_stored(store, "big", max_messages=8) == [CAP] * 4
+    assert store.num_evictions == 64  # exactly one page's blocks
+    assert store.slabs.num_slots_used() == 3 * 64 + 1
+
+
+def test_a_page_being_emptied_takes_no_new_block_of_its_own_class() -> None:
+    """Writes of the page's class between the messages that empty it go elsewhere (and do not
+    continue emptying it, which would hand the page back to them): otherwise the new class would
+    never get a slot."""
+    store = tiny_store(num_pages=4)
+    assert store.reserve(NS, [(h("big"), None, LARGE_BYTES)]).num_full == 1
+    draining = store._repurposing
+    assert draining is not None and store.slabs.page_num_used(draining.page_idx) == 64 - CAP
+    other = next(p for p in range(4) if p != draining.page_idx)
+    for name in [f"t{other * 64 + j}" for j in range(4)]:  # room on another page
+        store._remove(store.index.get((NS, h(name))))
+    evictions = store.num_evictions
+    assert None not in put(store, [(f"more{i}", None) for i in range(6)], nbytes=TINY_BYTES)
+    assert pages_of(store, [f"more{i}" for i in range(4)]) == {other}
+    assert store.slabs.page_num_used(draining.page_idx) == 64 - CAP  # nor emptied by them
+    assert store.num_evictions - evictions == 2  # the two more, in the policy's order
+    assert write_large_until_stored(store, "big", max_messages=8) == [CAP] * 3
+
+
+def test_repurposing_passes_over_a_page_that_a_pin_keeps_from_freeing() -> None:
+    """The page with the fewest blocks holds a leased one: evicting its others would free no
+    page, so a page without pins is emptied instead, and the leased block is kept."""
+    store = tiny_store(num_pages=4)
+    page0 = [f"t{j}" for j in range(64)]
+    for name in page0[:40]:  # page 0 has the fewest blocks (24), one of them leased
+        assert store.index.get((NS, h(name))) is not None
+        store._remove(store.index.get((NS, h(name))))
+    _, lease = store.pin(NS, [h(page0[41])])
+    assert lease is not None
+    write_large_until_stored(store, "big", max_messages=8)
+    assert all(store.index.get((NS, h(n))) is not None for n in page0[40:])
+    assert store.num_evictions == 64
+
+
+def test_repurposing_waits_out_pins_when_every_page_has_one() -> None:
+    """With a leased block on every page the page with the fewest blocks is emptied around its
+    pin and frees when the lease ends: the new size class is never refused for good."""
+    store = tiny_store(num_pages=2)
+    leases = [store.pin(NS, [h(f"t{page * 64 + 3}")])[1] for page in range(2)]
+    for _ in range(10):
+        assert store.reserve(NS, [(h("big"), None, LARGE_BYTES)]).num_full == 1
+    draining = store._repurposing
+    assert draining is not None and store.slabs.page_num_used(draining.page_idx) == 1
+    for lease in leases:
+        assert lease is not None and store.unpin(lease)
+    write_large_until_stored(store, "big", max_messages=2)
+    assert store.index.get((NS, h("t3"))) is None or store.index.get((NS, h("t67"))) is None
+
+
+def test_a_page_being_emptied_is_finished_when_no_other_block_could_go() -> None:
+    """Once the blocks outside the page being emptied are all leased, the policy's order has
+    nothing to offer: the next writes still go on emptying the page, and get it."""
+    store = tiny_store(num_pages=2)
+    assert store.reserve(NS, [(h("big"), None, LARGE_BYTES)]).num_full == 1
+    draining = store._repurposing
+    assert draining is not None
+    other = 1 - draining.page_idx
+    for j in range(64):
+        assert store.pin(NS, [h(f"t{other * 64 + j}")])[1] is not None
+    assert write_large_until_stored(store, "big", max_messages=8) == [CAP] * 3
+    assert store.slabs.page_num_used(other) == 64
