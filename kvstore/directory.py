@@ -44,10 +44,12 @@ MAX_BATCH = 2048  # directory writes per pipeline: bounded work per round trip
 # Events (registrations, removals) the loop queued and the thread has not written. Past it new
 # ones are dropped (counted): a stalled Valkey must not grow the daemon; the refresh repairs adds.
 MAX_QUEUED = 1_000_000
+MAX_MISSING = 10_000  # holders remembered as seen without a membership key (bounded)
 NODE_BACKOFF_S = 2.0  # a Valkey node that failed is not asked again for this long (a miss)
 CONNECT_BACKOFF_S = 1.0  # a cluster not reachable at all is retried this often
 
 MEMBERS_KEY = "kvs:members"
+FAILED: Any = type("Failed", (), {"__repr__": lambda self: "FAILED"})()  # a command without answer
 
 
 def block_key(ns: Namespace, block_hash: BlockHash) -> str:
@@ -100,7 +102,7 @@ class Valkeys:
     answers (CLUSTER SLOTS), a plain connection per node, commands pipelined per node. A node that
     fails is skipped for NODE_BACKOFF_S, so a dead master costs only the keys in its slots (no
     retries, no waiting on it: valkey-py's cluster client stops on one unreachable default node).
-    run() never raises: a failed command's result is None."""
+    run() never raises: a failed command's result is FAILED (a GET of no key is None)."""
 
     def __init__(self, nodes: list[tuple[str, int]], timeout_s: float,
                  on_state: Callable[[bool, str], None]) -> None:
@@ -109,12 +111,18 @@ class Valkeys:
         self._conns: dict[tuple[str, int], Any] = {}
         self._next_connect_s = 0.0
         self._node_backoff: dict[tuple[str, int], float] = {}  # node -> not asked before then
+        self._masters: list[tuple[str, int]] = []  # of the slot map
+        self._run_ids: dict[tuple[str, int], str] = {}  # each master's process, last seen
+        # Times a node (or the whole cluster) answered again after failing: its keys may be gone
+        # (a restarted master is empty), so the directory's thread registers everything again.
+        self.num_recoveries = 0
+        self._is_lost = False  # no node could be reached: the slot map is to be read again
 
     def run(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Each command is (name, key, args...); results in order, None where it failed."""
+        """Each command is (name, key, args...); results in order, FAILED where it failed."""
         from valkey.crc import key_slot
 
-        results: list[Any] = [None] * len(commands)
+        results: list[Any] = [FAILED] * len(commands)
         slots = self._slot_map()
         if slots is None or not commands:
             return results
@@ -137,17 +145,44 @@ class Valkeys:
                             self._slots = None  # slots moved (failover, resharding): re-read
                         continue
                     results[i] = result
-                self._node_backoff.pop(node, None)
+                self._recovered(node)
             except Exception as exc:
-                self._node_backoff[node] = now + NODE_BACKOFF_S
-                self._drop_conn(node)
-                error = f"node {node[0]}:{node[1]}: {exc}"
+                error = self._failed(node, exc)
         # Up once every node asked lately answered: a dead master is logged once, not per call.
         if error or self._node_backoff:
             self.on_state(False, error)
         else:
             self.on_state(True, "")
         return results
+
+    def check(self) -> None:
+        """Ask every master, those backing off too, for its run id: the directory's health
+        (on_state) and its recoveries (num_recoveries: a node that answers again, or answers
+        with a new run id, having restarted between two checks), even for nodes no recent
+        command touched."""
+        if self._slot_map() is None:
+            return
+        error = ""
+        for node in self._masters:
+            try:
+                run_id = self._conn(node).info("server")["run_id"]
+            except Exception as exc:
+                error = self._failed(node, exc)
+                continue
+            self._recovered(node)
+            if self._run_ids.setdefault(node, run_id) != run_id:
+                self._run_ids[node] = run_id  # restarted between two checks: maybe empty
+                self.num_recoveries += 1
+        self.on_state(not error, error)
+
+    def _recovered(self, node: tuple[str, int]) -> None:
+        if self._node_backoff.pop(node, None) is not None:
+            self.num_recoveries += 1
+
+    def _failed(self, node: tuple[str, int], exc: Exception) -> str:
+        self._node_backoff[node] = time.monotonic() + NODE_BACKOFF_S
+        self._drop_conn(node)
+        return f"node {node[0]}:{node[1]}: {exc}"
 
     def close(self) -> None:
         for node in list(self._conns):
@@ -172,8 +207,12 @@ class Valkeys:
             for start, end, master, *_ in ranges:
                 host = _text(master[0]) or node[0]
                 slots[int(start):int(end) + 1] = [(host, int(master[1]))] * (int(end) - int(start) + 1)
-            self._slots = slots
+            self._slots, self._masters = slots, sorted(set(slots))
+            if self._is_lost:  # the cluster answers again after none of it did
+                self._is_lost = False
+                self.num_recoveries += 1
             return slots
+        self._is_lost = True
         self.on_state(False, f"cannot reach any of {self.nodes}: {error}")
         return None
 
@@ -236,8 +275,12 @@ class Directory:
         self._stopping = False
         self._members: dict[str, Member] = {}  # live peers (and me), replaced whole each heartbeat
         self._held: set[tuple[Namespace, BlockHash]] = set()  # what we registered (thread only)
+        self._is_missing = False  # a registration failed: register all again once Valkey is up
+        self._missing_since: dict[str, float] = {}  # holder id -> first seen without its key
+        # The writer pings every node each heartbeat: it alone says up or down (the reader's
+        # failures are counted, not logged), so the state does not flap between two views.
         self._writer = Valkeys(self.nodes, timeout_s, self._on_state)
-        self._reader = Valkeys(self.nodes, timeout_s, self._on_state)
+        self._reader = Valkeys(self.nodes, timeout_s, lambda *_: None)
         self._thread = threading.Thread(target=self._work, name="kvstore-directory", daemon=True)
         self._thread.start()
 
@@ -267,29 +310,42 @@ class Directory:
         self.stats.num_lookups += 1
         keys = [block_key(ns, h) for h in hashes]
         sets = self._reader.run([("SMEMBERS", key) for key in keys])
-        if any(s is None for s in sets):
+        if any(s is FAILED for s in sets):
             self.stats.num_lookup_failures += 1
-        ids = [{_text(x) for x in s} if s else set() for s in sets]
+        ids = [set() if s is FAILED else {_text(x) for x in s} for s in sets]
         members = self._members
         unknown = sorted({i for s in ids for i in s} - members.keys() - {self.me.daemon_id})
+        dead: set[str] = set()
         if unknown:  # joined since the last heartbeat, or dead: ask their membership keys
             raw = self._reader.run([("GET", member_key(i)) for i in unknown])
             members = dict(members)
+            now = time.monotonic()
             for daemon_id, value in zip(unknown, raw):
-                member = Member.decode(daemon_id, value) if value is not None else None
+                member = None if value is None or value is FAILED else Member.decode(daemon_id,
+                                                                                     value)
                 if member is not None:
                     members[daemon_id] = member
+                    self._missing_since.pop(daemon_id, None)
+                elif value is None and self._is_dead(daemon_id, now):
+                    dead.add(daemon_id)
         out: list[list[Member]] = []
         for key, s in zip(keys, ids):
             live = [members[i] for i in sorted(s) if i in members and i != self.me.daemon_id]
-            for daemon_id in s - members.keys() - {self.me.daemon_id}:
-                if daemon_id in unknown:  # its membership key is gone: a dead holder
-                    self.drop(key, daemon_id)
+            for daemon_id in s & dead:
+                self.drop(key, daemon_id)
             if not live:
                 break
             out.append(live)
         self._observe(time.perf_counter() - start)
         return out
+
+    def _is_dead(self, daemon_id: str, now: float) -> bool:
+        """Whether a holder without a membership key has been so for longer than a live one
+        could be: a key lost with a restarted or failed-over Valkey node is set again by its
+        daemon's next heartbeat, and its entries must not be dropped meanwhile."""
+        if len(self._missing_since) > MAX_MISSING:
+            self._missing_since.clear()  # bounded; forgetting only delays a drop
+        return now - self._missing_since.setdefault(daemon_id, now) > MEMBER_TTL_S
 
     def drop(self, key: str, daemon_id: str) -> None:
         """Remove a stale entry (a dead holder, or one that no longer has the block): queued for
@@ -315,6 +371,7 @@ class Directory:
                 "num_registered": s.num_registered, "num_unregistered": s.num_unregistered,
                 "num_dropped_stale": s.num_dropped_stale, "num_not_queued": s.num_not_queued,
                 "num_lookups": s.num_lookups, "num_lookup_failures": s.num_lookup_failures,
+                "num_recoveries": self._writer.num_recoveries,
                 "lookup_p50_ms": round(p50 * 1000, 3)}
 
     def close(self) -> None:
@@ -329,6 +386,7 @@ class Directory:
     def _work(self) -> None:
         next_heartbeat_s = next_refresh_s = 0.0
         refresh: list[tuple[Namespace, BlockHash]] = []
+        num_recoveries = 0
         while not self._stopping:
             self._wake.wait(HEARTBEAT_S / 2)
             self._wake.clear()
@@ -336,8 +394,18 @@ class Directory:
                 now = time.monotonic()
                 if now >= next_heartbeat_s:
                     next_heartbeat_s = now + HEARTBEAT_S
+                    self._writer.check()
                     self._heartbeat()
                 self._write_events()
+                if (self._writer.num_recoveries != num_recoveries
+                        or (self._is_missing and self.is_up and not refresh)):
+                    # Entries a node lost (it came back empty) or never took (it was down, or
+                    # not serving yet): register everything again now, not at the next refresh.
+                    log.info("registering %d held blocks again (a Valkey node came back, or "
+                             "some registrations failed)", len(self._held))
+                    num_recoveries = self._writer.num_recoveries
+                    self._is_missing = False
+                    next_refresh_s = now
                 if now >= next_refresh_s:
                     next_refresh_s = now + REFRESH_S
                     refresh = list(self._held)
@@ -354,19 +422,23 @@ class Directory:
         self._writer.run([("SET", member_key(me.daemon_id), me.encode(), "EX", MEMBER_TTL_S),
                           ("SADD", MEMBERS_KEY, me.daemon_id)])
         ids = self._writer.run([("SMEMBERS", MEMBERS_KEY)])[0]
-        if ids is None:
+        if ids is FAILED:
             return  # keep the last view: a holder that died is caught by a failed pull
-        ids = sorted(_text(i) for i in ids)
+        ids = sorted({*(_text(i) for i in ids), *self._members})
         raw = self._writer.run([("GET", member_key(i)) for i in ids])
         members: dict[str, Member] = {}
         gone = []
         for daemon_id, value in zip(ids, raw):
+            if value is FAILED:  # its node did not answer: as last seen
+                if daemon_id in self._members:
+                    members[daemon_id] = self._members[daemon_id]
+                continue
             member = Member.decode(daemon_id, value) if value is not None else None
             if member is not None:
                 members[daemon_id] = member
-            elif value is None:
+            else:
                 gone.append(daemon_id)
-        if gone and len(raw) == len(ids):
+        if gone:
             self._writer.run([("SREM", MEMBERS_KEY, *gone)])
         self._members = members
         self.stats.num_members = len(members)
@@ -388,8 +460,9 @@ class Directory:
                 key, daemon_id = self._drops.popleft()
                 commands.append(("SREM", key, daemon_id))
             results = self._writer.run(commands)
-            self.stats.num_unregistered += sum(r is not None for r in results[:num_removed])
-            self.stats.num_dropped_stale += sum(bool(r) for r in results[num_removed:])
+            self.stats.num_unregistered += sum(r is not FAILED for r in results[:num_removed])
+            self.stats.num_dropped_stale += sum(r is not FAILED and r > 0
+                                                for r in results[num_removed:])
             self._add(adds)
 
     def _add(self, blocks: list[tuple[Namespace, BlockHash]]) -> None:
@@ -399,7 +472,9 @@ class Directory:
             commands += [("SADD", key, self.me.daemon_id), ("EXPIRE", key, BLOCK_TTL_S)]
         if commands:
             results = self._writer.run(commands)
-            self.stats.num_registered += sum(r is not None for r in results[::2])
+            num_done = sum(r is not FAILED for r in results[::2])
+            self.stats.num_registered += num_done
+            self._is_missing |= num_done < len(blocks)
 
     def _on_state(self, is_up: bool, error: str) -> None:
         with self._state_lock:

@@ -65,12 +65,7 @@ class ValkeyCluster:
                 port = self.ports[-1]
                 node_dir = self.workdir / str(port)
                 node_dir.mkdir()
-                self.procs.append(subprocess.Popen(
-                    [server, "--port", str(port), "--bind", self.host, "--cluster-enabled", "yes",
-                     "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-                     "--cluster-require-full-coverage", "no", "--save", "", "--appendonly", "no",
-                     "--dir", str(node_dir), "--protected-mode", "no", "--loglevel", "warning"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                self.procs.append(self._spawn(server, port))
             for port in self.ports:
                 wait_until(lambda p=port: self._cli(cli, p, "PING") == "PONG", READY_S,
                            what=f"valkey on port {port}")
@@ -85,6 +80,27 @@ class ValkeyCluster:
             self.stop()
             raise
         return self
+
+    def _spawn(self, server: str, port: int) -> subprocess.Popen[bytes]:
+        assert self.workdir is not None
+        return subprocess.Popen(
+            [server, "--port", str(port), "--bind", self.host, "--cluster-enabled", "yes",
+             "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+             "--cluster-require-full-coverage", "no", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir / str(port)), "--protected-mode", "no",
+             "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def restart(self, index: int) -> None:
+        """Start a killed master again on its port: it rejoins with its slots (nodes.conf) but
+        without its keys (no persistence), as a master restarted without a replica would."""
+        found = binaries()
+        assert found is not None and self.procs[index] is None
+        server, cli = found
+        port = self.ports[index]
+        self.procs[index] = self._spawn(server, port)
+        wait_until(lambda: self._cli(cli, port, "PING") == "PONG", READY_S,
+                   what=f"valkey on port {port}")
 
     def kill(self, index: int) -> None:
         """SIGKILL one master (its slots go unanswered: full coverage is not required)."""
