@@ -145,6 +145,20 @@ def test_a_block_put_on_one_node_is_read_through_the_other(fleet):
 
 
 @pytest.mark.timeout(90)
+def test_a_chain_longer_than_the_first_directory_window_is_found_whole(fleet):
+    """The directory is asked for the first 32 blocks, then for the rest (directory.py)."""
+    a = fleet.node("a")
+    b = fleet.node("b")
+    hashes, datas = chain_hashes("long", 80), random_blocks(5, [8192] * 80)
+    with Client(a.address, CALL_S, use_shm=False) as client:
+        assert client.put(NS, as_chain(hashes, datas)).num_stored == 80
+    _registered(a, 80)
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        assert client.lookup(NS, [*hashes, b"nowhere"]).num_hits == 80
+        assert client.get(NS, hashes) == datas
+
+
+@pytest.mark.timeout(90)
 def test_a_valkey_master_killed_lookups_still_answer(fleet):
     a = fleet.node("a")
     b = fleet.node("b")
