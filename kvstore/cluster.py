@@ -5,9 +5,11 @@ puts what comes back into the local pool (kvstore/tiers.py's seam), where the St
 registers it: a hot prefix gains a copy on each node that uses it.
 
 Runs on the tier's thread (TierLink); blocking here never blocks the server loop. Faults are
-misses: Valkey down (no holders), a holder gone (its pull fails or runs out of time: it is skipped
-for a while and its entries for the blocks asked are dropped), a holder that evicted the blocks
-(a short answer: the entries of the blocks it lacks are dropped).
+misses: Valkey down (no holders), a holder gone (its pull fails or gets no answer within
+PULL_TIMEOUT_S: it is skipped for a while and its entries for the blocks asked are dropped), a
+holder that evicted the blocks (a short answer: the entries of the blocks it lacks are dropped).
+A pull that outlasts the LOOKUP's deadline is a miss for that LOOKUP; its blocks still land in
+the pool (TierLink.take_late), so the next LOOKUP of the prefix finds them locally.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ SUSPECT_S = 5.0  # a holder whose pull failed is not asked for this long (its he
 MAX_PEER_CLIENTS = 64  # open connections to peers kept for the next pulls; LRU beyond
 # Below this much time left, a pull is not started: it could not finish before the deadline.
 MIN_PULL_S = 0.005
+# A pull started in time may finish after its asker was answered (a miss then): its blocks still
+# go into the pool, for the next LOOKUP of that prefix (a big prefix takes longer than a lookup
+# budget to move). Past this, the holder is taken for gone (dead, stopped or cut off).
+PULL_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -78,7 +84,7 @@ class ClusterTier(Tier):
                 break
             tried.add(peer.daemon_id)
             wanted = list(hashes[start:start + run])
-            datas = self._pull(peer, ns, wanted, left_s)
+            datas = self._pull(peer, ns, wanted, max(left_s, PULL_TIMEOUT_S))
             if datas is None:
                 continue  # that holder failed; another may hold the same blocks
             if len(datas) < run:

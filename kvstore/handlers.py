@@ -113,18 +113,15 @@ class Handlers:
         assert self.tier is not None
         done: list[tuple[Any, list[Block]]] = self.tier.answered() if is_woken else []
         done += [(asker, []) for asker in self.tier.expired()]
+        for (_, req, _), blocks in self.tier.take_late():  # answered already: the pool only
+            try:
+                self._put_tier_blocks(req, blocks)
+            except Exception:
+                log.exception("putting late tier blocks into the pool")
         for (call, req, start_s), blocks in done:
             identity = listeners.identity_of(call.owner)[1]
             try:
-                # A block that fits no page of this pool ends the chain there.
-                fit = [self.store.fits(len(data)) for _, _, data in blocks] + [False]
-                blocks = blocks[:fit.index(False)]
-                if blocks and blocks[0][1] is None:  # a peer's pull does not know it: req does
-                    at = req.hashes.index(blocks[0][0])
-                    blocks[0] = (blocks[0][0], req.hashes[at - 1] if at else None, blocks[0][2])
-                if blocks:
-                    self.store.put(req.ns, [(h, parent, len(data)) for h, parent, data in blocks],
-                                   [[memoryview(data)] for _, _, data in blocks])
+                self._put_tier_blocks(req, blocks)
                 if not call.listener.connections.is_open(identity):
                     continue  # the asker is gone and its holdings ended: no lease may outlive it
                 reply = self._answer_lookup(req, call)
@@ -135,6 +132,18 @@ class Handlers:
             self._send(call.listener, call.owner, zmq.Frame(identity), reply)
             self.metrics.request_seconds.observe("lookup", time.perf_counter() - start_s)
             self.store.settle()
+
+    def _put_tier_blocks(self, req: Lookup, blocks: list[Block]) -> None:
+        """Put blocks a tier found for req into the pool (a block that fits no page of this pool
+        ends the chain there)."""
+        fit = [self.store.fits(len(data)) for _, _, data in blocks] + [False]
+        blocks = blocks[:fit.index(False)]
+        if blocks and blocks[0][1] is None:  # a peer's pull does not know it: req does
+            at = req.hashes.index(blocks[0][0])
+            blocks[0] = (blocks[0][0], req.hashes[at - 1] if at else None, blocks[0][2])
+        if blocks:
+            self.store.put(req.ns, [(h, parent, len(data)) for h, parent, data in blocks],
+                           [[memoryview(data)] for _, _, data in blocks])
 
     def _get(self, req: Get, _: list[zmq.Frame], call: Call) -> Answer:
         if not req.shm:

@@ -120,6 +120,10 @@ class TierLink:
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[tuple[int, list[Block] | None]] = queue.SimpleQueue()
         self._pending: dict[int, _Pending] = {}  # insertion order is deadline order (one timeout)
+        # Askers answered at their deadline while the tier was still working for them: what it
+        # finds then still goes into the pool (take_late), for the next LOOKUP of that prefix.
+        self._late: dict[int, Any] = {}
+        self._late_blocks: list[tuple[Any, list[Block]]] = []
         self._next_id = 0
         self._queued_bytes = 0  # offered bytes the worker has not stored yet
         self._lock = threading.Lock()  # guards _queued_bytes only (the worker lowers it)
@@ -127,7 +131,8 @@ class TierLink:
         os.set_blocking(self.wake_fd, False)
         os.set_blocking(self._wake_w, False)  # the worker never blocks on a full pipe
         self.counts = {"num_offered": 0, "num_not_offered": 0, "num_asked": 0,
-                       "num_blocks_found": 0, "num_failed": 0, "num_timed_out": 0}
+                       "num_blocks_found": 0, "num_failed": 0, "num_timed_out": 0,
+                       "num_blocks_late": 0}
         self._thread = threading.Thread(target=self._work, name="kvstore-tier", daemon=True)
         self._thread.start()
 
@@ -157,7 +162,8 @@ class TierLink:
 
     def answered(self) -> list[tuple[Any, list[Block]]]:
         """After the wake fd was readable: the askers whose answers came, with the blocks (none
-        when the tier failed); answers to askers already timed out are dropped."""
+        when the tier failed). Blocks answered after their asker's deadline are kept for
+        take_late()."""
         try:
             while os.read(self.wake_fd, 4096):
                 pass
@@ -170,8 +176,12 @@ class TierLink:
             except queue.Empty:
                 return out
             pending = self._pending.pop(ask_id, None)
-            if pending is None:
-                continue  # past its deadline, already answered from the pool
+            if pending is None:  # past its deadline, already answered from the pool
+                asker = self._late.pop(ask_id, None)
+                if asker is not None and blocks:
+                    self.counts["num_blocks_late"] += len(blocks)
+                    self._late_blocks.append((asker, blocks))
+                continue
             if blocks is None:
                 self.counts["num_failed"] += 1
                 blocks = []
@@ -189,7 +199,16 @@ class TierLink:
             del self._pending[ask_id]
             self.counts["num_timed_out"] += 1
             out.append(pending.asker)
+            if len(self._late) >= MAX_PENDING:
+                del self._late[next(iter(self._late))]  # bounded: its late blocks are dropped
+            self._late[ask_id] = pending.asker
         return out
+
+    def take_late(self) -> list[tuple[Any, list[Block]]]:
+        """Blocks the tier found after their asker was answered, with that asker (who is not
+        answered again): the server puts them into the pool."""
+        late, self._late_blocks = self._late_blocks, []
+        return late
 
     def timeout_ms(self, default_ms: int) -> int:
         """How long the loop may wait in poll: until the earliest deadline, at most default_ms."""
@@ -224,13 +243,14 @@ class TierLink:
             _, ask_id, ns, hashes = job
             pending = self._pending.get(ask_id)  # a dict read: safe beside the loop's writes
             if pending is None or pending.deadline_s <= self.clock():
-                continue  # its asker was answered without it: no work for no one (a backlog)
-            blocks: list[Block] | None
+                # Its asker was (or is about to be) answered without it: no work for no one (a
+                # backlog behind a slow tier). Its _late entry, if any, ages out (bounded).
+                continue
+            blocks: list[Block] | None = None
             try:
                 blocks = self.tier.get(ns, hashes, pending.deadline_s)
             except Exception as exc:  # a fault is a miss
                 log.warning("tier lookup failed: %s", exc)
-                blocks = None
             self._done.put((ask_id, blocks))
             try:
                 os.write(self._wake_w, b"x")

@@ -240,6 +240,28 @@ def test_a_slow_holder_is_a_miss_within_the_deadline(fleet):
 
 
 @pytest.mark.timeout(90)
+def test_a_pull_that_outlasts_the_lookup_lands_in_the_pool_for_the_next(fleet):
+    """The holder stalls (SIGSTOP) past b's deadline, then resumes: that LOOKUP was a miss, the
+    pull finishes anyway and the next LOOKUP finds the prefix in b's own pool, no pull again."""
+    a = fleet.node("a")
+    b = fleet.node("b", timeout_s=0.3)
+    hashes, datas = _put_on(a, "late")
+    assert a.proc is not None
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert client.lookup(NS, hashes).num_hits == 0  # a's answer comes too late
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        # A GET reads the pool alone (never the tier): the late pull's blocks arrive there.
+        wait_until(lambda: len(client.get(NS, hashes)) == N, 10, what="late blocks in the pool")
+        assert client.get(NS, hashes) == datas
+        assert client.lookup(NS, hashes).num_hits == N
+        stats = client.stats()["tier"]
+        assert stats["num_blocks_late"] == N and stats["cluster"]["num_pulls"] == 1
+
+
+@pytest.mark.timeout(90)
 def test_blocks_evicted_on_the_holder_leave_the_directory(fleet):
     """Evicted blocks are unregistered by their holder, so no peer pulls for them."""
     a = fleet.node("a", pool_size="16MiB", page_size="2MiB")

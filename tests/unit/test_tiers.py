@@ -78,3 +78,22 @@ def test_a_late_answer_is_dropped_after_its_deadline() -> None:
     finally:
         link.close()
     assert tier.num_gets == 1  # close() joined the worker: the second was skipped
+
+
+def test_blocks_found_after_the_deadline_are_kept_for_the_pool() -> None:
+    """The asker was answered without them; the server still puts them into the pool."""
+    now = [0.0]
+    tier = _CountingTier()
+    tier.blocks[(NS, BlockHash(b"a"))] = (BlockHash(b"a"), None, b"x")
+    link = TierLink(tier, timeout_s=0.1, clock=lambda: now[0])
+    try:
+        assert link.ask("asker", NS, [BlockHash(b"a")])
+        assert tier.started.wait(10)
+        now[0] = 0.2
+        assert link.expired() == ["asker"]
+        assert select.select([link.wake_fd], [], [], 10)[0]
+        assert link.answered() == []  # not answered twice
+        assert link.take_late() == [("asker", [(b"a", None, b"x")])]
+        assert link.take_late() == [] and link.stats()["num_blocks_late"] == 1
+    finally:
+        link.close()
