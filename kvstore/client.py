@@ -40,9 +40,19 @@ Buffer = Any  # anything exporting a writable (or readable, for puts) buffer: me
 class LookupResult:
     num_hits: int
     lease: int | None
-    # with_slots: where the hits lie in the segment whose token this is, pinned under lease.
-    refs: list[SlotRef] | None = None
+    # with_slots: where the hits lie in the segment whose token this is, pinned under lease: the
+    # byte offset and size of each hit, as the reply carried them.
+    slots: list[int] | None = None
+    sizes: list[int] | None = None
     token: bytes | None = None
+
+    @property
+    def refs(self) -> list[SlotRef] | None:
+        """slots and sizes as SlotRefs (built on each call: 256 frozen SlotRefs cost ~80 us, about
+        as much as the whole LOOKUP's Python on both ends, so the hot path reads the lists)."""
+        if self.slots is None or self.sizes is None:
+            return None
+        return [SlotRef(SlotId(s), n) for s, n in zip(self.slots, self.sizes)]
 
 
 @dataclass(slots=True, frozen=True)
@@ -518,8 +528,7 @@ def _found(reply: LookupReply, token: bytes | None) -> LookupResult:
     """A LOOKUP reply as a LookupResult; refs (in token's segment) when it was asked for them."""
     if token is None:
         return LookupResult(reply.num_hits, reply.lease)
-    refs = [SlotRef(SlotId(s), n) for s, n in zip(reply.slots or (), reply.sizes or ())]
-    return LookupResult(reply.num_hits, reply.lease, refs, token)
+    return LookupResult(reply.num_hits, reply.lease, reply.slots or [], reply.sizes or [], token)
 
 
 def _as_bytes(buf: Buffer) -> memoryview:

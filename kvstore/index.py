@@ -10,7 +10,7 @@ import enum
 import heapq
 import itertools
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvstore.keys import BlockHash, Key, Namespace, SlotId
@@ -72,7 +72,7 @@ class Index:
         table = self.tables.get(key[0])
         return table.get(key[1]) if table else None
 
-    def prefix(self, ns: Namespace, hashes: Iterable[BlockHash], now: float) -> list[Entry]:
+    def prefix(self, ns: Namespace, hashes: Sequence[BlockHash], now: float) -> list[Entry]:
         """Committed, unexpired entries matching hashes as a consecutive prefix."""
         table = self.tables.get(ns)
         found: list[Entry] = []
@@ -84,14 +84,18 @@ class Index:
             if entry is None or entry.state is not committed or entry.deadline_s <= now:
                 break
             append(entry)
-        if len(found) > 1 and len(set(map(id, found))) < len(found):
+        # A table holds each entry under its own hash only, so the entries repeat exactly where
+        # the hashes do; a set of the hashes (their hash() cached by the lookups above) costs a
+        # fifth of one of the entries' ids (~5 vs ~22 us for 256).
+        head = hashes[:len(found)]
+        if len(found) > 1 and len(set(head)) < len(found):
             # A chain never names a block twice (hashes chain their parent): the match ends at
             # the first repeat, so one lease cannot pin a block thousands of times (issue 10).
-            seen: set[int] = set()
-            for i, entry in enumerate(found):
-                if id(entry) in seen:
+            seen: set[BlockHash] = set()
+            for i, block_hash in enumerate(head):
+                if block_hash in seen:
                     return found[:i]
-                seen.add(id(entry))
+                seen.add(block_hash)
         return found
 
     def add_reserved(self, key: Key, slot: SlotId, nbytes: int,

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Union
 
 from kvstore.keys import BlockHash, Namespace
 
-VERSION = 1  # changes whenever a message changes meaning (kvstore/protocol.py, Versioning)
+VERSION = 2  # changes whenever a message changes meaning (kvstore/protocol.py, Versioning)
 
 
 class Op(enum.IntEnum):

@@ -277,7 +277,7 @@ class SchedulerSide:
         else:
             results = client.lookup_many([(ns, hashes) for ns in self.rank_namespaces],
                                          lease_ms=self.config.lease_ms, with_slots=with_slots)
-        slots = [None if r.refs is None else [(int(x.slot), x.nbytes) for x in r.refs]
+        slots = [None if r.slots is None or r.sizes is None else list(zip(r.slots, r.sizes))
                  for r in results]
         return _Claim(min(r.num_hits for r in results), [r.lease for r in results],
                       slots if with_slots else [], results[0].token)
