@@ -10,6 +10,7 @@ import pytest
 from bench.hostile import call, header
 from kvstore.client import Client
 from kvstore.keys import Namespace
+from kvstore import protocol
 from kvstore.protocol import MAX_BLOCKS, Op
 from tests.integration.helpers import CALL_S, as_chain, chain_hashes, random_blocks
 
@@ -23,7 +24,7 @@ def test_max_size_writes_are_refused_untouched(daemon, open_dealer):
     """A RESERVE, PUT or COMMIT of 8,192 rows is refused too_large, and nothing is reserved or
     stored: the same rows in messages of the announced size then all succeed."""
     sock = open_dealer(daemon.address)
-    hello = call(sock, [header(Op.HELLO, version=1)])
+    hello = call(sock, [header(Op.HELLO, version=protocol.VERSION)])
     token = bytes(hello["token"])
     reserve_cap = hello.get("max_rows", {}).get("reserve")
     hashes = chain_hashes("big", MAX_BLOCKS)
@@ -56,7 +57,7 @@ def test_rows_past_the_cap_are_refused_before_they_are_read(daemon, open_dealer)
     validated one by one (that alone cost ~15 ms of the loop for 8,192 RESERVE rows). Seen from
     outside: a malformed row past the cap does not turn the answer into bad_request."""
     sock = open_dealer(daemon.address)
-    hello = call(sock, [header(Op.HELLO, version=1)])
+    hello = call(sock, [header(Op.HELLO, version=protocol.VERSION)])
     token = bytes(hello["token"])
     hashes = chain_hashes("unread", MAX_BLOCKS)
     rows: list[list[object]] = [[h, None, BLOCK_BYTES] for h in hashes]
@@ -74,7 +75,7 @@ def test_hello_announces_the_daemons_caps(daemon, open_dealer):
     """HELLO names the rows per message and the slot bytes one client may hold reserved (the
     client sizes its batches from these, not from constants of its own)."""
     sock = open_dealer(daemon.address)
-    hello = call(sock, [header(Op.HELLO, version=1)])
+    hello = call(sock, [header(Op.HELLO, version=protocol.VERSION)])
     assert set(hello["max_rows"]) == {"lookup", "get", "reserve", "commit", "abort", "put"}
     assert hello["max_rows"]["lookup"] == MAX_BLOCKS  # a whole 128k-token prompt in one LOOKUP
     assert hello["max_put_bytes"] > 0

@@ -101,3 +101,13 @@ def test_a_bad_packed_lookup_reply_is_a_protocol_error(bad: dict[str, Any]) -> N
               "lease": 9, **bad}
     with pytest.raises(ProtocolError):
         decode_reply(Op.LOOKUP, header)
+
+
+def test_a_packed_get_over_its_row_cap_is_refused_before_its_rows_are_read() -> None:
+    """The row cap counts packed hashes as it counts listed ones (check_rows: TooLarge)."""
+    hashes = tuple(i.to_bytes(4, "little") for i in range(protocol.MAX_GET_ROWS + 1))
+    frame = encode(protocol.Get(ns=NS, hashes=hashes), 5)
+    assert isinstance(decode_header(frame)["hashes"], bytes)
+    with pytest.raises(protocol.TooLarge):
+        decode_request([frame], check_rows=True)
+    assert len(decode_request([frame]).hashes) == len(hashes)  # within MAX_BLOCKS otherwise
