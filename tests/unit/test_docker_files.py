@@ -282,6 +282,35 @@ def test_vllm_accepts_the_replica_commands() -> None:
     assert parsed == [[c[0], "KVStoreConnector", "recompute"] for c in commands]
 
 
+def test_the_cluster_override_joins_the_daemon_to_its_valkey() -> None:
+    """compose.cluster.yaml on top of either file: the daemon's environment resolves (through
+    the real `kvstore serve --print-config`) to the override's Valkey and an address other nodes
+    can reach on the published port, after the one-shot gave the Valkey node every slot."""
+    override = yaml.safe_load(interpolate((DOCKER / "compose.cluster.yaml").read_text()))
+    services = override["services"]
+    valkey = services["valkey"]["command"]
+    assert option(valkey, "--cluster-enabled") == "yes"
+    assert option(valkey, "--cluster-require-full-coverage") == "no"
+    assert "addslotsrange 0 16383" in services["valkey-slots"]["entrypoint"][-1]
+    daemon = services["daemon"]
+    assert depends(daemon)["valkey-slots"] == "service_completed_successfully"
+    for base in COMPOSE_FILES:
+        command = load_compose(base)["services"]["daemon"]["command"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+        done = subprocess.run([sys.executable, "-m", "kvstore.cli", *command, "--print-config"],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT,
+                              env={**env, **daemon["environment"]})
+        assert done.returncode == 0, f"{base} + compose.cluster.yaml: {done.stderr}"
+        settings = tomllib.loads(done.stdout)["serve"]
+        assert settings["cluster"] == "valkey://valkey:6379"
+        advertised = urlparse(settings["cluster_address"])
+        published = daemon["ports"][0].split(":")
+        assert advertised.port == int(published[0]), "peers pull on the published port"
+        assert int(published[1]) == urlparse(settings["tcp"][0]).port
+    # The daemon image carries the cluster extra (the valkey client), or --cluster cannot start.
+    assert any(".[cluster]" in run for run in instructions("Dockerfile.daemon", "RUN"))
+
+
 # --- Dockerfiles ----------------------------------------------------------------------------
 def test_daemon_image_is_small_non_root_and_checks_health_with_kvstore() -> None:
     """python slim base, a numeric non-root USER, HEALTHCHECK through `kvstore ping`."""
