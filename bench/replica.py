@@ -117,10 +117,11 @@ class ReplicaProcess:
 
     def __init__(self, model: str, kvstore: str | None = None, extra: dict[str, Any] | None = None,
                  log_path: str | None = None, env: dict[str, str] | None = None,
-                 **flags: Any) -> None:
+                 wrap: list[str] | None = None, **flags: Any) -> None:
         import subprocess
 
-        args = [sys.executable, "-m", "bench.replica", "--model", model]
+        # wrap: run under this, e.g. `ip netns exec NS` (a replica on another node's network)
+        args = [*(wrap or []), sys.executable, "-m", "bench.replica", "--model", model]
         if kvstore:
             args += ["--kvstore", kvstore, "--extra", json.dumps(extra or {})]
         for name, value in flags.items():
