@@ -55,6 +55,9 @@ SECTIONS = (
     # The full TTFT sweep (8k prompts, 3 repeats) takes ~15 min here; make bench runs 1k and 4k.
     Section("ttft", "ttft", "Time to first token per tier", ("--quick",), 900),
     Section("gpu_copy", "gpu_copy", "GPU copy path", (), 300, needs_cuda=True),
+    # Valkey, two daemons, pulls and a replay (~1 min), then two vLLM engines for the 4k TTFT.
+    Section("cluster", "cluster", "Beyond one node: cross-node pulls, directory, hit rate", (),
+            900),
     # 600 s of soak plus start, restart and the slowest attack's bounded wait.
     Section("soak", "soak", "Soak under attack: honest clients against hostile ones", (), 900),
 )
