@@ -27,6 +27,7 @@ _RECONNECT_IVL_MAX_MS = 1000
 # daemon restart a socket may sit in ZeroMQ's reconnect backoff for up to _RECONNECT_IVL_MAX_MS;
 # a new socket connects at once (a load right after a restart failed on this in the e2e tests).
 _STALE_SOCKET_WAIT_MS = 100
+_POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag's & and | run in Python, per call
 
 
 class Calls:
@@ -54,10 +55,7 @@ class Calls:
         deadline = time.monotonic() + self.timeout_s
         try:
             sock = self._send(deadline, [header, *payload], is_fresh)
-            while True:
-                remaining_ms = int((deadline - time.monotonic()) * 1000)
-                if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
-                    break
+            while _wait(sock, deadline):
                 reply = self._receive(sock, req_id, dests, copies)
                 if reply is not None:
                     return protocol.decode_reply(req.OP, _check(reply))
@@ -80,10 +78,7 @@ class Calls:
             sock = self._send(deadline, [headers[0]], is_fresh)
             for header in headers[1:]:  # connected now: these queue at once
                 sock.send(header, copy=False)
-            while len(replies) < len(ids):
-                remaining_ms = int((deadline - time.monotonic()) * 1000)
-                if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
-                    break
+            while len(replies) < len(ids) and _wait(sock, deadline):
                 reply = protocol.decode_header(sock.recv())
                 _drain(sock)
                 if reply.get("id") in ids:
@@ -171,6 +166,16 @@ class Calls:
             self._sock.close(LINGER_MS)
         self._sock = None
         self._hello = None
+
+
+def _wait(sock: zmq.Socket, deadline: float) -> bool:
+    """Whether a reply is ready to read before deadline (monotonic), waiting for one.
+
+    NOTE: zmq_poll, not sock.poll: pyzmq's Socket.poll builds and registers a new Poller on every
+    call (and ORs IntFlag enums in Python), a part of a small call's client CPU (/tmp profile of
+    Client.ping: ~3 vs ~1.7 us per call here)."""
+    remaining_ms = int((deadline - time.monotonic()) * 1000)
+    return remaining_ms > 0 and bool(zmq.zmq_poll([(sock, _POLLIN)], remaining_ms))
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ MAX_UNSENT_BYTES = 1024 * 1024 * 1024  # the same over all clients: a bound on t
 # A reply ZeroMQ could not hand to the kernel for this long has no reader: every client gives up
 # well before (the connector's load timeout is 5 s), so its connection is cut and its bytes freed.
 MAX_UNSENT_AGE_S = 10.0
+_POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag's & runs in Python, on every loop turn
 
 
 class Connections:
@@ -89,9 +90,12 @@ class Connections:
     def closed(self) -> list[bytes]:
         """Identities whose connection closed since the last call."""
         ended, self._ended_early = self._ended_early, []
+        monitor = self._monitor
         while True:
+            if not monitor.get(zmq.EVENTS) & _POLLIN:  # no zmq.Again to build (inbox.py)
+                return ended
             try:
-                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+                frames = monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return ended
             event = parse_monitor_message(frames)

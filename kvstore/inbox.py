@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import zmq
 
+_POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag's & runs in Python, on every idle turn
+
 
 @dataclass(slots=True)
 class Oversized:
@@ -49,6 +51,10 @@ class Inbox:
             return self._drop(budget)
         frames = self._frames
         if not frames:
+            # Asked first: a recv that finds nothing raises zmq.Again, whose construction costs
+            # more than the rest of an idle turn (pyzmq imports inside ZMQError.__init__).
+            if not self.sock.get(zmq.EVENTS) & _POLLIN:
+                return None
             try:
                 frames.append(self.sock.recv(zmq.NOBLOCK, copy=False))
             except zmq.Again:

@@ -375,8 +375,8 @@ def decode_request(frames: list[bytes | memoryview], check_rows: bool = False) -
     h = decode_header(frames[0])
     req_id = _int(h, "id", lo=0, hi=2**63)
     try:
-        op = Op(_int(h, "op", lo=1, hi=len(Op)))
-    except ValueError:
+        op = _OPS[_int(h, "op", lo=1, hi=len(Op))]
+    except KeyError:
         raise ProtocolError(f"unknown op {h.get('op')!r}") from None
     if op is not Op.HELLO and h.get("v") != VERSION:
         # HELLO carries the version check with a clear "version" error; others must match.
@@ -564,6 +564,8 @@ def _invalidate(h: dict[str, Any]) -> dict[str, Any]:
 _MAX_ROWS = {Op.PUT: MAX_WRITE_ROWS, Op.RESERVE: MAX_WRITE_ROWS, Op.COMMIT: MAX_WRITE_ROWS,
              Op.ABORT: MAX_WRITE_ROWS, Op.GET: MAX_GET_ROWS}
 _LISTING_OPS = (Op.LOOKUP, Op.GET, Op.RESERVE, Op.COMMIT, Op.ABORT, Op.PUT)
+
+_OPS = {int(op): op for op in Op}  # by wire value: Op(value) runs EnumType.__call__ in Python
 
 _DECODERS = {
     Op.HELLO: _hello, Op.PING: _empty, Op.LOOKUP: _lookup, Op.GET: _get,

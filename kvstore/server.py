@@ -40,6 +40,12 @@ _POLL_MS = 50  # how often the loop wakes to expire leases and notice signals wh
 # everyone, SIGTERM is honoured within a second). Each bound is a few to tens of milliseconds.
 _DRAIN_S = 0.02  # messages handled back to back before maintenance runs
 _BIG_FRAMES = DEFAULT_TRIM_BYTES // protocol.CHUNK_BYTES  # fewer frames cannot hold more bytes
+# Maintenance (expiry, closed connections, sent replies) runs at most this often while messages
+# keep coming, not after every one: a fifth of a PING's daemon time was _maintain. Idle or busy
+# loops still run it at once; a due run bounds the next wait, so nothing waits longer than this.
+_MAINTAIN_S = 0.001
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: IntFlag's | runs in Python (send_multipart, per frame)
+_NOBLOCK_SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 __all__ = ["AddressInUse", "Server"]
@@ -131,11 +137,15 @@ class Server(Handlers):
             poller.register(self.tier.wake_fd, zmq.POLLIN)  # the tier's thread has an answer
         try:
             is_busy = False
+            maintain_at_s = 0.0  # perf_counter from which maintenance runs again after a message
+            is_skipped = False  # the last turn skipped it: the next wait ends by maintain_at_s
             while not self._stopping:
                 try:
                     # Busy (work left in slices): only look, never wait, for messages.
                     wait_ms = _POLL_MS if self.tier is None else self.tier.timeout_ms(_POLL_MS)
-                    ready = dict(poller.poll(0 if is_busy else wait_ms))
+                    if is_skipped:
+                        wait_ms = min(wait_ms, 1 + int((maintain_at_s - time.perf_counter()) * 1e3))
+                    ready = dict(poller.poll(0 if is_busy else max(wait_ms, 0)))
                 except zmq.ZMQError as exc:
                     if exc.errno == errno.EINTR:
                         continue  # a signal arrived; the loop condition decides
@@ -146,7 +156,12 @@ class Server(Handlers):
                     self._finish_tier_lookups(self.tier.wake_fd in ready)
                 if self._reload_requested:
                     self._reload()
-                is_busy = (self._maintain() or (self._releases.is_pending and self._releases.step())
+                now_s = time.perf_counter()
+                is_skipped = not is_busy and bool(ready) and now_s < maintain_at_s
+                if not is_skipped:
+                    is_busy = self._maintain()
+                    maintain_at_s = now_s + _MAINTAIN_S
+                is_busy = (is_busy or (self._releases.is_pending and self._releases.step())
                            or any(x.inbox.is_reading for x in self.listeners))
         finally:
             self.close()
@@ -247,7 +262,12 @@ class Server(Handlers):
 
     def _send(self, listener: Listener, owner: bytes, identity: zmq.Frame, reply: Answer) -> None:
         try:
-            listener.sock.send_multipart([identity, *reply.frames], zmq.NOBLOCK, copy=False)
+            send = listener.sock.send  # send_multipart, less its per-frame IntFlag arithmetic
+            send(identity, _NOBLOCK_SNDMORE, copy=False)  # may raise (HWM): nothing sent then
+            frames = reply.frames
+            for frame in frames[:-1]:
+                send(frame, _NOBLOCK_SNDMORE, copy=False)
+            send(frames[-1], _NOBLOCK, copy=False)
         except Exception as exc:  # peer queue full (HWM) or gone: drop; the client times out
             self.counters.num_errors["dropped"] += 1
             log.warning("reply dropped: %s", exc)
