@@ -12,6 +12,9 @@ kvstore measurements so that a busy moment on the machine hits both sides of a r
           (one buffer would stay in the CPU cache and read ~3x too fast)
   zmq     a ROUTER in its own process sends the 256 frames of 2 MiB (copy=False) to a DEALER that
           receives them with recv_into prefaulted buffers, timed from request to last frame
+  socket  a plain TCP socket from a peer process (sendmsg of the same 256 blocks) received with
+          socket.recv_into straight into the prefaulted destinations: the loopback bound of any
+          remote get (no message layer, no copy after the kernel's)
   rtt     a tiny DEALER->ROUTER->DEALER echo, median of many
 
 kvstore, against a real `kvstore serve` subprocess (own port and segment, pool 1.25x the working
@@ -70,6 +73,8 @@ GOALS: dict[str, tuple[str, float, str]] = {
     # ratio: (comparison, goal, what it means)
     "shm_get_vs_memcpy": (">=", 0.8, "shared-memory GET throughput / numpy memcpy throughput"),
     "tcp_get_vs_zmq": (">=", 0.9, "TCP GET throughput / raw ZeroMQ throughput of the same frames"),
+    "tcp_get_vs_socket": (">=", 0.8, "TCP GET throughput / a plain TCP socket received into the "
+                          "destinations (issue 12)"),
     "shm_put_vs_memcpy": (">=", 0.7, "shared-memory PUT throughput / numpy memcpy throughput"),
     "lookup_vs_rtt": ("<=", 1.5, "LOOKUP of 256 hashes with a lease / bare ZeroMQ round trip"),
 }
@@ -80,6 +85,7 @@ INFORMATION: dict[str, str] = {
 # The series each ratio divides (numerator, denominator).
 RATIO_OF: dict[str, tuple[str, str]] = {
     "shm_get_vs_memcpy": ("shm_get", "memcpy"), "tcp_get_vs_zmq": ("tcp_get", "zmq"),
+    "tcp_get_vs_socket": ("tcp_get", "socket"),
     "shm_put_vs_memcpy": ("shm_put", "memcpy"), "lookup_vs_rtt": ("lookup", "rtt"),
     "lookup_slots_vs_rtt": ("lookup_slots", "rtt"),
 }
@@ -212,6 +218,64 @@ def _zmq_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
         ctx.term()
 
 
+# --- the plain-socket peer (own process): the loopback bound of a remote get -------------------
+def _socket_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
+    """A plain TCP listener (kernel-tuned buffers): each 1-byte request b"g" is answered with the
+    num blocks, no framing (the receiver knows the sizes); anything else ends it."""
+    import socket
+
+    blocks = [b.data for b in random_blocks(num, nbytes, seed)]
+    lsock = socket.create_server(("127.0.0.1", 0))
+    conn.send(lsock.getsockname()[1])
+    conn.close()
+    sock, _ = lsock.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        while sock.recv(1) == b"g":
+            for block in blocks:
+                sock.sendall(block)
+    finally:
+        sock.close()
+        lsock.close()
+
+
+class SocketPeer:
+    def __init__(self, params: Params) -> None:
+        import socket
+
+        mp = multiprocessing.get_context("spawn")
+        parent, child = mp.Pipe()
+        self.proc = mp.Process(target=_socket_peer, daemon=True,
+                               args=(child, params.num_blocks, params.block_bytes, SEED))
+        self.proc.start()
+        if not parent.poll(120):
+            raise RuntimeError("plain-socket peer did not start")
+        port = parent.recv()
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def get_into(self, dests: list[memoryview]) -> None:
+        self.sock.sendall(b"g")
+        for d in dests:
+            offset, n = 0, len(d)
+            while offset < n:
+                got = self.sock.recv_into(d[offset:], n - offset)
+                if not got:
+                    raise AssertionError("plain-socket peer closed mid-block")
+                offset += got
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"q")
+        except OSError:
+            pass
+        self.sock.close()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+
+
 class RawPeer:
     def __init__(self, params: Params) -> None:
         mp = multiprocessing.get_context("spawn")
@@ -324,6 +388,8 @@ class Bench:
 
         progress("starting the raw ZeroMQ ROUTER peer process (it builds the same 512 MiB)")
         self.peer = RawPeer(p)
+        progress("starting the plain-socket peer process (the same 512 MiB again)")
+        self.socket_peer = SocketPeer(p)
 
         self.segment = f"kvstore-bench-{uuid.uuid4().hex[:12]}"
         progress(f"starting `kvstore serve` (pool {p.pool_bytes / MiB:.0f} MiB = "
@@ -347,7 +413,7 @@ class Bench:
         if result.num_stored != p.num_blocks:
             raise RuntimeError(f"storing the prefix: {result}")
 
-        self.busy = BusyMeter([os.getpid(), self.peer.proc.pid or 0,
+        self.busy = BusyMeter([os.getpid(), self.peer.proc.pid or 0, self.socket_peer.proc.pid or 0,
                                self.daemon.proc.pid if self.daemon.proc else 0])
         nb = p.prefix_bytes
         self.steps: list[tuple[Series, Callable[[Series, bool], str]]] = [
@@ -359,8 +425,10 @@ class Bench:
                       "vs memcpy"), self.step_shm_put),
             (self.add("zmq", "GB/s", "raw ZeroMQ TCP loopback, 256 frames of 2 MiB",
                       "limit for tcp get"), self.step_zmq),
+            (self.add("socket", "GB/s", "plain TCP socket, recv_into the destinations",
+                      "limit for tcp get"), self.step_socket),
             (self.add("tcp_get", "GB/s", f"kvstore get_into, tcp, {nb // MiB} MiB",
-                      "vs zmq"), self.step_tcp_get),
+                      "vs zmq, vs socket"), self.step_tcp_get),
             (self.add("rtt", "ms", "bare ZeroMQ round trip, tiny message",
                       "limit for lookup"), self.step_rtt),
             (self.add("lookup", "ms", f"kvstore lookup {p.num_blocks} hashes + lease",
@@ -394,6 +462,8 @@ class Bench:
             self.daemon.stop()
         if getattr(self, "peer", None) is not None:
             self.peer.close()
+        if getattr(self, "socket_peer", None) is not None:
+            self.socket_peer.close()
 
     # --- steps: each measures once; warm=True is the untimed warm-up round that verifies bytes
     def step_memcpy(self, s: Series, warm: bool) -> str:
@@ -413,6 +483,16 @@ class Bench:
         dt = time.perf_counter() - t0
         if warm:
             check_equal(self.dests, self.sources, "raw zmq")
+        return self._record(s, gbps(self.p.prefix_bytes, dt), warm, f"{dt * 1e3:.1f} ms")
+
+    def step_socket(self, s: Series, warm: bool) -> str:
+        if warm:
+            zero(self.dests)
+        t0 = time.perf_counter()
+        self.socket_peer.get_into(self.dest_views)
+        dt = time.perf_counter() - t0
+        if warm:
+            check_equal(self.dests, self.sources, "plain socket")
         return self._record(s, gbps(self.p.prefix_bytes, dt), warm, f"{dt * 1e3:.1f} ms")
 
     def step_rtt(self, s: Series, warm: bool) -> str:
@@ -518,7 +598,8 @@ class Bench:
     def settle(self, window_s: float = 0.05, max_s: float = 1.0) -> None:
         """Wait until the daemon and the raw peer are idle, so that work left over from the last
         step (freeing received frames, finishing zero-copy sends) does not overlap the next one."""
-        pids = [self.daemon.proc.pid if self.daemon.proc else 0, self.peer.proc.pid or 0]
+        pids = [self.daemon.proc.pid if self.daemon.proc else 0, self.peer.proc.pid or 0,
+                self.socket_peer.proc.pid or 0]
         deadline = time.monotonic() + max_s
         before = sum(_proc_jiffies(p) for p in pids)
         while time.monotonic() < deadline:
