@@ -20,7 +20,8 @@ kvstore measurements so that a busy moment on the machine hits both sides of a r
 kvstore, against a real `kvstore serve` subprocess (own port and segment, pool 1.25x the working
 set of one stored prefix plus one put batch):
   shm get   Client.get_into through the shared segment, into the same prefaulted destinations
-  tcp get   Client(use_shm=False).get_into: payload frames received into the destinations
+  tcp get   Client(use_shm=False).get_into: the payload received into the destinations (a side
+            stream for 8 MiB and more without CURVE, kvstore/bulk.py; ZeroMQ frames otherwise)
   shm put   Client.put of 256 new blocks (fresh hashes; the put namespace invalidated first)
   tcp put   the same over TCP (information only)
   lookup    Client.lookup of the 256 hashes with a lease, then release (timed separately)

@@ -18,9 +18,9 @@ from typing import Any
 
 import zmq
 
-from kvstore import protocol
+from kvstore import bulk, protocol
 from kvstore.calls import LINGER_MS, Calls, load_client_keys
-from kvstore.errors import ServerError, ServerUnavailable
+from kvstore.errors import ProtocolError, ServerError, ServerUnavailable
 from kvstore.ipc import default_address
 from kvstore.keys import Namespace, SlotId
 from kvstore.pool import Pool
@@ -87,10 +87,14 @@ class Client(Calls):
     """One connection to one daemon."""
 
     def __init__(self, address: str, timeout_s: float = 1.0, *, ctx: zmq.Context | None = None,
-                 curve_dir: str | Path | None = None, use_shm: bool = True) -> None:
+                 curve_dir: str | Path | None = None, use_shm: bool = True,
+                 use_bulk: bool = True) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.use_shm = use_shm
+        # TCP GETs may take large payloads on a side stream (kvstore/bulk.py); False keeps every
+        # byte on the ZeroMQ connection (the daemon offers none with CURVE anyway).
+        self.use_bulk = use_bulk
         self._ctx = ctx or zmq.Context.instance()
         self._curve = load_client_keys(Path(curve_dir)) if curve_dir else None
         self._ids = itertools.count(1)
@@ -265,7 +269,7 @@ class Client(Calls):
         num = 0
         while num < len(hashes):
             batch = tuple(hashes[num:num + self._max_rows("get")])
-            req = Get(ns=ns, hashes=batch, lease=lease)
+            req = Get(ns=ns, hashes=batch, lease=lease, bulk=self._bulk_host() is not None)
             blocks: list[memoryview] = []
             reply = self._get_more(req, None if views is None else views[num:],
                                    None if views is not None else blocks, is_first=not num)
@@ -282,12 +286,51 @@ class Client(Calls):
         for attempt in itertools.count():
             try:
                 reply: GetReply = self._call(req, dests=dests, copies=copies)
+                if reply.bulk_token is not None and not self._take_bulk(reply, dests, copies,
+                                                                        deadline):
+                    req = dataclasses.replace(req, bulk=False)  # its port is out of reach
+                    continue
                 return reply
             except ServerError as exc:
                 if is_first or exc.code != "busy" or time.monotonic() > deadline:
                     raise
             time.sleep(min(_BUSY_RETRY_S * 2**attempt, 0.1))
         raise AssertionError("unreachable")
+
+    def _take_bulk(self, reply: GetReply, dests: list[memoryview] | None,
+                   copies: list[memoryview] | None, deadline: float) -> bool:
+        """Receive a GET reply's payload from its side stream (kvstore/bulk.py) into dests, or
+        into new buffers appended to copies, by the call's deadline; a stream that fails or stalls
+        is the call's timeout (the daemon gives the offer up and lets its pins go). False: the
+        side port cannot be reached (ask again without; this client asks no more)."""
+        host = self._bulk_host()
+        if host is None or reply.bulk_port is None or reply.bulk_token is None:
+            raise ProtocolError("GET reply offers a side stream this client did not ask for")
+        sizes = list(reply.sizes)
+        if dests is None:
+            bufs = [memoryview(bytearray(n)) for n in sizes]
+        else:
+            if len(dests) < len(sizes) or any(len(d) < n for d, n in zip(dests, sizes)):
+                raise ValueError("destination buffers smaller than the blocks")
+            bufs = dests
+        try:
+            bulk.receive(host, reply.bulk_port, reply.bulk_token, bufs, sizes,
+                         min(deadline, time.monotonic() + self.timeout_s))
+        except bulk.Unreachable:
+            self.use_bulk = False
+            return False
+        except OSError as exc:
+            raise ServerUnavailable(f"side stream from {self.address}: {exc}") from None
+        if copies is not None:
+            copies += [b[:n] for b, n in zip(bufs, sizes)]
+        return True
+
+    def _bulk_host(self) -> str | None:
+        """Where to take side streams from: the daemon's TCP host, unless CURVE is configured
+        (the daemon never offers one then) or bulk streams are off for this client."""
+        if self._curve is not None or not self.use_bulk:
+            return None
+        return bulk.host_of(self.address)
 
     @contextmanager
     def pinned(self, ns: Namespace, hashes: Sequence[bytes],

@@ -127,8 +127,7 @@ class Unsent:
         self.pinned_bytes = 0  # of zero-copy replies
         # Per client, oldest first: (tracker, copy buffers, sent at, pinned bytes, what is pinned:
         # the blocks, handed back by collect() for the caller to let go).
-        self._queued: dict[bytes, deque[tuple[zmq.MessageTracker, list[bytearray], float, int,
-                                              Any]]] = {}
+        self._queued: dict[bytes, deque[tuple[Any, list[bytearray], float, int, Any]]] = {}
         self._free: list[bytearray] = []  # at most max_total_bytes of them
         self._bytes: dict[bytes, int] = {}
         self._cut: set[bytes] = set()  # clients already cut, until their replies are let go
@@ -164,14 +163,16 @@ class Unsent:
         self._free.extend(buffers[:max(room, 0)])
 
     def add(self, identity: bytes, frames: list[zmq.Frame], buffers: list[bytearray],
-            now: float, pinned_bytes: int = 0, pinned: Any = None) -> None:
+            now: float, pinned_bytes: int = 0, pinned: Any = None, tracker: Any = None) -> None:
         """Count a sent reply (its copy buffers, or its pinned bytes and what they pin) against
-        identity until ZeroMQ lets its frames go."""
+        identity until ZeroMQ lets its frames go, or until tracker (a side stream's
+        kvstore/bulk.py Offer: anything with .done) is done."""
         nbytes = len(buffers) * CHUNK_BYTES + pinned_bytes
         self.pinned_bytes += pinned_bytes
         self.total_bytes += nbytes - pinned_bytes
         self._queued.setdefault(identity, deque()).append(
-            (zmq.MessageTracker(*frames), buffers, now, pinned_bytes, pinned))
+            (tracker if tracker is not None else zmq.MessageTracker(*frames), buffers, now,
+             pinned_bytes, pinned))
         self._bytes[identity] = self._bytes.get(identity, 0) + nbytes
 
     def collect(self) -> list[Any]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from kvstore import listeners, protocol
+from kvstore.bulk import BULK_MIN_BYTES, BulkServer, Offer
 from kvstore.connections import Unsent
 from kvstore.errors import ProtocolError
 from kvstore.gate import Gate
@@ -54,6 +55,7 @@ class Answer:
     copies: list[bytearray] = field(default_factory=list)
     held: list[Any] | None = None  # what Store.hold() pinned; opaque here
     held_bytes: int = 0
+    offer: Offer | None = None  # the payload on a side stream (kvstore/bulk.py), not in frames
 
 
 class Handlers:
@@ -71,6 +73,7 @@ class Handlers:
         def _send(self, listener: Listener, owner: bytes, identity: zmq.Frame,
                   reply: Answer) -> None: ...
         def _collect_sent(self) -> None: ...
+        bulk: dict[int, BulkServer]
 
     def _hello(self, req: Hello, _: list[zmq.Frame], call: Call) -> Answer:
         if req.version != protocol.VERSION:
@@ -161,19 +164,32 @@ class Handlers:
         copies (Unsent): a client that does not take its replies pins at most one, and only until
         its connection is cut. They count against the client until ZeroMQ lets them go; a reply
         cut short by that budget says partial; with no budget left the answer is busy."""
+        bulk = self.bulk.get(call.listener.index) if req.bulk else None
         room = self.unsent.room_for(call.owner)
-        if room <= 0:
+        if room <= 0 or bulk is not None:
             self._collect_sent()  # its last replies may be sent, not yet counted
             room = self.unsent.room_for(call.owner)
         if room <= 0:
             raise Refused("busy", "too many reply bytes queued to this client: read them first")
+        if bulk is not None and self.unsent.can_pin(call.owner, BULK_MIN_BYTES):
+            # A side stream pins what it sends: cut the reply at the pinned budget (partial).
+            room = min(room, self.unsent.max_pinned_bytes - self.unsent.pinned_bytes)
         out = self.store.read_out(req.ns, req.hashes, req.lease, room)
         sizes = [len(v) for v in out.views]
+        nbytes = sum(sizes)
+        if bulk is not None and nbytes >= BULK_MIN_BYTES and self.unsent.can_pin(call.owner, nbytes):
+            # Pinned until the side stream is done (sent, failed or given up: kvstore/bulk.py).
+            self.counters.bytes_out["tcp"] += nbytes
+            self.store.hold(out.held)
+            offer = bulk.offer(list(out.views))
+            header = protocol.encode_reply(req.req_id, GetReply(
+                num_hits=len(sizes), sizes=sizes, lease=None, partial=out.partial,
+                bulk_port=bulk.port, bulk_token=offer.token))
+            return Answer([header], path="tcp", held=out.held, held_bytes=nbytes, offer=offer)
         header = protocol.encode_reply(req.req_id, GetReply(
             num_hits=len(sizes), sizes=sizes, lease=None, partial=out.partial))
         if not sizes:
             return Answer([header])
-        nbytes = sum(sizes)
         self.counters.bytes_out["tcp"] += nbytes
         views = [c for v in out.views for c in protocol.chunk(v)]
         if not self.unsent.can_pin(call.owner, nbytes):
@@ -246,6 +262,9 @@ class Handlers:
             **self.store.occupancy(),
             "pool_bytes": self.pool.size_bytes,
             "unsent_bytes": self.unsent.total_bytes,  # TCP GET replies not yet taken by ZeroMQ
+            "unsent_pinned_bytes": self.unsent.pinned_bytes,  # zero-copy and side-stream replies
+            "bulk": {k: sum(b.counts[k] for b in self.bulk.values())
+                     for k in ("offered", "sent", "refused", "given_up")},  # kvstore/bulk.py
             "namespaces": {name.hex(): self._namespace_stats(name)
                            for name in list(self.store.stats)},
             "requests": dict(self.counters.num_requests),

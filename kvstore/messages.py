@@ -71,6 +71,7 @@ class Get:
     lease: int | None = None
     shm: bool = False
     token: bytes = b""
+    bulk: bool = False  # TCP: the payload may come on a side stream (kvstore/bulk.py)
 
 
 @dataclass(**_MESSAGE)
@@ -200,6 +201,9 @@ class GetReply:
     lease: int | None
     slots: list[int] | None = field(default=None, metadata=_OMIT_NONE)
     partial: bool | None = field(default=None, metadata=_OMIT_NONE)
+    # The payload on a side stream instead of frames (asked with bulk): its port, one-time token.
+    bulk_port: int | None = field(default=None, metadata=_OMIT_NONE)
+    bulk_token: bytes | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(**_MESSAGE)

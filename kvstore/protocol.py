@@ -54,7 +54,9 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
                shm=false: the bytes follow as payload frames (copies: no slot stays pinned by a
                reply). The daemon bounds the bytes queued to one client: a reply it cut short
                carries partial=true (ask again for the rest), and with nothing left it answers
-               "busy". shm=true: slots lists the byte offset of each block in the segment, pinned
+               "busy". bulk=true (TCP, no CURVE): a large payload may instead come on a side
+               stream: the reply carries bulk_port and bulk_token (kvstore/bulk.py; connect to
+               the daemon's host at that port, send the token, read the sizes). shm=true: slots lists the byte offset of each block in the segment, pinned
                under lease (the client's, or a new one when none was given) until RELEASE or
                expiry; a lease presented here is held by this client from then on.
     RESERVE    {ns, blocks: [[hash, parent, nbytes]...], token}
@@ -223,6 +225,8 @@ def _wire_fields(req: Request) -> dict[str, Any]:
         out.update(_hashes_wire(out["hashes"]))
     if isinstance(req, (Lookup, Get)) and not req.shm:
         del out["shm"], out["token"]  # only a shared-memory request proves the segment
+    if isinstance(req, Get) and not req.bulk:
+        del out["bulk"]
     return out
 
 
@@ -319,6 +323,8 @@ _REPLY_CHECKS: dict[str, Any] = {
                      "num_dropped"), _is_count),
     "lease": lambda v: type(v) is int, "slots": lambda v: type(v) is list,
     "sizes": lambda v: type(v) is list,
+    "bulk_port": lambda v: type(v) is int and 0 < v < 65536,
+    "bulk_token": lambda v: type(v) is bytes and 16 <= len(v) <= 64,
 }
 _FIELDS_OF: dict[type[Any], Any] = {}
 
@@ -524,7 +530,7 @@ def _lookup(h: dict[str, Any]) -> dict[str, Any]:
 def _get(h: dict[str, Any]) -> dict[str, Any]:
     shm = _bool(h, "shm")
     return {"ns": _ns(h), "hashes": _hashes(h), "lease": _int(h, "lease", optional=True),
-            "shm": shm, "token": _token(h) if shm else b""}
+            "shm": shm, "token": _token(h) if shm else b"", "bulk": _bool(h, "bulk")}
 
 
 def _reserve(h: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from kvstore import ipc, listeners, protocol
+from kvstore.bulk import BulkServer, bulk_host
 from kvstore.config import ServeConfig
 from kvstore.connections import MAX_UNSENT_AGE_S, Unsent
 from kvstore.errors import ProtocolError
@@ -79,6 +80,17 @@ class Server(Handlers):
                 self.gate.stop()
             raise
         self.unsent = Unsent(pool.size_bytes)  # copied TCP GET replies ZeroMQ still holds
+        # Side streams for large TCP GET payloads, per TCP listener (kvstore/bulk.py); none with
+        # CURVE, whose encryption a plain stream would bypass.
+        self.bulk: dict[int, BulkServer] = {}
+        if self.gate is None:
+            for listener in self.listeners:
+                if not listener.address.startswith("tcp://"):
+                    continue
+                try:
+                    self.bulk[listener.index] = BulkServer(bulk_host(listener.address))
+                except OSError as exc:  # e.g. an interface name: its GETs stay on ZeroMQ
+                    log.warning("no side stream next to %s: %s", listener.address, exc)
         self._stopping = False
         self._releases = Releases(give_back)  # big messages' frames, let go in slices
         # The daemon's own full GC passes (kvstore/gcpolicy.py; set by `kvstore serve`): None
@@ -172,6 +184,8 @@ class Server(Handlers):
         self.metrics.close()
         for listener in self.listeners:
             listener.close()
+        for bulk in self.bulk.values():
+            bulk.close()
         if self.gate is not None:
             self.gate.stop()
         self.ctx.term()
@@ -271,13 +285,15 @@ class Server(Handlers):
         except Exception as exc:  # peer queue full (HWM) or gone: drop; the client times out
             self.counters.num_errors["dropped"] += 1
             log.warning("reply dropped: %s", exc)
+            if reply.offer is not None:
+                reply.offer.done = True  # never claimed: its token was not sent
             # reply.copies: ZeroMQ may still hold views of them; they are never reused.
             if reply.held is not None:
                 self.store.let_go(reply.held)
             return
         if reply.copies or reply.held is not None:  # a TCP GET's payload
             self.unsent.add(owner, reply.frames[1:], reply.copies, time.monotonic(),
-                            reply.held_bytes, reply.held)
+                            reply.held_bytes, reply.held, reply.offer)
 
     def _maintain(self) -> bool:
         """End closed connections' holdings, count sent replies, expire leases and reservations

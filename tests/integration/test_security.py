@@ -133,11 +133,13 @@ def test_segment_file_is_readable_only_by_its_owner(daemon):
 @pytest.mark.parametrize("nbytes", [CHUNK_BYTES, CHUNK_BYTES + 1, 9 * MiB],
                          ids=["chunk", "chunk+1", "9MiB"])
 def test_full_chunk_frames_pass_curve_both_ways(curve_daemon, keys, ctx, nbytes):
-    """Payload frames of a whole CHUNK_BYTES, CURVE-encrypted, fit both ends' frame limit."""
+    """Payload frames of a whole CHUNK_BYTES, CURVE-encrypted, fit both ends' frame limit. The
+    bytes stay on the encrypted connection: no plain side stream is offered (kvstore/bulk.py)."""
     data = random_blocks(nbytes, [nbytes])[0]
     with Client(curve_daemon.address, CALL_S, ctx=ctx, curve_dir=keys, use_shm=False) as client:
         assert client.put(NS, [(b"big", None, data)]).num_stored == 1
         assert client.get(NS, [b"big"]) == [data]
+        assert client.stats()["bulk"]["offered"] == 0
 
 
 @pytest.mark.timeout(90)

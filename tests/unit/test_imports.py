@@ -33,7 +33,9 @@ ALLOWED: dict[str, set[str]] = {
     "messages": {"keys"},
     "protocol": {"keys", "errors", "messages"},
     "calls": {"protocol", "errors", "ipc"},
-    "client": {"calls", "protocol", "keys", "errors", "pool", "ipc"},
+    "client": {"calls", "protocol", "keys", "errors", "pool", "ipc", "bulk"},
+    # A TCP GET's payload on a side stream (issue 12): plain sockets, no kvstore parts.
+    "bulk": set(),
     "ipc": set(),
     "gcpolicy": set(),
     "releases": set(),
@@ -49,9 +51,10 @@ ALLOWED: dict[str, set[str]] = {
     "cluster": {"client", "directory", "keys", "tiers"},
     # The loop decodes, calls the Store, encodes and sends: none of the Store's parts.
     "handlers": {"listeners", "protocol", "connections", "errors", "gate", "keys", "metrics",
-                 "pool", "store", "tiers"},
+                 "pool", "store", "tiers", "bulk"},
     "server": {"ipc", "listeners", "protocol", "config", "connections", "errors", "gate", "inbox",
-               "malloc", "metrics", "pool", "store", "gcpolicy", "releases", "tiers", "handlers", "cluster"},
+               "malloc", "metrics", "pool", "store", "gcpolicy", "releases", "tiers", "handlers", "cluster",
+               "bulk"},
     "cli": {"config", "errors", "ipc", "keys", "units", "malloc", "pool", "server", "tenants",
             "client", "gcpolicy"},
 }
