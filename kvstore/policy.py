@@ -144,13 +144,15 @@ class FrequencyLRU(LeafLRU):
         the batch's move puts it, so one trim leaves the same keys in the same order."""
         order, protected, num_hits = self._order, self._protected, self._num_hits
         protect_hits = self.protect_hits
+        # Bound methods: three attribute lookups an entry less, a lookup's hits come by the hundred.
+        move, move_protected, hits_of = order.move_to_end, protected.move_to_end, num_hits.get
         is_promoted = False  # touch() trims only after a promotion: so does this
         for entry in entries:
             key = id(entry)
-            order.move_to_end(key)
-            hits = num_hits[key] = num_hits.get(key, 0) + 1
+            move(key)
+            hits = num_hits[key] = hits_of(key, 0) + 1
             if key in protected:
-                protected.move_to_end(key)
+                move_protected(key)
             elif hits >= protect_hits:
                 protected[key] = entry
                 is_promoted = True
