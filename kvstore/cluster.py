@@ -140,7 +140,11 @@ class ClusterTier(Tier):
         client = self._client(peer)
         client.timeout_s = timeout_s
         try:
-            datas = client.get(ns, hashes)
+            # The received buffers themselves, not bytes copies of them (Client.get): over TCP
+            # (use_shm=False) they are this call's own and outlive the with-block; the server
+            # copies them into the pool once.
+            with client.reading(ns, hashes) as blocks:
+                datas: list[bytes] = list(blocks)  # type: ignore  # bytes-like views
         except Exception as exc:  # unreachable, too slow, refused: a miss
             self.stats.num_pull_failures += 1
             log.info("pull of %d blocks from %s (%s) failed: %s", len(hashes), peer.daemon_id,
