@@ -80,6 +80,10 @@ class Hosts:
         """Partition node name from everyone (its link to the bridge goes down)."""
         _ip("link", "set", f"{self.tag}{name}0", "down")
 
+    def heal(self, name: str) -> None:
+        """End the partition of node name (its link to the bridge comes back up)."""
+        _ip("link", "set", f"{self.tag}{name}0", "up")
+
     def stop(self) -> None:
         for name in self.names:
             # The veth first: a namespace outlives its name while sockets in it linger (a cut

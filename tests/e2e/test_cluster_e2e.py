@@ -10,15 +10,18 @@ and the shared segment (/dev/shm is the mount namespace's, not the network's), w
 reach each other and Valkey only through the bridge. Where namespaces cannot be made, the nodes
 are the loopback addresses 127.0.0.2 and .3 (the test says which in its output).
 
-Three engines (reference, A, B) start once, in parallel, for the module; the tests run in order
-and the last two break the fleet (A's daemon killed, then Valkey).
+Three engines (reference, A, B) start once, in parallel, for the module; the tests run in order:
+the hit, then each fault of the issue with identical tokens and no request past its budget (a
+Valkey master killed, the holder invalidated its blocks, the holder slow, the holder cut off by a
+partition: each undone after its test), and the last two break the fleet for good (A's daemon
+killed, then Valkey).
 """
 
 from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -134,6 +137,89 @@ def test_prefix_computed_on_node_a_is_pulled_and_served_on_node_b(nodes: Nodes) 
     want = nodes.reference.request(prompt)
     assert_same_generation(got, want)
     within_budget(got, want)
+
+
+def computed_on_a(nodes: Nodes) -> list[int]:
+    """A fresh prefix computed by A's replica, saved into A's pool and registered."""
+    prefix = nodes.tokens(PREFIX_TOKENS)
+    before = cluster_stats(nodes.a)["num_registered"]
+    nodes.ra.request(nodes.prompt(prefix))
+    registered(nodes.a, before + WANT_BLOCKS)
+    return prefix
+
+
+def served_on_b_under(nodes: Nodes, prefix: list[int], fault: Callable[[], None],
+                      undo: Callable[[], None]) -> dict:
+    """B serves a prompt on A's prefix while fault holds: the same tokens as the reference, no
+    request past its budget, no daemon error. Returns B's answer."""
+    prompt = nodes.prompt(prefix)
+    fault()
+    try:
+        got = nodes.rb.request(prompt)
+    finally:
+        undo()
+    want = nodes.reference.request(prompt)
+    assert_same_generation(got, want)
+    within_budget(got, want)
+    with Client(nodes.b.address, CALL_S, use_shm=False) as client:
+        assert client.stats()["errors"] == 0
+    return got
+
+
+def test_one_valkey_master_killed_node_b_still_generates_the_same_tokens(nodes: Nodes) -> None:
+    """The keys in the dead master's slots are misses (the chain is pulled up to the first of
+    them); what is pulled and what is recomputed give the reference's tokens."""
+    prefix = computed_on_a(nodes)
+
+    def restart() -> None:
+        nodes.valkey.restart(0)  # empty: the daemons register what they hold again
+
+    got = served_on_b_under(nodes, prefix, lambda: nodes.valkey.kill(0), restart)
+    assert 0 <= got["pool_tokens"] <= PREFIX_TOKENS
+
+
+def test_holder_invalidated_its_blocks_node_b_recomputes(nodes: Nodes) -> None:
+    """A dropped the blocks without an eviction (kvstore invalidate): still listed, so B's pull
+    comes back short, B answers a miss and recomputes."""
+    prefix = computed_on_a(nodes)
+    short = cluster_stats(nodes.b)["num_short_pulls"]
+
+    def invalidate() -> None:
+        with Client(nodes.a.address, CALL_S, use_shm=False) as client:
+            names = [bytes.fromhex(n) for n in client.stats()["namespaces"] if n]
+            assert sum(client.invalidate(name) for name in names) >= WANT_BLOCKS
+
+    got = served_on_b_under(nodes, prefix, invalidate, lambda: None)
+    assert got["pool_tokens"] == 0
+    assert cluster_stats(nodes.b)["num_short_pulls"] > short
+
+
+def test_holder_slow_node_b_recomputes_within_its_budget(nodes: Nodes) -> None:
+    """A's daemon stopped (SIGSTOP: alive, registered, silent) while B asks: B's LOOKUP is
+    answered at its tier deadline, a miss, and B recomputes."""
+    prefix = computed_on_a(nodes)
+    assert nodes.a.proc is not None
+    stopped = nodes.a.proc
+
+    def stall() -> None:
+        stopped.send_signal(signal.SIGSTOP)
+
+    def resume() -> None:
+        stopped.send_signal(signal.SIGCONT)
+        cluster_stats(nodes.a)  # A answers again (its pending pulls first) before going on
+
+    got = served_on_b_under(nodes, prefix, stall, resume)
+    assert got["pool_tokens"] == 0
+
+
+def test_holder_cut_off_by_a_partition_node_b_recomputes_within_its_budget(nodes: Nodes) -> None:
+    """A's link to the bridge down while B asks: the pull gets no answer, a miss."""
+    if nodes.hosts is None:
+        pytest.skip("needs network namespaces (root and `ip`): loopback cannot be partitioned")
+    hosts = nodes.hosts
+    prefix = computed_on_a(nodes)
+    got = served_on_b_under(nodes, prefix, lambda: hosts.cut("a"), lambda: hosts.heal("a"))
+    assert got["pool_tokens"] == 0
 
 
 def test_holder_killed_node_b_recomputes_within_its_budget(nodes: Nodes) -> None:
