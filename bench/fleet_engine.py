@@ -163,7 +163,17 @@ class EngineModel:
     cached_s_per_token: float
     decode_s_per_request: float
     http_s: float
-    outside_load: float = 0.0  # other busy processes, in engines: a busy engine runs at 1 / (k + this)
+    outside_load: float = 0.0  # other busy processes, in engines (see rate())
+    # The machine's cores, each engine running one thread (bench/fleet_procs.py): k busy engines
+    # then run at min(1, cores / (k + outside_load)) of a core each, and costs are core-seconds.
+    # 0: an engine uses the whole machine, 1 / (k + outside_load) of it each (costs in
+    # machine-seconds), as the runs with one thread per core were modelled.
+    cores: float = 0.0
+
+    def rate(self, num_busy: int) -> float:
+        """The speed of each of num_busy busy engines, in units of work per second."""
+        share = num_busy + self.outside_load
+        return min(1.0, self.cores / share) if self.cores else 1.0 / share
 
 
 @dataclass
@@ -231,8 +241,8 @@ class Fleet:
 
     def next_step_end(self) -> float:
         busy = [r for r in self.replicas if r.step]
-        share = len(busy) + self.model.outside_load
-        return self.now + min(r.work_left for r in busy) * share if busy else float("inf")
+        return (self.now + min(r.work_left for r in busy) / self.model.rate(len(busy))
+                if busy else float("inf"))
 
     def advance(self, until: float) -> list[Job]:
         """Run the engines up to until (or the first step end before it); the jobs finished."""
@@ -241,7 +251,7 @@ class Fleet:
         self.now = until
         finished: list[Job] = []
         for r in busy:
-            r.work_left -= dt / (len(busy) + self.model.outside_load)
+            r.work_left -= dt * self.model.rate(len(busy))
             if r.work_left <= WORK_EPS_S:
                 finished += self._end_step(self.replicas.index(r), r)
         for r in self.replicas:

@@ -161,6 +161,20 @@ def test_outside_load_slows_every_engine_alike() -> None:
     assert abs(job.ttft - 0.4) < 1e-9  # 0.1 s of work at 1 / (1 + 3) of the machine
 
 
+def test_engines_of_one_thread_each_share_the_cores_only_past_one_each() -> None:
+    """With cores, each engine runs one thread: two busy engines on two cores both run at full
+    speed, three share them (2/3 of a core each)."""
+    two_cores = EngineModel(**{**MODEL.__dict__, "cores": 2.0})
+    for n, want in ((2, 0.1), (3, 0.15)):
+        fleet = Fleet(n, two_cores, 64, None, BS, max_tokens=1)
+        jobs = [Job({"prompt": [p + 100 * i for p in range(1, 91)]}, 0.0) for i in range(n)]
+        for i, job in enumerate(jobs):
+            fleet.arrive(job, i)
+        fleet.advance(0.0)
+        _drain(fleet)
+        assert all(abs(j.ttft - want) < 1e-9 for j in jobs), (n, [j.ttft for j in jobs])
+
+
 def test_repeatability_compares_the_failure_run_before_the_kill_with_its_baseline() -> None:
     base = {"cache": "pool", "policy": "consistent_hash", "n": 3, "failure": False,
             "requests": [row(0, "s", "a", 0, 100, 0), row(1, "t", "b", 0, 100, 50)]}
