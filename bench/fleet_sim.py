@@ -258,14 +258,49 @@ def summarize(jobs: list[Job], block_size: int) -> dict[str, float]:
             "ttft_p95_s": float(np.quantile(ttfts, 0.95))}
 
 
+def against_repeat(res: dict[str, Any], repeat: dict[str, Any]) -> dict[str, Any]:
+    """The simulator, fitted on res, against a second real run of the same N = 2 configurations
+    (out of sample), and the two real runs against each other (how far a real TTFT p50 moves
+    between identical runs)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for cache, by_policy in res["sim"]["ttft_p50_s"].items():
+        for policy in by_policy:
+            first = res["ttft_p50_s"][cache][policy].get("2")
+            second = repeat["ttft_p50_s"].get(cache, {}).get(policy, {}).get("2")
+            if first is None or second is None:
+                continue
+            sim = res["sim"]["ttft_p50_s"][cache][policy]["2"]
+            rows.setdefault(cache, {})[policy] = {
+                "real_ttft_p50_s": [first, second], "sim_ttft_p50_s": sim,
+                "sim_vs_repeat_rel_error": (sim - second) / second,
+                "repeat_vs_first_rel_difference": (second - first) / first,
+                "real_hit_rate": [res["hit_rate"][cache][policy]["2"],
+                                  repeat["hit_rate"][cache][policy]["2"]]}
+    flat = [v for c in rows.values() for v in c.values()]
+    return {"by_config": rows, "repeat_date": repeat.get("date"),
+            "sim_mean_abs_rel_error": statistics.fmean(abs(v["sim_vs_repeat_rel_error"])
+                                                       for v in flat),
+            "sim_within_20pct": sum(abs(v["sim_vs_repeat_rel_error"]) <= 0.2 for v in flat),
+            "real_mean_abs_rel_difference": statistics.fmean(
+                abs(v["repeat_vs_first_rel_difference"]) for v in flat),
+            "real_max_abs_rel_difference": max(abs(v["repeat_vs_first_rel_difference"])
+                                               for v in flat),
+            "configurations": len(flat)}
+
+
 # --- output ------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fleet_sim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--result", type=Path, default=RESULTS / "fleet.json")
+    parser.add_argument("--repeat", type=Path, default=RESULTS / "fleet_repeat.json",
+                        help="a second real run of the same configurations (python -m bench.fleet "
+                        "--no-failure --out ...): the simulator predicts it out of sample")
     args = parser.parse_args(argv)
     res = json.loads(args.result.read_text())
     res["sim"] = calibrate(res)
+    if args.repeat.exists():
+        res["sim"]["repeat_n2"] = against_repeat(res, json.loads(args.repeat.read_text()))
     args.result.write_text(json.dumps(res, indent=2) + "\n")
     plot(res["sim"], args.result.parent)
     print(sim_table(res["sim"]))
@@ -307,6 +342,17 @@ def sim_table(sim: dict[str, Any]) -> str:
             f"{sim['engine_model']['vram']['cores']:.0f} cores): {v3['hit_rate']:.1%} on hit rate, "
             f"{v3['ttft_p50']:.1%} on TTFT p50 ({sum(e < 0 for e in signs)} of {len(signs)} "
             "simulated faster than real: oversubscribed cores cost more than their share).")
+    rep2 = sim.get("repeat_n2")
+    if rep2:
+        worst = max(((c, p, v["sim_vs_repeat_rel_error"]) for c, by in rep2["by_config"].items()
+                     for p, v in by.items()), key=lambda x: abs(x[2]))
+        lines.append(
+            f"Out of sample, a second real run of the N = 2 configurations "
+            f"(bench/results/fleet_repeat.json): TTFT p50 {rep2['sim_mean_abs_rel_error']:.1%} "
+            f"mean absolute error, {rep2['sim_within_20pct']} of {rep2['configurations']} within "
+            f"20% (worst: {worst[0]} {worst[1]}, {worst[2]:+.0%}). The two real runs' TTFT p50s "
+            f"differed by {rep2['real_mean_abs_rel_difference']:.1%} on the mean, "
+            f"{rep2['real_max_abs_rel_difference']:.0%} at most.")
     for cache, rep in sim.get("repeat_ttft_p50", {}).items():
         lines.append(f"Repeatability of the real TTFT ({cache}): the same {rep['requests']} requests "
                      f"on the same replicas with the same hits had TTFT p50 "

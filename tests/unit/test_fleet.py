@@ -12,7 +12,7 @@ from bench.fleet import analyse, moved_sessions, summarize_run
 from bench.fleet_model import make_fleet_model, text
 from bench.fleet_engine import (CacheAware, EngineCache, EngineModel, Fleet, FewestPrefilling,
                                 Job, PrefixTree, RouterView, common_prefix, run_replay)
-from bench.fleet_sim import repeatability
+from bench.fleet_sim import against_repeat, repeatability
 from bench.models import TinyLlama
 from bench.sim import Pool, block_hashes
 
@@ -173,6 +173,21 @@ def test_engines_of_one_thread_each_share_the_cores_only_past_one_each() -> None
         fleet.advance(0.0)
         _drain(fleet)
         assert all(abs(j.ttft - want) < 1e-9 for j in jobs), (n, [j.ttft for j in jobs])
+
+
+def test_a_second_real_run_is_predicted_out_of_sample_and_compared_with_the_first() -> None:
+    res = {"ttft_p50_s": {"pool": {"round_robin": {"2": 0.10}, "kv_aware": {"2": 0.20}}},
+           "hit_rate": {"pool": {"round_robin": {"2": 0.7}, "kv_aware": {"2": 0.7}}},
+           "sim": {"ttft_p50_s": {"pool": {"round_robin": {"2": 0.12, "4": 1.0},
+                                           "kv_aware": {"2": 0.10, "4": 1.0}}}}}
+    repeat = {"ttft_p50_s": {"pool": {"round_robin": {"2": 0.10}, "kv_aware": {"2": 0.25}}},
+              "hit_rate": {"pool": {"round_robin": {"2": 0.7}, "kv_aware": {"2": 0.7}}}}
+    out = against_repeat(res, repeat)
+    rr, kv = out["by_config"]["pool"]["round_robin"], out["by_config"]["pool"]["kv_aware"]
+    assert abs(rr["sim_vs_repeat_rel_error"] - 0.2) < 1e-9 and abs(kv["sim_vs_repeat_rel_error"] + 0.6) < 1e-9
+    assert out["sim_within_20pct"] == 1 and out["configurations"] == 2
+    assert abs(out["real_mean_abs_rel_difference"] - 0.125) < 1e-9  # (0 + 0.25) / 2
+    assert abs(out["real_max_abs_rel_difference"] - 0.25) < 1e-9
 
 
 def test_repeatability_compares_the_failure_run_before_the_kill_with_its_baseline() -> None:
