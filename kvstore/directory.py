@@ -267,6 +267,7 @@ class Directory:
         self.nodes = parse_url(url)
         self.me = Member(daemon_id or uuid.uuid4().hex[:16], address, curve_key)
         self.stats = DirectoryStats()
+        self.on_latency: Callable[[float], None] | None = None  # the /metrics histogram, if served
         self.is_up = False
         self._is_down_logged = False
         self._state_lock = threading.Lock()
@@ -514,8 +515,6 @@ class Directory:
             del latencies[:512]
         if self.on_latency is not None:
             self.on_latency(seconds)
-
-    on_latency: Callable[[float], None] | None = None  # the /metrics histogram, when served
 
 
 def _text(value: bytes | str) -> str:

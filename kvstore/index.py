@@ -10,7 +10,7 @@ import enum
 import heapq
 import itertools
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvstore.keys import BlockHash, Key, Namespace, SlotId

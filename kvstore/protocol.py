@@ -56,7 +56,8 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
                carries partial=true (ask again for the rest), and with nothing left it answers
                "busy". bulk=true (TCP, no CURVE): a large payload may instead come on a side
                stream: the reply carries bulk_port and bulk_token (kvstore/bulk.py; connect to
-               the daemon's host at that port, send the token, read the sizes). shm=true: slots lists the byte offset of each block in the segment, pinned
+               the daemon's host at that port, send the token, read the sizes).
+               shm=true: slots lists the byte offset of each block in the segment, pinned
                under lease (the client's, or a new one when none was given) until RELEASE or
                expiry; a lease presented here is held by this client from then on.
     RESERVE    {ns, blocks: [[hash, parent, nbytes]...], token}

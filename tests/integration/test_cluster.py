@@ -1,7 +1,7 @@
 """Beyond one node (issue 12): two real daemons, each a node in its own network namespace joined
 to the others by a veth pair and a bridge (tests/netns.py; where namespaces cannot be made, on
 their own loopback addresses 127.0.0.2 and .3 instead), find each other's blocks through a real
-3-master Valkey cluster (tests/valkey_cluster.py) and pull them over TCP. Every fault is a miss,
+3-master Valkey cluster (bench/valkey.py) and pull them over TCP. Every fault is a miss,
 never an error: a Valkey master killed, Valkey gone, the holder killed, stopped (slow), cut off
 (partition), or without the blocks."""
 
@@ -24,7 +24,7 @@ from kvstore.keys import Namespace
 from tests.integration.helpers import (CALL_S, as_chain, chain_hashes, random_blocks, run_cli,
                                        wait_stats)
 from tests.netns import Hosts, can_make
-from tests.valkey_cluster import ValkeyCluster, has_valkey
+from bench.valkey import ValkeyCluster, has_valkey
 
 NS = Namespace(b"model-a")
 BLOCK = 256 * 1024

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import REPO
-from tests.valkey_cluster import has_valkey
+from bench.valkey import has_valkey
 
 BENCH_TIMEOUT_S = 180.0  # ~15 s on an idle 2-core machine, ~25 s beside vLLM engines starting
 

@@ -15,7 +15,7 @@ import yaml
 from bench.daemon import wait_until
 from kvstore.directory import Directory
 from kvstore.keys import Namespace
-from tests.valkey_cluster import ValkeyCluster, binaries
+from bench.valkey import ValkeyCluster, binaries
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker" / "compose.cluster.yaml"
 
