@@ -63,14 +63,7 @@ class ValkeyCluster:
         self.workdir = Path(tempfile.mkdtemp(prefix="kvstore-valkey-"))
         try:
             for _ in range(self.num_masters):
-                self.ports.append(self._free_port())
-                port = self.ports[-1]
-                node_dir = self.workdir / str(port)
-                node_dir.mkdir()
-                self.procs.append(self._spawn(server, port))
-            for port in self.ports:
-                wait_until(lambda p=port: self._cli(cli, p, "PING") == "PONG", READY_S,
-                           what=f"valkey on port {port}")
+                self._start_master(server, cli)
             subprocess.run([cli, "--cluster", "create",
                             *(f"{self.host}:{p}" for p in self.ports),
                             "--cluster-replicas", "0", "--cluster-yes"],
@@ -83,6 +76,34 @@ class ValkeyCluster:
             raise
         return self
 
+    def _start_master(self, server: str, cli: str) -> None:
+        """One more master, answering PING. A port another process took between _free_port()
+        and the server's bind makes the server exit (its log says why): another port is tried."""
+        log = ""
+        for _ in range(3):
+            port = self._free_port()
+            assert self.workdir is not None
+            (self.workdir / str(port)).mkdir()
+            proc = self._spawn(server, port)
+            self.ports.append(port)  # stop() ends what start() began, whatever happens next
+            self.procs.append(proc)
+            try:
+                wait_until(lambda: proc.poll() is not None or self._cli(cli, port, "PING") == "PONG",
+                           READY_S, what=f"valkey on port {port}")
+            except TimeoutError:
+                raise TimeoutError(f"valkey on port {port} not answering within {READY_S} s; its "
+                                   f"log: {self._log(port)!r}") from None
+            if proc.poll() is None:
+                return
+            log = self._log(port)
+            self.ports.pop(), self.procs.pop()
+        raise RuntimeError(f"valkey-server exited at start three times; last log: {log!r}")
+
+    def _log(self, port: int) -> str:
+        assert self.workdir is not None
+        path = self.workdir / str(port) / "valkey.log"
+        return path.read_text(errors="replace")[-1000:] if path.exists() else ""
+
     def _spawn(self, server: str, port: int) -> subprocess.Popen[bytes]:
         assert self.workdir is not None
         return subprocess.Popen(
@@ -90,7 +111,7 @@ class ValkeyCluster:
              "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
              "--cluster-require-full-coverage", "no", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir / str(port)), "--protected-mode", "no",
-             "--loglevel", "warning"],
+             "--loglevel", "warning", "--logfile", str(self.workdir / str(port) / "valkey.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def restart(self, index: int) -> None:
@@ -123,8 +144,12 @@ class ValkeyCluster:
             self.workdir = None
 
     def _cli(self, cli: str, port: int, *args: str) -> str:
-        done = subprocess.run([cli, "-h", self.host, "-p", str(port), *args],
-                              capture_output=True, timeout=5)
+        """valkey-cli's answer; "" when none came within 5 s (another process's port)."""
+        try:
+            done = subprocess.run([cli, "-h", self.host, "-p", str(port), *args],
+                                  capture_output=True, timeout=5)
+        except subprocess.TimeoutExpired:
+            return ""
         return done.stdout.decode(errors="replace").strip()
 
     @staticmethod
