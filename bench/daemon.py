@@ -105,6 +105,17 @@ class Daemon:
             raise TimeoutError(f"daemon on {self.address} not ready within {timeout_s} s; "
                                f"log {self.log_path}: {self.output()!r}") from None
 
+    def wait_prefaulted(self, timeout_s: float = 120.0) -> None:
+        """Until the daemon mapped its whole pool (kvstore/pool.py prefault_in_background): a
+        bench measures the steady state, with no prefaulting thread competing for the cores."""
+        def is_done() -> bool:
+            with Client(self.address, timeout_s=10.0, use_shm=False,
+                        curve_dir=self.client_keys) as client:
+                stats = client.stats()
+            return bool(stats["pool_prefaulted_bytes"] >= stats["pool_bytes"])
+
+        wait_until(is_done, timeout_s, what="pool prefaulted")
+
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 

@@ -272,6 +272,7 @@ def measure(name: str, make_attack: Callable[..., Callable[[], Any]], scale: int
 
     other = f"tcp://127.0.0.1:{free_port()}"
     d = Daemon(pool_size=pool_size, extra_args=["--tcp", other, *daemon_args]).start()
+    d.wait_prefaulted()  # the pool's pages mapped first: RSS then grows only by what attacks cost
     ctx = zmq.Context()
     try:
         assert d.proc is not None

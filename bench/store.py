@@ -398,7 +398,7 @@ class Bench:
         progress(f"starting `kvstore serve` (pool {p.pool_bytes / MiB:.0f} MiB = "
                  f"{POOL_FACTOR}x working set, segment {self.segment})")
         self.daemon = Daemon(pool_size=str(p.pool_bytes), segment=self.segment)
-        self.daemon.start()
+        self.daemon.start().wait_prefaulted()
         self.kctx = zmq.Context()
         self.shm = Client(self.daemon.address, timeout_s=60.0, ctx=self.kctx)
         self.tcp = Client(self.daemon.address, timeout_s=60.0, ctx=self.kctx, use_shm=False)

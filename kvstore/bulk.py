@@ -199,11 +199,9 @@ class Unreachable(ConnectionError):
     client keeps to ZeroMQ frames for this daemon from then on."""
 
 
-def receive(host: str, port: int, token: bytes, dests: list[memoryview], sizes: list[int],
-            deadline: float) -> None:
-    """The client's side: connect, send token, receive sizes[i] bytes into dests[i] by deadline
-    (time.monotonic()). Raises OSError (TimeoutError included) or ConnectionError if the stream
-    fails or ends short."""
+def connect(host: str, port: int, token: bytes, deadline: float) -> socket.socket:
+    """The client's side, first: connect to an offer's stream and claim it with its token.
+    Raises Unreachable when the port cannot be reached by deadline (time.monotonic())."""
     left_s = deadline - time.monotonic()
     if left_s <= 0:
         raise TimeoutError("no time left for the bulk stream")
@@ -211,17 +209,27 @@ def receive(host: str, port: int, token: bytes, dests: list[memoryview], sizes: 
         conn = socket.create_connection((host, port), timeout=min(left_s, CONNECT_TIMEOUT_S))
     except OSError as exc:
         raise Unreachable(f"{host}:{port}: {exc}") from None
-    with conn:
+    try:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sendall(token)
-        for dest, n in zip(dests, sizes):
-            got = 0
-            while got < n:
-                left_s = deadline - time.monotonic()
-                if left_s <= 0:
-                    raise TimeoutError("bulk stream past the call's deadline")
-                conn.settimeout(left_s)
-                k = conn.recv_into(dest[got:n], n - got)
-                if not k:
-                    raise ConnectionError("bulk stream ended before the reply's bytes")
-                got += k
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
+def receive(conn: socket.socket, dests: list[memoryview], sizes: list[int],
+            deadline: float) -> None:
+    """Then: receive sizes[i] bytes into dests[i] by deadline (time.monotonic()). Raises OSError
+    (TimeoutError included) or ConnectionError if the stream fails or ends short."""
+    for dest, n in zip(dests, sizes):
+        got = 0
+        while got < n:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise TimeoutError("bulk stream past the call's deadline")
+            conn.settimeout(left_s)
+            k = conn.recv_into(dest[got:n], n - got)
+            if not k:
+                raise ConnectionError("bulk stream ended before the reply's bytes")
+            got += k

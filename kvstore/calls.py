@@ -7,7 +7,7 @@ into the caller's buffers. Client adds HELLO, shared memory, batching and the pu
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,8 @@ _RECONNECT_IVL_MAX_MS = 1000
 # daemon restart a socket may sit in ZeroMQ's reconnect backoff for up to _RECONNECT_IVL_MAX_MS;
 # a new socket connects at once (a load right after a restart failed on this in the e2e tests).
 _STALE_SOCKET_WAIT_MS = 100
+# Where a reply's blocks go once their sizes are known (client.py get_placed).
+Place = Callable[[Sequence[int]], list[memoryview]]
 _POLLIN = int(zmq.POLLIN)  # a plain int: IntFlag's & and | run in Python, per call
 
 
@@ -44,9 +46,11 @@ class Calls:
         _hello: HelloReply | None
 
     def _call(self, req: Request, payload: Sequence[Any] = (),
-              dests: list[memoryview] | None = None, copies: list[memoryview] | None = None) -> Any:
+              dests: list[memoryview] | Place | None = None,
+              copies: list[memoryview] | None = None) -> Any:
         """Send one request and wait for its typed reply until the deadline (Lazy Pirate). A
-        GET's payload lands in dests (views to receive into), or is appended to copies."""
+        GET's payload lands in dests (views to receive into, or a Place that gives them for the
+        reply's sizes), or is appended to copies."""
         is_fresh = self._sock is None
         if self._sock is None:
             self._sock = self._new_socket()
@@ -121,7 +125,7 @@ class Calls:
         sock.send_multipart(frames, copy=False)
         return sock
 
-    def _receive(self, sock: zmq.Socket, req_id: int, dests: list[memoryview] | None,
+    def _receive(self, sock: zmq.Socket, req_id: int, dests: list[memoryview] | Place | None,
                  copies: list[memoryview] | None) -> dict[str, Any] | None:
         """Read one whole reply; None if it answered an earlier, abandoned request."""
         reply = protocol.decode_header(sock.recv())
@@ -134,6 +138,12 @@ class Calls:
         if copies is not None:  # get() and reading(): each block received into its own buffer
             copies += [_recv_block(sock, memoryview(bytearray(n)), n) for n in sizes]
         elif dests is not None:
+            if callable(dests):
+                try:
+                    dests = dests(sizes)
+                except BaseException:
+                    _drain(sock)  # the payload of a reply with nowhere to go
+                    raise
             for n, dest in zip(sizes, dests):
                 if len(dest) < n:
                     _drain(sock)

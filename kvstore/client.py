@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from kvstore import bulk, protocol
-from kvstore.calls import LINGER_MS, Calls, load_client_keys
+from kvstore.calls import LINGER_MS, Calls, Place, load_client_keys
 from kvstore.errors import ProtocolError, ServerError, ServerUnavailable
 from kvstore.ipc import default_address
 from kvstore.keys import Namespace, SlotId
@@ -223,6 +223,16 @@ class Client(Calls):
         with self._read(ns, hashes, lease, None, keep_lease=True) as (blocks, _):
             return [bytes(b) for b in blocks]
 
+    def get_placed(self, ns: Namespace, hashes: Sequence[bytes], place: Place) -> int:
+        """Over TCP (use_shm=False): receive the stored prefix of hashes into the buffers
+        place(sizes) gives, called once per reply message with its blocks' sizes, in chain
+        order; returns how many blocks came. For a caller that picks where the bytes go only
+        once it knows their sizes: a daemon pulling from a peer receives into its own pool's
+        slots, with no buffer in between."""
+        if self._shm_ready():
+            raise ValueError("get_placed reads over TCP: open the client with use_shm=False")
+        return sum(reply.num_hits for reply, _ in self._get_tcp(ns, hashes, None, place))
+
     @contextmanager
     def reading(self, ns: Namespace, hashes: Sequence[bytes],
                 lease: int | None = None) -> Iterator[list[memoryview]]:
@@ -261,25 +271,28 @@ class Client(Calls):
                     pass  # the lease expires on its own
 
     def _get_tcp(self, ns: Namespace, hashes: Sequence[bytes], lease: int | None,
-                 views: list[memoryview] | None) -> Iterator[tuple[GetReply, list[memoryview]]]:
+                 views: list[memoryview] | Place | None
+                 ) -> Iterator[tuple[GetReply, list[memoryview]]]:
         """The replies of a TCP GET of the stored prefix of hashes, in messages of max_rows; a
         reply cut short by the daemon's reply budget (partial) goes on, any other short one ends
-        the prefix. With views, each reply's payload lands in views from its first block on;
-        without, it comes as copies (the list next to each reply)."""
+        the prefix. With views, each reply's payload lands in views from its first block on (or
+        in what a Place gives for it); without, it comes as copies (the list next to each
+        reply)."""
         num = 0
         while num < len(hashes):
             batch = tuple(hashes[num:num + self._max_rows("get")])
             req = Get(ns=ns, hashes=batch, lease=lease, bulk=self._bulk_host() is not None)
             blocks: list[memoryview] = []
-            reply = self._get_more(req, None if views is None else views[num:],
-                                   None if views is not None else blocks, is_first=not num)
+            dests = views if views is None or callable(views) else views[num:]
+            reply = self._get_more(req, dests, None if views is not None else blocks,
+                                   is_first=not num)
             yield reply, blocks
             num += reply.num_hits
             if not reply.num_hits or (reply.num_hits < len(batch) and not reply.partial):
                 return
 
-    def _get_more(self, req: Get, dests: list[memoryview] | None, copies: list[memoryview] | None,
-                  is_first: bool) -> GetReply:
+    def _get_more(self, req: Get, dests: list[memoryview] | Place | None,
+                  copies: list[memoryview] | None, is_first: bool) -> GetReply:
         """One TCP GET. After a partial reply the daemon may not have counted the reply just read
         as taken yet and answer busy: retried briefly, within the call's timeout."""
         deadline = time.monotonic() + self.timeout_s
@@ -297,7 +310,7 @@ class Client(Calls):
             time.sleep(min(_BUSY_RETRY_S * 2**attempt, 0.1))
         raise AssertionError("unreachable")
 
-    def _take_bulk(self, reply: GetReply, dests: list[memoryview] | None,
+    def _take_bulk(self, reply: GetReply, dests: list[memoryview] | Place | None,
                    copies: list[memoryview] | None, deadline: float) -> bool:
         """Receive a GET reply's payload from its side stream (kvstore/bulk.py) into dests, or
         into new buffers appended to copies, by the call's deadline; a stream that fails or stalls
@@ -307,20 +320,27 @@ class Client(Calls):
         if host is None or reply.bulk_port is None or reply.bulk_token is None:
             raise ProtocolError("GET reply offers a side stream this client did not ask for")
         sizes = list(reply.sizes)
-        if dests is None:
-            bufs = [memoryview(bytearray(n)) for n in sizes]
-        else:
-            if len(dests) < len(sizes) or any(len(d) < n for d, n in zip(dests, sizes)):
-                raise ValueError("destination buffers smaller than the blocks")
-            bufs = dests
+        deadline = min(deadline, time.monotonic() + self.timeout_s)
         try:
-            bulk.receive(host, reply.bulk_port, reply.bulk_token, bufs, sizes,
-                         min(deadline, time.monotonic() + self.timeout_s))
+            conn = bulk.connect(host, reply.bulk_port, reply.bulk_token, deadline)
         except bulk.Unreachable:
             self.use_bulk = False
             return False
         except OSError as exc:
             raise ServerUnavailable(f"side stream from {self.address}: {exc}") from None
+        with conn:
+            # Only once connected: a Place reserves where the bytes go, and an unreachable port
+            # means asking again (the same blocks placed twice).
+            if dests is None:
+                bufs = [memoryview(bytearray(n)) for n in sizes]
+            else:
+                bufs = dests(sizes) if callable(dests) else dests
+                if len(bufs) < len(sizes) or any(len(d) < n for d, n in zip(bufs, sizes)):
+                    raise ValueError("destination buffers smaller than the blocks")
+            try:
+                bulk.receive(conn, bufs, sizes, deadline)
+            except OSError as exc:
+                raise ServerUnavailable(f"side stream from {self.address}: {exc}") from None
         if copies is not None:
             copies += [b[:n] for b, n in zip(bufs, sizes)]
         return True

@@ -1,15 +1,17 @@
 """The cluster tier (issue 12): a LOOKUP running past the local pool's prefix asks the directory
 (kvstore/directory.py) which peers hold the rest of the chain, and pulls those blocks from them
-over the daemon's own TCP protocol (a kvstore Client GET), within the tier's deadline. The server
-puts what comes back into the local pool (kvstore/tiers.py's seam), where the Store's on_commit
-registers it: a hot prefix gains a copy on each node that uses it.
+over the daemon's own TCP protocol (a kvstore Client GET), within the tier's deadline. The bytes
+are received straight into local pool slots the loop reserves for them (kvstore/tiers.py
+PoolWriter: one pass over each byte, from the socket into the slot), and committed, where the
+Store's on_commit registers them: a hot prefix gains a copy on each node that uses it.
 
 Runs on the tier's thread (TierLink); blocking here never blocks the server loop. Faults are
 misses: Valkey down (no holders), a holder gone (its pull fails or gets no answer within
 PULL_TIMEOUT_S: it is skipped for a while and its entries for the blocks asked are dropped), a
 holder that evicted the blocks (a short answer: the entries of the blocks it lacks are dropped).
 A pull that outlasts the LOOKUP's deadline is a miss for that LOOKUP; its blocks still land in
-the pool (TierLink.take_late), so the next LOOKUP of the prefix finds them locally.
+the pool, so the next LOOKUP of the prefix finds them locally. A pull that fails gives its slots
+back: nothing half-received is ever readable.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import zmq
 from kvstore.client import Client
 from kvstore.directory import Directory, Member
 from kvstore.keys import BlockHash, Namespace
-from kvstore.tiers import Block, Tier
+from kvstore.tiers import Block, PoolWriter, Tier
 
 log = logging.getLogger("kvstore.cluster")
 
@@ -38,6 +40,10 @@ MIN_PULL_S = 0.005
 # go into the pool, for the next LOOKUP of that prefix (a big prefix takes longer than a lookup
 # budget to move). Past this, the holder is taken for gone (dead, stopped or cut off).
 PULL_TIMEOUT_S = 2.0
+
+
+class _NoSlots(Exception):
+    """This daemon's loop gave a pull no pool slots in time (not the holder's fault)."""
 
 
 @dataclass
@@ -68,8 +74,10 @@ class ClusterTier(Tier):
     def put(self, ns: Namespace, block: Block) -> None:
         """Evictions are not offered (the server unregisters them instead, no bytes copied)."""
 
-    def get(self, ns: Namespace, hashes: Sequence[BlockHash],
-            deadline_s: float | None = None) -> list[Block]:
+    def get(self, ns: Namespace, hashes: Sequence[BlockHash], deadline_s: float | None = None,
+            writer: PoolWriter | None = None) -> list[Block]:
+        if writer is None:
+            raise ValueError("the cluster tier receives into pool slots: give it a PoolWriter")
         if deadline_s is None:
             deadline_s = time.monotonic() + self.timeout_s
         self.stats.num_asked += 1
@@ -84,19 +92,18 @@ class ClusterTier(Tier):
                 break
             tried.add(peer.daemon_id)
             wanted = list(hashes[start:start + run])
-            datas = self._pull(peer, ns, wanted, max(left_s, PULL_TIMEOUT_S))
-            if datas is None:
+            num = self._pull(peer, ns, wanted, max(left_s, PULL_TIMEOUT_S), writer)
+            if num is None:
                 continue  # that holder failed; another may hold the same blocks
-            if len(datas) < run:
+            if num < run:
                 self.stats.num_short_pulls += 1
-                self.directory.drop_holder(ns, wanted[len(datas):], peer.daemon_id)
-            for block_hash, data in zip(wanted, datas):
+                self.directory.drop_holder(ns, wanted[num:], peer.daemon_id)
+            for block_hash in wanted[:num]:
                 parent = found[-1][0] if found else None  # the first's: the server knows it
-                found.append((block_hash, parent, data))
+                found.append((block_hash, parent, None))  # in the pool: PoolWriter
         if found:
             self.stats.num_hits += 1
             self.stats.num_blocks += len(found)
-            self.stats.num_bytes += sum(len(b[2]) for b in found)
         return found
 
     def close(self) -> None:
@@ -131,21 +138,40 @@ class ClusterTier(Tier):
                 best, best_run = member, run
         return best, best_run
 
-    def _pull(self, peer: Member, ns: Namespace, hashes: list[BlockHash],
-              timeout_s: float) -> list[bytes] | None:
-        """The stored prefix of hashes on peer, or None when the pull failed (peer suspected,
-        its entries for hashes dropped, its connection closed)."""
+    def _pull(self, peer: Member, ns: Namespace, hashes: list[BlockHash], timeout_s: float,
+              writer: PoolWriter) -> int | None:
+        """How many blocks of the stored prefix of hashes on peer came into the pool, or None
+        when the pull failed (peer suspected, its entries for hashes dropped, its connection
+        closed). Each block is received straight into a pool slot reserved for it; one the pool
+        holds already or has no room for is received into a sink and let go."""
         self.stats.num_pulls += 1
         start = time.perf_counter()
         client = self._client(peer)
         client.timeout_s = timeout_s
+        sizes: list[int] = []  # of the blocks placed so far, in chain order
+        sink = bytearray()
+
+        def place(reply_sizes: Sequence[int]) -> list[memoryview]:
+            nonlocal sink
+            rows = list(zip(hashes[len(sizes):], reply_sizes))
+            try:
+                views = writer.reserve(rows)
+            except TimeoutError as exc:
+                raise _NoSlots(str(exc)) from None
+            if None in views and len(sink) < max(reply_sizes):
+                sink = bytearray(max(reply_sizes))
+            sizes.extend(reply_sizes)
+            return [memoryview(sink)[:n] if v is None else v for v, n in zip(views, reply_sizes)]
+
         try:
-            # The received buffers themselves, not bytes copies of them (Client.get): over TCP
-            # (use_shm=False) they are this call's own and outlive the with-block; the server
-            # copies them into the pool once.
-            with client.reading(ns, hashes) as blocks:
-                datas: list[bytes] = list(blocks)  # type: ignore  # bytes-like views
+            num = client.get_placed(ns, hashes, place)
+        except _NoSlots as exc:  # this daemon's loop did not answer: not the peer's fault
+            writer.abort()
+            log.info("pull of %d blocks from %s: no pool slots (%s)", len(hashes),
+                     peer.daemon_id, exc)
+            return None
         except Exception as exc:  # unreachable, too slow, refused: a miss
+            writer.abort()  # what it received is never read
             self.stats.num_pull_failures += 1
             log.info("pull of %d blocks from %s (%s) failed: %s", len(hashes), peer.daemon_id,
                      peer.address, exc)
@@ -156,7 +182,9 @@ class ClusterTier(Tier):
             return None
         finally:
             self.stats.pull_seconds += time.perf_counter() - start
-        return datas
+        writer.commit()  # the loop runs it before it answers the LOOKUP
+        self.stats.num_bytes += sum(sizes[:num])
+        return num
 
     def _client(self, peer: Member) -> Client:
         client = self._clients.pop(peer.address, None)

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -18,7 +19,7 @@ from kvstore.bulk import BULK_MIN_BYTES, BulkServer, Offer
 from kvstore.connections import Unsent
 from kvstore.errors import ProtocolError
 from kvstore.gate import Gate
-from kvstore.keys import SlotId
+from kvstore.keys import BlockHash, Namespace, SlotId
 from kvstore.listeners import Listener
 from kvstore.metrics import Metrics, ServerCounters, error_kinds, namespace_label
 from kvstore.pool import Pool
@@ -33,6 +34,30 @@ log = logging.getLogger("kvstore.server")
 NUM_HOTTEST = 5  # hottest prefixes per namespace in a STATS reply (`kvstore stats`)
 # Blocks expired or invalidated per step: ~3-5 ms (4,096 stalled PINGs 0.36 s at load 18).
 SLICE_BLOCKS = 1024
+
+
+# The Store's owner of a tier's reservations: no connection's (listeners.owner_of starts with a
+# listener index, and a daemon has a handful of listeners, never 256). Owned, so a reservation
+# that outlives its deadline is fenced while the tier may still be writing into its slot.
+TIER_OWNER = b"\xfftier"
+
+
+@dataclass(slots=True)
+class TierSlots:
+    """The loop's side of a tier's PoolWriter (kvstore/tiers.py Slots): reservations owned by
+    TIER_OWNER, under the same per-client share as any writer, so pulls cannot crowd the pool."""
+
+    store: Store
+
+    def reserve(self, ns: Namespace, rows: Sequence[tuple[BlockHash, BlockHash | None, int]]
+                ) -> list[tuple[SlotId, memoryview] | None]:
+        return self.store.reserve_views(ns, rows, TIER_OWNER)
+
+    def commit(self, ns: Namespace, rows: Sequence[tuple[BlockHash, SlotId]]) -> int:
+        return self.store.commit_many(ns, rows, TIER_OWNER).num_stored
+
+    def abort(self, ns: Namespace, rows: Sequence[tuple[BlockHash, SlotId]]) -> None:
+        self.store.abort_many(ns, rows, TIER_OWNER)
 
 
 @dataclass(slots=True, frozen=True)
@@ -95,8 +120,9 @@ class Handlers:
             self._check_token(req.token)
         if self.tier is not None:
             num_hits = self.store.lookup(req.ns, req.hashes)
-            if num_hits < len(req.hashes) and self.tier.ask((call, req, time.perf_counter()), req.ns,
-                                                            req.hashes[num_hits:]):
+            if num_hits < len(req.hashes) and self.tier.ask(
+                    (call, req, time.perf_counter()), req.ns, req.hashes[num_hits:],
+                    req.hashes[num_hits - 1] if num_hits else None):
                 return None  # answered when the tier is (or its deadline passes)
         return self._answer_lookup(req, call)
 
@@ -138,7 +164,8 @@ class Handlers:
 
     def _put_tier_blocks(self, req: Lookup, blocks: list[Block]) -> None:
         """Put blocks a tier found for req into the pool (a block that fits no page of this pool
-        ends the chain there)."""
+        ends the chain there). Blocks without bytes are in the pool already (PoolWriter)."""
+        blocks = [b for b in blocks if b[2] is not None]
         fit = [self.store.fits(len(data)) for _, _, data in blocks] + [False]
         blocks = blocks[:fit.index(False)]
         if blocks and blocks[0][1] is None:  # a peer's pull does not know it: req does
@@ -261,6 +288,7 @@ class Handlers:
             **tier,
             **self.store.occupancy(),
             "pool_bytes": self.pool.size_bytes,
+            "pool_prefaulted_bytes": self.pool.prefaulted_bytes,  # mapped in the daemon so far
             "unsent_bytes": self.unsent.total_bytes,  # TCP GET replies not yet taken by ZeroMQ
             "unsent_pinned_bytes": self.unsent.pinned_bytes,  # zero-copy and side-stream replies
             "bulk": {k: sum(b.counts[k] for b in self.bulk.values())

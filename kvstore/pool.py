@@ -8,19 +8,30 @@ segment from one a killed daemon left behind.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import logging
 import mmap
 import os
 import re
 import secrets
 import stat
 import struct
+import threading
+import time
 from pathlib import Path
+
+log = logging.getLogger("kvstore.pool")
 
 SHM_DIR = Path("/dev/shm")
 HEADER_BYTES = 4096  # one page; slots start page-aligned after it
 _MAGIC = b"KVSTORE1"
 _HEADER = struct.Struct("<8sQ16s")  # magic, owner pid, token
+# madvise(2) advice (Linux 5.14+; Python 3.11's mmap lacks the name): fault the pages of a range
+# in for writing, page tables included, without changing their bytes.
+_MADV_POPULATE_WRITE = 23
+# Prefaulted per madvise call: a few ms each, so close() stops the thread soon.
+_PREFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 # Not "." or "..", nor a leading dot (the daemon's temporary names): a letter or digit first.
 SEGMENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -47,6 +58,9 @@ class Pool:
         self._fd = fd
         self._map = mmap.mmap(fd, size_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.buffer = memoryview(self._map)
+        self.prefaulted_bytes = 0  # of this process's mapping, by prefault_in_background()
+        self._prefault: threading.Thread | None = None
+        self._is_closing = False
 
     @classmethod
     def create(cls, name: str, size_bytes: int) -> Pool:
@@ -107,6 +121,35 @@ class Pool:
         """A zero-copy view of nbytes at offset."""
         return self.buffer[offset:offset + nbytes]
 
+    def prefault_in_background(self) -> None:
+        """Map every page of the segment into this process's page tables, on a thread, a chunk
+        at a time (the GIL let go in each madvise). posix_fallocate reserved the memory, but
+        each page this process first writes still costs it a fault: receiving a pull into
+        pages only clients had written ran at a third of the speed of mapped ones (2.4 vs 7.3
+        GB/s for a 128 MiB copy here). Page tables cost about 2 MiB per GiB of pool, which a
+        daemon that has run a while holds anyway. Where the kernel lacks the advice, nothing."""
+        self._prefault = threading.Thread(target=self._prefault_all, name="kvstore-prefault",
+                                          daemon=True)
+        self._prefault.start()
+
+    def _prefault_all(self) -> None:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        anchor = ctypes.c_char.from_buffer(self._map)  # an export: close() waits for this thread
+        address = ctypes.addressof(anchor)
+        started = time.perf_counter()
+        try:
+            while self.prefaulted_bytes < self.size_bytes and not self._is_closing:
+                num = min(_PREFAULT_CHUNK_BYTES, self.size_bytes - self.prefaulted_bytes)
+                if madvise(address + self.prefaulted_bytes, num, _MADV_POPULATE_WRITE) != 0:
+                    log.info("pool pages not prefaulted: %s (first writes fault them in)",
+                             os.strerror(ctypes.get_errno()))
+                    return
+                self.prefaulted_bytes += num
+            log.debug("pool prefaulted in %.2f s", time.perf_counter() - started)
+        finally:
+            del anchor
+
     def close(self) -> None:
         """Let the mapping go; the owner also unmaps it and removes the segment's name.
 
@@ -116,6 +159,9 @@ class Pool:
         """
         if self._fd < 0:
             return
+        self._is_closing = True
+        if self._prefault is not None:
+            self._prefault.join()  # one chunk: milliseconds
         fd, self._fd = self._fd, -1
         if self.is_owner:
             # Remove the name while still holding the lock: once the lock goes, another daemon

@@ -23,7 +23,7 @@ from kvstore.connections import MAX_UNSENT_AGE_S, Unsent
 from kvstore.errors import ProtocolError
 from kvstore.gate import Gate, user_id
 from kvstore.gcpolicy import FullPasses
-from kvstore.handlers import SLICE_BLOCKS, Answer, Call, Handlers, Refused
+from kvstore.handlers import SLICE_BLOCKS, Answer, Call, Handlers, Refused, TierSlots
 from kvstore.inbox import Oversized
 from kvstore.listeners import AddressInUse, Listener
 from kvstore.malloc import DEFAULT_TRIM_BYTES, give_back
@@ -79,6 +79,8 @@ class Server(Handlers):
             if self.gate is not None:
                 self.gate.stop()
             raise
+        if pool.is_owner:
+            pool.prefault_in_background()  # the daemon's own first writes into a page: no fault
         self.unsent = Unsent(pool.size_bytes)  # copied TCP GET replies ZeroMQ still holds
         # Side streams for large TCP GET payloads, per TCP listener (kvstore/bulk.py); none with
         # CURVE, whose encryption a plain stream would bypass.
@@ -109,7 +111,9 @@ class Server(Handlers):
             # writes both in batches (kvstore/directory.py).
             cluster = open_cluster(config.cluster, config.advertised_address(),
                                    config.tier_timeout_s, config.curve_dir)
-            self.tier = TierLink(cluster, config.tier_timeout_s)
+            # The pulls receive into pool slots the loop reserves for them (TierSlots).
+            self.tier = TierLink(cluster, config.tier_timeout_s,
+                                 slots=TierSlots(self.store))
             self.store.on_evict = cluster.directory.unregistered
             self.store.on_commit = cluster.directory.registered
             self.metrics.add_cluster(cluster)

@@ -4,7 +4,9 @@ next tier, and a LOOKUP that runs past the pool's prefix is continued there.
 A Tier's methods run on the tier's own thread and may block; the loop never waits on them. The
 loop hands work over through TierLink (copies of evicted bytes, questions with a deadline) and is
 woken by a pipe in its poller when an answer is ready. Nothing here touches the Store: the server
-puts found blocks into the pool and answers the pending LOOKUP. Off unless `--tier` is set.
+puts found blocks into the pool and answers the pending LOOKUP, or, for a tier that receives
+bytes (the cluster's pulls), reserves and commits pool slots the tier writes into itself
+(PoolWriter: the calls run on the loop, the tier's thread waits). Off unless `--tier` is set.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from kvstore.keys import BlockHash, Namespace
+from kvstore.keys import BlockHash, Namespace, SlotId
 
 log = logging.getLogger("kvstore.tiers")
 
@@ -30,8 +32,12 @@ MAX_QUEUED_BYTES = 256 * 1024 * 1024
 # LOOKUPs waiting on the tier; more are answered from the pool alone (a client cannot grow it).
 MAX_PENDING = 1024
 
-# (block hash, parent hash, bytes): what a tier stores and gives back.
-Block = tuple[BlockHash, BlockHash | None, bytes]
+# (block hash, parent hash, bytes): what a tier stores and gives back. bytes None: the tier wrote
+# the block into the pool itself (PoolWriter), nothing is left to copy.
+Block = tuple[BlockHash, BlockHash | None, bytes | None]
+# How long a tier's thread waits for the loop to run a PoolWriter call (the loop answers within a
+# drain slice; past this it is stuck or stopping, and the tier's pull is a miss).
+LOOP_CALL_TIMEOUT_S = 1.0
 
 
 class Tier:
@@ -41,10 +47,12 @@ class Tier:
         """Keep a block evicted from the pool (or drop it: a tier may be full)."""
         raise NotImplementedError
 
-    def get(self, ns: Namespace, hashes: Sequence[BlockHash],
-            deadline_s: float | None = None) -> list[Block]:
+    def get(self, ns: Namespace, hashes: Sequence[BlockHash], deadline_s: float | None = None,
+            writer: PoolWriter | None = None) -> list[Block]:
         """The blocks of the longest stored prefix of hashes, root first. deadline_s (the
-        TierLink's clock, time.monotonic by default): when the asker stops waiting."""
+        TierLink's clock, time.monotonic by default): when the asker stops waiting. writer (the
+        server gives one): the tier may receive blocks straight into pool slots through it and
+        answer them with bytes None."""
         raise NotImplementedError
 
     def snapshot(self) -> dict[str, Any]:
@@ -68,8 +76,8 @@ class MemoryTier(Tier):
     def put(self, ns: Namespace, block: Block) -> None:
         self.blocks[(ns, block[0])] = block
 
-    def get(self, ns: Namespace, hashes: Sequence[BlockHash],
-            deadline_s: float | None = None) -> list[Block]:
+    def get(self, ns: Namespace, hashes: Sequence[BlockHash], deadline_s: float | None = None,
+            writer: PoolWriter | None = None) -> list[Block]:
         if self.delay_s:
             time.sleep(self.delay_s)  # the tier's thread, never the loop's
         if self.is_failing:
@@ -99,26 +107,102 @@ def make_tier(spec: str) -> Tier:
                      f"memory-failing)")
 
 
+class Slots(Protocol):
+    """The loop's side of PoolWriter (the server's, on its Store): run on the loop only. Rows
+    are (hash, parent, nbytes); reserved slots are the tier's own (a reservation that outlives
+    its deadline is fenced, never handed to another writer, until the tier names it again)."""
+
+    def reserve(self, ns: Namespace, rows: Sequence[tuple[BlockHash, BlockHash | None, int]]
+                ) -> list[tuple[SlotId, memoryview] | None]: ...
+    def commit(self, ns: Namespace, rows: Sequence[tuple[BlockHash, SlotId]]) -> int: ...
+    def abort(self, ns: Namespace, rows: Sequence[tuple[BlockHash, SlotId]]) -> None: ...
+
+
+@dataclass(eq=False)
+class _LoopCall:
+    """A PoolWriter call waiting for the loop. The lock makes run-or-abandon atomic: the loop
+    never runs a call its tier stopped waiting for, and the tier always sees one that ran."""
+
+    fn: Callable[[], Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    result: Any = None
+    is_abandoned: bool = False
+
+
+class PoolWriter:
+    """A tier's way to put the blocks it receives for one LOOKUP straight into pool slots (the
+    bytes move once, from the socket into the slot; the loop copies nothing): reserve the next
+    blocks of the chain, write into the views, then commit, or abort on any failure. Used on the
+    tier's thread only; reserve waits for the loop, commit and abort are queued in order."""
+
+    def __init__(self, link: TierLink, ns: Namespace, parent: BlockHash | None) -> None:
+        self._link, self.ns = link, ns
+        # The parent of the next block reserved, and of the first one since the last commit (an
+        # abort goes back to it: another holder may be asked for the same blocks).
+        self._parent = self._committed_parent = parent
+        self._reserved: list[tuple[BlockHash, SlotId]] = []
+
+    def reserve(self, rows: Sequence[tuple[BlockHash, int]]) -> list[memoryview | None]:
+        """A slot's view for each (hash, nbytes), the chain's next blocks in order; None for a
+        block the pool holds already and, once the pool has no room, for the rest. Raises
+        TimeoutError when the loop does not answer within LOOP_CALL_TIMEOUT_S."""
+        chained, parent = [], self._parent
+        for block_hash, nbytes in rows:
+            chained.append((block_hash, parent, nbytes))
+            parent = block_hash
+        self._parent = parent
+        slots = self._link.slots
+        assert slots is not None, "a PoolWriter needs the server's Slots"
+        got = self._link.on_loop(lambda: slots.reserve(self.ns, chained), wait=True)
+        views: list[memoryview | None] = []
+        for (block_hash, _, _), slot in zip(chained, got):
+            if slot is not None:
+                self._reserved.append((block_hash, slot[0]))
+            views.append(None if slot is None else slot[1])
+        return views
+
+    def commit(self) -> None:
+        """Make every reserved block readable (before the LOOKUP is answered: the loop runs it
+        first)."""
+        rows, self._reserved = self._reserved, []
+        self._committed_parent = self._parent
+        slots = self._link.slots
+        if rows and slots is not None:
+            self._link.on_loop(lambda: slots.commit(self.ns, rows), wait=False)
+
+    def abort(self) -> None:
+        """Give every reserved slot back (a failed or cut pull: nothing of it is readable)."""
+        rows, self._reserved = self._reserved, []
+        self._parent = self._committed_parent
+        slots = self._link.slots
+        if rows and slots is not None:
+            self._link.on_loop(lambda: slots.abort(self.ns, rows), wait=False)
+
+
 @dataclass(slots=True)
 class _Pending:
     """A LOOKUP waiting on the tier: who asked (opaque to this module) and until when."""
 
     asker: Any
     deadline_s: float
-    blocks: list[Block] | None = None  # the tier's answer, once it came
 
 
 class TierLink:
     """The loop's side of one tier: a worker thread, a pending table and a wake-up pipe.
 
-    Loop-only methods: offer, ask, answered, expired, timeout_ms. The worker only reads its queue,
-    calls the tier, and puts answers on the done queue, then writes a byte to the pipe."""
+    Loop-only methods: offer, ask, run_calls, answered, expired, timeout_ms. The worker only
+    reads its queue, calls the tier, and puts answers on the done queue (and PoolWriter calls on
+    the calls queue), then writes a byte to the pipe. slots: the server's (None: tiers get no
+    PoolWriter and hand bytes back)."""
 
     def __init__(self, tier: Tier, timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.tier, self.timeout_s, self.clock = tier, timeout_s, clock
+                 clock: Callable[[], float] = time.monotonic, slots: Slots | None = None) -> None:
+        self.tier, self.timeout_s, self.clock, self.slots = tier, timeout_s, clock, slots
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[tuple[int, list[Block] | None]] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[_LoopCall] = queue.SimpleQueue()
+        self._is_closing = False
         self._pending: dict[int, _Pending] = {}  # insertion order is deadline order (one timeout)
         # Askers answered at their deadline while the tier was still working for them: what it
         # finds then still goes into the pool (take_late), for the next LOOKUP of that prefix.
@@ -132,7 +216,7 @@ class TierLink:
         os.set_blocking(self._wake_w, False)  # the worker never blocks on a full pipe
         self.counts = {"num_offered": 0, "num_not_offered": 0, "num_asked": 0,
                        "num_blocks_found": 0, "num_failed": 0, "num_timed_out": 0,
-                       "num_blocks_late": 0}
+                       "num_blocks_late": 0, "num_call_errors": 0}
         self._thread = threading.Thread(target=self._work, name="kvstore-tier", daemon=True)
         self._thread.start()
 
@@ -149,32 +233,76 @@ class TierLink:
         self.counts["num_offered"] += 1
         self._jobs.put(("put", ns, (block_hash, parent_hash, bytes(data))))
 
-    def ask(self, asker: Any, ns: Namespace, hashes: Sequence[BlockHash]) -> bool:
-        """Ask the tier for hashes (those past the pool's prefix) on behalf of asker; False when
-        the pending table is full (then answer from the pool alone)."""
+    def ask(self, asker: Any, ns: Namespace, hashes: Sequence[BlockHash],
+            parent: BlockHash | None = None) -> bool:
+        """Ask the tier for hashes (those past the pool's prefix, whose last block is parent) on
+        behalf of asker; False when the pending table is full (then answer from the pool
+        alone)."""
         if len(self._pending) >= MAX_PENDING:
             return False
         self._next_id += 1
         self._pending[self._next_id] = _Pending(asker, self.clock() + self.timeout_s)
         self.counts["num_asked"] += 1
-        self._jobs.put(("get", self._next_id, ns, list(hashes)))
+        self._jobs.put(("get", self._next_id, ns, list(hashes), parent))
         return True
 
+    def run_calls(self) -> None:
+        """Run the PoolWriter calls the tier's thread queued, in order (before answered(): a
+        pull's commit lands before its LOOKUP is answered). A call that raises is logged and
+        answers None (its tier takes that as a failed pull)."""
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            with call.lock:
+                if call.is_abandoned:
+                    continue  # its tier gave up waiting: running it now would leak slots
+                try:
+                    call.result = call.fn()
+                except Exception:  # a bug: counted (num_call_errors), the pull is a miss
+                    self.counts["num_call_errors"] += 1
+                    log.exception("a tier's pool call failed")
+                call.done.set()
+
+    def on_loop(self, fn: Callable[[], Any], wait: bool) -> Any:
+        """The tier's thread: have the loop run fn; with wait, its result (TimeoutError when the
+        loop does not run it within LOOP_CALL_TIMEOUT_S or is closing)."""
+        call = _LoopCall(fn)
+        self._calls.put(call)
+        self._wake()
+        if not wait:
+            return None
+        if not self._is_closing:
+            call.done.wait(LOOP_CALL_TIMEOUT_S)
+        with call.lock:
+            if not call.done.is_set():
+                call.is_abandoned = True
+                raise TimeoutError("the daemon's loop did not answer the tier")
+        if call.result is None:
+            raise TimeoutError("the daemon's loop could not run the tier's call")
+        return call.result
+
     def answered(self) -> list[tuple[Any, list[Block]]]:
-        """After the wake fd was readable: the askers whose answers came, with the blocks (none
-        when the tier failed). Blocks answered after their asker's deadline are kept for
-        take_late()."""
+        """After the wake fd was readable: run the PoolWriter calls queued, then the askers
+        whose answers came, with the blocks (none when the tier failed). Blocks answered after
+        their asker's deadline are kept for take_late()."""
         try:
             while os.read(self.wake_fd, 4096):
                 pass
         except BlockingIOError:
             pass
-        out: list[tuple[Any, list[Block]]] = []
+        done: list[tuple[int, list[Block] | None]] = []
         while True:
             try:
-                ask_id, blocks = self._done.get_nowait()
+                done.append(self._done.get_nowait())
             except queue.Empty:
-                return out
+                break
+        # After taking the answers: a pull queues its commit before its answer, so each answer
+        # taken finds its blocks committed (and reserve calls are answered on every wake).
+        self.run_calls()
+        out: list[tuple[Any, list[Block]]] = []
+        for ask_id, blocks in done:
             pending = self._pending.pop(ask_id, None)
             if pending is None:  # past its deadline, already answered from the pool
                 asker = self._late.pop(ask_id, None)
@@ -187,6 +315,7 @@ class TierLink:
                 blocks = []
             self.counts["num_blocks_found"] += len(blocks)
             out.append((pending.asker, blocks))
+        return out
 
     def expired(self) -> list[Any]:
         """The askers whose deadline passed (answered from the pool alone: a late tier is a
@@ -221,6 +350,15 @@ class TierLink:
         return {**self.counts, "num_pending": len(self._pending), **self.tier.snapshot()}
 
     def close(self) -> None:
+        self._is_closing = True  # no loop runs calls from now on: a tier waiting stops waiting
+        while True:
+            try:
+                call = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            with call.lock:
+                call.is_abandoned = True
+                call.done.set()  # result None: the tier's reserve fails, its pull is a miss
         self._jobs.put(None)
         self._thread.join(timeout=1.0)  # a tier stuck in I/O is a daemon thread: left behind
         if not self._thread.is_alive():
@@ -240,19 +378,25 @@ class TierLink:
                 with self._lock:
                     self._queued_bytes -= len(block[2])
                 continue
-            _, ask_id, ns, hashes = job
+            _, ask_id, ns, hashes, parent = job
             pending = self._pending.get(ask_id)  # a dict read: safe beside the loop's writes
             if pending is None or pending.deadline_s <= self.clock():
                 # Its asker was (or is about to be) answered without it: no work for no one (a
                 # backlog behind a slow tier). Its _late entry, if any, ages out (bounded).
                 continue
             blocks: list[Block] | None = None
+            writer = None if self.slots is None else PoolWriter(self, ns, parent)
             try:
-                blocks = self.tier.get(ns, hashes, pending.deadline_s)
+                blocks = self.tier.get(ns, hashes, pending.deadline_s, writer)
             except Exception as exc:  # a fault is a miss
                 log.warning("tier lookup failed: %s", exc)
+            if writer is not None:
+                writer.abort()  # what the tier reserved and neither committed nor gave back
             self._done.put((ask_id, blocks))
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass  # pipe full: the loop is already due to wake; closed: shutting down
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass  # pipe full: the loop is already due to wake; closed: shutting down

@@ -59,6 +59,20 @@ class Writes:
             for entry in guard:
                 entry.num_pins -= 1
 
+    def reserve_views(self, ns: Namespace, blocks: Sequence[BlockRow],
+                      owner: bytes) -> list[tuple[SlotId, memoryview] | None]:
+        """reserve(), handing out each slot's memory to a writer in this process (a tier's
+        thread receiving a pull; a client on the host writes through its own mapping instead),
+        which then names the slots in commit or abort. A block that fits no page ends the
+        chain: it and the rest get None, as do blocks present and those without room."""
+        fit = [self.slabs.fits(nbytes) for _, _, nbytes in blocks] + [False]
+        fitting = blocks[:fit.index(False)]
+        slots = self.reserve(ns, fitting, owner).slots if fitting else []
+        memory = self._pool().buffer
+        views = [None if slot is None else (slot, memory[slot:slot + nbytes])
+                 for slot, (_, _, nbytes) in zip(slots, fitting)]
+        return views + [None] * (len(blocks) - len(views))
+
     def put(self, ns: Namespace, blocks: Sequence[BlockRow],
             payload: Sequence[Sequence[memoryview]]) -> Written:
         """The TCP write: reserve, copy each block's payload (its frames, in order) into its slot,

@@ -84,6 +84,13 @@ class Hosts:
         """End the partition of node name (its link to the bridge comes back up)."""
         _ip("link", "set", f"{self.tag}{name}0", "up")
 
+    def slow(self, name: str, rate: str = "80mbit") -> None:
+        """Limit what reaches node name to rate (a token bucket on its link's bridge end), so a
+        transfer to it lasts long enough to be cut in the middle."""
+        subprocess.run(["tc", "qdisc", "add", "dev", f"{self.tag}{name}0", "root", "tbf", "rate",
+                        rate, "burst", "256kb", "latency", "5s"], check=True, capture_output=True,
+                       timeout=10)
+
     def stop(self) -> None:
         for name in self.names:
             # The veth first: a namespace outlives its name while sockets in it linger (a cut

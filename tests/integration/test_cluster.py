@@ -336,6 +336,63 @@ def test_a_holder_cut_off_by_a_partition_is_a_miss_within_the_deadline(fleet):
         assert client.stats()["errors"] == 0
 
 
+@pytest.mark.timeout(90)
+def test_a_large_pull_comes_on_the_side_stream_into_the_pool_intact(fleet):
+    """16 MiB: a's reply goes on its side stream (kvstore/bulk.py), b receives it straight into
+    slots of its own pool (PoolWriter); every byte is a's, and no reservation is left."""
+    a = fleet.node("a")
+    b = fleet.node("b")
+    hashes, datas = chain_hashes("large", 8), random_blocks(11, [2 * 1024 * 1024] * 8)
+    with Client(a.address, CALL_S, use_shm=False) as client:
+        assert client.put(NS, as_chain(hashes, datas)).num_stored == 8
+    _registered(a, 8)
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        assert client.lookup(NS, hashes).num_hits == 8
+        assert client.get(NS, hashes) == datas
+        stats = client.stats()
+    assert stats["num_reserved"] == 0 and stats["num_fenced"] == 0
+    assert stats["tier"]["num_call_errors"] == 0
+    assert stats["tier"]["cluster"]["bytes_pulled"] == 16 * 1024 * 1024
+    with Client(a.address, CALL_S, use_shm=False) as client:
+        assert client.stats()["bulk"]["sent"] >= 1  # the pull, not (only) ZeroMQ frames
+
+
+@pytest.mark.timeout(90)
+def test_a_holder_killed_mid_stream_leaves_nothing_half_written(fleet):
+    """b's link is slowed so the 16 MiB side stream lasts seconds; a is killed while b receives
+    into reserved slots. The slots go back: nothing of the chain is readable on b, nothing
+    stays reserved, and the chain pulled again from a new holder is whole."""
+    if fleet.hosts is None:
+        pytest.skip("needs network namespaces (root, `ip` and `tc`) to slow a link")
+    a = fleet.node("a")
+    b = fleet.node("b", timeout_s=0.5)
+    hashes, datas = chain_hashes("cut", 8), random_blocks(12, [2 * 1024 * 1024] * 8)
+    with Client(a.address, CALL_S, use_shm=False) as client:
+        assert client.put(NS, as_chain(hashes, datas)).num_stored == 8
+    _registered(a, 8)
+    fleet.hosts.slow("b", "80mbit")  # 16 MiB in about 1.7 s
+    assert a.proc is not None
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        assert client.lookup(NS, hashes).num_hits == 0  # answered at 0.5 s, mid-stream
+        a.proc.kill()
+        wait_stats(b.address, lambda s: s["tier"]["cluster"]["num_pull_failures"] == 1, 10,
+                   "the cut pull failed")
+        stats = client.stats()
+        assert stats["num_reserved"] == 0 and stats["num_fenced"] == 0
+        assert stats["used_bytes"] == 0 and client.get(NS, hashes) == []
+        assert stats["tier"]["cluster"]["num_blocks_pulled"] == 0
+        a2 = fleet.node("a")
+        with Client(a2.address, CALL_S, use_shm=False) as to_a2:
+            assert to_a2.put(NS, as_chain(hashes, datas)).num_stored == 8
+        _registered(a2, 8)
+        # At 80 Mbit/s the pull outlasts b's deadline: the next LOOKUP after it finds it all.
+        client.lookup(NS, hashes)
+        wait_until(lambda: len(client.get(NS, hashes)) == 8, 30, what="the chain pulled again")
+        assert client.get(NS, hashes) == datas
+        stats = client.stats()
+        assert stats["num_reserved"] == 0 and stats["tier"]["num_call_errors"] == 0
+
+
 def test_the_nodes_are_separate_hosts_where_namespaces_can_be_made(fleet):
     """Says which kind of node the other tests ran on (namespaces unless unavailable)."""
     if not can_make():

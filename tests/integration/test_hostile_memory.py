@@ -21,6 +21,7 @@ def test_message_of_many_empty_frames_is_refused_without_holding_them(
         make_daemon, open_dealer):
     """A PING followed by 200k empty frames is answered with an error; peak memory barely moves."""
     d = make_daemon().start()
+    d.wait_prefaulted()  # the pool's pages count in RSS once mapped: before the baseline
     attacker, other = open_dealer(d.address), open_dealer(d.address)
     ping_s(other)
     peak_before = rss_bytes(d.proc.pid, "VmHWM")

@@ -403,3 +403,28 @@ def test_a_page_being_emptied_is_finished_when_no_other_block_could_go() -> None
         assert store.pin(NS, [h(f"t{other * 64 + j}")])[1] is not None
     assert write_large_until_stored(store, "big", max_messages=8) == [CAP] * 3
     assert store.slabs.page_num_used(other) == 64
+
+
+def test_reserve_views_hands_out_the_slots_memory_and_stops_at_a_block_too_large(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A tier's writer (kvstore/tiers.py PoolWriter) writes through the views; the commit makes
+    exactly those bytes readable. A block larger than a page ends the chain there."""
+    import uuid
+
+    from kvstore.pool import HEADER_BYTES, Pool
+
+    pool = Pool.create(f"kvstore-test-{uuid.uuid4().hex[:12]}", HEADER_BYTES + 2 * PAGE_BYTES)
+    try:
+        store = Store.on_pool(pool, PAGE_BYTES, 64, "lru", Limits(), FakeClock())
+        got = store.reserve_views(NS, [(h("a"), None, SMALL_BYTES), (h("b"), h("a"), 2 * PAGE_BYTES),
+                                       (h("c"), h("b"), SMALL_BYTES)], b"tier")
+        assert got[1:] == [None, None] and got[0] is not None
+        slot, view = got[0]
+        assert len(view) == SMALL_BYTES
+        view[:] = b"k" * SMALL_BYTES
+        assert store.commit_many(NS, [(h("a"), slot)], b"tier").num_stored == 1
+        assert [bytes(pool.view(e.slot, e.nbytes)) for e in store.read(NS, [h("a")])] == [
+            b"k" * SMALL_BYTES]
+        assert store.num_reserved == 0
+    finally:
+        pool.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import select
 import threading
+import time
 
 from kvstore import tiers
 from kvstore.keys import BlockHash, Namespace
@@ -51,10 +52,10 @@ class _CountingTier(MemoryTier):
         self.started = threading.Event()
         self.num_gets = 0
 
-    def get(self, ns: Namespace, hashes, deadline_s=None):  # type: ignore[no-untyped-def]
+    def get(self, ns: Namespace, hashes, deadline_s=None, writer=None):  # type: ignore[no-untyped-def]
         self.num_gets += 1
         self.started.set()
-        return super().get(ns, hashes, deadline_s)
+        return super().get(ns, hashes, deadline_s, writer)
 
 
 def test_a_late_answer_is_dropped_after_its_deadline() -> None:
@@ -97,3 +98,135 @@ def test_blocks_found_after_the_deadline_are_kept_for_the_pool() -> None:
         assert link.take_late() == [] and link.stats()["num_blocks_late"] == 1
     finally:
         link.close()
+
+
+class _Slots:
+    """The loop's side of PoolWriter as a dict of slots (the server's is TierSlots, on a Store),
+    recording what the loop ran, in order."""
+
+    def __init__(self) -> None:
+        self.memory = bytearray(1024)
+        self.reserved: dict[int, tuple[BlockHash, BlockHash | None, int]] = {}
+        self.stored: dict[BlockHash, tuple[BlockHash | None, bytes]] = {}
+        self.log: list[str] = []
+
+    def reserve(self, ns, rows):  # type: ignore[no-untyped-def]
+        out = []
+        for row in rows:
+            slot = len(self.reserved) * 64
+            self.reserved[slot] = row
+            out.append((slot, memoryview(self.memory)[slot:slot + row[2]]))
+        self.log.append("reserve")
+        return out
+
+    def commit(self, ns, rows):  # type: ignore[no-untyped-def]
+        for block_hash, slot in rows:
+            _, parent, nbytes = self.reserved.pop(slot)
+            self.stored[block_hash] = (parent, bytes(self.memory[slot:slot + nbytes]))
+        self.log.append("commit")
+        return len(rows)
+
+    def abort(self, ns, rows):  # type: ignore[no-untyped-def]
+        for _, slot in rows:
+            del self.reserved[slot]
+        self.log.append("abort")
+
+
+class _WritingTier(MemoryTier):
+    """Receives its blocks straight into pool slots through the PoolWriter, in two reserves (as a
+    pull whose reply came in two messages); fails before committing when told to."""
+
+    def __init__(self, is_failing_late: bool = False) -> None:
+        super().__init__()
+        self.is_failing_late = is_failing_late
+
+    def get(self, ns, hashes, deadline_s=None, writer=None):  # type: ignore[no-untyped-def]
+        assert writer is not None
+        for part in (hashes[:1], hashes[1:]):
+            for block_hash, view in zip(part, writer.reserve([(h, 3) for h in part])):
+                view[:] = block_hash * 3
+        if self.is_failing_late:
+            raise OSError("the stream was cut")
+        writer.commit()
+        return [(h, None, None) for h in hashes]
+
+
+def _serve_loop(link: TierLink, stop: threading.Event) -> threading.Thread:
+    """The server loop's part: run the tier's calls and collect answers when woken."""
+    answers: list = []
+
+    def loop() -> None:
+        while not stop.is_set():
+            if select.select([link.wake_fd], [], [], 0.05)[0]:
+                answers.extend(link.answered())
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.answers = answers  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def test_a_tier_writes_into_reserved_slots_and_its_commit_lands_before_its_answer() -> None:
+    slots, stop = _Slots(), threading.Event()
+    link = TierLink(_WritingTier(), timeout_s=10, slots=slots)
+    loop = _serve_loop(link, stop)
+    try:
+        assert link.ask("asker", NS, [BlockHash(b"a"), BlockHash(b"b")], BlockHash(b"root"))
+        deadline = time.monotonic() + 10
+        while not loop.answers and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+        assert loop.answers == [("asker", [(b"a", None, None), (b"b", None, None)])]  # type: ignore[attr-defined]
+        # Chained parents across the two reserves; the bytes written in place, committed.
+        assert slots.stored == {b"a": (b"root", b"aaa"), b"b": (b"a", b"bbb")}
+        assert slots.log == ["reserve", "reserve", "commit"] and not slots.reserved
+    finally:
+        stop.set()
+        loop.join(10)  # before close() closes the pipe it reads
+        link.close()
+
+
+def test_slots_of_a_failed_tier_call_are_given_back() -> None:
+    slots, stop = _Slots(), threading.Event()
+    link = TierLink(_WritingTier(is_failing_late=True), timeout_s=10, slots=slots)
+    loop = _serve_loop(link, stop)
+    try:
+        assert link.ask("asker", NS, [BlockHash(b"a"), BlockHash(b"b")])
+        deadline = time.monotonic() + 10
+        while not loop.answers and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+        assert loop.answers == [("asker", [])]  # type: ignore[attr-defined]
+        assert slots.log == ["reserve", "reserve", "abort"]
+        assert not slots.reserved and not slots.stored
+    finally:
+        stop.set()
+        loop.join(10)  # before close() closes the pipe it reads
+        link.close()
+
+
+def test_a_reserve_the_loop_does_not_run_in_time_is_never_run(monkeypatch) -> None:
+    """The tier stops waiting (the loop is stuck); when the loop runs its calls later, the
+    abandoned reserve is skipped: no slot is reserved that nobody would commit or abort."""
+    monkeypatch.setattr(tiers, "LOOP_CALL_TIMEOUT_S", 0.05)
+    slots = _Slots()
+    link = TierLink(_WritingTier(), timeout_s=10, slots=slots)
+    try:
+        assert link.ask("asker", NS, [BlockHash(b"a")])
+        assert select.select([link.wake_fd], [], [], 10)[0]  # the reserve is queued...
+        deadline = time.monotonic() + 10
+        while link._done.empty() and time.monotonic() < deadline:  # ...and given up on
+            time.sleep(0.01)
+        assert link.answered() == [("asker", [])]  # the failed tier call: a miss
+        assert slots.log == [] and not slots.reserved
+    finally:
+        link.close()
+
+
+def test_close_ends_a_tier_waiting_on_the_loop_at_once(monkeypatch) -> None:
+    monkeypatch.setattr(tiers, "LOOP_CALL_TIMEOUT_S", 30.0)
+    link = TierLink(_WritingTier(), timeout_s=60, slots=_Slots())
+    assert link.ask("asker", NS, [BlockHash(b"a")])
+    assert select.select([link.wake_fd], [], [], 10)[0]  # the tier waits for its reserve
+    started = time.monotonic()
+    link.close()
+    assert time.monotonic() - started < 5.0
+    assert not link._thread.is_alive()
