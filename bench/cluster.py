@@ -10,8 +10,10 @@ no root needed). Measured in one run:
   that runs past its pool: directory round trip + TCP GET from A + put into B's pool), a TCP
   get from A (kvstore Client.get_into, no shared memory, as bench.store measures it), a plain
   TCP socket receiving the same bytes straight into prefaulted destinations (the loopback
-  bound: bench.store's SocketPeer), and a Valkey GET of the same bytes, one 2 MiB value per
-  key (why the bytes do not go through Valkey);
+  bound: bench.store's SocketPeer), a Valkey GET of the same bytes, one 2 MiB value per
+  key (why the bytes do not go through Valkey), and Mooncake Store's get over TCP between two
+  processes (bench/mooncake.py; when bash bench/mooncake_setup.sh installed it, else the
+  result says why not);
 - directory: the latency of Directory.holders() for a 256-block chain, held by a peer and held
   nowhere (the lookup that runs past a pool on most misses);
 - hit rate: the token hit rate of the bench/workload.py mix, round-robin across N nodes, each
@@ -362,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         data = pulls(a, b, num, rounds)
         data["socket"] = socket_bound("127.0.0.2", num, rounds)
         data["valkey_get"] = valkey_get(valkey, num, rounds)
+        log("Mooncake Store over TCP (when bench/mooncake_setup.sh installed it)")
+        mooncake = measure_mooncake(num, rounds)
         log("directory lookups of a 256-block chain")
         directory = directory_latency(valkey, a, 5 if args.quick else 20)
         log(f"hit rate: {len(trace)} requests, 2 real nodes")
@@ -386,14 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     simulated_tight = {"pool_blocks_per_node": distinct // 4,
                        **hit_rates(trace, config.block_size, distinct // 4)}
     report(args.out, data, directory, real_cluster, real_shared, simulated, simulated_tight,
-           ttft, num, rounds,
+           ttft, mooncake, num, rounds,
            len(trace), command, time.monotonic() - started)
     return 0
 
 
 def report(out: Path, data: dict[str, list[float]], directory: dict[str, float],
            real_cluster: float, real_shared: float, simulated: dict[str, Any],
-           simulated_tight: dict[str, Any], ttft: dict[str, Any] | None, num: int,
+           simulated_tight: dict[str, Any], ttft: dict[str, Any] | None,
+           mooncake: dict[str, Any], num: int,
            rounds: int, num_requests: int, command: str, wall_s: float) -> None:
     from bench.machine import describe, summary
 
@@ -415,7 +420,11 @@ def report(out: Path, data: dict[str, list[float]], directory: dict[str, float],
             "pull_only_vs_socket": round(med["pull_only"] / med["socket"], 3),
             "tcp_get_vs_socket": round(med["tcp_get"] / med["socket"], 3),
             "valkey_get_vs_socket": round(med["valkey_get"] / med["socket"], 3),
-            "lookup_pull_vs_valkey_get": round(med["lookup_pull"] / med["valkey_get"], 3)},
+            "lookup_pull_vs_valkey_get": round(med["lookup_pull"] / med["valkey_get"], 3),
+            "lookup_pull_vs_mooncake_get": (
+                round(med["lookup_pull"] / mooncake["gbps_median"]["get_into"], 3)
+                if mooncake.get("ok") else None)},
+        "mooncake": mooncake,
         "directory_lookup_256_blocks_ms": directory,
         "hit_rate": {
             "real_2_nodes_no_vram": {"cluster": round(real_cluster, 4),
@@ -450,7 +459,9 @@ def report(out: Path, data: dict[str, list[float]], directory: dict[str, float],
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"GB/s (median of {rounds}): socket bound {med['socket']}, cross-node lookup+pull "
           f"{med['lookup_pull']} (pull alone {med['pull_only']}), TCP get {med['tcp_get']}, "
-          f"Valkey GET {med['valkey_get']}; pull_vs_socket {result['pull_vs_socket']} (goal 0.8)")
+          f"Valkey GET {med['valkey_get']}, Mooncake get "
+          f"{mooncake['gbps_median']['get_into'] if mooncake.get('ok') else mooncake.get('reason')}"
+          f"; pull_vs_socket {result['pull_vs_socket']} (goal 0.8)")
     print(f"directory lookup, 256-block chain: {directory}")
     print(f"hit rate round-robin, cluster vs shared: real 2 nodes {real_cluster:.3f} vs "
           f"{real_shared:.3f}; simulated " + ", ".join(
@@ -465,6 +476,26 @@ def report(out: Path, data: dict[str, list[float]], directory: dict[str, float],
               f"{ttft['local_pool']}, cross-node {ttft['cross_node']}: "
               f"{result['cross_node_vs_recompute_4k']} x recompute (goal <= 0.3)")
     print(f"machine: {summary(result['machine'])}\nwrote {out}")
+
+
+def measure_mooncake(num: int, rounds: int) -> dict[str, Any]:
+    """Mooncake Store's cross-process get of the same bytes (bench/mooncake.py), or why not."""
+    from bench import mooncake
+
+    try:
+        return mooncake.measure(num, rounds)
+    except Exception as exc:  # a peer that fails to run is reported, not fatal to the bench
+        return {"ok": False, "reason": repr(exc)}
+
+
+def _mooncake_rows(mooncake: dict[str, Any], socket_gbps: float) -> list[str]:
+    if not mooncake.get("ok"):
+        return [f"| Mooncake Store over TCP | not measured: {mooncake.get('reason', '-')} | |"]
+    g = mooncake["gbps_median"]
+    return [f"| Mooncake Store {mooncake['version']} over TCP, batch_get_into a registered "
+            f"buffer | {g['get_into']:.2f} | {g['get_into'] / socket_gbps:.2f} |",
+            f"| the same, get_batch (copies) | {g['get_copy']:.2f} | "
+            f"{g['get_copy'] / socket_gbps:.2f} |"]
 
 
 def render(res: dict[str, Any]) -> str:
@@ -497,12 +528,15 @@ def render(res: dict[str, Any]) -> str:
         f"{g['tcp_get_first'] / g['socket']:.2f} |",
         f"| Valkey GET, one 2 MiB value per key | {g['valkey_get']:.2f} | "
         f"{r['valkey_get_vs_socket']:.2f} |",
+        *_mooncake_rows(res.get("mooncake") or {}, g["socket"]),
         "",
         f"- `pull_vs_socket` = {res['pull_vs_socket']:.3f} (goal >= "
         f"{res['goals']['pull_vs_socket']}, {verdict[met['pull_vs_socket']]}): the tier "
         "receives each block from A's side stream straight into a slot of B's pool the loop "
         "reserved for it (kvstore/tiers.py PoolWriter), then commits; the directory round "
-        "trip and the LOOKUP's own are the rest.",
+        "trip and the LOOKUP's own are the rest. Over loopback the bound's own rounds ranged "
+        f"{min(res['gbps_runs']['socket']):.2f}-{max(res['gbps_runs']['socket']):.2f} GB/s: "
+        "a ratio near 1 is parity within that noise.",
         f"- Directory lookup (Directory.holders) of a 256-block chain: "
         f"{res['directory_lookup_256_blocks_ms']['held_ms']:.2f} ms when a peer holds it all, "
         f"{res['directory_lookup_256_blocks_ms']['nowhere_ms']:.2f} ms when no one holds it.",

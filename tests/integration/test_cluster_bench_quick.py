@@ -31,6 +31,8 @@ def test_quick_cluster_bench_pulls_across_nodes(tmp_path: Path) -> None:
     assert proc.returncode == 0, output
     res = json.loads(out.read_text())
     assert res["pull_vs_socket"] > 0 and res["cross_node_vs_recompute_4k"] is None
+    # Mooncake is measured where bench/mooncake_setup.sh ran, else the result says why not.
+    assert res["mooncake"]["ok"] or "mooncake_setup.sh" in res["mooncake"]["reason"], res["mooncake"]
     real = res["hit_rate"]["real_2_nodes_no_vram"]
     # Two real nodes with the directory find what one shared pool finds (the workload fits).
     assert real["cluster"] == pytest.approx(real["shared"], abs=0.02), real
