@@ -291,8 +291,8 @@ class Directory:
         """A block committed into the local pool (Store.on_commit)."""
         self._queue(True, ns, block_hash)
 
-    def unregistered(self, ns: Namespace, block_hash: BlockHash, *_: Any) -> None:
-        """A block evicted from the local pool (Store.on_evict; its bytes are not needed)."""
+    def unregistered(self, ns: Namespace, block_hash: BlockHash) -> None:
+        """A block gone from the local pool: evicted, invalidated or expired (Store.on_remove)."""
         self._queue(False, ns, block_hash)
 
     def _queue(self, is_add: bool, ns: Namespace, block_hash: BlockHash) -> None:

@@ -107,14 +107,14 @@ class Server(Handlers):
         elif config.cluster:
             from kvstore.cluster import open_cluster
 
-            # Evictions unregister (no bytes copied), commits register: the directory's thread
-            # writes both in batches (kvstore/directory.py).
+            # Commits register, and blocks leaving (evicted, invalidated, expired) unregister, no
+            # bytes copied: the directory's thread writes both in batches (kvstore/directory.py).
             cluster = open_cluster(config.cluster, config.advertised_address(),
                                    config.tier_timeout_s, config.curve_dir)
             # The pulls receive into pool slots the loop reserves for them (TierSlots).
             self.tier = TierLink(cluster, config.tier_timeout_s,
                                  slots=TierSlots(self.store))
-            self.store.on_evict = cluster.directory.unregistered
+            self.store.on_remove = cluster.directory.unregistered
             self.store.on_commit = cluster.directory.registered
             self.metrics.add_cluster(cluster)
         # Each takes its op's request type (protocol.py); decode_request picked it by op.

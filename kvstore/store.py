@@ -68,6 +68,9 @@ class Store(Writes):
     # Told of each block committed (readable from now on): the cluster directory registers it
     # (kvstore/directory.py, queued, never waited on). None: no cluster.
     on_commit: Callable[[Namespace, BlockHash], None] | None = None
+    # Told of each committed block leaving the pool, whatever the reason (evicted, invalidated,
+    # expired): the cluster directory unregisters it. None: no cluster.
+    on_remove: Callable[[Namespace, BlockHash], None] | None = None
 
     def __post_init__(self) -> None:
         if self.clients.limits.max_reserved_bytes is None:
@@ -406,6 +409,8 @@ class Store(Writes):
             self._fence(entry)
             return
         if entry.state is State.COMMITTED:
+            if self.on_remove is not None:
+                self.on_remove(*entry.key)
             self.policy.remove(entry)
             stats = self._ns_stats(entry.key[0])
             stats.num_blocks -= 1

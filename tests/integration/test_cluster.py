@@ -97,6 +97,14 @@ def _entries(valkey, key: str) -> list[bytes]:  # type: ignore[no-untyped-def]
         valkeys.close()
 
 
+def _write(valkey, commands: list[tuple[Any, ...]]) -> None:  # type: ignore[no-untyped-def]
+    valkeys = Valkeys(parse_url(valkey.url), CALL_S, lambda *_: None)
+    try:
+        assert FAILED not in valkeys.run(commands), "Valkey did not answer"
+    finally:
+        valkeys.close()
+
+
 def _until_gone(valkey, key: str, daemon_id: str, d) -> list[bytes]:  # type: ignore[no-untyped-def]
     """Poll until daemon_id is no longer listed for key (the removal is asynchronous)."""
     deadline = time.monotonic() + 10
@@ -281,19 +289,50 @@ def test_blocks_evicted_on_the_holder_leave_the_directory(fleet):
 
 @pytest.mark.timeout(90)
 def test_a_holder_without_the_blocks_is_a_short_pull_and_its_entries_go(fleet):
-    """Blocks dropped on the holder without an eviction (kvstore invalidate) stay listed; the
-    pull comes back short, b answers the miss and removes the entries."""
+    """Entries a holder never took back (one lost while Valkey was away, or a block dropped
+    between b's directory lookup and its pull): here written into Valkey for 4 blocks past the
+    8 a holds. The pull comes back short, b uses the 8 and removes the 4 stale entries."""
+    a = fleet.node("a")
+    b = fleet.node("b")
+    hashes, datas = _put_on(a, "short")
+    a_id = _registered(a, N)["tier"]["cluster"]["daemon_id"]
+    stale = chain_hashes("short-stale", 4)
+    _write(fleet.valkey, [("SADD", block_key(NS, h), a_id) for h in stale])
+    with Client(b.address, CALL_S, use_shm=False) as client:
+        assert client.lookup(NS, hashes + stale).num_hits == N
+        assert client.get(NS, hashes) == datas
+        cluster = client.stats()["tier"]["cluster"]
+    assert cluster["num_short_pulls"] == 1 and cluster["num_pull_failures"] == 0
+    assert a_id.encode() not in _until_gone(fleet.valkey, block_key(NS, stale[0]), a_id, b)
+
+
+@pytest.mark.timeout(90)
+def test_blocks_invalidated_on_the_holder_leave_the_directory(fleet):
+    """kvstore invalidate (a model's weights replaced in place) drops the blocks and their
+    entries: no peer spends a pull on them, and Valkey does not keep them for the TTL."""
     a = fleet.node("a")
     b = fleet.node("b")
     hashes, _ = _put_on(a, "invalidated")
     a_id = _registered(a, N)["tier"]["cluster"]["daemon_id"]
     with Client(a.address, CALL_S, use_shm=False) as client:
         assert client.invalidate(NS.name) == N
+    wait_stats(a.address, lambda s: s["tier"]["cluster"]["num_unregistered"] >= N, 10,
+               "invalidated blocks unregistered")
+    assert _entries(fleet.valkey, block_key(NS, hashes[-1])) == []
     with Client(b.address, CALL_S, use_shm=False) as client:
         assert client.lookup(NS, hashes).num_hits == 0
-        cluster = client.stats()["tier"]["cluster"]
-    assert cluster["num_short_pulls"] == 1 and cluster["num_pull_failures"] == 0
-    assert a_id.encode() not in _until_gone(fleet.valkey, block_key(NS, hashes[0]), a_id, b)
+        assert client.stats()["tier"]["cluster"]["num_pulls"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_blocks_past_their_ttl_on_the_holder_leave_the_directory(fleet):
+    """--ttl expiry drops a block like an eviction does: its entry goes too."""
+    a = fleet.node("a", extra=("--ttl", "1"))
+    hashes, _ = _put_on(a, "expired", 2)
+    wait_stats(a.address, lambda s: s["num_blocks"] == 0, 10, "blocks expired")
+    wait_stats(a.address, lambda s: s["tier"]["cluster"]["num_unregistered"] >= 2, 10,
+               "expired blocks unregistered")
+    assert _entries(fleet.valkey, block_key(NS, hashes[0])) == []
 
 
 @pytest.mark.timeout(90)
