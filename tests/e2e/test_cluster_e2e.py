@@ -179,10 +179,12 @@ def test_one_valkey_master_killed_node_b_still_generates_the_same_tokens(nodes: 
 
 
 def test_holder_invalidated_its_blocks_node_b_recomputes(nodes: Nodes) -> None:
-    """A dropped the blocks without an eviction (kvstore invalidate): still listed, so B's pull
-    comes back short, B answers a miss and recomputes."""
+    """A dropped the blocks (kvstore invalidate, as when a model's weights change in place): its
+    directory entries go with them, so B finds no holder, or (an entry whose removal has not
+    reached Valkey yet, or whose master an earlier test killed) a short pull; either way B
+    answers a miss and recomputes."""
     prefix = computed_on_a(nodes)
-    short = cluster_stats(nodes.b)["num_short_pulls"]
+    before = cluster_stats(nodes.b)
 
     def invalidate() -> None:
         with Client(nodes.a.address, CALL_S, use_shm=False) as client:
@@ -191,7 +193,9 @@ def test_holder_invalidated_its_blocks_node_b_recomputes(nodes: Nodes) -> None:
 
     got = served_on_b_under(nodes, prefix, invalidate, lambda: None)
     assert got["pool_tokens"] == 0
-    assert cluster_stats(nodes.b)["num_short_pulls"] > short
+    after = cluster_stats(nodes.b)
+    assert (after["num_pulls"] == before["num_pulls"]
+            or after["num_short_pulls"] > before["num_short_pulls"]), (before, after)
 
 
 def test_holder_slow_node_b_recomputes_within_its_budget(nodes: Nodes) -> None:
