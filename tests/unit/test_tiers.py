@@ -229,4 +229,4 @@ def test_close_ends_a_tier_waiting_on_the_loop_at_once(monkeypatch) -> None:
     started = time.monotonic()
     link.close()
     assert time.monotonic() - started < 5.0
-    assert not link._thread.is_alive()
+    assert not any(thread.is_alive() for thread in link._threads)
