@@ -106,9 +106,7 @@ class ClusterTier(Tier):
             if num < run:
                 self._count(num_short_pulls=1)
                 self.directory.drop_holder(ns, wanted[num:], peer.daemon_id)
-            for block_hash in wanted[:num]:
-                parent = found[-1][0] if found else None  # the first's: the server knows it
-                found.append((block_hash, parent, None))  # in the pool: PoolWriter
+            found += [(h, None, None) for h in wanted[:num]]  # in the pool already: PoolWriter
         if found:
             self._count(num_hits=1, num_blocks=len(found))
         return found

@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -168,7 +168,7 @@ class Handlers:
         blocks = [b for b in blocks if b[2] is not None]
         fit = [self.store.fits(len(data)) for _, _, data in blocks] + [False]
         blocks = blocks[:fit.index(False)]
-        if blocks and blocks[0][1] is None:  # a peer's pull does not know it: req does
+        if blocks and blocks[0][1] is None:  # a tier that did not keep it: req knows it
             at = req.hashes.index(blocks[0][0])
             blocks[0] = (blocks[0][0], req.hashes[at - 1] if at else None, blocks[0][2])
         if blocks:

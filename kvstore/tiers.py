@@ -137,8 +137,9 @@ class PoolWriter:
     blocks of the chain, write into the views, then commit, or abort on any failure. Used on the
     tier's thread only; reserve waits for the loop, commit and abort are queued in order."""
 
-    def __init__(self, link: TierLink, ns: Namespace, parent: BlockHash | None) -> None:
-        self._link, self.ns = link, ns
+    def __init__(self, link: TierLink, slots: Slots, ns: Namespace,
+                 parent: BlockHash | None) -> None:
+        self._link, self._slots, self.ns = link, slots, ns
         # The parent of the next block reserved, and of the first one since the last commit (an
         # abort goes back to it: another holder may be asked for the same blocks).
         self._parent = self._committed_parent = parent
@@ -153,9 +154,7 @@ class PoolWriter:
             chained.append((block_hash, parent, nbytes))
             parent = block_hash
         self._parent = parent
-        slots = self._link.slots
-        assert slots is not None, "a PoolWriter needs the server's Slots"
-        got = self._link.on_loop(lambda: slots.reserve(self.ns, chained), wait=True)
+        got = self._link.on_loop(lambda: self._slots.reserve(self.ns, chained), wait=True)
         views: list[memoryview | None] = []
         for (block_hash, _, _), slot in zip(chained, got):
             if slot is not None:
@@ -168,17 +167,25 @@ class PoolWriter:
         first)."""
         rows, self._reserved = self._reserved, []
         self._committed_parent = self._parent
-        slots = self._link.slots
-        if rows and slots is not None:
-            self._link.on_loop(lambda: slots.commit(self.ns, rows), wait=False)
+        if rows:
+            self._link.on_loop(lambda: self._slots.commit(self.ns, rows), wait=False)
 
     def abort(self) -> None:
         """Give every reserved slot back (a failed or cut pull: nothing of it is readable)."""
         rows, self._reserved = self._reserved, []
         self._parent = self._committed_parent
-        slots = self._link.slots
-        if rows and slots is not None:
-            self._link.on_loop(lambda: slots.abort(self.ns, rows), wait=False)
+        if rows:
+            self._link.on_loop(lambda: self._slots.abort(self.ns, rows), wait=False)
+
+
+def _drained(items: queue.SimpleQueue[Any]) -> list[Any]:
+    """What items holds now, taken out (never waits)."""
+    out = []
+    while True:
+        try:
+            out.append(items.get_nowait())
+        except queue.Empty:
+            return out
 
 
 def worker_of(block_hash: BlockHash, num_workers: int) -> int:
@@ -265,11 +272,7 @@ class TierLink:
         """Run the PoolWriter calls the tier's thread queued, in order (before answered(): a
         pull's commit lands before its LOOKUP is answered). A call that raises is logged and
         answers None (its tier takes that as a failed pull)."""
-        while True:
-            try:
-                call = self._calls.get_nowait()
-            except queue.Empty:
-                return
+        for call in _drained(self._calls):
             with call.lock:
                 if call.is_abandoned:
                     continue  # its tier gave up waiting: running it now would leak slots
@@ -307,12 +310,7 @@ class TierLink:
                 pass
         except BlockingIOError:
             pass
-        done: list[tuple[int, list[Block] | None]] = []
-        while True:
-            try:
-                done.append(self._done.get_nowait())
-            except queue.Empty:
-                break
+        done = _drained(self._done)
         # After taking the answers: a pull queues its commit before its answer, so each answer
         # taken finds its blocks committed (and reserve calls are answered on every wake).
         self.run_calls()
@@ -366,11 +364,7 @@ class TierLink:
 
     def close(self) -> None:
         self._is_closing = True  # no loop runs calls from now on: a tier waiting stops waiting
-        while True:
-            try:
-                call = self._calls.get_nowait()
-            except queue.Empty:
-                break
+        for call in _drained(self._calls):
             with call.lock:
                 call.is_abandoned = True
                 call.done.set()  # result None: the tier's reserve fails, its pull is a miss
@@ -403,7 +397,7 @@ class TierLink:
                 # backlog behind a slow tier). Its _late entry, if any, ages out (bounded).
                 continue
             blocks: list[Block] | None = None
-            writer = None if self.slots is None else PoolWriter(self, ns, parent)
+            writer = None if self.slots is None else PoolWriter(self, self.slots, ns, parent)
             try:
                 blocks = self.tier.get(ns, hashes, pending.deadline_s, writer)
             except Exception as exc:  # a fault is a miss

@@ -315,8 +315,7 @@ def test_blocks_invalidated_on_the_holder_leave_the_directory(fleet):
     entries: no peer spends a pull on them, and Valkey does not keep them for the TTL."""
     a = fleet.node("a")
     b = fleet.node("b")
-    hashes, _ = _put_on(a, "invalidated")
-    a_id = _registered(a, N)["tier"]["cluster"]["daemon_id"]
+    hashes, _ = _put_on(a, "invalidated")  # registered (it waits for the entries)
     with Client(a.address, CALL_S, use_shm=False) as client:
         assert client.invalidate(NS.name) == N
     wait_stats(a.address, lambda s: s["tier"]["cluster"]["num_unregistered"] >= N, 10,
