@@ -1,6 +1,6 @@
 """Benchmark of the kvstore daemon against the limits it must be measured by, all in one run.
 
-    python -m bench.store [--quick] [--rounds N] [--only STEP,...] [--out PATH]
+    python -m bench.store [--quick] [--rounds N] [--only STEP,...] [--busy-poll-us N] [--out PATH]
 
 Workload: a 4096-token prefix of Llama-3-8B at block size 16, i.e. 256 blocks of 2 MiB
 (32 layers x K,V x 8 KV heads x 128 head dim x bf16 x 16 tokens), 512 MiB of random bytes, keyed by
@@ -16,6 +16,8 @@ kvstore measurements so that a busy moment on the machine hits both sides of a r
           socket.recv_into straight into the prefaulted destinations: the loopback bound of any
           remote get (no message layer, no copy after the kernel's)
   rtt     a tiny DEALER->ROUTER->DEALER echo, median of many
+  rtt_busy  the same echo, its ROUTER polling without sleeping for the daemon's --busy-poll-us
+          after each message, as the daemon does (information: the like-for-like bound)
 
 kvstore, against a real `kvstore serve` subprocess (own port and segment, pool 1.25x the working
 set of one stored prefix plus one put batch):
@@ -28,6 +30,9 @@ set of one stored prefix plus one put batch):
   lookup_slots  the same with_slots=True: also where each hit lies in the segment (information:
             the LOOKUP of a same-host load, as the vLLM connector sends it)
   ping      Client.ping (information: the client/daemon floor under every small call)
+
+The daemon runs with its default --busy-poll-us unless --busy-poll-us is given (0: off); its CPU
+time per LOOKUP + RELEASE and per PING (/proc, over all rounds) is reported, as that costs CPU.
 
 Writes bench/results/store.json (ratios at top level, goals, figures, parameters, machine) and
 prints a table. Each round's value of a throughput is one 512 MiB transfer; of a latency, the
@@ -56,6 +61,7 @@ import zmq
 
 from bench.machine import describe, summary
 from kvstore.client import Client
+from kvstore.config import DEFAULT_BUSY_POLL_US
 from kvstore.keys import Namespace
 from kvstore.protocol import CHUNK_BYTES
 from bench.daemon import Daemon  # the integration tests' launcher of the real daemon process
@@ -82,13 +88,17 @@ GOALS: dict[str, tuple[str, float, str]] = {
 # Ratios reported without a goal.
 INFORMATION: dict[str, str] = {
     "lookup_slots_vs_rtt": "LOOKUP of 256 hashes with a lease and slot references / bare round trip",
+    "lookup_vs_rtt_busy": "LOOKUP of 256 hashes with a lease / bare round trip whose echo "
+                          "busy-polls as the daemon does",
+    "ping_vs_rtt_busy": "kvstore PING / bare round trip whose echo busy-polls as the daemon does",
 }
 # The series each ratio divides (numerator, denominator).
 RATIO_OF: dict[str, tuple[str, str]] = {
     "shm_get_vs_memcpy": ("shm_get", "memcpy"), "tcp_get_vs_zmq": ("tcp_get", "zmq"),
     "tcp_get_vs_socket": ("tcp_get", "socket"),
     "shm_put_vs_memcpy": ("shm_put", "memcpy"), "lookup_vs_rtt": ("lookup", "rtt"),
-    "lookup_slots_vs_rtt": ("lookup_slots", "rtt"),
+    "lookup_slots_vs_rtt": ("lookup_slots", "rtt"), "lookup_vs_rtt_busy": ("lookup", "rtt_busy"),
+    "ping_vs_rtt_busy": ("ping", "rtt_busy"),
 }
 
 
@@ -99,6 +109,7 @@ class Params:
     lookup_samples: int  # per round
     quick: bool
     only: tuple[str, ...] = ()  # the steps to run (all when empty)
+    busy_poll_us: int | None = None  # the daemon's --busy-poll-us (None: its default)
     num_blocks: int = NUM_BLOCKS
     block_bytes: int = BLOCK_BYTES
 
@@ -196,7 +207,9 @@ def zero(bufs: list[np.ndarray]) -> None:
 
 # --- the raw ZeroMQ peer (own process, like the daemon) ----------------------------------------
 def _zmq_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
-    """ROUTER: b"get" -> header + num frames of nbytes (copy=False); anything else is echoed."""
+    """ROUTER: b"get" -> header + num frames of nbytes (copy=False); b"busy N" (echoed) polls
+    for the next message without sleeping for N us after each, as the daemon's loop does
+    (kvstore/server.py _busy_poll; 0: off); anything else is echoed."""
     frames = [b.data for b in random_blocks(num, nbytes, seed)]  # memoryviews, sent zero-copy
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
@@ -204,10 +217,20 @@ def _zmq_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     conn.send(port)
     conn.close()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    busy_s = 0.0
     try:
         while True:
+            if busy_s:
+                end_s = time.perf_counter() + busy_s
+                while not poller.poll(0) and time.perf_counter() < end_s:
+                    pass
             ident, msg = sock.recv_multipart()
-            if msg == b"get":
+            if msg.startswith(b"busy "):
+                busy_s = int(msg[5:]) / 1e6
+                sock.send_multipart([ident, msg])
+            elif msg == b"get":
                 sock.send_multipart([ident, b"hdr", *frames], copy=False)
             elif msg == b"stop":
                 sock.send_multipart([ident, b"bye"])
@@ -315,6 +338,11 @@ class RawPeer:
         self.sock.recv()
         return time.perf_counter() - t0
 
+    def busy_poll(self, micros: int) -> None:
+        """From now on the peer polls without sleeping for micros after each message."""
+        self.sock.send(b"busy %d" % micros)
+        self.sock.recv()
+
     def close(self) -> None:
         try:
             self.sock.send(b"stop")
@@ -397,7 +425,11 @@ class Bench:
         self.segment = f"kvstore-bench-{uuid.uuid4().hex[:12]}"
         progress(f"starting `kvstore serve` (pool {p.pool_bytes / MiB:.0f} MiB = "
                  f"{POOL_FACTOR}x working set, segment {self.segment})")
-        self.daemon = Daemon(pool_size=str(p.pool_bytes), segment=self.segment)
+        self.busy_poll_us = DEFAULT_BUSY_POLL_US if p.busy_poll_us is None else p.busy_poll_us
+        # The daemon's CPU time (jiffies) and calls, per kind of call, over the measured rounds.
+        self.daemon_cpu: dict[str, list[int]] = {}
+        extra = [] if p.busy_poll_us is None else ["--busy-poll-us", str(p.busy_poll_us)]
+        self.daemon = Daemon(pool_size=str(p.pool_bytes), segment=self.segment, extra_args=extra)
         self.daemon.start().wait_prefaulted()
         self.kctx = zmq.Context()
         self.shm = Client(self.daemon.address, timeout_s=60.0, ctx=self.kctx)
@@ -434,6 +466,8 @@ class Bench:
                       "vs zmq, vs socket"), self.step_tcp_get),
             (self.add("rtt", "ms", "bare ZeroMQ round trip, tiny message",
                       "limit for lookup"), self.step_rtt),
+            (self.add("rtt_busy", "ms", "bare round trip, its echo busy-polling",
+                      "information"), self.step_rtt_busy),
             (self.add("lookup", "ms", f"kvstore lookup {p.num_blocks} hashes + lease",
                       "vs rtt"), self.step_lookup),
             (self.add("lookup_slots", "ms", f"kvstore lookup {p.num_blocks} hashes + lease + "
@@ -502,6 +536,13 @@ class Bench:
         samples = [self.peer.rtt() * 1e3 for _ in range(self.p.rtt_samples)]
         return self._record_latency(s, samples, warm)
 
+    def step_rtt_busy(self, s: Series, warm: bool) -> str:
+        self.peer.busy_poll(self.busy_poll_us)
+        try:
+            return self.step_rtt(s, warm)
+        finally:
+            self.peer.busy_poll(0)  # the throughput steps' peer as it was
+
     def step_shm_get(self, s: Series, warm: bool) -> str:
         if warm:
             zero(self.dests)
@@ -530,8 +571,23 @@ class Bench:
     def step_lookup_slots(self, s: Series, warm: bool) -> str:
         return self._lookup(s, warm, with_slots=True)
 
+    def _daemon_jiffies(self) -> int:
+        return _proc_jiffies(self.daemon.proc.pid) if self.daemon.proc else 0
+
+    def _count_cpu(self, what: str, jiffies_before: int, calls: int, warm: bool) -> None:
+        if not warm:
+            spent = self.daemon_cpu.setdefault(what, [0, 0])
+            spent[0] += self._daemon_jiffies() - jiffies_before
+            spent[1] += calls
+
+    def daemon_cpu_us(self) -> dict[str, float]:
+        """The daemon's CPU microseconds per call (busy polling included), by kind of call."""
+        return {what: round(jiffies / _HZ / calls * 1e6, 1)
+                for what, (jiffies, calls) in self.daemon_cpu.items() if calls}
+
     def _lookup(self, s: Series, warm: bool, with_slots: bool) -> str:
         lookups, totals = [], []
+        jiffies = self._daemon_jiffies()
         for _ in range(self.p.lookup_samples):
             t0 = time.perf_counter()
             result = self.shm.lookup(self.ns, self.hashes, lease_ms=LEASE_MS,
@@ -546,13 +602,17 @@ class Bench:
             t2 = time.perf_counter()
             lookups.append((t1 - t0) * 1e3)
             totals.append((t2 - t0) * 1e3)
+        self._count_cpu("lookup_slots_release" if with_slots else "lookup_release", jiffies,
+                        len(lookups), warm)
         if not with_slots:
             self._record_latency(self.lookup_release, totals, warm)
         return self._record_latency(s, lookups, warm) + \
             f", with release {statistics.median(totals):.3f} ms"
 
     def step_ping(self, s: Series, warm: bool) -> str:
+        jiffies = self._daemon_jiffies()
         samples = [self.shm.ping() * 1e3 for _ in range(self.p.rtt_samples)]
+        self._count_cpu("ping", jiffies, len(samples), warm)
         return self._record_latency(s, samples, warm)
 
     def _fresh_put(self, client: Client) -> list[tuple[bytes, bytes | None, Any]]:
@@ -664,6 +724,7 @@ def report(bench: Bench, machine: dict[str, Any], wall_s: float, command: str,
         "information": {name: {"ratio": ratios[name], "meaning": meaning}
                         for name, meaning in INFORMATION.items() if name in ratios},
         "per_round_ratios": bench.per_round_ratios(),
+        "daemon_cpu_us_per_call": bench.daemon_cpu_us(),
         "figures": {k: s.as_json() for k, s in bench.series.items()},
         "parameters": {
             "command": command,
@@ -684,6 +745,7 @@ def report(bench: Bench, machine: dict[str, Any], wall_s: float, command: str,
             "pool_factor": POOL_FACTOR,
             "working_set": "one stored prefix + one put batch",
             "lease_ms": LEASE_MS,
+            "daemon_busy_poll_us": bench.busy_poll_us,
             "hashes": "sha256(parent + index), one namespace",
             "gb": "10^9 bytes",
             "method": "rounds interleave every measurement; round 0 is an untimed warm-up that "
@@ -720,6 +782,10 @@ def print_table(res: dict[str, Any]) -> None:
     for name, info in res.get("information", {}).items():
         pr = res["per_round_ratios"][name]["median"]
         print(f"{name:<20} {info['ratio']:7.3f}  {pr:13.3f}  {'-':>7}  (information)")
+    cpu = res.get("daemon_cpu_us_per_call") or {}
+    if cpu:
+        print(f"\ndaemon CPU per call (--busy-poll-us {res['parameters']['daemon_busy_poll_us']}): "
+              + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items()))
     load = res["load"]
     print()
     print(f"load avg before {load['load_avg_before'][0]:.2f}, after {load['load_avg_after'][0]:.2f}; "
@@ -735,13 +801,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", metavar="STEP,...",
                         help="run only these steps (e.g. rtt,lookup,lookup_slots,ping); "
                              "write to a scratch --out, the full run's JSON holds every step")
+    parser.add_argument("--busy-poll-us", type=int, default=None, metavar="N",
+                        help="the daemon's --busy-poll-us (default: its own default; 0: off)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "store.json")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     if args.rounds is not None:
         cfg["rounds"] = max(1, args.rounds)
     only = tuple(x for x in args.only.split(",") if x)
-    params = Params(quick=args.quick, only=only, **cfg)
+    params = Params(quick=args.quick, only=only, busy_poll_us=args.busy_poll_us, **cfg)
     command = shlex.join([Path(sys.executable).name, "-m", "bench.store", *sys.argv[1:]])
     start = time.perf_counter()
     load_before = list(os.getloadavg())
@@ -791,6 +859,11 @@ def render(res: dict[str, Any]) -> str:
     for f in res["figures"].values():
         lines.append(f"| {f['what']} | {f['median']:.3g} {f['unit']} | "
                      f"{f['min']:.3g}–{f['max']:.3g} | {f['bound']} |")
+    cpu = res.get("daemon_cpu_us_per_call") or {}
+    if cpu:
+        lines += ["", f"The daemon ran with `--busy-poll-us {p['daemon_busy_poll_us']}`; its CPU time "
+                  "per call: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} µs"
+                                           for k, v in cpu.items()) + "."]
     load = res["load"]
     lines += ["", f"{p['rounds']} rounds; during them other processes used "
               f"{load['cores_used_by_others']:.2f} cores and the hypervisor stole "

@@ -39,6 +39,10 @@ MIN_PAGES = 8  # small pools still get several pages, so two models can share th
 # the pool). Real vLLM blocks are tens of KiB and more (docs/operating.md, Memory).
 DEFAULT_MIN_BLOCK_BYTES = 4096
 DEFAULT_METRICS_PORT = 9400  # Prometheus exporters' customary range; 0 turns the endpoint off
+# After a message the loop polls without sleeping this long: a core that went idle takes tens of
+# microseconds to wake (a VM's, a halt exit), more than a lookup's own work (bench.store).
+DEFAULT_BUSY_POLL_US = 100
+MAX_BUSY_POLL_US = 10_000
 DEFAULT_METRICS_HOST = "127.0.0.1"  # docker passes 0.0.0.0; metrics name models and traffic
 ENV_PREFIX = "KVSTORE_"
 CONFIG_ENV = "KVSTORE_CONFIG"
@@ -70,6 +74,7 @@ class ServeConfig:
     ttl_s: float | None = None
     metrics_port: int = DEFAULT_METRICS_PORT
     metrics_host: str = DEFAULT_METRICS_HOST
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
     tier: str = ""  # "": no tier below the pool (kvstore/tiers.py; only test tiers exist yet)
     tier_timeout_s: float = 0.1  # under the connector's 200 ms lookup budget, pool time included
     cluster: str = ""  # "": one node; valkey://HOST:PORT[,...]: the cluster tier (kvstore/cluster.py)
@@ -125,6 +130,9 @@ class ServeConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}", name)
         if self.ttl_s is not None and self.ttl_s <= 0:
             raise ConfigError(f"--ttl must be positive, got {self.ttl_s}", "ttl")
+        if not 0 <= self.busy_poll_us <= MAX_BUSY_POLL_US:
+            raise ConfigError(f"--busy-poll-us must be 0..{MAX_BUSY_POLL_US} (0: off), got "
+                              f"{self.busy_poll_us}", "busy_poll_us")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be a port number 0..65535 (0: off), "
                               f"got {self.metrics_port}", "metrics_port")
@@ -219,6 +227,13 @@ def _port(value: Any) -> int:
     return int(text)
 
 
+def _count(value: Any) -> int:
+    text = str(value).strip()
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not text.isdigit():
+        raise ValueError(f"not a whole number: {value!r}")
+    return int(text)
+
+
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -282,6 +297,10 @@ OPTIONS: tuple[Option, ...] = (
            "port of the Prometheus /metrics endpoint; 0 turns it off"),
     Option("metrics_host", "metrics_host", _text,
            "address the metrics endpoint listens on"),
+    Option("busy_poll_us", "busy_poll_us", _count,
+           "microseconds the loop keeps polling after a message before it sleeps, while "
+           "messages come more often than every millisecond (0: off); costs up to that much "
+           "CPU per message, saves a sleeping core's wake-up on the next one"),
     Option("tier", "tier", _text, "a tier below the pool (FOR TESTS ONLY so far: memory, "
            "memory-slow:300ms, memory-failing; default none)"),
     Option("tier_timeout", "tier_timeout_s", _seconds,

@@ -45,6 +45,9 @@ _BIG_FRAMES = DEFAULT_TRIM_BYTES // protocol.CHUNK_BYTES  # fewer frames cannot 
 # keep coming, not after every one: a fifth of a PING's daemon time was _maintain. Idle or busy
 # loops still run it at once; a due run bounds the next wait, so nothing waits longer than this.
 _MAINTAIN_S = 0.001
+# Busy polling (--busy-poll-us) only while a conversation is on: messages less than this apart.
+# A daemon asked now and then never spins; one asked back to back pays no wake-up per message.
+_BUSY_POLL_WITHIN_S = 0.001
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: IntFlag's | runs in Python (send_multipart, per frame)
 _NOBLOCK_SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
@@ -151,6 +154,9 @@ class Server(Handlers):
             poller.register(listener.sock, zmq.POLLIN)
         if self.tier is not None:
             poller.register(self.tier.wake_fd, zmq.POLLIN)  # the tier's thread has an answer
+        busy_poll_s = self.config.busy_poll_us / 1e6
+        last_ready_s = 0.0  # perf_counter when messages last arrived
+        is_talking = False  # they arrived within _BUSY_POLL_WITHIN_S of the ones before
         try:
             is_busy = False
             maintain_at_s = 0.0  # perf_counter from which maintenance runs again after a message
@@ -161,12 +167,19 @@ class Server(Handlers):
                     wait_ms = _POLL_MS if self.tier is None else self.tier.timeout_ms(_POLL_MS)
                     if is_skipped:
                         wait_ms = min(wait_ms, 1 + int((maintain_at_s - time.perf_counter()) * 1e3))
-                    ready = dict(poller.poll(0 if is_busy else max(wait_ms, 0)))
+                    ready = {}
+                    if is_talking and not is_busy and busy_poll_s:
+                        ready = _busy_poll(poller, busy_poll_s)
+                        is_talking = bool(ready)  # the talk paused: sleep until it resumes
+                    if not ready:
+                        ready = dict(poller.poll(0 if is_busy else max(wait_ms, 0)))
                 except zmq.ZMQError as exc:
                     if exc.errno == errno.EINTR:
                         continue  # a signal arrived; the loop condition decides
                     raise
                 if ready:
+                    now_s = time.perf_counter()
+                    is_talking, last_ready_s = now_s - last_ready_s < _BUSY_POLL_WITHIN_S, now_s
                     self._drain()
                 if self.tier is not None:
                     self._finish_tier_lookups(self.tier.wake_fd in ready)
@@ -321,3 +334,12 @@ class Server(Handlers):
     def _collect_sent(self) -> None:
         for entries in self.unsent.collect():
             self.store.let_go(entries)  # a zero-copy reply's frames are let go
+
+
+def _busy_poll(poller: zmq.Poller, seconds: float) -> dict[Any, int]:
+    """Poll without waiting until something is ready or seconds pass; what is ready."""
+    end_s = time.perf_counter() + seconds
+    while True:
+        ready = poller.poll(0)
+        if ready or time.perf_counter() >= end_s:
+            return dict(ready)

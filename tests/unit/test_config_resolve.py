@@ -123,6 +123,8 @@ def test_bad_size_names_the_option_and_its_source(tmp_path: Path, source: str,
     ({"KVSTORE_LEASE": "soon"}, "KVSTORE_LEASE='soon' (environment): not a number of seconds"),
     ({"KVSTORE_INSECURE": "maybe"}, "KVSTORE_INSECURE='maybe' (environment): not a boolean"),
     ({"KVSTORE_LOG_LEVEL": "LOUD"}, "not a log level: 'LOUD'"),
+    ({"KVSTORE_BUSY_POLL_US": "-5"}, "KVSTORE_BUSY_POLL_US='-5' (environment): not a whole number"),
+    ({"KVSTORE_BUSY_POLL_US": "20000"}, "--busy-poll-us must be 0..10000 (0: off), got 20000"),
 ])
 def test_unparseable_environment_values_are_refused(env: dict[str, str], needle: str) -> None:
     """Ports out of range, non-numbers, non-booleans and unknown levels each get a message."""
