@@ -133,28 +133,69 @@ class Valkeys:
             by_node.setdefault(slots[key_slot(key.encode() if isinstance(key, str) else key)],
                                []).append(i)
         now, error = time.monotonic(), ""
+        # Every node's pipeline is sent before any answer is read: the masters work at once, one
+        # round trip in all rather than one per master (a long chain's keys span them all).
+        sent: list[tuple[tuple[str, int], list[int], Any]] = []
         for node, indices in by_node.items():
             if self._node_backoff.get(node, 0.0) > now:
                 continue  # failed lately: its keys are misses until the backoff ends
             try:
-                pipe = self._conn(node).pipeline(transaction=False)
-                for i in indices:
-                    pipe.execute_command(*commands[i])
-                for i, result in zip(indices, pipe.execute(raise_on_error=False)):
-                    if isinstance(result, Exception):
-                        if _is_moved(result):
-                            self._slots = None  # slots moved (failover, resharding): re-read
-                        continue
-                    results[i] = result
-                self._recovered(node)
+                sent.append((node, indices, self._send(node, [commands[i] for i in indices])))
             except Exception as exc:
                 error = self._failed(node, exc)
+        for node, indices, conn in sent:
+            try:
+                answers = self._receive(conn, [commands[i][0] for i in indices])
+            except Exception as exc:
+                error = self._failed(node, exc)
+                continue
+            for i, result in zip(indices, answers):
+                if isinstance(result, Exception):
+                    if _is_moved(result):
+                        self._slots = None  # slots moved (failover, resharding): re-read
+                    continue
+                results[i] = result
+            self._recovered(node)
         # Up once every node asked lately answered: a dead master is logged once, not per call.
         if error or self._node_backoff:
             self.on_state(False, error)
         else:
             self.on_state(True, "")
         return results
+
+    def _send(self, node: tuple[str, int], commands: Sequence[tuple[Any, ...]]) -> Any:
+        """Send commands to node as one pipeline (valkey-py's, less its wait for the answers);
+        the (client, connection) to read them from with _receive()."""
+        client = self._conn(node)
+        conn = client.connection_pool.get_connection("pipeline")
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+        except BaseException:
+            conn.disconnect()
+            client.connection_pool.release(conn)
+            raise
+        return client, conn
+
+    @staticmethod
+    def _receive(sent: tuple[Any, Any], names: list[str]) -> list[Any]:
+        """The answers to _send()'s commands of these names, in order; an error answer as its
+        exception (MOVED among them), a broken connection raises."""
+        from valkey.exceptions import ResponseError
+
+        client, conn = sent
+        answers: list[Any] = []
+        try:
+            for name in names:
+                try:
+                    answers.append(client.parse_response(conn, name))
+                except ResponseError as exc:
+                    answers.append(exc)
+        except BaseException:
+            conn.disconnect()  # answers left unread: it must not serve the next pipeline
+            raise
+        finally:
+            client.connection_pool.release(conn)
+        return answers
 
     def check(self) -> None:
         """Ask every master, those backing off too, for its run id: the directory's health
