@@ -47,13 +47,31 @@ class PagedKV:
 
     def scatter(self, block_id: int, src: torch.Tensor) -> None:
         """Copy src (block_bytes bytes) into vLLM block block_id."""
-        if self.blocks is not None:
-            self.blocks[block_id].copy_(src.view(len(self.layers), -1), non_blocking=True)
+        self.scatter_many([block_id], [src])
+
+    def scatter_many(self, block_ids: list[int], srcs: list[torch.Tensor]) -> None:
+        """Copy each of srcs (block_bytes bytes) into the vLLM block of the same place in
+        block_ids. On the CPU in one torch call: a loader thread that takes the GIL back after
+        each block's copy waits on the engine's busy thread (bench.ttft, 127 blocks of 2 MiB:
+        59-76 ms block by block, 49-56 ms in calls of 32). Under CUDA each copy_ only queues a
+        DMA, block by block as before."""
+        dests: list[torch.Tensor] = []
+        views: list[torch.Tensor] = []
+        for block_id, src in zip(block_ids, srcs):
+            if self.blocks is not None:
+                dests.append(self.blocks[block_id])
+                views.append(src.view(len(self.layers), -1))
+                continue
+            offset = 0
+            for layer, page in zip(self.layers, self.page_bytes):
+                dests.append(layer[block_id])
+                views.append(src[offset:offset + page])
+                offset += page
+        if self.device.type == "cpu":
+            torch._foreach_copy_(dests, views, non_blocking=True)
             return
-        offset = 0
-        for layer, page in zip(self.layers, self.page_bytes):
-            layer[block_id].copy_(src[offset:offset + page], non_blocking=True)
-            offset += page
+        for dest, view in zip(dests, views):
+            dest.copy_(view, non_blocking=True)
 
 
 def _page_view(name: str, tensor: torch.Tensor) -> torch.Tensor:

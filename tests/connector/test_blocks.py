@@ -48,3 +48,18 @@ def test_separate_allocations_fall_back_to_per_layer_copies() -> None:
     assert torch.equal(out, expected_bytes(layers, 2))
     kv.scatter(5, out)
     assert all(torch.equal(t[5], t[2]) for t in layers.values())
+
+
+def test_many_blocks_land_each_in_its_own_block_in_either_layout() -> None:
+    """scatter_many (a load's batch) puts each source into the block of the same place, out of
+    order and from slices of one pool buffer, and touches no other block."""
+    for layers in (shared_layers(), {f"l{i}": torch.randn(B, H, N, C) for i in range(3)}):
+        kv = PagedKV(layers)
+        sources = [expected_bytes(layers, b) for b in (1, 2, 3)]
+        pool = torch.cat([torch.zeros(5, dtype=torch.int8), *sources])  # unaligned offsets
+        views = [pool[5 + i * kv.block_bytes:5 + (i + 1) * kv.block_bytes] for i in range(3)]
+        untouched = expected_bytes(layers, 0)
+        kv.scatter_many([9, 4, 6], views)
+        assert [torch.equal(expected_bytes(layers, b), s)
+                for b, s in zip((9, 4, 6), sources)] == [True, True, True]
+        assert torch.equal(expected_bytes(layers, 0), untouched)
