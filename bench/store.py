@@ -36,7 +36,8 @@ time per LOOKUP + RELEASE and per PING (/proc, over all rounds) is reported, as 
 
 Writes bench/results/store.json (ratios at top level, goals, figures, parameters, machine) and
 prints a table. Each round's value of a throughput is one 512 MiB transfer; of a latency, the
-median of many calls, made after WARM_CALLS untimed ones of the same kind. Figures are the median (min, max) over rounds; GB/s is 10^9 bytes/s.
+median of many calls, made after WARM_CALLS untimed ones of the same kind. Figures are the median
+(min, max) over rounds; GB/s is 10^9 bytes/s.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ from typing import Any
 import numpy as np
 import zmq
 
-from bench.machine import describe, summary
+from bench.machine import CLOCK_TICKS, describe, proc_jiffies, summary
 from kvstore.client import Client
 from kvstore.config import DEFAULT_BUSY_POLL_US
 from kvstore.keys import Namespace
 from kvstore.protocol import CHUNK_BYTES
+from kvstore.server import busy_poll
 from bench.daemon import Daemon  # the integration tests' launcher of the real daemon process
 
 MiB = 1024 * 1024
@@ -214,7 +216,7 @@ def zero(bufs: list[np.ndarray]) -> None:
 def _zmq_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
     """ROUTER: b"get" -> header + num frames of nbytes (copy=False); b"busy N" (echoed) polls
     for the next message without sleeping for N us after each, as the daemon's loop does
-    (kvstore/server.py _busy_poll; 0: off); anything else is echoed."""
+    (kvstore/server.py busy_poll; 0: off); anything else is echoed."""
     frames = [b.data for b in random_blocks(num, nbytes, seed)]  # memoryviews, sent zero-copy
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
@@ -228,9 +230,7 @@ def _zmq_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
     try:
         while True:
             if busy_s:
-                end_s = time.perf_counter() + busy_s
-                while not poller.poll(0) and time.perf_counter() < end_s:
-                    pass
+                busy_poll(poller, busy_s)  # then the blocking receive below, as the daemon does
             ident, msg = sock.recv_multipart()
             if msg.startswith(b"busy "):
                 busy_s = int(msg[5:]) / 1e6
@@ -360,15 +360,7 @@ class RawPeer:
 
 
 # --- busy-ness of the machine ------------------------------------------------------------------
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_jiffies(pid: int) -> int:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime, all threads
+_HZ = CLOCK_TICKS
 
 
 def _system_jiffies() -> tuple[int, int]:
@@ -388,12 +380,12 @@ class BusyMeter:
     def start(self) -> None:
         self._t = time.monotonic()
         self._sys = _system_jiffies()
-        self._ours = sum(_proc_jiffies(p) for p in self.pids)
+        self._ours = sum(proc_jiffies(p) for p in self.pids)
 
     def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self._t
         busy, steal = _system_jiffies()
-        ours = sum(_proc_jiffies(p) for p in self.pids) - self._ours
+        ours = sum(proc_jiffies(p) for p in self.pids) - self._ours
         total = busy - self._sys[0]
         return {
             "wall_s": round(wall, 2),
@@ -579,7 +571,7 @@ class Bench:
         return self._lookup(s, warm, with_slots=True)
 
     def _daemon_jiffies(self) -> int:
-        return _proc_jiffies(self.daemon.proc.pid) if self.daemon.proc else 0
+        return proc_jiffies(self.daemon.proc.pid) if self.daemon.proc else 0
 
     def _count_cpu(self, what: str, jiffies_before: int, calls: int, warm: bool) -> None:
         if not warm:
@@ -676,10 +668,10 @@ class Bench:
         pids = [self.daemon.proc.pid if self.daemon.proc else 0, self.peer.proc.pid or 0,
                 self.socket_peer.proc.pid or 0]
         deadline = time.monotonic() + max_s
-        before = sum(_proc_jiffies(p) for p in pids)
+        before = sum(proc_jiffies(p) for p in pids)
         while time.monotonic() < deadline:
             time.sleep(window_s)
-            now = sum(_proc_jiffies(p) for p in pids)
+            now = sum(proc_jiffies(p) for p in pids)
             if now == before:
                 return
             before = now

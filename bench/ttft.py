@@ -27,6 +27,7 @@ from bench.replica import ReplicaProcess
 RESULTS = Path(__file__).parent / "results" / "ttft.json"
 # pool_shm_vs_vram_4k: a pool hit over shared memory against the replica's own VRAM hit (issue 11:
 # the load path, LOOKUP -> copy -> RELEASE, should add little to what the engine does anyway).
+BLOCK_SIZE = 32  # tokens per KV block of the replicas
 GOALS = {"pool_shm_vs_recompute_4k": 0.2, "miss_overhead": 1.05, "pool_shm_vs_vram_4k": 1.3}
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     daemon = Daemon(pool_size="6GiB").start()
     address = daemon.address
-    flags = {"max_model_len": 9216, "kv_cache_gib": 2, "block_size": 32}
+    flags = {"max_model_len": 9216, "kv_cache_gib": 2, "block_size": BLOCK_SIZE}
     replicas: dict[str, ReplicaProcess] = {}
     try:
         log(f"starting 3 vLLM CPU replicas (logs in {logs})")
@@ -70,10 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def copy_bytes() -> int:
-    """Bytes of one KV block of the benchmark model (all layers, K and V, float32, 32 tokens)."""
+def page_bytes() -> int:
+    """Bytes of one layer's page of a KV block of the benchmark model (K and V, float32)."""
     m = BENCH_MODEL
-    return m.num_layers * 2 * m.num_kv_heads * (m.hidden_size // m.num_heads) * 32 * 4
+    return 2 * m.num_kv_heads * (m.hidden_size // m.num_heads) * BLOCK_SIZE * 4
+
+
+def copy_bytes() -> int:
+    """Bytes of one KV block of the benchmark model, all layers."""
+    return BENCH_MODEL.num_layers * page_bytes()
 
 
 def copy_bound(num_blocks: int, repeats: int = 3) -> float:
@@ -83,11 +89,9 @@ def copy_bound(num_blocks: int, repeats: int = 3) -> float:
     those blocks costs the engine. Median of repeats after one untimed run."""
     import torch
 
-    from connectors.vllm_v1.blocks import PagedKV
-    from connectors.vllm_v1.worker_side import _SCATTER_BATCH
+    from connectors.vllm_v1.blocks import SCATTER_BATCH, PagedKV
 
-    m, block_size = BENCH_MODEL, 32
-    page = 2 * m.num_kv_heads * (m.hidden_size // m.num_heads) * block_size * 4  # K and V, fp32
+    m, page = BENCH_MODEL, page_bytes()
     num_kv_blocks = num_blocks + 8
     cache = torch.zeros(m.num_layers * num_kv_blocks * page, dtype=torch.int8)  # prefaulted
     layers = {f"model.layers.{i}.attn": cache[i * num_kv_blocks * page:(i + 1) * num_kv_blocks * page]
@@ -99,8 +103,8 @@ def copy_bound(num_blocks: int, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        for at in range(0, num_blocks, _SCATTER_BATCH):
-            kv.scatter_many(ids[at:at + _SCATTER_BATCH], slots[at:at + _SCATTER_BATCH])
+        for at in range(0, num_blocks, SCATTER_BATCH):
+            kv.scatter_many(ids[at:at + SCATTER_BATCH], slots[at:at + SCATTER_BATCH])
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
 
@@ -153,7 +157,7 @@ def report(figures: dict[int, dict[str, Any]], repeats: int, command: str) -> No
     key = 4096 if 4096 in figures else max(figures)
     miss = statistics.median(f["miss"] / f["recompute"] for f in figures.values())
     # What the engine must be given on any CPU tier's hit: the KV bytes copied into its cache.
-    num_blocks = int(statistics.median(figures[key]["pool_tokens"]["pool_shm"])) // 32
+    num_blocks = int(statistics.median(figures[key]["pool_tokens"]["pool_shm"])) // BLOCK_SIZE
     copy_s = copy_bound(num_blocks)
     result = {
         "pool_shm_vs_recompute_4k": figures[key]["pool_shm"] / figures[key]["recompute"],
@@ -167,7 +171,7 @@ def report(figures: dict[int, dict[str, Any]], repeats: int, command: str) -> No
         "pool_shm_vs_vram_plus_copy_4k": figures[key]["pool_shm"] / (figures[key]["vram_hit"] + copy_s),
         "goals": GOALS,
         "seconds": {str(n): f for n, f in figures.items()},
-        "parameters": {"model": BENCH_MODEL.__dict__, "dtype": "float32", "block_size": 32,
+        "parameters": {"model": BENCH_MODEL.__dict__, "dtype": "float32", "block_size": BLOCK_SIZE,
                        "repeats": repeats, "ttft": "wall time of a 1-token generate()"},
         "machine": describe(["vllm", "torch", "pyzmq"]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

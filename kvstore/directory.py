@@ -143,9 +143,9 @@ class Valkeys:
                 sent.append((node, indices, self._send(node, [commands[i] for i in indices])))
             except Exception as exc:
                 error = self._failed(node, exc)
-        for node, indices, conn in sent:
+        for node, indices, pipeline in sent:
             try:
-                answers = self._receive(conn, [commands[i][0] for i in indices])
+                answers = self._receive(pipeline, [commands[i][0] for i in indices])
             except Exception as exc:
                 error = self._failed(node, exc)
                 continue
@@ -177,12 +177,12 @@ class Valkeys:
         return client, conn
 
     @staticmethod
-    def _receive(sent: tuple[Any, Any], names: list[str]) -> list[Any]:
+    def _receive(pipeline: tuple[Any, Any], names: list[str]) -> list[Any]:
         """The answers to _send()'s commands of these names, in order; an error answer as its
         exception (MOVED among them), a broken connection raises."""
         from valkey.exceptions import ResponseError
 
-        client, conn = sent
+        client, conn = pipeline
         answers: list[Any] = []
         try:
             for name in names:

@@ -52,7 +52,7 @@ _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: IntFlag's | runs in Python (send_mult
 _NOBLOCK_SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
-__all__ = ["AddressInUse", "Server"]
+__all__ = ["AddressInUse", "Server", "busy_poll"]
 
 
 class Server(Handlers):
@@ -169,7 +169,7 @@ class Server(Handlers):
                         wait_ms = min(wait_ms, 1 + int((maintain_at_s - time.perf_counter()) * 1e3))
                     ready = {}
                     if is_talking and not is_busy and busy_poll_s:
-                        ready = _busy_poll(poller, busy_poll_s)
+                        ready = busy_poll(poller, busy_poll_s)
                         is_talking = bool(ready)  # the talk paused: sleep until it resumes
                     if not ready:
                         ready = dict(poller.poll(0 if is_busy else max(wait_ms, 0)))
@@ -336,7 +336,7 @@ class Server(Handlers):
             self.store.let_go(entries)  # a zero-copy reply's frames are let go
 
 
-def _busy_poll(poller: zmq.Poller, seconds: float) -> dict[Any, int]:
+def busy_poll(poller: zmq.Poller, seconds: float) -> dict[Any, int]:
     """Poll without waiting until something is ready or seconds pass; what is ready."""
     end_s = time.perf_counter() + seconds
     while True:

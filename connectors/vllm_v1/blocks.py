@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+SCATTER_BATCH = 32  # blocks per scatter_many call of a load (64 MiB of 2 MiB blocks)
+
 
 class PagedKV:
     """Byte views of vLLM's KV-cache pages, one [num_blocks, page_bytes] int8 view per layer."""

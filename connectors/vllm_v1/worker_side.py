@@ -23,7 +23,7 @@ from kvstore.client import Client, SlotRef
 from kvstore.errors import KVStoreError
 from kvstore.keys import Namespace, SlotId
 
-from connectors.vllm_v1.blocks import PagedKV
+from connectors.vllm_v1.blocks import SCATTER_BATCH, PagedKV
 from connectors.common import Breaker
 from connectors.vllm_v1.config import ConnectorConfig
 from connectors.vllm_v1.keeper import Keeper, swap
@@ -35,7 +35,6 @@ log = logging.getLogger("kvstore.connector")
 # One TCP GET or PUT moves at most this much: at ~1 GB/s over loopback that is ~30 ms, far inside
 # a call's timeout, and a dead daemon is noticed after one batch, not after a whole prefix.
 _TCP_BATCH_BYTES = 32 * 1024 * 1024
-_SCATTER_BATCH = 32  # blocks per copy call of a shared-memory load (64 MiB of 2 MiB blocks)
 
 
 class WorkerSide:
@@ -262,8 +261,7 @@ class WorkerSide:
             while num < len(spec.hashes) and time.monotonic() < deadline:
                 hashes = spec.hashes[num:num + per_batch]
                 got = client.get_into(self.ns, hashes, rows, self._lease(spec))
-                for i in range(got):
-                    self.kv.scatter(spec.block_ids[num + i], staging[i])
+                self.kv.scatter_many(spec.block_ids[num:num + got], list(staging[:got]))
                 _sync(self.kv.device)  # staging is reused by the next batch
                 num += got
                 if got < len(hashes):
@@ -291,7 +289,7 @@ class WorkerSide:
             end = bad
         num = 0
         while num < end and time.monotonic() <= deadline:
-            batch = refs[num:min(end, num + _SCATTER_BATCH)]
+            batch = refs[num:min(end, num + SCATTER_BATCH)]
             self.kv.scatter_many(block_ids[num:num + len(batch)],
                                  [pool[ref.slot:ref.slot + ref.nbytes] for ref in batch])
             num += len(batch)

@@ -9,22 +9,18 @@ wake-up (every 50 ms) would burn a fifth of a core here.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from kvstore.client import Client
 from kvstore.keys import Namespace
 from bench.daemon import Daemon
+from bench.machine import CLOCK_TICKS, proc_jiffies
 from tests.integration.helpers import CALL_S, as_chain, chain_hashes, random_blocks
 
 NS = Namespace(b"busy-poll")
 
 
 def _cpu_s(pid: int) -> float:
-    """utime + stime of every thread of pid, in seconds."""
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return proc_jiffies(pid) / CLOCK_TICKS
 
 
 def test_longest_window_serves_and_an_idle_daemon_stays_idle() -> None:
