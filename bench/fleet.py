@@ -470,7 +470,10 @@ def simulated(res: dict[str, Any]) -> list[str]:
         f"{cache}: {w['step_s'] * 1e3:.1f} ms a step + {w['recompute_s_per_token'] * 1e6:.0f} us "
         f"per recomputed token + {w['cached_s_per_token'] * 1e6:.1f} us per cached token + "
         f"{w['decode_s_per_request'] * 1e3:.1f} ms per decoding request, {w['http_s'] * 1e3:.0f} ms "
-        f"outside the engine, outside load {w.get('outside_load', 0):.1f} engines, step noise "
+        f"outside the engine, outside load {w.get('outside_load', 0):.1f} engines, "
+        + (f"a pool load of {w['pool_load_s'] * 1e3:.0f} ms + {w['pool_s_per_token'] * 1e6:.1f} us "
+           "per loaded token off the engine, " if w.get("pool_load_s") else "")
+        + f"step noise "
         f"sigma {sim.get('step_noise_sigma', {}).get(cache, 0):.2f}"
         for cache, w in sim["engine_model"].items())
     replay = sim["cache_replay"]
@@ -496,7 +499,7 @@ def simulated(res: dict[str, Any]) -> list[str]:
             + ", ".join(f"{min(v):.0%}-{max(v):.0%} of {policy}'s real choices" for policy, v in
                         agree.items() if v)
             + f" from the real state. Costs in {'core' if cores else 'machine'}-seconds, {works}; "
-            f"fitted on {sim['fitted_on']}, one set per cache. The simulated fleets keep this "
+            f"fitted on {sim['fitted_on']}. The simulated fleets keep this "
             "machine's cores and the same requests in flight: what changes with N is where the "
             "prefixes are cached, not the compute each replica has.", "", sim_table(sim), "",
             *_sim_verdict(sim), "![simulated](results/fleet_sim.png)", ""]

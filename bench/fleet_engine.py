@@ -169,6 +169,12 @@ class EngineModel:
     # 0: an engine uses the whole machine, 1 / (k + outside_load) of it each (costs in
     # machine-seconds), as the runs with one thread per core were modelled.
     cores: float = 0.0
+    # A pool hit is loaded asynchronously, as the connector does: the request leaves the step
+    # it was scheduled in, waits pool_load_s + pool_s_per_token x loaded tokens of wall time (the
+    # lookup, the copy, vLLM's steps that report the load and schedule it again) while its
+    # engine runs the others, then computes what is left. 0: pool hits cost as VRAM hits do.
+    pool_load_s: float = 0.0
+    pool_s_per_token: float = 0.0
 
     def rate(self, num_busy: int) -> float:
         """The speed of each of num_busy busy engines, in units of work per second."""
@@ -186,6 +192,7 @@ class Job:
     vram_blocks: int = 0
     pool_blocks: int = 0
     decode_left: int = 0
+    ready_at: float = -1.0  # looked up; a pool load in flight until then (-1: not looked up)
     ttft: float = float("nan")
     latency: float = float("nan")
 
@@ -196,6 +203,7 @@ class Replica:
         self.waiting: list[Job] = []
         self.running: list[Job] = []
         self.step: list[Job] = []
+        self.loading: list[Job] = []  # pool loads in flight, off the engine's steps
         self.work_left = 0.0
 
 
@@ -226,23 +234,41 @@ class Fleet:
         """Start r's next step: every waiting request's prefill and one token of every running one."""
         m = self.model
         work = m.step_s + m.decode_s_per_request * len(r.running)
+        prefill = []
         for job in r.waiting:
             prompt = job.request["prompt"]
-            job.hashes = hashes_of(job.request, self.block_size)
-            most = min((len(prompt) - 1) // self.block_size, len(job.hashes))
-            job.vram_blocks = r.cache.match(job.hashes, most)
-            job.pool_blocks = self.pool.load(job.hashes, job.vram_blocks, most) if self.pool else 0
-            job.blocks = r.cache.allocate(job.hashes, job.vram_blocks, len(prompt) + self.max_tokens)
+            if job.ready_at < 0:
+                self._look_up(r, job)
+                if job.ready_at > self.now:
+                    r.loading.append(job)
+                    continue
+            prefill.append(job)
             cached = (job.vram_blocks + job.pool_blocks) * self.block_size
             work += m.recompute_s_per_token * (len(prompt) - cached) + m.cached_s_per_token * cached
         if self.noise_sigma:
             work *= float(np.exp(self.rng.normal(0.0, self.noise_sigma)))
-        r.step, r.waiting, r.work_left = r.waiting + r.running, [], work
+        r.step, r.waiting, r.work_left = prefill + r.running, [], work
+
+    def _look_up(self, r: Replica, job: Job) -> None:
+        """The scheduler's lookup: the VRAM hit, then the pool past it; the blocks are held now."""
+        prompt = job.request["prompt"]
+        job.hashes = hashes_of(job.request, self.block_size)
+        most = min((len(prompt) - 1) // self.block_size, len(job.hashes))
+        job.vram_blocks = r.cache.match(job.hashes, most)
+        job.pool_blocks = self.pool.load(job.hashes, job.vram_blocks, most) if self.pool else 0
+        job.blocks = r.cache.allocate(job.hashes, job.vram_blocks, len(prompt) + self.max_tokens)
+        job.ready_at = self.now
+        if job.pool_blocks and self.model.pool_load_s + self.model.pool_s_per_token > 0:
+            job.ready_at += (self.model.pool_load_s
+                             + self.model.pool_s_per_token * job.pool_blocks * self.block_size)
 
     def next_step_end(self) -> float:
+        """When the next step ends or the next pool load is done, whichever comes first."""
         busy = [r for r in self.replicas if r.step]
-        return (self.now + min(r.work_left for r in busy) / self.model.rate(len(busy))
-                if busy else float("inf"))
+        end = (self.now + min(r.work_left for r in busy) / self.model.rate(len(busy))
+               if busy else float("inf"))
+        loads = [job.ready_at for r in self.replicas for job in r.loading]
+        return min([end] + loads)
 
     def advance(self, until: float) -> list[Job]:
         """Run the engines up to until (or the first step end before it); the jobs finished."""
@@ -254,6 +280,10 @@ class Fleet:
             r.work_left -= dt * self.model.rate(len(busy))
             if r.work_left <= WORK_EPS_S:
                 finished += self._end_step(self.replicas.index(r), r)
+        for r in self.replicas:
+            ready = [job for job in r.loading if job.ready_at <= self.now + WORK_EPS_S]
+            r.loading = [job for job in r.loading if job not in ready]
+            r.waiting += ready
         for r in self.replicas:
             if not r.step and (r.waiting or r.running):
                 self._schedule(r)
@@ -286,7 +316,9 @@ def run_closed_loop(trace: list[dict[str, Any]], n: int, policy: str, model: Eng
                     vram_blocks: int, pool: Pool | None, block_size: int, max_tokens: int,
                     concurrency: int, noise_sigma: float = 0.0, seed: int = 0) -> list[Job]:
     """As bench/fleet_client.py sends: concurrency workers take requests in trace order, and a
-    worker holds its slot while the request's previous turn is still running."""
+    worker holds its slot while the request's previous turn is still running. A worker is free,
+    and a session's next turn may start, only when the client has the whole answer: http_s after
+    the engine's last step (the end that TTFT and latency count too)."""
     fleet = Fleet(n, model, vram_blocks, pool, block_size, max_tokens, noise_sigma, seed)
     router = router_for(policy, n)
     previous, last = {}, {}
@@ -295,6 +327,7 @@ def run_closed_loop(trace: list[dict[str, Any]], n: int, policy: str, model: Eng
             previous[request["id"]] = last[request["session"]]
         last[request["session"]] = request["id"]
     done_at: dict[int, float] = {}
+    answering: list[tuple[float, int]] = []  # (when the client has the answer, request id)
     queue = list(trace)
     held: list[dict[str, Any]] = []  # taken by a worker, waiting for the previous turn
     jobs: list[Job] = []
@@ -312,11 +345,13 @@ def run_closed_loop(trace: list[dict[str, Any]], n: int, policy: str, model: Eng
         for r in fleet.replicas:
             if not r.step and (r.waiting or r.running):
                 fleet._schedule(r)
-        end = fleet.next_step_end()
+        end = min([fleet.next_step_end()] + [at for at, _ in answering])
         if end == float("inf"):
             break
-        for job in fleet.advance(end):
-            done_at[job.request["id"]] = fleet.now
+        answering += [(fleet.now + model.http_s, job.request["id"]) for job in fleet.advance(end)]
+        for at, request_id in [a for a in answering if a[0] <= fleet.now]:
+            answering.remove((at, request_id))
+            done_at[request_id] = at
             free += 1
     return jobs
 

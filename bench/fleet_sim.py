@@ -24,9 +24,14 @@ What it models, each part checked against the real runs' per-request records:
   `outside_load` engines' worth of other processes (the router, the client, the daemon, other
   jobs) run each engine at min(1, cores / (k + outside_load)) of a core; costs are core-seconds.
   (Results from replicas with one thread per core: 1 / (k + outside_load) of the machine each.)
-  TTFT = the end of the request's prefill step + http_s (router and server, off the engine).
-  The costs are fitted per cache on the real N = 2 runs replayed open loop (real start times and
-  replicas), by least absolute log error of each request's TTFT and latency; those runs are then
+  TTFT = the end of the request's prefill step + http_s (router and server, off the engine);
+  the client's worker is free for its next request only then too. A pool hit is loaded off the
+  engine's steps, as the connector loads asynchronously: the request waits pool_load_s +
+  pool_s_per_token x loaded tokens of wall time while its engine runs the others.
+  The engine's costs are fitted on the real N = 2 VRAM-only runs replayed open loop (real start
+  times and replicas), by least absolute log error of each request's TTFT and latency; the pool
+  runs keep that engine and fit only what the pool adds (its load, and outside load for the
+  daemon's and connector's threads). Those runs are then
   simulated closed loop with the simulated routers and arrivals ("validation_n2"), and the real
   N = 3 runs, three one-thread replicas on two cores, predicted out of sample ("validation_n3").
   Each step's work is
@@ -45,7 +50,7 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,23 +70,36 @@ FIT_N = "2"
 
 
 # --- calibration -------------------------------------------------------------------------------
+ENGINE_COSTS = ("step_s", "recompute_s_per_token", "cached_s_per_token", "decode_s_per_request",
+                "http_s", "outside_load")
+ENGINE_START = (0.02, 3e-4, 3e-5, 0.01, 0.01, 1.0)
+# The pool runs use the same engines: what the pool adds is its asynchronous load, and the
+# daemon's and the connector's threads as outside load.
+POOL_COSTS = ("pool_load_s", "pool_s_per_token", "outside_load")
+POOL_START = (0.02, 1e-5, 1.0)
+
+
 def fit(runs: list[dict[str, Any]], trace_by_id: dict[int, dict[str, Any]],
-        setup: dict[str, Any]) -> EngineModel:
+        setup: dict[str, Any], base: EngineModel | None = None) -> EngineModel:
     """The costs that best replay the runs: least absolute log error of every request's TTFT and
     latency (Nelder-Mead on log-parameters; absolute, so a few requests stalled by outside load
-    do not drag the fit)."""
-    cores = setup["cores"]
+    do not drag the fit). With base (the VRAM-only runs' engine), only the pool's costs are
+    fitted on top of it; without, the engine's."""
+    names, start = (POOL_COSTS, POOL_START) if base else (ENGINE_COSTS, ENGINE_START)
+    base = base or EngineModel(*ENGINE_START, cores=setup["cores"])
+
+    def model_of(logs: np.ndarray) -> EngineModel:
+        return replace(base, **dict(zip(names, map(float, np.exp(logs)))))
 
     def loss(logs: np.ndarray) -> float:
-        model = EngineModel(*np.exp(logs), cores=cores)
+        model = model_of(logs)
         total = 0.0
         for run in runs:
             for row, job in run_replay(run, trace_by_id, model, **_replay_setup(run, setup)):
                 total += abs(np.log(job.ttft / row["ttft_s"])) + abs(np.log(job.latency / row["latency_s"]))
         return total
 
-    start = np.log([0.02, 3e-4, 3e-5, 0.01, 0.01, 1.0])
-    return EngineModel(*map(float, np.exp(nelder_mead(loss, start, FIT_ROUNDS))), cores=cores)
+    return model_of(nelder_mead(loss, np.log(start), FIT_ROUNDS))
 
 
 def nelder_mead(f: Any, x0: np.ndarray, rounds: int, step: float = 0.7) -> np.ndarray:
@@ -189,7 +207,9 @@ def calibrate(res: dict[str, Any]) -> dict[str, Any]:
     setup["cores"] = replica_cores(res)
     fitted_on = {cache: [r for r in plain if str(r["n"]) == FIT_N and r["cache"] == cache]
                  for cache in res["hit_rate"]}
-    models = {cache: fit(runs, by_id, setup) for cache, runs in fitted_on.items()}
+    models = {"vram": fit(fitted_on["vram"], by_id, setup)}
+    if "pool" in fitted_on:
+        models["pool"] = fit(fitted_on["pool"], by_id, setup, base=models["vram"])
     noise = {cache: spread(runs, by_id, models[cache], setup) for cache, runs in fitted_on.items()}
     out: dict[str, Any] = {"hit_rate": {}, "pool_hit_rate": {}, "ttft_p50_s": {},
                            "ttft_p95_s": {}, "validation_n2": {}, "cache_replay": {},
@@ -197,7 +217,9 @@ def calibrate(res: dict[str, Any]) -> dict[str, Any]:
                            "engine_model": {c: asdict(m) for c, m in models.items()},
                            "step_noise_sigma": noise, "seeds": SEEDS,
                            "hit_rate_p10_p90": {}, "ttft_p50_s_p10_p90": {},
-                           "fitted_on": f"the real N={FIT_N} runs of the same cache, replayed"}
+                           "fitted_on": f"the real N={FIT_N} VRAM-only runs, replayed; the "
+                                        "pool runs keep that engine and fit only the pool's load "
+                                        "and the outside load"}
     for run in plain:
         key = (run["cache"], run["policy"], str(run["n"]))
         replay = run_replay(run, by_id, models[run["cache"]], **_replay_setup(run, setup))

@@ -11,7 +11,8 @@ from typing import Any
 from bench.fleet import analyse, moved_sessions, summarize_run
 from bench.fleet_model import make_fleet_model, text
 from bench.fleet_engine import (CacheAware, EngineCache, EngineModel, Fleet, FewestPrefilling,
-                                Job, PrefixTree, RouterView, common_prefix, run_replay)
+                                Job, PrefixTree, RouterView, common_prefix, run_closed_loop,
+                                run_replay)
 from bench.fleet_sim import against_repeat, repeatability
 from bench.models import TinyLlama
 from bench.sim import Pool, block_hashes
@@ -215,6 +216,51 @@ def test_pool_blocks_are_saved_when_the_prefill_step_ends() -> None:
         fleet.advance(start_b)
         _drain(fleet)
         assert b.pool_blocks * BS == pool_hit
+
+
+def test_a_pool_hit_loads_off_the_engine_then_computes_what_is_left() -> None:
+    """The connector loads asynchronously: the request waits for its load while its engine runs
+    the others, and its own step then computes only the tokens the pool lacked."""
+    loading = EngineModel(**{**MODEL.__dict__, "pool_load_s": 0.05})
+    prompt = list(range(1, 91))
+    ttfts = []
+    for other in (False, True):
+        fleet = Fleet(2, loading, 64, Pool(64, 1, "leaf-lru"), BS, max_tokens=1)
+        a = Job({"prompt": prompt}, 0.0)
+        fleet.arrive(a, 0)
+        fleet.advance(0.0)
+        _drain(fleet)  # a's prefill ends at 0.1 s and saves its 22 full blocks to the pool
+        fleet.advance(0.2)
+        b, c = Job({"prompt": prompt}, 0.2), Job({"prompt": [t + 100 for t in prompt]}, 0.2)
+        fleet.arrive(b, 1)
+        if other:
+            fleet.arrive(c, 1)
+        fleet.advance(0.2)
+        _drain(fleet)
+        assert b.pool_blocks * BS == 88
+        ttfts.append((b.ttft, c.ttft))
+    assert abs(ttfts[0][0] - (0.05 + 0.012)) < 1e-9  # the load, then a step of 2 tokens
+    # c's prefill does not wait for b's load (0.1 s alone); b's step follows it
+    assert abs(ttfts[1][1] - 0.1) < 1e-9 and abs(ttfts[1][0] - (0.1 + 0.012)) < 1e-9
+
+
+def test_a_closed_loop_worker_sends_again_only_when_it_has_the_answer() -> None:
+    """The client's worker, and a session's next turn, wait for the whole answer: the engine's
+    last step plus http_s, the same end its latency counts."""
+    slow_http = EngineModel(**{**MODEL.__dict__, "http_s": 0.05})
+    trace = [{"id": 0, "session": "s", "prompt": list(range(1, 91))},
+             {"id": 1, "session": "t", "prompt": list(range(101, 191))},
+             {"id": 2, "session": "s", "prompt": list(range(1, 91)) + [7] * 10}]
+    for concurrency in (1, 2):
+        jobs = {j.request["id"]: j for j in run_closed_loop(
+            trace, 1, "round_robin", slow_http, 64, None, BS, 1, concurrency)}
+        first = jobs[0].arrival + jobs[0].latency
+        if concurrency == 1:
+            assert abs(first - 0.15) < 1e-9  # 0.1 s of engine, then 0.05 s back to the client
+        # one worker: the next request waits for the first answer; two: session s's second
+        # turn still does (requests 0 and 1 share a step: 0.19 s of engine, then 0.05 s)
+        later = jobs[1] if concurrency == 1 else jobs[2]
+        assert abs(later.arrival - first) < 1e-9, (concurrency, later.arrival)
 
 
 def test_replay_puts_real_requests_on_their_real_replicas() -> None:
