@@ -29,6 +29,28 @@ def proc_jiffies(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def descendants(pid: int) -> dict[int, str]:
+    """pid's child processes, theirs and so on: {pid: command name} (/proc's comm)."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        names[int(entry.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found: dict[int, str] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found[child] = names.get(child, "")
+        todo += children.get(child, [])
+    return found
+
+
 def describe(extra_packages: Iterable[str] = ()) -> dict[str, Any]:
     """CPU, cores, caches, memory, OS, Python, package versions, load and date, as a JSON-able map."""
     cpuinfo = _cpuinfo()

@@ -133,6 +133,11 @@ class ReplicaProcess:
                                      stderr=self.log, text=True, env={**os.environ, **(env or {})},
                                      start_new_session=True)
 
+    @property
+    def pid(self) -> int:
+        """The replica's own process (vLLM's engine and worker processes are its children)."""
+        return self.proc.pid
+
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         line = self._read_line(timeout_s)
         if not json.loads(line).get("ready"):

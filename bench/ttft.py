@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = " ".join(["python", "-m", "bench.ttft", *(argv if argv is not None else sys.argv[1:])])
     sizes = [1024, 4096] if args.quick else [1024, 4096, 8192]
-    repeats = args.repeats or (2 if args.quick else 3)
+    # Nine in a full run: on 2 cores any one hit's prefill step can run 1.5-2x long (vLLM's
+    # engine and worker spin between steps beside its compute threads), VRAM hits as pool
+    # hits, in a fifth to a third of them; with five, one run's medians still flipped.
+    repeats = args.repeats or (2 if args.quick else 9)
 
     log("making the benchmark model (8 layers, hidden 1024) in", args.model_dir)
     model = str(make_model(args.model_dir, BENCH_MODEL))
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         for replica in replicas.values():
             replica.wait_ready(600)
         warm_up(replicas)
-        figures = {n: measure(replicas, n, repeats) for n in sizes}
+        engine = engine_core_of(replicas["shm"])
+        figures = {n: measure(replicas, n, repeats, engine) for n in sizes}
     finally:
         for replica in replicas.values():
             replica.stop()
@@ -109,11 +113,32 @@ def copy_bound(num_blocks: int, repeats: int = 3) -> float:
     return statistics.median(times[1:])
 
 
-def measure(replicas: dict[str, ReplicaProcess], num_tokens: int, repeats: int) -> dict[str, Any]:
-    """Median TTFT of each tier for prompts of num_tokens, each repeat on a fresh prompt."""
+def engine_core_of(replica: ReplicaProcess) -> int | None:
+    """The pid of the replica's vLLM engine-core process (its scheduler), if it can be told."""
+    from bench.machine import descendants
+
+    return next((pid for pid, name in descendants(replica.pid).items()
+                 if name.startswith("VLLM::EngineCor")), None)
+
+
+def measure(replicas: dict[str, ReplicaProcess], num_tokens: int, repeats: int,
+            engine: int | None = None) -> dict[str, Any]:
+    """Median TTFT of each tier for prompts of num_tokens, each repeat on a fresh prompt; and
+    the CPU time the shm replica's engine-core process (engine) took during its VRAM and pool
+    hits: vLLM's shared-memory queue busy-waits for a second after each message it reads, so
+    after the steps of an asynchronous load it spins beside the prefill's compute threads,
+    where a VRAM hit that follows a long prefill finds it asleep."""
+    from bench.machine import CLOCK_TICKS, proc_jiffies
+
     rng = random.Random(num_tokens)
     samples: dict[str, list[float]] = {k: [] for k in
                                        ("recompute", "vram_hit", "miss", "pool_shm", "pool_tcp")}
+    engine_cpu: dict[str, list[float]] = {"vram_hit": [], "pool_shm": []}
+
+    def engine_s(run: Any) -> tuple[Any, float]:
+        before = proc_jiffies(engine) if engine else 0
+        out = run()
+        return out, (proc_jiffies(engine) - before) / CLOCK_TICKS if engine else float("nan")
     pool_tokens: dict[str, list[int]] = {"pool_shm": [], "pool_tcp": []}
     for i in range(repeats):
         log(f"{num_tokens} tokens, repeat {i + 1}/{repeats}")
@@ -122,15 +147,22 @@ def measure(replicas: dict[str, ReplicaProcess], num_tokens: int, repeats: int) 
         samples["recompute"].append(ttft(replicas["base"], fresh()))
         prompt = fresh()
         samples["miss"].append(ttft(replicas["shm"], prompt))  # misses, then saves the prompt
-        samples["vram_hit"].append(ttft(replicas["shm"], prompt))
+        seconds, cpu = engine_s(lambda: ttft(replicas["shm"], prompt))
+        samples["vram_hit"].append(seconds)
+        engine_cpu["vram_hit"].append(cpu)
         for tier in ("shm", "tcp"):
             replicas[tier].reset_prefix_cache()  # drop tier 0: the prompt must come from the pool
-            result = replicas[tier].request(prompt, max_tokens=1, timeout_s=600)
+            result, cpu = engine_s(lambda: replicas[tier].request(prompt, max_tokens=1,
+                                                                  timeout_s=600))
             samples[f"pool_{tier}"].append(result["seconds"])
             pool_tokens[f"pool_{tier}"].append(result["pool_tokens"])
+            if tier == "shm":
+                engine_cpu["pool_shm"].append(cpu)
     out: dict[str, Any] = {k: statistics.median(v) for k, v in samples.items()}
     out["samples"] = samples
     out["pool_tokens"] = pool_tokens
+    out["engine_core_cpu_s"] = {k: statistics.median(v) for k, v in engine_cpu.items()}
+    out["engine_core_cpu_s_samples"] = engine_cpu
     return out
 
 
@@ -169,6 +201,10 @@ def report(figures: dict[int, dict[str, Any]], repeats: int, command: str) -> No
         "copy_4k": {"blocks": num_blocks, "bytes": num_blocks * copy_bytes(),
                     "seconds": copy_s, "what": "copy_bound(): the load's KV copy alone"},
         "pool_shm_vs_vram_plus_copy_4k": figures[key]["pool_shm"] / (figures[key]["vram_hit"] + copy_s),
+        # Information: vLLM's engine-core CPU during the hits (see measure()), medians; and the
+        # hits it did not spin in (at most one clock tick of its CPU), against each other.
+        "engine_core_cpu_s_4k": figures[key]["engine_core_cpu_s"],
+        "pool_shm_vs_vram_4k_engine_quiet": quiet_ratio(figures[key]),
         "goals": GOALS,
         "seconds": {str(n): f for n, f in figures.items()},
         "parameters": {"model": BENCH_MODEL.__dict__, "dtype": "float32", "block_size": BLOCK_SIZE,
@@ -190,7 +226,24 @@ def report(figures: dict[int, dict[str, Any]], repeats: int, command: str) -> No
     print(f"the load's KV copy alone ({num_blocks} blocks, {num_blocks * copy_bytes() / 2**20:.0f} "
           f"MiB): {copy_s * 1e3:.0f} ms; pool hit (shm) {result['pool_shm_vs_vram_plus_copy_4k']:.3f} "
           f"x (a VRAM hit + that copy)")
+    cpu = result["engine_core_cpu_s_4k"]
+    quiet = result["pool_shm_vs_vram_4k_engine_quiet"]
+    print(f"vLLM's engine-core process during a hit (median CPU): VRAM {cpu['vram_hit'] * 1e3:.0f} "
+          f"ms, pool (shm) {cpu['pool_shm'] * 1e3:.0f} ms; the hits it did not spin in: pool "
+          + (f"{quiet:.3f} x VRAM" if quiet else "-"))
     print(f"machine: {summary(result['machine'])}\nwrote {RESULTS}")
+
+
+def quiet_ratio(f: dict[str, Any]) -> float | None:
+    """Median pool (shm) hit over median VRAM hit, of the hits during which vLLM's engine-core
+    process took at most one clock tick of CPU (it did not spin); None without such hits."""
+    from bench.machine import CLOCK_TICKS
+
+    quiet = {kind: [t for t, cpu in zip(f["samples"][kind], f["engine_core_cpu_s_samples"][kind])
+                    if cpu <= 1 / CLOCK_TICKS] for kind in ("vram_hit", "pool_shm")}
+    if not quiet["vram_hit"] or not quiet["pool_shm"]:
+        return None
+    return statistics.median(quiet["pool_shm"]) / statistics.median(quiet["vram_hit"])
 
 
 def render(res: dict[str, Any]) -> str:
@@ -247,7 +300,29 @@ def _vs_vram(res: dict[str, Any]) -> str:
                  f"into a KV cache of vLLM's layout in the benchmark's own process) takes "
                  f"{c['seconds'] * 1e3:.0f} ms: against a VRAM hit plus that copy the pool hit is "
                  f"{res['pool_shm_vs_vram_plus_copy_4k']:.3f}x")
+    f = res["seconds"].get("4096", {})
+    if "engine_core_cpu_s_samples" in f:
+        text += ". " + _spins(f, res.get("pool_shm_vs_vram_4k_engine_quiet"))
     return text
+
+
+def _spins(f: dict[str, Any], quiet: float | None) -> str:
+    """How often vLLM's engine-core process spun during the 4k hits, and what it cost them."""
+    from bench.machine import CLOCK_TICKS
+
+    parts = []
+    for kind, label in (("vram_hit", "VRAM"), ("pool_shm", "pool")):
+        pairs = list(zip(f["samples"][kind], f["engine_core_cpu_s_samples"][kind]))
+        spun = [t for t, cpu in pairs if cpu > 1 / CLOCK_TICKS]
+        calm = [t for t, cpu in pairs if cpu <= 1 / CLOCK_TICKS]
+        parts.append(f"{len(spun)} of {len(pairs)} {label} hits"
+                     + (f" ({statistics.median(spun):.2f} s against {statistics.median(calm):.2f} s "
+                        "for the others)" if spun and calm else ""))
+    return ("vLLM's engine-core process took more than one clock tick of CPU (it spun: its "
+            "shared-memory queue busy-waits for a second after each message it reads, here "
+            "beside the prefill's two threads on two cores) in " + " and ".join(parts)
+            + (f". Of the hits it did not spin in, the pool hit is {quiet:.3f}x the VRAM hit"
+               if quiet else ""))
 
 
 def log(*parts: object) -> None:

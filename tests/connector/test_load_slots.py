@@ -4,7 +4,11 @@ lookup's slots cannot be trusted (another segment, or a lease that ended before 
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,8 +46,11 @@ class Replica:
         assert meta is not None and meta.saved == hashes
 
     def load(self, spec: LoadSpec) -> set[int]:
+        """Start spec's load and ask what finished every millisecond, as vLLM's worker thread
+        does while a request waits for its KV."""
         self.worker.start_load(KVStoreMetadata(loads=[spec]))
-        wait_until(lambda: spec.req_id in self.worker.get_finished(), 20, what="load finished")
+        wait_until(lambda: spec.req_id in self.worker.get_finished(), 20, interval_s=0.001,
+                   what="load finished")
         return self.worker.take_failed_block_ids()
 
     def block(self, block_id: int) -> torch.Tensor:
@@ -88,6 +95,93 @@ def test_a_same_host_load_is_lookup_copy_release(daemon: Daemon, replicas: list[
         assert scheduler.stats()["num_leases"] == 0, "the worker released the scheduler's lease"
     for src, dst in zip([1, 2, 3], [10, 11, 12]):
         assert torch.equal(loader.block(dst), saver.block(src))
+
+
+def _copy_threads(replica: Replica) -> list[str]:
+    """Record the thread each of replica's load copies runs on (the copies themselves run)."""
+    kv = replica.worker.kv
+    assert kv is not None
+    names: list[str] = []
+    scatter = kv.scatter_many
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        names.append(threading.current_thread().name)
+        scatter(*args, **kwargs)
+
+    kv.scatter_many = spy  # type: ignore[method-assign]
+    return names
+
+
+def test_a_cpu_load_copies_on_the_thread_that_asks_what_finished(
+        daemon: Daemon, replicas: list[Replica]) -> None:
+    """On a CPU engine the loader hands its copy to vLLM's worker thread, the one calling
+    get_finished in every step (there the copy has a core; on the loader's thread it shared one
+    with vLLM's spinning processes and took twice its CPU time, bench.ttft)."""
+    saver, loader = replicas
+    hashes = chain(3, b"handoff")
+    saver.save(hashes, [1, 2, 3])
+    threads = _copy_threads(loader)
+    with Client(daemon.address) as scheduler:
+        found = scheduler.lookup(NS, hashes, lease_ms=LEASE_MS, with_slots=True)
+        loader.worker.start_load(KVStoreMetadata(loads=[spec_of(found, hashes, [10, 11, 12])]))
+        asked = 0
+        while not threads:  # every millisecond, as vLLM's worker thread while a request waits
+            finished = loader.worker.get_finished()
+            asked += 1
+            assert asked < 5000, "no copy ran"
+            time.sleep(0.001)
+        # The call that ran the copy waited for the lease's release and reported the load.
+        assert finished == {"r"} and loader.worker.take_failed_block_ids() == set()
+        assert scheduler.stats()["num_leases"] == 0
+    assert threads == [threading.current_thread().name]
+    for src, dst in zip([1, 2, 3], [10, 11, 12]):
+        assert torch.equal(loader.block(dst), saver.block(src))
+
+
+def test_a_cpu_load_copies_on_its_own_thread_when_nobody_asks(
+        daemon: Daemon, replicas: list[Replica]) -> None:
+    """When vLLM's worker thread does not come by (a long forward pass), the loader copies on
+    its own thread after a short wait: the load is finished by the next get_finished."""
+    saver, loader = replicas
+    hashes = chain(3, b"no-handoff")
+    saver.save(hashes, [1, 2, 3])
+    threads = _copy_threads(loader)
+    with Client(daemon.address) as scheduler:
+        found = scheduler.lookup(NS, hashes, lease_ms=LEASE_MS, with_slots=True)
+        loader.worker.start_load(KVStoreMetadata(loads=[spec_of(found, hashes, [10, 11, 12])]))
+        wait_until(lambda: scheduler.stats()["num_leases"] == 0, 10, what="the lease released")
+    assert loader.worker.get_finished() == {"r"}
+    assert loader.worker.take_failed_block_ids() == set()
+    assert threads == ["kvstore-load"]
+    for src, dst in zip([1, 2, 3], [10, 11, 12]):
+        assert torch.equal(loader.block(dst), saver.block(src))
+
+
+def _resident_bytes(path: Path) -> int:
+    """The most of path's pages that one of this process's mappings of it has in memory."""
+    most, current, inside = 0, 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header
+            most, current = max(most, current), 0
+            inside = fields[-1] == str(path)
+        elif inside and fields[0] == "Rss:":
+            current = int(fields[1]) * 1024
+    return max(most, current)
+
+
+def test_a_cpu_worker_faults_the_pool_in_before_its_first_load(daemon: Daemon) -> None:
+    """A CPU engine's worker maps the pool and faults its pages in when it starts, on the
+    loader's thread, not inside its first loads (which then shared a core with that work)."""
+    replica = Replica(daemon.address)
+    try:
+        with Client(daemon.address) as probe:
+            assert probe.has_shm() and probe.pool is not None
+            size = probe.pool.size_bytes
+        wait_until(lambda: _resident_bytes(daemon.segment_path) >= size, 20,
+                   what="the pool's pages resident in the worker")
+    finally:
+        replica.worker.shutdown()
 
 
 def test_a_lease_that_ended_before_its_release_is_read_again(
