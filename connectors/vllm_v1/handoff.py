@@ -23,7 +23,7 @@ class _Job:
         self._lock = threading.Lock()
         self._is_taken = False
         self.result = 0
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self.done = threading.Event()
 
     def take(self) -> bool:
@@ -37,7 +37,7 @@ class _Job:
     def run(self) -> None:
         try:
             self.result = self._run()
-        except BaseException as exc:  # noqa: BLE001 - raised again on the loader's thread
+        except Exception as exc:  # noqa: BLE001 - raised again on the loader's thread
             self.error = exc
         finally:
             self.done.set()

@@ -3,13 +3,13 @@
 Loads run on a background thread (vLLM schedules the request again only after get_finished
 reports it); on a CPU engine that thread offers a same-host copy to vLLM's worker thread, which
 runs it in its next get_finished (handoff.py). Each load is bounded by load_timeout_ms; whatever
-happens, every load is reported finished,
-with the blocks it could not fill reported as failed so vLLM recomputes them. Saves run in
-wait_for_save, after the forward pass has filled the blocks: reserve slots, copy, commit.
-It counts what it moves (stats.py) and, for KV events, tells the scheduler which saves landed.
-Both threads get connected clients from a keeper (keeper.py) that says HELLO when the connector
-starts and again after a daemon restart, so neither pays for connecting inside a request. With
-tensor parallelism each rank moves its own shard, in its own namespace, under its own lease.
+happens, every load is reported finished, with the blocks it could not fill reported as failed
+so vLLM recomputes them. Saves run in wait_for_save, after the forward pass has filled the
+blocks: reserve slots, copy, commit. It counts what it moves (stats.py) and, for KV events,
+tells the scheduler which saves landed. Both threads get connected clients from a keeper
+(keeper.py) that says HELLO when the connector starts and again after a daemon restart, so
+neither pays for connecting inside a request. With tensor parallelism each rank moves its own
+shard, in its own namespace, under its own lease.
 """
 
 from __future__ import annotations
