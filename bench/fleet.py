@@ -473,8 +473,7 @@ def simulated(res: dict[str, Any]) -> list[str]:
         f"outside the engine, outside load {w.get('outside_load', 0):.1f} engines, "
         + (f"a pool load of {w['pool_load_s'] * 1e3:.0f} ms + {w['pool_s_per_token'] * 1e6:.1f} us "
            "per loaded token off the engine, " if w.get("pool_load_s") else "")
-        + f"step noise "
-        f"sigma {sim.get('step_noise_sigma', {}).get(cache, 0):.2f}"
+        + f"step noise sigma {sim.get('step_noise_sigma', {}).get(cache, 0):.2f}"
         for cache, w in sim["engine_model"].items())
     replay = sim["cache_replay"]
     exact = sum(v["requests_exact"] for c in replay.values() for p in c.values() for v in p.values())

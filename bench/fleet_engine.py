@@ -258,7 +258,7 @@ class Fleet:
         job.pool_blocks = self.pool.load(job.hashes, job.vram_blocks, most) if self.pool else 0
         job.blocks = r.cache.allocate(job.hashes, job.vram_blocks, len(prompt) + self.max_tokens)
         job.ready_at = self.now
-        if job.pool_blocks and self.model.pool_load_s + self.model.pool_s_per_token > 0:
+        if job.pool_blocks:
             job.ready_at += (self.model.pool_load_s
                              + self.model.pool_s_per_token * job.pool_blocks * self.block_size)
 

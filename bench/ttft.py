@@ -234,16 +234,22 @@ def report(figures: dict[int, dict[str, Any]], repeats: int, command: str) -> No
     print(f"machine: {summary(result['machine'])}\nwrote {RESULTS}")
 
 
-def quiet_ratio(f: dict[str, Any]) -> float | None:
-    """Median pool (shm) hit over median VRAM hit, of the hits during which vLLM's engine-core
-    process took at most one clock tick of CPU (it did not spin); None without such hits."""
+def spun_and_calm(f: dict[str, Any], kind: str) -> tuple[list[float], list[float]]:
+    """kind's hit times: those during which vLLM's engine-core process took more than one clock
+    tick of CPU (it spun), and the others."""
     from bench.machine import CLOCK_TICKS
 
-    quiet = {kind: [t for t, cpu in zip(f["samples"][kind], f["engine_core_cpu_s_samples"][kind])
-                    if cpu <= 1 / CLOCK_TICKS] for kind in ("vram_hit", "pool_shm")}
-    if not quiet["vram_hit"] or not quiet["pool_shm"]:
-        return None
-    return statistics.median(quiet["pool_shm"]) / statistics.median(quiet["vram_hit"])
+    pairs = list(zip(f["samples"][kind], f["engine_core_cpu_s_samples"][kind]))
+    return ([t for t, cpu in pairs if cpu > 1 / CLOCK_TICKS],
+            [t for t, cpu in pairs if cpu <= 1 / CLOCK_TICKS])
+
+
+def quiet_ratio(f: dict[str, Any]) -> float | None:
+    """Median pool (shm) hit over median VRAM hit, of the hits during which vLLM's engine-core
+    process did not spin; None without such hits."""
+    _, pool = spun_and_calm(f, "pool_shm")
+    _, vram = spun_and_calm(f, "vram_hit")
+    return statistics.median(pool) / statistics.median(vram) if pool and vram else None
 
 
 def render(res: dict[str, Any]) -> str:
@@ -308,14 +314,10 @@ def _vs_vram(res: dict[str, Any]) -> str:
 
 def _spins(f: dict[str, Any], quiet: float | None) -> str:
     """How often vLLM's engine-core process spun during the 4k hits, and what it cost them."""
-    from bench.machine import CLOCK_TICKS
-
     parts = []
     for kind, label in (("vram_hit", "VRAM"), ("pool_shm", "pool")):
-        pairs = list(zip(f["samples"][kind], f["engine_core_cpu_s_samples"][kind]))
-        spun = [t for t, cpu in pairs if cpu > 1 / CLOCK_TICKS]
-        calm = [t for t, cpu in pairs if cpu <= 1 / CLOCK_TICKS]
-        parts.append(f"{len(spun)} of {len(pairs)} {label} hits"
+        spun, calm = spun_and_calm(f, kind)
+        parts.append(f"{len(spun)} of {len(spun) + len(calm)} {label} hits"
                      + (f" ({statistics.median(spun):.2f} s against {statistics.median(calm):.2f} s "
                         "for the others)" if spun and calm else ""))
     return ("vLLM's engine-core process took more than one clock tick of CPU (it spun: its "
