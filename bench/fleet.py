@@ -227,7 +227,9 @@ def run_one(cache: str, policy: str, replicas: list[Replica], daemon: Any,
     run = {"cache": cache, "policy": policy, "n": n, "failure": failure,
            "load_avg_1m": os.getloadavg()[0],  # TTFT depends on what else the machine runs
            "killed": killed[0].name if killed else None, "killed_at_s": killed_at[0] if killed_at else None,
-           "wall_s": wall_s, "pool_tokens": pool_tokens, "requests": rows}
+           "wall_s": wall_s, "pool_tokens": pool_tokens,
+           # where consistent_hash sends a session depends on these (bench/router_hash.py)
+           "worker_urls": [r.url for r in replicas], "requests": rows}
     summary = summarize_run(run)
     run["summary"] = summary
     log(f"{tag}: hit {summary['hit_rate']:.3f} (pool {summary['pool_hit_rate']:.3f}), TTFT p50 "
@@ -479,7 +481,7 @@ def simulated(res: dict[str, Any]) -> list[str]:
     exact = sum(v["requests_exact"] for c in replay.values() for p in c.values() for v in p.values())
     total = sum(v["requests"] for c in replay.values() for p in c.values() for v in p.values())
     agree = {policy: [v for c in sim["router_replay"].values() for n, v in c.get(policy, {}).items()]
-             for policy in ("cache_aware", "kv_aware")}
+             for policy in ("consistent_hash", "cache_aware", "kv_aware")}
     cores = next(iter(sim["engine_model"].values())).get("cores")
     sharing = (f"each run one thread (as the real replicas here) and share the machine's {cores:.0f} "
                "cores with each other and with the other processes on it (`outside_load`, fitted): "
@@ -490,18 +492,23 @@ def simulated(res: dict[str, Any]) -> list[str]:
             f"(every waiting prefill plus one token of every running request) and {sharing}; "
             "vLLM's reference-counted block LRU per replica and the "
             "daemon's Store as the pool (looked up when a request is scheduled, saved when its "
-            "prefill step ends); vllm-router's cache_aware as its source has it (in-flight "
+            "prefill step ends); vllm-router's consistent_hash as its ring of the workers' URLs "
+            "(bench/router_hash.py), cache_aware as its source has it (in-flight "
             "balance thresholds, then the character prefix tree) and kv_aware as measured here "
             "(fewest requests waiting for a first token). Replayed with the real routing and "
             f"start times, the cache model gives {exact} of {total} real requests exactly their "
             "cached tokens; the router models make "
-            + ", ".join(f"{min(v):.0%}-{max(v):.0%} of {policy}'s real choices" for policy, v in
-                        agree.items() if v)
+            + ", ".join(f"{_span(v)} of {policy}'s real choices" for policy, v in agree.items() if v)
             + f" from the real state. Costs in {'core' if cores else 'machine'}-seconds, {works}; "
             f"fitted on {sim['fitted_on']}. The simulated fleets keep this "
             "machine's cores and the same requests in flight: what changes with N is where the "
             "prefixes are cached, not the compute each replica has.", "", sim_table(sim), "",
             *_sim_verdict(sim), "![simulated](results/fleet_sim.png)", ""]
+
+
+def _span(shares: list[float]) -> str:
+    low, high = f"{min(shares):.0%}", f"{max(shares):.0%}"
+    return low if low == high else f"{low}-{high}"
 
 
 def _sim_verdict(sim: dict[str, Any]) -> list[str]:

@@ -4,7 +4,6 @@ no sockets, no vLLM. bench/fleet_sim.py calibrates it on the real runs and repor
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,8 @@ import numpy as np
 
 from bench.fleet import CACHE_AWARE_OPTIONS
 from bench.fleet_model import text
-from bench.sim import Pool, VramCache, block_hashes, hash64
+from bench.router_hash import HashRing, session_key
+from bench.sim import Pool, VramCache, block_hashes
 
 WORK_EPS_S = 1e-9  # a step this close to done is done: float rounding must not stall the clock
 _OPTIONS = dict(zip(CACHE_AWARE_OPTIONS[::2], CACHE_AWARE_OPTIONS[1::2]))
@@ -64,16 +64,14 @@ class RoundRobin:
 
 
 class SessionHash:
-    """consistent_hash on X-Session-ID: a session always lands on the replica its id hashes to."""
+    """consistent_hash on X-Session-ID: a session always lands where vllm-router's ring of the
+    workers' URLs puts its key (bench/router_hash.py)."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        points = sorted((hash64(f"replica-{r}-{v}".encode()), r) for r in range(n) for v in range(64))
-        self._positions, self._owners = [p for p, _ in points], [r for _, r in points]
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.ring = HashRing(urls)
 
     def route(self, request: dict[str, Any], view: RouterView) -> int:
-        at = bisect.bisect(self._positions, hash64(str(request["session"]).encode()))
-        return self._owners[at % len(self._owners)]
+        return self.ring.owner(session_key(str(request["session"])))
 
 
 class PrefixTree:
@@ -141,11 +139,14 @@ class FewestPrefilling:
         return min(range(self.n), key=lambda i: (view.prefilling[i], view.in_flight[i], i))
 
 
-def router_for(policy: str, n: int) -> Any:
+def router_for(policy: str, n: int, urls: Sequence[str] | None = None) -> Any:
+    """The policy's model for n replicas; consistent_hash needs their URLs (in replica order)."""
     if policy == "round_robin":
         return RoundRobin(n)
     if policy == "consistent_hash":
-        return SessionHash(n)
+        if urls is None or len(urls) != n:
+            raise ValueError(f"consistent_hash routes by the workers' URLs: give {n} of them")
+        return SessionHash(urls)
     if policy == "cache_aware":
         return CacheAware(n, **CACHE_AWARE)
     if policy == "kv_aware":
@@ -314,13 +315,14 @@ class Fleet:
 
 def run_closed_loop(trace: list[dict[str, Any]], n: int, policy: str, model: EngineModel,
                     vram_blocks: int, pool: Pool | None, block_size: int, max_tokens: int,
-                    concurrency: int, noise_sigma: float = 0.0, seed: int = 0) -> list[Job]:
+                    concurrency: int, noise_sigma: float = 0.0, seed: int = 0,
+                    urls: Sequence[str] | None = None) -> list[Job]:
     """As bench/fleet_client.py sends: concurrency workers take requests in trace order, and a
     worker holds its slot while the request's previous turn is still running. A worker is free,
     and a session's next turn may start, only when the client has the whole answer: http_s after
     the engine's last step (the end that TTFT and latency count too)."""
     fleet = Fleet(n, model, vram_blocks, pool, block_size, max_tokens, noise_sigma, seed)
-    router = router_for(policy, n)
+    router = router_for(policy, n, urls)
     previous, last = {}, {}
     for request in trace:
         if request["session"] in last:

@@ -9,8 +9,9 @@ What it models, each part checked against the real runs' per-request records:
   pool, looked up past the VRAM hit at schedule time and saved when the prefill step ends (the
   connector saves after the forward pass). Replayed with the real routing and real start times,
   this reproduces each real request's cached tokens ("cache_replay" in the result).
-- Routers (router_for), as vllm-router 0.1.17 behaves here: round_robin; consistent_hash on the
-  session id; cache_aware as its source (src/policies/cache_aware.rs, src/tree.rs): in-flight
+- Routers (router_for), as vllm-router 0.1.17 behaves here: round_robin; consistent_hash as its
+  ring of the workers' URLs (bench/router_hash.py: it makes every choice the real router logged),
+  on the real run's URLs where one had this N, else on loopback ports drawn per seed; cache_aware as its source (src/policies/cache_aware.rs, src/tree.rs): in-flight
   counts per worker, load balancing to the least loaded when max - min > abs and max > rel x min,
   else the character-level prefix tree of the prompts it routed (match rate = matched characters /
   prompt characters; above --cache-threshold the worker that first inserted the deepest matched
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 from dataclasses import asdict, replace
@@ -58,6 +60,7 @@ import numpy as np
 
 from bench.fleet_engine import (CacheAware, EngineModel, Job, Pool, RouterView, router_for,
                                 run_closed_loop, run_replay)
+from bench.router_hash import loopback_urls
 from bench.workload import WorkloadConfig, generate
 
 RESULTS = Path(__file__).parent / "results"
@@ -147,7 +150,7 @@ def router_agreement(run: dict[str, Any], trace_by_id: dict[int, dict[str, Any]]
     state at each request's start (in-flight and first-token times from the real requests)."""
     rows = sorted((r for r in run["requests"] if r["ok"]), key=lambda r: r["start_s"])
     names = sorted({r["replica"] for r in rows})
-    router = router_for(run["policy"], len(names))
+    router = router_for(run["policy"], len(names), run.get("worker_urls"))
     same = 0
     for row in rows:
         t = row["start_s"]
@@ -196,11 +199,14 @@ def repeatability(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def workload_of(parameters: dict[str, Any]) -> WorkloadConfig:
+    return WorkloadConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in parameters["workload"].items()})
+
+
 def calibrate(res: dict[str, Any]) -> dict[str, Any]:
     p = res["parameters"]
-    workload = WorkloadConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in p["workload"].items()})
-    trace = generate(workload)
+    trace = generate(workload_of(p))
     by_id = {r["id"]: r for r in trace}
     plain = [r for r in res["runs"] if not r["failure"]]
     setup = {k: p[k] for k in ("vram_blocks", "pool_blocks", "block_size", "max_tokens")}
@@ -211,6 +217,7 @@ def calibrate(res: dict[str, Any]) -> dict[str, Any]:
     if "pool" in fitted_on:
         models["pool"] = fit(fitted_on["pool"], by_id, setup, base=models["vram"])
     noise = {cache: spread(runs, by_id, models[cache], setup) for cache, runs in fitted_on.items()}
+    urls = run_urls(plain)
     out: dict[str, Any] = {"hit_rate": {}, "pool_hit_rate": {}, "ttft_p50_s": {},
                            "ttft_p95_s": {}, "validation_n2": {}, "cache_replay": {},
                            "router_replay": {}, "repeat_ttft_p50": repeatability(res),
@@ -230,18 +237,15 @@ def calibrate(res: dict[str, Any]) -> dict[str, Any]:
             "requests_exact": sum((job.vram_blocks + job.pool_blocks) * p["block_size"]
                                   == row["cached_tokens"] for row, job in replay),
             "requests": len(replay)}
-        if run["policy"] in ("cache_aware", "kv_aware"):  # the two modelled on the real choices
+        if run["policy"] in ("cache_aware", "kv_aware") or "worker_urls" in run and \
+                run["policy"] == "consistent_hash":  # routers that choose by the request or load
             out["router_replay"].setdefault(key[0], {}).setdefault(key[1], {})[key[2]] = \
                 router_agreement(run, by_id)
     for cache in res["hit_rate"]:
         for policy in res["hit_rate"][cache]:
             for n in SIM_NS:
-                seeds = []
-                for seed in range(SEEDS):
-                    pool = Pool(p["pool_blocks"], 1, "leaf-lru") if cache == "pool" else None
-                    seeds.append(summarize(run_closed_loop(
-                        trace, n, policy, models[cache], p["vram_blocks"], pool, p["block_size"],
-                        p["max_tokens"], p["concurrency"], noise[cache], seed), p["block_size"]))
+                seeds = simulate(trace, cache, policy, n, models[cache], noise[cache], p,
+                                 urls.get((cache, n)))
                 for key in seeds[0]:
                     out[key].setdefault(cache, {}).setdefault(policy, {})[str(n)] = \
                         statistics.fmean(s[key] for s in seeds)
@@ -271,6 +275,27 @@ def calibrate(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_urls(runs: list[dict[str, Any]]) -> dict[tuple[str, int], list[str]]:
+    """The worker URLs of the real runs' fleets by (cache, N): where vllm-router's
+    consistent_hash puts a session depends on them (bench/router_hash.py)."""
+    return {(run["cache"], run["n"]): run["worker_urls"] for run in runs if "worker_urls" in run}
+
+
+def simulate(trace: list[dict[str, Any]], cache: str, policy: str, n: int, model: EngineModel,
+             noise: float, p: dict[str, Any], urls: list[str] | None) -> list[dict[str, float]]:
+    """SEEDS closed-loop runs of one configuration, summarized. consistent_hash routes on the
+    given URLs (those of the real run being reproduced), else on loopback ports drawn per seed as
+    bench.fleet's replicas get theirs."""
+    seeds = []
+    for seed in range(SEEDS):
+        pool = Pool(p["pool_blocks"], 1, "leaf-lru") if cache == "pool" else None
+        seeds.append(summarize(run_closed_loop(
+            trace, n, policy, model, p["vram_blocks"], pool, p["block_size"], p["max_tokens"],
+            p["concurrency"], noise, seed, urls or loopback_urls(n, random.Random(seed))),
+            p["block_size"]))
+    return seeds
+
+
 def summarize(jobs: list[Job], block_size: int) -> dict[str, float]:
     prompt = sum(len(j.request["prompt"]) for j in jobs)
     ttfts = sorted(j.ttft for j in jobs)
@@ -285,6 +310,7 @@ def against_repeat(res: dict[str, Any], repeat: dict[str, Any]) -> dict[str, Any
     (out of sample), and the two real runs against each other (how far a real TTFT p50 moves
     between identical runs)."""
     rows: dict[str, dict[str, Any]] = {}
+    urls = run_urls([r for r in repeat.get("runs", []) if not r["failure"]])
     for cache, by_policy in res["sim"]["ttft_p50_s"].items():
         for policy in by_policy:
             first = res["ttft_p50_s"][cache][policy].get("2")
@@ -292,6 +318,13 @@ def against_repeat(res: dict[str, Any], repeat: dict[str, Any]) -> dict[str, Any
             if first is None or second is None:
                 continue
             sim = res["sim"]["ttft_p50_s"][cache][policy]["2"]
+            if policy == "consistent_hash" and (cache, 2) in urls:
+                # the repeat's replicas had other ports, so its sessions landed elsewhere
+                p = res["parameters"]
+                model = EngineModel(**res["sim"]["engine_model"][cache])
+                sim = statistics.fmean(s["ttft_p50_s"] for s in simulate(
+                    generate(workload_of(p)), cache, policy, 2, model,
+                    res["sim"]["step_noise_sigma"][cache], p, urls[(cache, 2)]))
             rows.setdefault(cache, {})[policy] = {
                 "real_ttft_p50_s": [first, second], "sim_ttft_p50_s": sim,
                 "sim_vs_repeat_rel_error": (sim - second) / second,
