@@ -513,22 +513,26 @@ def _span(shares: list[float]) -> str:
 
 def _sim_verdict(sim: dict[str, Any]) -> list[str]:
     """The issue's goal for the simulator (N = 2: hit rate within 5%, TTFT p50 within 20%),
-    checked on the figures, with what limits the TTFT."""
+    checked on the figures: against this run, and against the median of the real runs where
+    there are repeats (one run's TTFT p50 moves by about 20% between identical runs here)."""
     rows = [v for c in sim["validation_n2"].values() for v in c.values()]
     hit = max(abs(v["hit_rate_rel_error"]) for v in rows)
     ttft = [abs(v["ttft_rel_error"]) for v in rows]
-    repeat = [r["rel_difference"] for r in sim.get("repeat_ttft_p50", {}).values()]
     mean = statistics.fmean(ttft)
-    line = (f"Goal (N = 2): hit rate within 5% of the real run: {'met' if hit <= 0.05 else 'not met'}"
-            f" (largest error {hit:.1%}). TTFT p50 within 20%: {'met' if mean <= 0.2 else 'not met'}"
-            f" on the mean ({mean:.1%}), {sum(t <= 0.2 for t in ttft)} of {len(ttft)} "
-            "configurations within it")
-    rep2 = sim.get("repeat_n2")
-    if rep2:
-        line += (f"; against the second real run, out of sample, "
-                 f"{rep2['sim_mean_abs_rel_error']:.1%} on the mean, {rep2['sim_within_20pct']} of "
-                 f"{rep2['configurations']} within 20%, where the two real runs themselves differed "
-                 f"by {rep2['real_mean_abs_rel_difference']:.1%} on the mean")
+    line = (f"Goal (N = 2): hit rate within 5% and TTFT p50 within 20% of the real run. Against "
+            f"this run: hit rate within {hit:.1%}; TTFT p50 {mean:.1%} off on the mean, "
+            f"{sum(t <= 0.2 for t in ttft)} of {len(ttft)} configurations within 20%")
+    rep = sim.get("repeat_n2")
+    if rep:
+        real_within, real_total = rep["real_vs_median_within_20pct"]
+        hit_median = rep["sim_hit_vs_median_max_abs_rel_error"]
+        line += (f". Against the median of {rep['runs']} real runs: hit rate within "
+                 f"{hit_median:.1%} ({'met' if hit_median <= 0.05 else 'not met'}); TTFT p50 "
+                 f"{rep['sim_vs_median_within_20pct']} of {rep['configurations']} within 20% "
+                 f"({rep['sim_vs_median_mean_abs_rel_error']:.1%} on the mean), where a single "
+                 f"real run's TTFT p50 was within 20% of that median in {real_within} of "
+                 f"{real_total} cases")
+    repeat = [r["rel_difference"] for r in sim.get("repeat_ttft_p50", {}).values()]
     if repeat:
         line += (f". The real TTFT p50 of the same requests on the same replicas with the same "
                  f"hits differed by {min(repeat):.0%}-{max(repeat):.0%} between two runs (the "

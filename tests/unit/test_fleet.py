@@ -13,7 +13,7 @@ from bench.fleet_model import make_fleet_model, text
 from bench.fleet_engine import (CacheAware, EngineCache, EngineModel, Fleet, FewestPrefilling,
                                 Job, PrefixTree, RouterView, common_prefix, run_closed_loop,
                                 run_replay)
-from bench.fleet_sim import against_repeat, repeatability
+from bench.fleet_sim import against_repeats, repeatability
 from bench.models import TinyLlama
 from bench.sim import Pool, block_hashes
 
@@ -176,19 +176,26 @@ def test_engines_of_one_thread_each_share_the_cores_only_past_one_each() -> None
         assert all(abs(j.ttft - want) < 1e-9 for j in jobs), (n, [j.ttft for j in jobs])
 
 
-def test_a_second_real_run_is_predicted_out_of_sample_and_compared_with_the_first() -> None:
-    res = {"ttft_p50_s": {"pool": {"round_robin": {"2": 0.10}, "kv_aware": {"2": 0.20}}},
-           "hit_rate": {"pool": {"round_robin": {"2": 0.7}, "kv_aware": {"2": 0.7}}},
-           "sim": {"ttft_p50_s": {"pool": {"round_robin": {"2": 0.12, "4": 1.0},
-                                           "kv_aware": {"2": 0.10, "4": 1.0}}}}}
-    repeat = {"ttft_p50_s": {"pool": {"round_robin": {"2": 0.10}, "kv_aware": {"2": 0.25}}},
-              "hit_rate": {"pool": {"round_robin": {"2": 0.7}, "kv_aware": {"2": 0.7}}}}
-    out = against_repeat(res, repeat)
+def test_repeats_are_predicted_out_of_sample_and_their_median_is_the_real_figure() -> None:
+    def run(rr: float, kv: float) -> dict[str, Any]:
+        return {"ttft_p50_s": {"pool": {"round_robin": {"2": rr}, "kv_aware": {"2": kv}}},
+                "hit_rate": {"pool": {"round_robin": {"2": 0.7}, "kv_aware": {"2": 0.7}}}}
+
+    res = {**run(0.10, 0.21), "sim": {"ttft_p50_s": {"pool": {"round_robin": {"2": 0.11, "4": 1.0},
+                                                              "kv_aware": {"2": 0.10, "4": 1.0}}},
+                                      "hit_rate": {"pool": {"round_robin": {"2": 0.7},
+                                                            "kv_aware": {"2": 0.77}}}}}
+    out = against_repeats(res, [run(0.10, 0.25), run(0.14, 0.28)])
     rr, kv = out["by_config"]["pool"]["round_robin"], out["by_config"]["pool"]["kv_aware"]
-    assert abs(rr["sim_vs_repeat_rel_error"] - 0.2) < 1e-9 and abs(kv["sim_vs_repeat_rel_error"] + 0.6) < 1e-9
-    assert out["sim_within_20pct"] == 1 and out["configurations"] == 2
-    assert abs(out["real_mean_abs_rel_difference"] - 0.125) < 1e-9  # (0 + 0.25) / 2
-    assert abs(out["real_max_abs_rel_difference"] - 0.25) < 1e-9
+    assert rr["real_median_ttft_p50_s"] == 0.10 and kv["real_median_ttft_p50_s"] == 0.25
+    assert abs(rr["sim_vs_median_rel_error"] - 0.1) < 1e-9 and abs(kv["sim_vs_median_rel_error"] + 0.6) < 1e-9
+    assert [round(e, 3) for e in rr["sim_vs_repeat_rel_error"]] == [0.1, -0.214]
+    assert out["sim_vs_median_within_20pct"] == 1 and out["configurations"] == 2
+    assert out["sim_vs_repeats_within_20pct"] == [1, 4]
+    assert out["real_vs_median_within_20pct"] == [5, 6]  # only round-robin's 0.14 is 40% off
+    assert abs(out["sim_vs_median_mean_abs_rel_error"] - 0.35) < 1e-9
+    assert abs(out["sim_hit_vs_median_max_abs_rel_error"] - 0.1) < 1e-9  # kv_aware: 0.77 / 0.7
+    assert against_repeats(res, []) == {}
 
 
 def test_repeatability_compares_the_failure_run_before_the_kill_with_its_baseline() -> None:
