@@ -489,7 +489,8 @@ def simulated(res: dict[str, Any]) -> list[str]:
                if cores else "share the machine equally with each other and with the other jobs "
                "on it (`outside_load`, fitted)")
     return ["**Simulated** (`python -m bench.fleet_sim`): N engines that run vLLM-like steps "
-            f"(every waiting prefill plus one token of every running request) and {sharing}; "
+            "(one token of every running request, then the waiting prefills up to vLLM's budget of "
+            f"2,048 tokens a step, a prefill cut by it going on first in the next) and {sharing}; "
             "vLLM's reference-counted block LRU per replica and the "
             "daemon's Store as the pool (looked up when a request is scheduled, saved when its "
             "prefill step ends); vllm-router's consistent_hash as its ring of the workers' URLs "

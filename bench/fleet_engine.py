@@ -16,6 +16,10 @@ from bench.router_hash import HashRing, session_key
 from bench.sim import Pool, VramCache, block_hashes
 
 WORK_EPS_S = 1e-9  # a step this close to done is done: float rounding must not stall the clock
+# Tokens one engine step computes: vLLM's default for `vllm serve` on a CPU (engine/arg_utils.py),
+# with chunked prefill on, as bench.fleet's replicas run. Running requests go first (a token
+# each); a prefill past the budget is cut and continues first in the next step.
+MAX_BATCHED_TOKENS = 2048
 _OPTIONS = dict(zip(CACHE_AWARE_OPTIONS[::2], CACHE_AWARE_OPTIONS[1::2]))
 CACHE_AWARE = {"cache_threshold": float(_OPTIONS["--cache-threshold"]),  # as bench.fleet runs it
                "balance_abs": int(_OPTIONS["--balance-abs-threshold"]),
@@ -194,6 +198,8 @@ class Job:
     pool_blocks: int = 0
     decode_left: int = 0
     ready_at: float = -1.0  # looked up; a pool load in flight until then (-1: not looked up)
+    prefill_left: int = -1  # prompt tokens still to compute (-1: prefill not started)
+    chunk: int = 0  # of those, the ones its current step computes
     ttft: float = float("nan")
     latency: float = float("nan")
 
@@ -203,17 +209,23 @@ class Replica:
         self.cache = cache
         self.waiting: list[Job] = []
         self.running: list[Job] = []
+        self.partial: list[Job] = []  # prefills cut by the step's token budget
         self.step: list[Job] = []
         self.loading: list[Job] = []  # pool loads in flight, off the engine's steps
         self.work_left = 0.0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.partial or self.running)
 
 
 class Fleet:
     """N engines sharing the machine, fed by a router (or, for calibration, by a fixed replay)."""
 
     def __init__(self, n: int, model: EngineModel, vram_blocks: int, pool: Pool | None,
-                 block_size: int, max_tokens: int, noise_sigma: float = 0.0, seed: int = 0) -> None:
+                 block_size: int, max_tokens: int, noise_sigma: float = 0.0, seed: int = 0,
+                 max_batched_tokens: int = MAX_BATCHED_TOKENS) -> None:
         self.model, self.pool, self.block_size, self.max_tokens = model, pool, block_size, max_tokens
+        self.max_batched_tokens = max_batched_tokens
         # Each step's work times a log-normal factor: the spread the real runs show around the
         # fitted costs (outside load comes and goes), so a closed loop can go other ways.
         self.noise_sigma, self.rng = noise_sigma, np.random.default_rng(seed)
@@ -232,23 +244,32 @@ class Fleet:
         self.replicas[replica].waiting.append(job)
 
     def _schedule(self, r: Replica) -> None:
-        """Start r's next step: every waiting request's prefill and one token of every running one."""
+        """Start r's next step as vLLM's scheduler fills it: one token of every running request,
+        then the prefills cut last step, then the waiting ones in order, up to the token budget."""
         m = self.model
         work = m.step_s + m.decode_s_per_request * len(r.running)
-        prefill = []
-        for job in r.waiting:
-            prompt = job.request["prompt"]
+        budget = self.max_batched_tokens - len(r.running)
+        prefill, left = [], []
+        for job in r.partial + r.waiting:
+            if budget <= 0:  # vLLM stops at the budget: the rest wait, not even looked up
+                left.append(job)
+                continue
             if job.ready_at < 0:
                 self._look_up(r, job)
                 if job.ready_at > self.now:
                     r.loading.append(job)
                     continue
+            if job.prefill_left < 0:
+                cached = (job.vram_blocks + job.pool_blocks) * self.block_size
+                job.prefill_left = len(job.request["prompt"]) - cached
+                work += m.cached_s_per_token * cached
+            job.chunk = min(job.prefill_left, budget)
+            budget -= job.chunk
+            work += m.recompute_s_per_token * job.chunk
             prefill.append(job)
-            cached = (job.vram_blocks + job.pool_blocks) * self.block_size
-            work += m.recompute_s_per_token * (len(prompt) - cached) + m.cached_s_per_token * cached
         if self.noise_sigma:
             work *= float(np.exp(self.rng.normal(0.0, self.noise_sigma)))
-        r.step, r.waiting, r.work_left = prefill + r.running, [], work
+        r.step, r.partial, r.waiting, r.work_left = prefill + r.running, [], left, work
 
     def _look_up(self, r: Replica, job: Job) -> None:
         """The scheduler's lookup: the VRAM hit, then the pool past it; the blocks are held now."""
@@ -286,14 +307,18 @@ class Fleet:
             r.loading = [job for job in r.loading if job not in ready]
             r.waiting += ready
         for r in self.replicas:
-            if not r.step and (r.waiting or r.running):
+            if not r.step and r.has_work():
                 self._schedule(r)
         return finished
 
     def _end_step(self, index: int, r: Replica) -> list[Job]:
         done, running = [], []
         for job in r.step:
-            if job.decode_left == 0 and job.ttft != job.ttft:  # its prefill step: first token
+            if job.decode_left == 0 and job.ttft != job.ttft:  # a prefill step
+                job.prefill_left -= job.chunk
+                if job.prefill_left > 0:  # cut by the budget: more of it next step
+                    r.partial.append(job)
+                    continue
                 job.ttft = self.now - job.arrival + self.model.http_s
                 job.decode_left = self.max_tokens - 1
                 self.prefilling[index] -= 1
@@ -345,7 +370,7 @@ def run_closed_loop(trace: list[dict[str, Any]], n: int, policy: str, model: Eng
                 fleet.arrive(job, router.route(request, fleet.view()))
                 jobs.append(job)
         for r in fleet.replicas:
-            if not r.step and (r.waiting or r.running):
+            if not r.step and r.has_work():
                 fleet._schedule(r)
         end = min([fleet.next_step_end()] + [at for at, _ in answering])
         if end == float("inf"):
@@ -379,7 +404,7 @@ def run_replay(run: dict[str, Any], trace_by_id: dict[int, dict[str, Any]], mode
         job = Job(trace_by_id[row["id"]], at)
         fleet.arrive(job, names.index(row["replica"]))
         for r in fleet.replicas:
-            if not r.step and (r.waiting or r.running):
+            if not r.step and r.has_work():
                 fleet._schedule(r)
         out.append((row, job))
     return out

@@ -18,9 +18,10 @@ What it models, each part checked against the real runs' per-request records:
   node, else the least loaded); kv_aware as measured (the public source read is older than 0.1.17,
   without its tier credits, and 0.1.17 ships a binary): the real choices follow the fewest requests still waiting for their first token, then the fewest
   in flight, not the cached prefix ("router_replay" gives the agreement on the real decisions).
-- Time (Fleet): each replica is an engine that runs steps; a step takes every request waiting at
-  its start (prefill) and every running one (one decode token), and costs step_s + recompute
-  x recomputed tokens + cached x cached tokens + decode x running requests, in machine-seconds.
+- Time (Fleet): each replica is an engine that runs steps; a step takes one decode token of every
+  running request, then the waiting prefills in order up to vLLM's budget of 2,048 tokens a step
+  (a prefill cut by it goes on first in the next step), and costs step_s + recompute x computed
+  prompt tokens + cached x cached tokens + decode x running requests, in machine-seconds.
   The replicas share the machine's cores: each runs one OpenMP thread, so k busy engines and
   `outside_load` engines' worth of other processes (the router, the client, the daemon, other
   jobs) run each engine at min(1, cores / (k + outside_load)) of a core; costs are core-seconds.

@@ -290,3 +290,16 @@ def test_free_port_never_hands_out_the_same_port_twice() -> None:
     ports = [free_port() for _ in range(1500)]  # a random pick repeats within ~140 draws
     assert len(set(ports)) == len(ports)
     assert all(QUIET_PORTS[0] <= p < QUIET_PORTS[1] for p in ports)
+
+
+def test_a_step_computes_at_most_the_token_budget_and_a_cut_prefill_goes_on_first() -> None:
+    """vLLM's chunked prefill: with a budget of 100 tokens, two 90-token prompts waiting together
+    take a step of 100 (the first whole, 10 of the second) and one of 80: the first token of the
+    first comes after 0.11 s, of the second after 0.2 s (not both at 0.19 s in one step)."""
+    fleet = Fleet(1, MODEL, 64, None, BS, max_tokens=1, max_batched_tokens=100)
+    jobs = [Job({"prompt": [p + 100 * i for p in range(1, 91)]}, 0.0) for i in range(2)]
+    for job in jobs:
+        fleet.arrive(job, 0)
+    fleet.advance(0.0)
+    _drain(fleet)
+    assert abs(jobs[0].ttft - 0.11) < 1e-9 and abs(jobs[1].ttft - 0.20) < 1e-9, [j.ttft for j in jobs]
