@@ -20,6 +20,10 @@ WORK_EPS_S = 1e-9  # a step this close to done is done: float rounding must not 
 # with chunked prefill on, as bench.fleet's replicas run. Running requests go first (a token
 # each); a prefill past the budget is cut and continues first in the next step.
 MAX_BATCHED_TOKENS = 2048
+# A pool hit is loaded while vLLM's engine steps on: the lookup's step sends the load to the
+# worker, whose thread copies in the next step (connectors/vllm_v1/handoff.py) and reports it
+# done at that step's end; the request's prefill is scheduled in the step after.
+POOL_LOAD_STEPS = 2
 _OPTIONS = dict(zip(CACHE_AWARE_OPTIONS[::2], CACHE_AWARE_OPTIONS[1::2]))
 CACHE_AWARE = {"cache_threshold": float(_OPTIONS["--cache-threshold"]),  # as bench.fleet runs it
                "balance_abs": int(_OPTIONS["--balance-abs-threshold"]),
@@ -175,9 +179,10 @@ class EngineModel:
     # machine-seconds), as the runs with one thread per core were modelled.
     cores: float = 0.0
     # A pool hit is loaded asynchronously, as the connector does: the request leaves the step
-    # it was scheduled in, waits pool_load_s + pool_s_per_token x loaded tokens of wall time (the
-    # lookup, the copy, vLLM's steps that report the load and schedule it again) while its
-    # engine runs the others, then computes what is left. 0: pool hits cost as VRAM hits do.
+    # it was looked up in and waits for POOL_LOAD_STEPS step ends of its engine and at least
+    # pool_load_s of wall time (the lookup, the hand-offs), while the engine runs the others;
+    # the step after the lookup's does the copy, pool_s_per_token x loaded tokens of its work;
+    # then the request computes what is left. 0: pool hits cost as VRAM hits do, two steps later.
     pool_load_s: float = 0.0
     pool_s_per_token: float = 0.0
 
@@ -199,6 +204,7 @@ class Job:
     decode_left: int = 0
     ready_at: float = -1.0  # looked up; a pool load in flight until then (-1: not looked up)
     prefill_left: int = -1  # prompt tokens still to compute (-1: prefill not started)
+    load_steps: int = 0  # a pool load: step ends of its engine still to wait for
     chunk: int = 0  # of those, the ones its current step computes
     ttft: float = float("nan")
     latency: float = float("nan")
@@ -211,11 +217,14 @@ class Replica:
         self.running: list[Job] = []
         self.partial: list[Job] = []  # prefills cut by the step's token budget
         self.step: list[Job] = []
+        self.stepping = False  # a step is running (it may compute nothing: loads wait on it)
         self.loading: list[Job] = []  # pool loads in flight, off the engine's steps
         self.work_left = 0.0
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.partial or self.running)
+        """Anything to step for: vLLM steps on while a request waits for its pool load."""
+        return bool(self.waiting or self.partial or self.running
+                    or any(job.load_steps for job in self.loading))
 
 
 class Fleet:
@@ -250,13 +259,16 @@ class Fleet:
         work = m.step_s + m.decode_s_per_request * len(r.running)
         budget = self.max_batched_tokens - len(r.running)
         prefill, left = [], []
+        for job in r.loading:  # the copy runs on the engine's thread in the step after the lookup
+            if job.load_steps == 1:
+                work += m.pool_s_per_token * job.pool_blocks * self.block_size
         for job in r.partial + r.waiting:
             if budget <= 0:  # vLLM stops at the budget: the rest wait, not even looked up
                 left.append(job)
                 continue
             if job.ready_at < 0:
                 self._look_up(r, job)
-                if job.ready_at > self.now:
+                if job.load_steps or job.ready_at > self.now:
                     r.loading.append(job)
                     continue
             if job.prefill_left < 0:
@@ -270,6 +282,7 @@ class Fleet:
         if self.noise_sigma:
             work *= float(np.exp(self.rng.normal(0.0, self.noise_sigma)))
         r.step, r.partial, r.waiting, r.work_left = prefill + r.running, [], left, work
+        r.stepping = True
 
     def _look_up(self, r: Replica, job: Job) -> None:
         """The scheduler's lookup: the VRAM hit, then the pool past it; the blocks are held now."""
@@ -281,20 +294,20 @@ class Fleet:
         job.blocks = r.cache.allocate(job.hashes, job.vram_blocks, len(prompt) + self.max_tokens)
         job.ready_at = self.now
         if job.pool_blocks:
-            job.ready_at += (self.model.pool_load_s
-                             + self.model.pool_s_per_token * job.pool_blocks * self.block_size)
+            job.ready_at += self.model.pool_load_s
+            job.load_steps = POOL_LOAD_STEPS
 
     def next_step_end(self) -> float:
         """When the next step ends or the next pool load is done, whichever comes first."""
-        busy = [r for r in self.replicas if r.step]
+        busy = [r for r in self.replicas if r.stepping]
         end = (self.now + min(r.work_left for r in busy) / self.model.rate(len(busy))
                if busy else float("inf"))
-        loads = [job.ready_at for r in self.replicas for job in r.loading]
+        loads = [job.ready_at for r in self.replicas for job in r.loading if not job.load_steps]
         return min([end] + loads)
 
     def advance(self, until: float) -> list[Job]:
         """Run the engines up to until (or the first step end before it); the jobs finished."""
-        busy = [r for r in self.replicas if r.step]
+        busy = [r for r in self.replicas if r.stepping]
         dt = until - self.now
         self.now = until
         finished: list[Job] = []
@@ -303,15 +316,18 @@ class Fleet:
             if r.work_left <= WORK_EPS_S:
                 finished += self._end_step(self.replicas.index(r), r)
         for r in self.replicas:
-            ready = [job for job in r.loading if job.ready_at <= self.now + WORK_EPS_S]
+            ready = [job for job in r.loading
+                     if not job.load_steps and job.ready_at <= self.now + WORK_EPS_S]
             r.loading = [job for job in r.loading if job not in ready]
             r.waiting += ready
         for r in self.replicas:
-            if not r.step and r.has_work():
+            if not r.stepping and r.has_work():
                 self._schedule(r)
         return finished
 
     def _end_step(self, index: int, r: Replica) -> list[Job]:
+        for job in r.loading:
+            job.load_steps = max(0, job.load_steps - 1)
         done, running = [], []
         for job in r.step:
             if job.decode_left == 0 and job.ttft != job.ttft:  # a prefill step
@@ -334,7 +350,7 @@ class Fleet:
                 done.append(job)
             else:
                 running.append(job)
-        r.step, r.running = [], running
+        r.step, r.running, r.stepping = [], running, False
         return done
 
 
@@ -370,7 +386,7 @@ def run_closed_loop(trace: list[dict[str, Any]], n: int, policy: str, model: Eng
                 fleet.arrive(job, router.route(request, fleet.view()))
                 jobs.append(job)
         for r in fleet.replicas:
-            if not r.step and r.has_work():
+            if not r.stepping and r.has_work():
                 fleet._schedule(r)
         end = min([fleet.next_step_end()] + [at for at, _ in answering])
         if end == float("inf"):
@@ -404,7 +420,7 @@ def run_replay(run: dict[str, Any], trace_by_id: dict[int, dict[str, Any]], mode
         job = Job(trace_by_id[row["id"]], at)
         fleet.arrive(job, names.index(row["replica"]))
         for r in fleet.replicas:
-            if not r.step and r.has_work():
+            if not r.stepping and r.has_work():
                 fleet._schedule(r)
         out.append((row, job))
     return out

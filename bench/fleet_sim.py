@@ -27,9 +27,10 @@ What it models, each part checked against the real runs' per-request records:
   jobs) run each engine at min(1, cores / (k + outside_load)) of a core; costs are core-seconds.
   (Results from replicas with one thread per core: 1 / (k + outside_load) of the machine each.)
   TTFT = the end of the request's prefill step + http_s (router and server, off the engine);
-  the client's worker is free for its next request only then too. A pool hit is loaded off the
-  engine's steps, as the connector loads asynchronously: the request waits pool_load_s +
-  pool_s_per_token x loaded tokens of wall time while its engine runs the others.
+  the client's worker is free for its next request only then too. A pool hit is loaded as the
+  connector loads: the request waits for two step ends of its engine (and at least pool_load_s)
+  while the engine runs the others, and the second of those steps does the copy on the engine's
+  thread (pool_s_per_token x loaded tokens of its work); then its prefill is scheduled.
   The engine's costs are fitted on the real N = 2 VRAM-only runs replayed open loop (real start
   times and replicas), by least absolute log error of each request's TTFT and latency; the pool
   runs keep that engine and fit only what the pool adds (its load, and outside load for the
