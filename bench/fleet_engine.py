@@ -204,8 +204,8 @@ class Job:
     decode_left: int = 0
     ready_at: float = -1.0  # looked up; a pool load in flight until then (-1: not looked up)
     prefill_left: int = -1  # prompt tokens still to compute (-1: prefill not started)
-    load_steps: int = 0  # a pool load: step ends of its engine still to wait for
     chunk: int = 0  # of those, the ones its current step computes
+    load_steps: int = 0  # a pool load: step ends of its engine still to wait for
     ttft: float = float("nan")
     latency: float = float("nan")
 
@@ -218,7 +218,7 @@ class Replica:
         self.partial: list[Job] = []  # prefills cut by the step's token budget
         self.step: list[Job] = []
         self.stepping = False  # a step is running (it may compute nothing: loads wait on it)
-        self.loading: list[Job] = []  # pool loads in flight, off the engine's steps
+        self.loading: list[Job] = []  # pool loads in flight, while the engine steps on
         self.work_left = 0.0
 
     def has_work(self) -> bool:
