@@ -5,8 +5,8 @@ with mcrouter's furc_hash over 2^23 - 1 buckets, re-hashed to 64 bits with Murmu
 sends it to the first of 160 virtual nodes per worker ("<worker url>:<i>", hashed the same way) at
 or after that point of the ring, wrapping around. So where a session lands depends on the worker
 URLs, ports included: one hash of our own (the simulator's first model) agreed with the real
-router on 9-18 of 32 sessions, chance. This one made all 1,800 choices logged by the routers of
-20 consistent_hash runs without a failure (bench.fleet and its N = 2 repeats, 2026-12-03 and -04);
+router on 9-18 of 32 sessions, chance. This one made all 2,520 choices logged by the routers of
+28 consistent_hash runs without a failure (bench.fleet and its N = 2 repeats, 2026-12-03 and -04);
 tests/integration/test_router_hash.py checks it against the real router.
 """
 
