@@ -11,7 +11,8 @@ What it models, each part checked against the real runs' per-request records:
   this reproduces each real request's cached tokens ("cache_replay" in the result).
 - Routers (router_for), as vllm-router 0.1.17 behaves here: round_robin; consistent_hash as its
   ring of the workers' URLs (bench/router_hash.py: it makes every choice the real router logged),
-  on the real run's URLs where one had this N, else on loopback ports drawn per seed; cache_aware as its source (src/policies/cache_aware.rs, src/tree.rs): in-flight
+  on the real run's URLs where one had this N, else on loopback ports drawn per seed;
+  cache_aware as its source (src/policies/cache_aware.rs, src/tree.rs): in-flight
   counts per worker, load balancing to the least loaded when max - min > abs and max > rel x min,
   else the character-level prefix tree of the prompts it routed (match rate = matched characters /
   prompt characters; above --cache-threshold the worker that first inserted the deepest matched
@@ -50,10 +51,12 @@ Adds "sim" to the result file, and fleet_sim.png beside it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -239,8 +242,9 @@ def calibrate(res: dict[str, Any]) -> dict[str, Any]:
             "requests_exact": sum((job.vram_blocks + job.pool_blocks) * p["block_size"]
                                   == row["cached_tokens"] for row, job in replay),
             "requests": len(replay)}
-        if run["policy"] in ("cache_aware", "kv_aware") or "worker_urls" in run and \
-                run["policy"] == "consistent_hash":  # routers that choose by the request or load
+        # Every policy that chooses by the request or the load; consistent_hash needs the URLs.
+        if run["policy"] != "round_robin" and (run["policy"] != "consistent_hash"
+                                               or "worker_urls" in run):
             out["router_replay"].setdefault(key[0], {}).setdefault(key[1], {})[key[2]] = \
                 router_agreement(run, by_id)
     for cache in res["hit_rate"]:
@@ -313,6 +317,12 @@ def against_repeats(res: dict[str, Any], repeats: list[dict[str, Any]]) -> dict[
     (res's and the repeats'): on this machine one run's TTFT p50 moves between identical runs by
     about the goal's 20%, so the median of several is the real figure to meet."""
     rows: dict[str, dict[str, Any]] = {}
+
+    @functools.cache
+    def trace() -> list[dict[str, Any]]:  # only consistent_hash is simulated again, once
+        return generate(workload_of(res["parameters"]))
+
+    urls = [run_urls([r for r in repeat.get("runs", []) if not r["failure"]]) for repeat in repeats]
     for cache, by_policy in res["sim"]["ttft_p50_s"].items():
         for policy in by_policy:
             reals = [run["ttft_p50_s"].get(cache, {}).get(policy, {}).get("2")
@@ -320,20 +330,22 @@ def against_repeats(res: dict[str, Any], repeats: list[dict[str, Any]]) -> dict[
             if not repeats or None in reals:
                 continue
             first = {key: res["sim"][key][cache][policy]["2"] for key in ("ttft_p50_s", "hit_rate")}
-            both = [first] + [_sim_of(res, repeat, cache, policy, first) for repeat in repeats]
+            both = [first] + [_sim_of(res, trace, by_n.get((cache, 2)), cache, policy, first)
+                              for by_n in urls]
             sims = [b["ttft_p50_s"] for b in both]
             median = statistics.median(reals)
             sim = statistics.fmean(sims)  # consistent_hash: over the runs' worker URLs
             hits = [run["hit_rate"][cache][policy]["2"] for run in [res, *repeats]]
+            median_hit = statistics.median(hits)
             sim_hit = statistics.fmean(b["hit_rate"] for b in both)
             rows.setdefault(cache, {})[policy] = {
                 "real_ttft_p50_s": reals, "sim_ttft_p50_s": sims,
                 "sim_vs_repeat_rel_error": [(s - r) / r for s, r in zip(sims[1:], reals[1:])],
-                "real_median_ttft_p50_s": median, "sim_vs_median_rel_error": (sim - median) / median,
+                "real_median_ttft_p50_s": median,
+                "sim_vs_median_rel_error": (sim - median) / median,
                 "real_vs_median_rel_difference": [(r - median) / median for r in reals],
-                "real_hit_rate": hits, "real_median_hit_rate": statistics.median(hits),
-                "sim_hit_rate": sim_hit,
-                "sim_hit_vs_median_rel_error": sim_hit / statistics.median(hits) - 1}
+                "real_hit_rate": hits, "real_median_hit_rate": median_hit,
+                "sim_hit_rate": sim_hit, "sim_hit_vs_median_rel_error": sim_hit / median_hit - 1}
     flat = [v for c in rows.values() for v in c.values()]
     if not flat:
         return {}
@@ -356,18 +368,16 @@ def against_repeats(res: dict[str, Any], repeats: list[dict[str, Any]]) -> dict[
             "configurations": len(flat)}
 
 
-def _sim_of(res: dict[str, Any], repeat: dict[str, Any], cache: str, policy: str,
+def _sim_of(res: dict[str, Any], trace: Callable[[], list[dict[str, Any]]],
+            urls: list[str] | None, cache: str, policy: str,
             sim: dict[str, float]) -> dict[str, float]:
     """The simulated TTFT p50 and hit rate of a repeat's configuration: sim, but for
-    consistent_hash, whose sessions landed elsewhere on the repeat's replicas (other ports),
-    simulated on its URLs."""
-    urls = run_urls([r for r in repeat.get("runs", []) if not r["failure"]]).get((cache, 2))
+    consistent_hash, whose sessions landed elsewhere on the repeat's replicas (urls, other
+    ports), simulated on those."""
     if policy != "consistent_hash" or urls is None:
         return sim
-    p = res["parameters"]
-    seeds = simulate(generate(workload_of(p)), cache, policy, 2,
-                     EngineModel(**res["sim"]["engine_model"][cache]),
-                     res["sim"]["step_noise_sigma"][cache], p, urls)
+    seeds = simulate(trace(), cache, policy, 2, EngineModel(**res["sim"]["engine_model"][cache]),
+                     res["sim"]["step_noise_sigma"][cache], res["parameters"], urls)
     return {key: statistics.fmean(s[key] for s in seeds) for key in sim}
 
 

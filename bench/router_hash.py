@@ -84,7 +84,7 @@ def session_key(session: str) -> str:
 
 
 class HashRing:
-    """The ring of the workers urls: owner(key) is the index in urls vllm-router picks."""
+    """The ring of the workers' URLs: owner(key) is the index in urls vllm-router picks."""
 
     def __init__(self, urls: Sequence[str], virtual_nodes: int = VIRTUAL_NODES) -> None:
         nodes = {point(f"{url}:{i}"): index for index, url in enumerate(urls)

@@ -64,6 +64,7 @@ def test_sessions_land_where_the_ring_model_puts_them(tmp_path: Path) -> None:
         router.stop()
         for w in workers:
             w.server.shutdown()
+            w.server.server_close()
     ring = HashRing([w.url for w in workers])
     for index, w in enumerate(workers):
         want = [s for s in sessions if ring.owner(session_key(s)) == index]
