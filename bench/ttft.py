@@ -197,7 +197,7 @@ def report(figures: dict[int, dict[str, Any]], repeats: int, command: str) -> No
         "pool_shm_vs_vram_4k": figures[key]["pool_shm"] / figures[key]["vram_hit"],
         "miss_overhead": miss,
         # Information: the pool hit against a VRAM hit plus the bare copy of its KV bytes; what is
-        # over 1 is the daemon, the connector's thread hand-offs and vLLM's asynchronous load.
+        # over 1 is the daemon (lookup, release) and the step that carries the load.
         "copy_4k": {"blocks": num_blocks, "bytes": num_blocks * copy_bytes(),
                     "seconds": copy_s, "what": "copy_bound(): the load's KV copy alone"},
         "pool_shm_vs_vram_plus_copy_4k": figures[key]["pool_shm"] / (figures[key]["vram_hit"] + copy_s),

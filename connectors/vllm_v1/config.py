@@ -35,6 +35,10 @@ class ConnectorConfig:
     curve_keys: str | None = None  # client keys from `kvstore keygen`
     namespace: str = ""  # extra operator-chosen identity (e.g. a weights revision)
     tenant: str = ""  # the daemon's tenant (DIR/tenants.toml) whose namespaces this model uses
+    # A CPU engine copies a same-host hit inside the step that prefills it (worker_side.py);
+    # True loads it in the background instead, a step or two before its prefill, as under
+    # CUDA (where each copy only queues a DMA).
+    background_loads: bool = False
     # Fault injection for tests only: wait this long before each load, so a test can kill the
     # daemon between a lookup that hit and the load that follows it.
     fault_load_delay_ms: int = 0

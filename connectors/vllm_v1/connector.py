@@ -89,7 +89,11 @@ class KVStoreConnector(KVConnectorBase_V1):
             num_ranks = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
             namespaces = make_namespaces(vllm_config, config, range(num_ranks), log_factors=True)
             events = PoolEvents(block_size) if has_events else None
-            self._scheduler = SchedulerSide(config, namespaces[0], block_size, events, namespaces)
+            # A CPU engine loads same-host hits inside the step that prefills them (worker_side.py).
+            device_type = getattr(vllm_config.device_config, "device_type", "")
+            in_step = device_type == "cpu" and not config.background_loads
+            self._scheduler = SchedulerSide(config, namespaces[0], block_size, events, namespaces,
+                                            load_in_step=in_step)
         else:
             rank = _rank()
             self._worker = WorkerSide(config, make_namespace(vllm_config, config, rank), block_size,
@@ -194,7 +198,7 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def build_connector_worker_meta(self) -> KVStoreWorkerMeta | None:
         assert self._worker is not None, "worker hook called on the scheduler"
-        return self._worker.take_saves_meta()
+        return self._worker.take_worker_meta()
 
     def shutdown(self) -> None:
         if self._worker is not None:

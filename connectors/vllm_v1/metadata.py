@@ -16,7 +16,10 @@ class LoadSpec:
     leases[rank] pins them in that tensor-parallel rank's namespace (None: no lease).
 
     slots[rank], when the lookup asked for them: (offset, nbytes) of each block in the daemon's
-    segment of that token, so a worker on its host copies and releases, with no GET."""
+    segment of that token, so a worker on its host copies and releases, with no GET.
+
+    in_step: copy in this step, before the forward pass that uses the blocks (vLLM's
+    synchronous load), not on the loader thread; only ever with slots."""
 
     req_id: str
     hashes: list[bytes]
@@ -24,6 +27,7 @@ class LoadSpec:
     leases: list[int | None]
     slots: list[list[tuple[int, int]] | None] = field(default_factory=list)
     token: bytes | None = None
+    in_step: bool = False
 
 
 @dataclass(slots=True)
@@ -44,14 +48,21 @@ class KVStoreMetadata(KVConnectorMetadata):
 
 @dataclass
 class KVStoreWorkerMeta(KVConnectorWorkerMetadata):
-    """Worker -> scheduler after a step's saves: which planned blocks the pool now holds (saved),
-    and which it may not (dropped: failed, skipped or refused for space)."""
+    """Worker -> scheduler after a step: which planned blocks the pool now holds (saved), which
+    it may not (dropped: failed, skipped or refused for space), and how many leading blocks each
+    in-step load filled (loaded: req_id -> blocks; the rest vLLM recomputes)."""
 
     saved: list[bytes] = field(default_factory=list)
     dropped: list[bytes] = field(default_factory=list)
+    loaded: dict[str, int] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVStoreWorkerMeta:
         assert isinstance(other, KVStoreWorkerMeta), f"cannot merge {type(other).__name__}"
         self.saved.extend(other.saved)
         self.dropped.extend(other.dropped)
+        for req_id, num in other.loaded.items():  # every rank loads its shard: the least counts
+            self.loaded[req_id] = min(num, self.loaded.get(req_id, num))
         return self
+
+    def is_empty(self) -> bool:
+        return not self.saved and not self.dropped and not self.loaded

@@ -66,6 +66,7 @@ class _ReqState:
     num_saved_blocks: int = 0  # blocks [0, n) already handed to the worker for saving
     is_load_issued: bool = False  # a load was handed to the worker for this lookup
     is_load_whole: bool = False  # ... and it filled every block it was given
+    is_load_in_step: bool = False  # ... copied in the step that prefills the request
     num_loads: int = 0  # loads issued for this request so far, across preemptions
     load_block_ids: list[int] | None = None  # vLLM blocks the load fills, until it finishes
     num_loaded_blocks: int = 0  # of load_block_ids, the good prefix (failures reported so far)
@@ -77,8 +78,12 @@ class _ReqState:
 class SchedulerSide:
     def __init__(self, config: ConnectorConfig, ns: Namespace, block_size: int,
                  events: PoolEvents | None = None,
-                 rank_namespaces: list[Namespace] | None = None) -> None:
+                 rank_namespaces: list[Namespace] | None = None, *,
+                 load_in_step: bool = False) -> None:
         self.config = config
+        # A hit whose slots every rank's worker can copy straight from the segment is loaded in
+        # the step that prefills it (a CPU engine: worker_side.py); others load in the background.
+        self.load_in_step = load_in_step
         self.ns = ns  # rank 0's: the one KV events and save confirmations speak of
         # Every tensor-parallel rank's namespace, rank 0 first (just ns without TP).
         self.rank_namespaces = list(rank_namespaces) if rank_namespaces else [ns]
@@ -122,7 +127,7 @@ class SchedulerSide:
         if st.lookup is not None and not self._resolve(st):
             return None, False  # still waiting; the scheduler asks again next step
         tokens = st.num_hit_blocks * self.block_size
-        return tokens, tokens > 0
+        return tokens, tokens > 0 and not self._loads_in_step(st)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)
@@ -137,8 +142,11 @@ class SchedulerSide:
         hashes = [bytes(h) for h in request.block_hashes[start:end]]
         claim = st.claim
         slots = [None if s is None else s[:num_blocks] for s in claim.slots] if claim else []
+        in_step = self._loads_in_step(st)
         self._loads.append(LoadSpec(request.request_id, hashes, list(block_ids),
-                                    list(st.leases or []), slots, claim.token if claim else None))
+                                    list(st.leases or []), slots, claim.token if claim else None,
+                                    in_step))
+        st.is_load_in_step = in_step
         st.claim = None
         st.leases = None  # each rank's worker releases its own after copying
         st.pool_blocks = (start, end)
@@ -157,6 +165,13 @@ class SchedulerSide:
         worker_meta = connector_output.kv_connector_worker_meta
         if isinstance(worker_meta, KVStoreWorkerMeta):
             self._confirm_saves(worker_meta)
+            # In-step loads finish in the step that carried them: the worker says how many
+            # leading blocks each filled (every rank's least), and nothing comes as finished.
+            for req_id, num_loaded in worker_meta.loaded.items():
+                st = self._reqs.get(req_id)
+                if st is not None and st.load_block_ids is not None and st.is_load_in_step:
+                    st.num_loaded_blocks = min(st.num_loaded_blocks, num_loaded)
+                    self._settle(st)
         invalid = connector_output.invalid_block_ids
         if invalid:
             # With TP > 1 a rank may report its failed blocks steps before the last rank
@@ -168,12 +183,16 @@ class SchedulerSide:
                         len(pending.load_block_ids)))
         for req_id in connector_output.finished_recving or ():
             st = self._reqs.get(req_id)
-            if st is None or st.load_block_ids is None:
-                continue
-            start, _ = st.pool_blocks
-            st.pool_blocks = (start, start + st.num_loaded_blocks)
-            st.is_load_whole = st.num_loaded_blocks == len(st.load_block_ids)
-            st.load_block_ids = None
+            if st is not None and st.load_block_ids is not None:
+                self._settle(st)
+
+    def _settle(self, st: _ReqState) -> None:
+        """st's load has finished: what came from the pool is its good leading blocks."""
+        assert st.load_block_ids is not None
+        start, _ = st.pool_blocks
+        st.pool_blocks = (start, start + st.num_loaded_blocks)
+        st.is_load_whole = st.num_loaded_blocks == len(st.load_block_ids)
+        st.load_block_ids = None
 
     def request_finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:
         st = self._reqs.pop(request.request_id, None)
@@ -260,6 +279,14 @@ class SchedulerSide:
                 self._stats.add(num_failed_lookups=1)
         st.lookup = None
         return True
+
+    def _loads_in_step(self, st: _ReqState) -> bool:
+        """Whether st's hit is copied in the step that prefills it: on a CPU engine, when every
+        rank's lookup answered slots (same host); the worker then never calls the daemon but to
+        release, and a load it cannot do is recomputed in that step."""
+        claim = st.claim
+        return (self.load_in_step and claim is not None and claim.token is not None
+                and bool(claim.slots) and all(s is not None for s in claim.slots))
 
     def _warm_up(self) -> None:
         self._keeper.wait_first_try(self.config.timeout_ms / 1000)

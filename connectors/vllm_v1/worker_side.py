@@ -1,15 +1,19 @@
 """Worker-side half of the connector: the only code that copies KV tensors.
 
-Loads run on a background thread (vLLM schedules the request again only after get_finished
-reports it); on a CPU engine that thread offers a same-host copy to vLLM's worker thread, which
-runs it in its next get_finished (handoff.py). Each load is bounded by load_timeout_ms; whatever
-happens, every load is reported finished, with the blocks it could not fill reported as failed
-so vLLM recomputes them. Saves run in wait_for_save, after the forward pass has filled the
-blocks: reserve slots, copy, commit. It counts what it moves (stats.py) and, for KV events,
-tells the scheduler which saves landed. Both threads get connected clients from a keeper
-(keeper.py) that says HELLO when the connector starts and again after a daemon restart, so
-neither pays for connecting inside a request. With tensor parallelism each rank moves its own
-shard, in its own namespace, under its own lease.
+On a CPU engine a same-host load runs inside the step that prefills the request (vLLM's
+synchronous load): in start_load_kv, before the forward pass, vLLM's worker thread copies the
+slots the lookup answered and releases the lease; blocks it could not fill are reported failed in
+the same step, and vLLM recomputes them. That spares the two step ends a background load waits
+for (bench.ttft). Other loads (CUDA, another host, background_loads) run on a background thread,
+and vLLM schedules the request again only after get_finished reports it; on a CPU engine that
+thread offers a same-host copy to vLLM's worker thread, which runs it in its next get_finished
+(handoff.py). Each load is bounded by load_timeout_ms; whatever happens, every load is reported
+finished, with the blocks it could not fill reported as failed so vLLM recomputes them. Saves
+run in wait_for_save, after the forward pass has filled the blocks: reserve slots, copy, commit.
+It counts what it moves (stats.py) and, for KV events, tells the scheduler which saves landed.
+Both threads get connected clients from a keeper (keeper.py) that says HELLO when the connector
+starts and again after a daemon restart, so neither pays for connecting inside a request. With
+tensor parallelism each rank moves its own shard, in its own namespace, under its own lease.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class WorkerSide:
         self.report_saves = report_saves and is_first_rank
         self._stats = KVStoreStats()
         self._stats_lock = threading.Lock()  # the loader thread adds to it too
-        self._saves_meta = KVStoreWorkerMeta()
+        self._worker_meta = KVStoreWorkerMeta()
         self.kv: PagedKV | None = None
         # What vLLM registered, to retake the views after sleep mode (restore_kv_caches); the
         # loader holds the lock while it copies, so sleep waits for an in-flight load to end.
@@ -69,12 +73,17 @@ class WorkerSide:
         self._done: queue.Queue[tuple[str, list[int]]] = queue.Queue()
         self._handoff = Handoff()  # a CPU engine's load copies, offered to vLLM's worker thread
         self._failed_block_ids: set[int] = set()
-        self._save_client: Client | None = None
+        # vLLM's worker thread's client, for saves and in-step loads; the loader thread takes it
+        # once at startup (to map the pool early), hence the lock.
+        self._step_client: Client | None = None
+        self._step_lock = threading.Lock()
+        self._loads_in_step = False  # set when vLLM registers its KV cache (a CPU engine)
         self._save_breaker = Breaker(config.retry_interval_ms / 1000)
         self._loader = threading.Thread(target=self._load_loop, name="kvstore-load", daemon=True)
         self._registered: set[int] = set()  # data_ptrs registered as page-locked (CUDA)
         # (client, segment token) -> the segment as int8; a restarted daemon has a new token
         self._pool_tensors: dict[tuple[int, bytes], torch.Tensor] = {}
+        self._pool_lock = threading.Lock()
         # Connects and says HELLO now, in the background: vLLM's startup never waits for it.
         slots = {"load": config.use_shm, "save": config.use_shm}
         self._keeper = Keeper(self._new_client_for, slots, config.timeout_ms / 1000).start()
@@ -88,6 +97,8 @@ class WorkerSide:
             log.error("kvstore connector disabled: %s", exc)  # vLLM recomputes everything
             return
         self._kv_caches = kv_caches
+        # The scheduler half makes the same choice (connector.py): same-host hits load in-step.
+        self._loads_in_step = self.kv.device.type == "cpu" and not self.config.background_loads
         log.info("kvstore: %d KV layers, %d bytes per block, namespace %s",
                  len(self.kv.layers), self.kv.block_bytes, self.ns.name.hex())
         self._loader.start()
@@ -112,7 +123,9 @@ class WorkerSide:
 
     def start_load(self, meta: KVStoreMetadata) -> None:
         for spec in meta.loads:
-            if self.kv is None or not self._loader.is_alive():
+            if spec.in_step:
+                self._load_in_step(spec)
+            elif self.kv is None or not self._loader.is_alive():
                 self._done.put((spec.req_id, list(spec.block_ids)))
             else:
                 self._jobs.put(spec)
@@ -143,8 +156,8 @@ class WorkerSide:
                 self._add_stats(num_failed_saves=1)
         if self.report_saves:
             landed = set(saved)
-            self._saves_meta.saved.extend(saved)
-            self._saves_meta.dropped.extend(h for h in hashes if h not in landed)
+            self._worker_meta.saved.extend(saved)
+            self._worker_meta.dropped.extend(h for h in hashes if h not in landed)
 
     def get_finished(self) -> set[str]:
         # vLLM's worker thread: run the copies the loader offered; after one, give the loader a
@@ -172,19 +185,20 @@ class WorkerSide:
             stats, self._stats = self._stats, KVStoreStats()
             return stats
 
-    def take_saves_meta(self) -> KVStoreWorkerMeta | None:
-        """Which of this step's planned saves the pool now holds, or None when none were planned."""
-        meta = self._saves_meta
-        if not meta.saved and not meta.dropped:
+    def take_worker_meta(self) -> KVStoreWorkerMeta | None:
+        """Which of this step's planned saves the pool now holds and what its in-step loads
+        filled, or None when there was neither."""
+        meta = self._worker_meta
+        if meta.is_empty():
             return None
-        self._saves_meta = KVStoreWorkerMeta()
+        self._worker_meta = KVStoreWorkerMeta()
         return meta
 
     def shutdown(self) -> None:
         self._keeper.stop()
         self._jobs.put(None)
-        if self._save_client is not None:
-            self._save_client.close()
+        if self._step_client is not None:
+            self._step_client.close()
 
     # --- loads (background thread) -------------------------------------------------------------
     def _load_loop(self) -> None:
@@ -201,10 +215,18 @@ class WorkerSide:
         """On a CPU engine, map the pool (and start faulting its pages in) when the connector
         starts, not in the first load: the first pool hits after a start otherwise shared
         their core with a prefault of the whole segment (bench.ttft: 0.13-0.43 s against
-        0.07 s for a 1k-token hit). Under CUDA the mapping is cudaHostRegister'ed at the first
-        load, as before."""
+        0.07 s for a 1k-token hit). The mapping is that of the client that loads: the step
+        client's for in-step loads, else this thread's (returned). Under CUDA the mapping is
+        cudaHostRegister'ed at the first load, as before."""
         if (not self.config.use_shm or self.kv is None or self.kv.device.type != "cpu"
                 or not self._keeper.wait_first_try(self.config.timeout_ms / 1000)):
+            return None
+        if self._loads_in_step:
+            with self._step_lock:  # only if vLLM's thread has no client yet: never one in use
+                if self._step_client is None:
+                    self._step_client = self._keeper.take("save")
+                    if self._step_client is not None and self._step_client.pool is not None:
+                        self._pool_of(self._step_client)
             return None
         client = swap(self._keeper, "load", None, self._forget_pool)
         if client is not None and client.pool is not None:
@@ -279,6 +301,65 @@ class WorkerSide:
             return num
         return self._load_tcp(client, spec, deadline)
 
+    # --- in-step loads (vLLM's worker thread, before the forward pass) --------------------------
+    def _load_in_step(self, spec: LoadSpec) -> None:
+        """Copy spec's blocks now, from the slots its lookup answered, and release the lease;
+        the blocks not filled are reported failed in this very step (vLLM recomputes them)."""
+        num_loaded = 0
+        if self.kv is None:  # released for sleep mode
+            log.warning("kvstore: load of %s while the KV cache is released: recomputing",
+                        spec.req_id)
+        else:
+            is_local = False
+            if self.config.fault_load_delay_ms:  # the step waits: a test's fault, never a default
+                time.sleep(self.config.fault_load_delay_ms / 1000)
+            start = time.perf_counter()
+            try:
+                client = self._take_step_client()
+                is_local = client.is_local
+                num_loaded = self._copy_and_release(client, spec)
+            except Exception as exc:  # anything: report and let vLLM recompute
+                log.warning("kvstore load of %s failed (%s): recomputing", spec.req_id, exc)
+                self._keeper.poke()
+            if num_loaded < len(spec.block_ids):
+                log.warning("kvstore: %s loaded %d of %d blocks; recomputing the rest",
+                            spec.req_id, num_loaded, len(spec.block_ids))
+            self._count_load(spec, num_loaded, time.perf_counter() - start, is_local)
+        self._failed_block_ids.update(spec.block_ids[num_loaded:])
+        self._worker_meta.loaded[spec.req_id] = num_loaded
+
+    def _copy_and_release(self, client: Client, spec: LoadSpec) -> int:
+        """Copy the lookup's slots into spec's blocks, then RELEASE: the number of leading
+        blocks filled, or 0 when the slots cannot be trusted. Unlike a background load this
+        never reads again: the forward pass is waiting, and a recompute needs no daemon."""
+        assert self.kv is not None
+        lease = self._lease(spec)
+        found = self._found_refs(client, spec)
+        if found is None or lease is None:
+            # Another segment (the daemon restarted since the lookup) or no slots for this rank.
+            log.info("kvstore: the slots of %s are not in this worker's segment: recomputing",
+                     spec.req_id)
+            return 0
+        deadline = time.monotonic() + self.config.load_timeout_ms / 1000
+        num = self._scatter_refs(self._pool_of(client), found, spec.block_ids, deadline)
+        if not client.release(lease):
+            # The lease ended before the release: a slot may have taken other bytes under the
+            # copy. Nothing of it is trusted; vLLM recomputes these blocks.
+            log.info("kvstore: the lease of %s ended during its copy: recomputing", spec.req_id)
+            return 0
+        return num
+
+    def _take_step_client(self) -> Client:
+        """The client of vLLM's worker thread (saves, in-step loads): the keeper's newest
+        connected one, else one of its own that connects on its first call."""
+        with self._step_lock:
+            client = swap(self._keeper, "save", self._step_client, self._forget_pool)
+            if client is None:
+                client = self._new_client()
+            client.timeout_s = self.config.save_timeout_ms / 1000  # calls inside vLLM's step
+            self._step_client = client
+            return client
+
     def _copy(self, scatter: Callable[[], int]) -> int:
         """Run a same-host load's scatter: on a CPU engine preferably on vLLM's worker thread
         (handoff.py); under CUDA here, where each copy only queues a DMA."""
@@ -337,11 +418,7 @@ class WorkerSide:
         """Store the blocks of saves; returns the hashes the pool is known to hold afterwards
         (written now, or already there) and how many blocks were written."""
         assert self.kv is not None
-        client = swap(self._keeper, "save", self._save_client, self._forget_pool)
-        if client is None:
-            client = self._new_client()  # connects on its first call
-        client.timeout_s = self.config.save_timeout_ms / 1000  # saves run inside vLLM's step
-        self._save_client = client
+        client = self._take_step_client()
         hashes = [h for s in saves for h in s.hashes]
         parents = [p for s in saves for p in s.parents]
         block_ids = [b for s in saves for b in s.block_ids]
@@ -416,6 +493,11 @@ class WorkerSide:
 
     def _pool_of(self, client: Client) -> torch.Tensor:
         """The client's mapped segment as an int8 tensor (page-locked for DMA under CUDA)."""
+        assert client.pool is not None
+        with self._pool_lock:  # vLLM's worker thread and the loader both come here
+            return self._pool_tensor(client)
+
+    def _pool_tensor(self, client: Client) -> torch.Tensor:
         assert client.pool is not None
         key = (id(client), client.pool.token)
         tensor = self._pool_tensors.get(key)

@@ -43,7 +43,7 @@ class Replica:
     def save(self, hashes: list[bytes], block_ids: list[int]) -> None:
         parents = [None, *hashes[:-1]]
         self.worker.save(KVStoreMetadata(saves=[SaveSpec("s", hashes, parents, block_ids)]))
-        meta = self.worker.take_saves_meta()
+        meta = self.worker.take_worker_meta()
         assert meta is not None and meta.saved == hashes
 
     def load(self, spec: LoadSpec) -> set[int]:
@@ -159,6 +159,80 @@ def test_a_cpu_load_copies_on_its_own_thread_when_nobody_asks(
     assert threads == ["kvstore-load"]
     for src, dst in zip([1, 2, 3], [10, 11, 12]):
         assert torch.equal(loader.block(dst), saver.block(src))
+
+
+def _in_step(found: LookupResult, hashes: list[bytes], block_ids: list[int]) -> LoadSpec:
+    spec = spec_of(found, hashes, block_ids)
+    spec.in_step = True
+    return spec
+
+
+def test_an_in_step_load_has_copied_when_start_load_returns(
+        daemon: Daemon, replicas: list[Replica]) -> None:
+    """A CPU engine's same-host load runs in start_load_kv, on vLLM's worker thread, before the
+    forward pass: the blocks are in place and the lease released when it returns, what it
+    filled is in the step's worker metadata, and nothing is reported as a finished receive
+    (vLLM asserts that only requests waiting for remote KV are)."""
+    saver, loader = replicas
+    hashes = chain(3, b"in-step")
+    saver.save(hashes, [1, 2, 3])
+    threads = _copy_threads(loader)
+    with Client(daemon.address) as scheduler:
+        found = scheduler.lookup(NS, hashes, lease_ms=LEASE_MS, with_slots=True)
+        before = requests(scheduler)
+        loader.worker.start_load(KVStoreMetadata(loads=[_in_step(found, hashes, [10, 11, 12])]))
+        for src, dst in zip([1, 2, 3], [10, 11, 12]):
+            assert torch.equal(loader.block(dst), saver.block(src))
+        assert delta(requests(scheduler), before) == {"release": 1, "stats": 1}
+        assert scheduler.stats()["num_leases"] == 0
+    assert threads == [threading.current_thread().name]
+    assert loader.worker.take_failed_block_ids() == set()
+    meta = loader.worker.take_worker_meta()
+    assert meta is not None and meta.loaded == {"r": 3}
+    assert loader.worker.get_finished() == set()
+    stats = loader.worker.take_stats()
+    assert stats is not None and stats.data["loaded_tokens_shm"] == 3 * BLOCK
+
+
+def test_an_in_step_load_whose_lease_ended_is_recomputed(
+        daemon: Daemon, replicas: list[Replica]) -> None:
+    """The lease ends and the slots take other bytes before the copy: its RELEASE says so, and
+    every block is reported failed in the same step (vLLM recomputes; the forward pass cannot
+    wait for a read again)."""
+    saver, loader = replicas
+    hashes = chain(3, b"in-step-lost")
+    saver.save(hashes, [1, 2, 3])
+    with Client(daemon.address) as scheduler:
+        found = scheduler.lookup(NS, hashes, lease_ms=LEASE_MS, with_slots=True)
+        assert scheduler.release(found.lease)  # the lease ends (as by expiry)
+        assert scheduler.invalidate(NS.name) == 3  # the slots are freed and written again
+        saver.save(hashes, [4, 5, 6])
+        before = requests(scheduler)
+        loader.worker.start_load(KVStoreMetadata(loads=[_in_step(found, hashes, [10, 11, 12])]))
+        assert "get" not in delta(requests(scheduler), before)
+    assert loader.worker.take_failed_block_ids() == {10, 11, 12}
+    meta = loader.worker.take_worker_meta()
+    assert meta is not None and meta.loaded == {"r": 0}
+
+
+def test_in_step_slots_of_another_segment_are_recomputed(
+        daemon: Daemon, replicas: list[Replica]) -> None:
+    """Slots named for another segment (a daemon restarted since the lookup) are never read,
+    and no daemon call is made inside the step: every block is reported failed."""
+    saver, loader = replicas
+    hashes = chain(2, b"in-step-other")
+    saver.save(hashes, [1, 2])
+    threads = _copy_threads(loader)
+    with Client(daemon.address) as scheduler:
+        found = scheduler.lookup(NS, hashes, lease_ms=LEASE_MS, with_slots=True)
+        spec = _in_step(found, hashes, [10, 11])
+        spec.token = bytes(16)
+        before = requests(scheduler)
+        loader.worker.start_load(KVStoreMetadata(loads=[spec]))
+        assert delta(requests(scheduler), before) == {"stats": 1}
+        assert scheduler.release(found.lease)
+    assert threads == []
+    assert loader.worker.take_failed_block_ids() == {10, 11}
 
 
 def _resident_bytes(path: Path) -> int:

@@ -32,10 +32,10 @@ def store(address: str, req: Req, num_blocks: int) -> None:
 
 
 
-def side(address: str, **overrides: int) -> SchedulerSide:
+def side(address: str, load_in_step: bool = False, **overrides: int) -> SchedulerSide:
     config = ConnectorConfig(address=address, timeout_ms=500, lookup_timeout_ms=300,
                              lookup_wait_ms=200, retry_interval_ms=1000, **overrides)
-    return SchedulerSide(config, NS, BLOCK)
+    return SchedulerSide(config, NS, BLOCK, load_in_step=load_in_step)
 
 
 def stats(address: str) -> dict:
@@ -184,3 +184,53 @@ class _NoSteps:
 
     kv_connector_block_state = None
     num_scheduled_tokens: dict[str, int] = {}
+
+
+def test_a_cpu_engine_loads_a_same_host_hit_in_the_step_that_prefills_it(daemon: Daemon) -> None:
+    """With slots for every rank (same host) a CPU engine's hit is a synchronous load: vLLM runs
+    the request in this very step, the worker copies before the forward pass, and what it
+    filled comes back in the step's worker metadata (nothing is reported as finished)."""
+    from vllm.v1.outputs import KVConnectorOutput
+
+    from connectors.vllm_v1.metadata import KVStoreWorkerMeta
+
+    req = make_request("r", 4)
+    store(daemon.address, req, 4)
+    sched = side(daemon.address, load_in_step=True)
+    tokens, is_async = _ask(sched, req)
+    assert tokens == 4 * BLOCK and not is_async
+    sched.update_state_after_alloc(req, fakes.Blocks(), tokens)
+    (load,) = sched.build_connector_meta(_NoSteps()).loads
+    assert load.in_step and load.slots and load.slots[0] is not None
+    # The worker filled two of the four blocks: vLLM recomputes the others in the next step.
+    sched.update_connector_output(KVConnectorOutput(
+        invalid_block_ids=set(load.block_ids[2:]),
+        kv_connector_worker_meta=KVStoreWorkerMeta(loaded={"r": 2})))
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # never offered again
+    finished = sched.request_finished(req)[1]
+    assert finished is not None and finished["kvstore_pool_tokens"] == 2 * BLOCK
+    sched.shutdown()
+
+
+def test_a_hit_without_slots_loads_in_the_background_even_on_a_cpu_engine(daemon: Daemon) -> None:
+    """No slots (lease_ms = 0 asks for none): the worker would have to GET, a daemon call
+    inside the step, so the load stays asynchronous."""
+    req = make_request("r", 4)
+    store(daemon.address, req, 4)
+    sched = side(daemon.address, load_in_step=True, lease_ms=0)
+    assert _ask(sched, req) == (4 * BLOCK, True)
+    sched.update_state_after_alloc(req, fakes.Blocks(), 4 * BLOCK)
+    (load,) = sched.build_connector_meta(_NoSteps()).loads
+    assert not load.in_step
+    sched.shutdown()
+
+
+def test_every_rank_reports_its_in_step_loads_and_the_least_counts() -> None:
+    """vLLM merges the workers' metadata of a step: a block counts only if every rank filled it."""
+    from connectors.vllm_v1.metadata import KVStoreWorkerMeta
+
+    rank0 = KVStoreWorkerMeta(saved=[b"a"], loaded={"r": 3, "s": 1})
+    rank1 = KVStoreWorkerMeta(loaded={"r": 2, "s": 1})
+    merged = rank0.aggregate(rank1)
+    assert merged.loaded == {"r": 2, "s": 1} and merged.saved == [b"a"]
+    assert KVStoreWorkerMeta().is_empty() and not merged.is_empty()

@@ -56,7 +56,7 @@ def test_a_save_is_counted_and_confirmed(daemon: Daemon, make_worker: MakeWorker
     worker = make_worker(daemon.address)
     hashes = chain(5, b"save")
     worker.save(save_spec(hashes, [1, 2, 3, 4, 5]))
-    meta = worker.take_saves_meta()
+    meta = worker.take_worker_meta()
     assert meta is not None and meta.saved == hashes and meta.dropped == []
     stats = worker.take_stats()
     assert stats is not None
@@ -64,11 +64,11 @@ def test_a_save_is_counted_and_confirmed(daemon: Daemon, make_worker: MakeWorker
     assert stats.data["save_bytes"] == 5 * NUM_LAYERS * PAGE_FLOATS * 4
     assert stats.data["save_s"] > 0
     worker.save(save_spec(hashes, [1, 2, 3, 4, 5]))
-    again = worker.take_saves_meta()
+    again = worker.take_worker_meta()
     assert again is not None and again.saved == hashes
     stats = worker.take_stats()
     assert stats is not None and "saved_blocks" not in stats.data
-    assert worker.take_saves_meta() is None and worker.take_stats() is None
+    assert worker.take_worker_meta() is None and worker.take_stats() is None
 
 
 @pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
@@ -109,7 +109,7 @@ def test_blocks_refused_for_space_are_dropped_not_confirmed(
     worker = make_worker(daemon.address)
     hashes = chain(24, b"full")
     worker.save(save_spec(hashes, list(range(24))))
-    meta = worker.take_saves_meta()
+    meta = worker.take_worker_meta()
     assert meta is not None
     assert meta.dropped and set(meta.saved) | set(meta.dropped) == set(hashes)
     assert set(meta.saved).isdisjoint(meta.dropped)
@@ -121,7 +121,7 @@ def test_an_unreachable_daemon_drops_the_saves(make_worker: MakeWorker) -> None:
     worker = make_worker("tcp://127.0.0.1:9", timeout_ms=200, save_timeout_ms=200)
     hashes = chain(2, b"down")
     worker.save(save_spec(hashes, [1, 2]))
-    meta = worker.take_saves_meta()
+    meta = worker.take_worker_meta()
     assert meta is not None and meta.saved == [] and meta.dropped == hashes
     stats = worker.take_stats()
     assert stats is not None and stats.data["num_failed_saves"] == 1
