@@ -473,9 +473,8 @@ def simulated(res: dict[str, Any]) -> list[str]:
         f"per recomputed token + {w['cached_s_per_token'] * 1e6:.1f} us per cached token + "
         f"{w['decode_s_per_request'] * 1e3:.1f} ms per decoding request, {w['http_s'] * 1e3:.0f} ms "
         f"outside the engine, outside load {w.get('outside_load', 0):.1f} engines, "
-        + (f"a pool load of two engine steps and at least {w['pool_load_s'] * 1e3:.0f} ms, its "
-           f"copy {w['pool_s_per_token'] * 1e6:.1f} us per loaded token of the second step's "
-           "work, " if w.get("pool_load_s") else "")
+        + (f"a pool load of {w['pool_load_s'] * 1e3:.1f} ms + {w['pool_s_per_token'] * 1e6:.1f} "
+           "us per loaded token of its prefill step's work, " if w.get("pool_load_s") else "")
         + f"step noise sigma {sim.get('step_noise_sigma', {}).get(cache, 0):.2f}"
         for cache, w in sim["engine_model"].items())
     replay = sim["cache_replay"]

@@ -20,10 +20,6 @@ WORK_EPS_S = 1e-9  # a step this close to done is done: float rounding must not 
 # with chunked prefill on, as bench.fleet's replicas run. Running requests go first (a token
 # each); a prefill past the budget is cut and continues first in the next step.
 MAX_BATCHED_TOKENS = 2048
-# A pool hit is loaded while vLLM's engine steps on: the lookup's step sends the load to the
-# worker, whose thread copies in the next step (connectors/vllm_v1/handoff.py) and reports it
-# done at that step's end; the request's prefill is scheduled in the step after.
-POOL_LOAD_STEPS = 2
 _OPTIONS = dict(zip(CACHE_AWARE_OPTIONS[::2], CACHE_AWARE_OPTIONS[1::2]))
 CACHE_AWARE = {"cache_threshold": float(_OPTIONS["--cache-threshold"]),  # as bench.fleet runs it
                "balance_abs": int(_OPTIONS["--balance-abs-threshold"]),
@@ -178,11 +174,10 @@ class EngineModel:
     # 0: an engine uses the whole machine, 1 / (k + outside_load) of it each (costs in
     # machine-seconds), as the runs with one thread per core were modelled.
     cores: float = 0.0
-    # A pool hit is loaded asynchronously, as the connector does: the request leaves the step
-    # it was looked up in and waits for POOL_LOAD_STEPS step ends of its engine and at least
-    # pool_load_s of wall time (the lookup, the hand-offs), while the engine runs the others;
-    # the step after the lookup's does the copy, pool_s_per_token x loaded tokens of its work;
-    # then the request computes what is left. 0: pool hits cost as VRAM hits do, two steps later.
+    # A pool hit is loaded as the connector loads one on a CPU engine: in the step that
+    # prefills the request (connectors/vllm_v1/worker_side.py, in-step loads), whose work it
+    # adds to: pool_load_s per load (the lookup's wait, the release) and pool_s_per_token x
+    # loaded tokens (the copy). 0: pool hits cost as VRAM hits do.
     pool_load_s: float = 0.0
     pool_s_per_token: float = 0.0
 
@@ -202,10 +197,9 @@ class Job:
     vram_blocks: int = 0
     pool_blocks: int = 0
     decode_left: int = 0
-    ready_at: float = -1.0  # looked up; a pool load in flight until then (-1: not looked up)
+    looked_up_at: float = -1.0  # when the scheduler looked it up (-1: not yet)
     prefill_left: int = -1  # prompt tokens still to compute (-1: prefill not started)
     chunk: int = 0  # of those, the ones its current step computes
-    load_steps: int = 0  # a pool load: step ends of its engine still to wait for
     ttft: float = float("nan")
     latency: float = float("nan")
 
@@ -217,14 +211,11 @@ class Replica:
         self.running: list[Job] = []
         self.partial: list[Job] = []  # prefills cut by the step's token budget
         self.step: list[Job] = []
-        self.stepping = False  # a step is running (it may compute nothing: loads wait on it)
-        self.loading: list[Job] = []  # pool loads in flight, while the engine steps on
+        self.stepping = False  # a step is running
         self.work_left = 0.0
 
     def has_work(self) -> bool:
-        """Anything to step for: vLLM steps on while a request waits for its pool load."""
-        return bool(self.waiting or self.partial or self.running
-                    or any(job.load_steps for job in self.loading))
+        return bool(self.waiting or self.partial or self.running)
 
 
 class Fleet:
@@ -259,22 +250,19 @@ class Fleet:
         work = m.step_s + m.decode_s_per_request * len(r.running)
         budget = self.max_batched_tokens - len(r.running)
         prefill, left = [], []
-        for job in r.loading:  # the copy runs on the engine's thread in the step after the lookup
-            if job.load_steps == 1:
-                work += m.pool_s_per_token * job.pool_blocks * self.block_size
         for job in r.partial + r.waiting:
             if budget <= 0:  # vLLM stops at the budget: the rest wait, not even looked up
                 left.append(job)
                 continue
-            if job.ready_at < 0:
+            if job.looked_up_at < 0:
                 self._look_up(r, job)
-                if job.load_steps or job.ready_at > self.now:
-                    r.loading.append(job)
-                    continue
             if job.prefill_left < 0:
                 cached = (job.vram_blocks + job.pool_blocks) * self.block_size
                 job.prefill_left = len(job.request["prompt"]) - cached
                 work += m.cached_s_per_token * cached
+                if job.pool_blocks:  # loaded in this step, before its forward pass
+                    work += m.pool_load_s + (m.pool_s_per_token * job.pool_blocks
+                                             * self.block_size)
             job.chunk = min(job.prefill_left, budget)
             budget -= job.chunk
             work += m.recompute_s_per_token * job.chunk
@@ -292,18 +280,13 @@ class Fleet:
         job.vram_blocks = r.cache.match(job.hashes, most)
         job.pool_blocks = self.pool.load(job.hashes, job.vram_blocks, most) if self.pool else 0
         job.blocks = r.cache.allocate(job.hashes, job.vram_blocks, len(prompt) + self.max_tokens)
-        job.ready_at = self.now
-        if job.pool_blocks:
-            job.ready_at += self.model.pool_load_s
-            job.load_steps = POOL_LOAD_STEPS
+        job.looked_up_at = self.now
 
     def next_step_end(self) -> float:
-        """When the next step ends or the next pool load is done, whichever comes first."""
+        """When the next step of any engine ends."""
         busy = [r for r in self.replicas if r.stepping]
-        end = (self.now + min(r.work_left for r in busy) / self.model.rate(len(busy))
-               if busy else float("inf"))
-        loads = [job.ready_at for r in self.replicas for job in r.loading if not job.load_steps]
-        return min([end] + loads)
+        return (self.now + min(r.work_left for r in busy) / self.model.rate(len(busy))
+                if busy else float("inf"))
 
     def advance(self, until: float) -> list[Job]:
         """Run the engines up to until (or the first step end before it); the jobs finished."""
@@ -316,18 +299,11 @@ class Fleet:
             if r.work_left <= WORK_EPS_S:
                 finished += self._end_step(self.replicas.index(r), r)
         for r in self.replicas:
-            ready = [job for job in r.loading
-                     if not job.load_steps and job.ready_at <= self.now + WORK_EPS_S]
-            r.loading = [job for job in r.loading if job not in ready]
-            r.waiting += ready
-        for r in self.replicas:
             if not r.stepping and r.has_work():
                 self._schedule(r)
         return finished
 
     def _end_step(self, index: int, r: Replica) -> list[Job]:
-        for job in r.loading:
-            job.load_steps = max(0, job.load_steps - 1)
         done, running = [], []
         for job in r.step:
             if job.decode_left == 0 and job.ttft != job.ttft:  # a prefill step

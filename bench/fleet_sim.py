@@ -29,9 +29,8 @@ What it models, each part checked against the real runs' per-request records:
   (Results from replicas with one thread per core: 1 / (k + outside_load) of the machine each.)
   TTFT = the end of the request's prefill step + http_s (router and server, off the engine);
   the client's worker is free for its next request only then too. A pool hit is loaded as the
-  connector loads: the request waits for two step ends of its engine (and at least pool_load_s)
-  while the engine runs the others, and the second of those steps does the copy on the engine's
-  thread (pool_s_per_token x loaded tokens of its work); then its prefill is scheduled.
+  connector loads one on a CPU engine: in the step that prefills the request, whose work it adds
+  to (pool_load_s per load, pool_s_per_token x loaded tokens).
   The engine's costs are fitted on the real N = 2 VRAM-only runs replayed open loop (real start
   times and replicas), by least absolute log error of each request's TTFT and latency; the pool
   runs keep that engine and fit only what the pool adds (its load, and outside load for the
@@ -84,7 +83,7 @@ ENGINE_START = (0.02, 3e-4, 3e-5, 0.01, 0.01, 1.0)
 # The pool runs use the same engines: what the pool adds is its asynchronous load, and the
 # daemon's and the connector's threads as outside load.
 POOL_COSTS = ("pool_load_s", "pool_s_per_token", "outside_load")
-POOL_START = (0.02, 1e-5, 1.0)
+POOL_START = (0.002, 1e-5, 1.0)
 
 
 def fit(runs: list[dict[str, Any]], trace_by_id: dict[int, dict[str, Any]],

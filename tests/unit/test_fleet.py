@@ -225,11 +225,11 @@ def test_pool_blocks_are_saved_when_the_prefill_step_ends() -> None:
         assert b.pool_blocks * BS == pool_hit
 
 
-def test_a_pool_hit_waits_two_steps_of_its_engine_which_copies_it_in_the_second() -> None:
-    """As the connector loads since the copy moved to vLLM's thread (handoff.py): the lookup's
-    step sends the load, the next step copies it (its work), and the prefill of what the pool
-    lacked is scheduled in the step after. A long step of another request delays the load."""
-    loading = EngineModel(**{**MODEL.__dict__, "pool_s_per_token": 0.0005})
+def test_a_pool_hit_is_copied_in_the_step_that_prefills_it() -> None:
+    """As the connector loads on a CPU engine (worker_side.py, in-step loads): the hit's copy is
+    work of the very step that computes what the pool lacked, so a request beside it in that
+    step waits for the copy too."""
+    loading = EngineModel(**{**MODEL.__dict__, "pool_load_s": 0.003, "pool_s_per_token": 0.0005})
     prompt = list(range(1, 91))
     ttfts = []
     for other in (False, True):
@@ -247,12 +247,12 @@ def test_a_pool_hit_waits_two_steps_of_its_engine_which_copies_it_in_the_second(
         _drain(fleet)
         assert b.pool_blocks * BS == 88
         ttfts.append((b.ttft, c.ttft))
-    copy = 0.0005 * 88
-    # alone: an empty step, the copy's step, then a step of the 2 tokens the pool lacked
-    assert abs(ttfts[0][0] - (0.01 + (0.01 + copy) + 0.012)) < 1e-9
-    # beside c's 90-token prefill (0.1 s), which the load waits out before it is copied
-    assert abs(ttfts[1][1] - 0.1) < 1e-9
-    assert abs(ttfts[1][0] - (0.1 + (0.01 + copy) + 0.012)) < 1e-9
+    load = 0.003 + 0.0005 * 88
+    # alone: one step of the load and the 2 tokens the pool lacked
+    assert abs(ttfts[0][0] - (0.01 + load + 0.002)) < 1e-9
+    # beside c's 90-token prefill, in the same step: both end together
+    assert abs(ttfts[1][0] - (0.01 + load + 0.002 + 0.09)) < 1e-9
+    assert abs(ttfts[1][1] - ttfts[1][0]) < 1e-9
 
 
 def test_a_closed_loop_worker_sends_again_only_when_it_has_the_answer() -> None:
