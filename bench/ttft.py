@@ -28,6 +28,12 @@ RESULTS = Path(__file__).parent / "results" / "ttft.json"
 # pool_shm_vs_vram_4k: a pool hit over shared memory against the replica's own VRAM hit (issue 11:
 # the load path, LOOKUP -> copy -> RELEASE, should add little to what the engine does anyway).
 BLOCK_SIZE = 32  # tokens per KV block of the replicas
+# Each hit starts after this long with its replica idle: vLLM's shared-memory queues busy-wait
+# for 1 s after each message they read (busy_loop_s in shm_broadcast.py), and a hit sent inside
+# that window runs beside a spinning engine core. Without the pause the pool hit always came
+# 0.1 s after the VRAM hit and reset_prefix_cache, inside it, while the VRAM hit came after a
+# long prefill: 3 of 5 pool hits spun against none of the VRAM hits in one run (2.40x).
+IDLE_BEFORE_HIT_S = 1.5
 GOALS = {"pool_shm_vs_recompute_4k": 0.2, "miss_overhead": 1.05, "pool_shm_vs_vram_4k": 1.3}
 
 
@@ -125,9 +131,9 @@ def measure(replicas: dict[str, ReplicaProcess], num_tokens: int, repeats: int,
             engine: int | None = None) -> dict[str, Any]:
     """Median TTFT of each tier for prompts of num_tokens, each repeat on a fresh prompt; and
     the CPU time the shm replica's engine-core process (engine) took during its VRAM and pool
-    hits: vLLM's shared-memory queue busy-waits for a second after each message it reads, so
-    after the steps of an asynchronous load it spins beside the prefill's compute threads,
-    where a VRAM hit that follows a long prefill finds it asleep."""
+    hits: vLLM's shared-memory queue busy-waits for a second after each message it reads, and a
+    spinning engine core slows the prefill's compute threads beside it. Every hit starts after
+    IDLE_BEFORE_HIT_S of its replica's idle, so VRAM and pool hits meet the engine alike."""
     from bench.machine import CLOCK_TICKS, proc_jiffies
 
     rng = random.Random(num_tokens)
@@ -147,11 +153,13 @@ def measure(replicas: dict[str, ReplicaProcess], num_tokens: int, repeats: int,
         samples["recompute"].append(ttft(replicas["base"], fresh()))
         prompt = fresh()
         samples["miss"].append(ttft(replicas["shm"], prompt))  # misses, then saves the prompt
+        time.sleep(IDLE_BEFORE_HIT_S)
         seconds, cpu = engine_s(lambda: ttft(replicas["shm"], prompt))
         samples["vram_hit"].append(seconds)
         engine_cpu["vram_hit"].append(cpu)
         for tier in ("shm", "tcp"):
             replicas[tier].reset_prefix_cache()  # drop tier 0: the prompt must come from the pool
+            time.sleep(IDLE_BEFORE_HIT_S)
             result, cpu = engine_s(lambda: replicas[tier].request(prompt, max_tokens=1,
                                                                   timeout_s=600))
             samples[f"pool_{tier}"].append(result["seconds"])
@@ -208,7 +216,8 @@ def report(figures: dict[int, dict[str, Any]], repeats: int, command: str) -> No
         "goals": GOALS,
         "seconds": {str(n): f for n, f in figures.items()},
         "parameters": {"model": BENCH_MODEL.__dict__, "dtype": "float32", "block_size": BLOCK_SIZE,
-                       "repeats": repeats, "ttft": "wall time of a 1-token generate()"},
+                       "repeats": repeats, "ttft": "wall time of a 1-token generate()",
+                       "idle_before_hit_s": IDLE_BEFORE_HIT_S},
         "machine": describe(["vllm", "torch", "pyzmq"]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": command,
