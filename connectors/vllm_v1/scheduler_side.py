@@ -51,6 +51,9 @@ class _Claim:
     # Per rank, with use_shm: (offset, nbytes) of each hit in the segment of token.
     slots: list[list[tuple[int, int]] | None] = field(default_factory=list)
     token: bytes | None = None
+    # The segment of token is mapped on this host (the scheduler's client attached it): the
+    # workers beside this scheduler can copy the slots.
+    is_local: bool = False
 
 
 @dataclass(slots=True)
@@ -99,7 +102,10 @@ class SchedulerSide:
         self._calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-sched")
         self._lookup_client: Client | None = None  # the calls thread's
         # Connects and says HELLO now, in the background: vLLM's startup never waits for it.
-        self._keeper = Keeper(self._make_client, {"lookup": False}, config.timeout_ms / 1000)
+        # The lookup client maps the segment when it can (address space only, no page is
+        # touched): whether it could tells if the slots a lookup answers are on this host.
+        self._keeper = Keeper(self._make_client, {"lookup": config.use_shm},
+                              config.timeout_ms / 1000)
         self._keeper.start()
         self._num_generations_seen = 0
         # Start the calls thread now and let it take the keeper's first connected client.
@@ -282,10 +288,12 @@ class SchedulerSide:
 
     def _loads_in_step(self, st: _ReqState) -> bool:
         """Whether st's hit is copied in the step that prefills it: on a CPU engine, when every
-        rank's lookup answered slots (same host); the worker then never calls the daemon but to
-        release, and a load it cannot do is recomputed in that step."""
+        rank's lookup answered slots in a segment mapped on this host; the worker then calls
+        the daemon only to release, and a load it cannot do is recomputed in that step. A
+        daemon on another host answers slots too, but there they are loaded in the background
+        (by GET)."""
         claim = st.claim
-        return (self.load_in_step and claim is not None and claim.token is not None
+        return (self.load_in_step and claim is not None and claim.is_local
                 and bool(claim.slots) and all(s is not None for s in claim.slots))
 
     def _warm_up(self) -> None:
@@ -306,8 +314,10 @@ class SchedulerSide:
                                          lease_ms=self.config.lease_ms, with_slots=with_slots)
         slots = [None if r.slots is None or r.sizes is None else list(zip(r.slots, r.sizes))
                  for r in results]
+        token = results[0].token
+        is_local = client.pool is not None and token is not None and client.pool.token == token
         return _Claim(min(r.num_hits for r in results), [r.lease for r in results],
-                      slots if with_slots else [], results[0].token)
+                      slots if with_slots else [], token, is_local)
 
     def _release(self, st: _ReqState) -> None:
         if st.lookup is not None:
@@ -338,13 +348,13 @@ class SchedulerSide:
         """The calls thread's client: the keeper's newest connected one, else one of its own."""
         client = swap(self._keeper, "lookup", self._lookup_client)
         if client is None:
-            client = self._make_client(False)  # connects on its first call
+            client = self._make_client(self.config.use_shm)  # connects on its first call
         self._lookup_client = client
         return client
 
     def _make_client(self, use_shm: bool = False) -> Client:
         return Client(self.config.address, self.config.timeout_ms / 1000,
-                      curve_dir=self.config.curve_keys, use_shm=False)
+                      curve_dir=self.config.curve_keys, use_shm=use_shm)
 
     # --- saves -------------------------------------------------------------------------------
     def _saves(self, scheduler_output: Any) -> list[SaveSpec]:

@@ -335,8 +335,15 @@ class WorkerSide:
         assert self.kv is not None
         lease = self._lease(spec)
         found = self._found_refs(client, spec)
+        if found is None and lease is not None and spec.token is not None and (
+                client.pool is None or client.pool.token != spec.token):
+            # This client still knows the segment of a daemon that has restarted since (the
+            # keeper has not handed out a new client yet): one HELLO attaches the new one.
+            self._forget_pool(client)
+            client.connect()
+            found = self._found_refs(client, spec)
         if found is None or lease is None:
-            # Another segment (the daemon restarted since the lookup) or no slots for this rank.
+            # Still another segment (the lookup's daemon is gone too) or no slots for this rank.
             log.info("kvstore: the slots of %s are not in this worker's segment: recomputing",
                      spec.req_id)
             return 0

@@ -229,10 +229,30 @@ def test_in_step_slots_of_another_segment_are_recomputed(
         spec.token = bytes(16)
         before = requests(scheduler)
         loader.worker.start_load(KVStoreMetadata(loads=[spec]))
-        assert delta(requests(scheduler), before) == {"stats": 1}
+        # One HELLO, in case this worker's client knew a restarted daemon's old segment.
+        assert delta(requests(scheduler), before) == {"hello": 1, "stats": 1}
         assert scheduler.release(found.lease)
     assert threads == []
     assert loader.worker.take_failed_block_ids() == {10, 11}
+
+
+def test_an_in_step_load_after_a_daemon_restart_attaches_the_new_segment(
+        daemon: Daemon, replicas: list[Replica]) -> None:
+    """The daemon restarted (a new segment) and the worker's client has not been replaced yet
+    (its keeper is stopped here): one HELLO attaches the new segment, and the hit loads."""
+    saver, loader = replicas
+    loader.save(chain(1, b"old-segment"), [20])  # the loader's client maps the first segment
+    loader.worker._keeper.stop()  # no fresh client will come from it
+    daemon.restart()
+    hashes = chain(3, b"new-segment")
+    saver.save(hashes, [1, 2, 3])
+    with Client(daemon.address) as scheduler:
+        found = scheduler.lookup(NS, hashes, lease_ms=LEASE_MS, with_slots=True)
+        loader.worker.start_load(KVStoreMetadata(loads=[_in_step(found, hashes, [10, 11, 12])]))
+        assert scheduler.stats()["num_leases"] == 0
+    assert loader.worker.take_failed_block_ids() == set()
+    for src, dst in zip([1, 2, 3], [10, 11, 12]):
+        assert torch.equal(loader.block(dst), saver.block(src))
 
 
 def _resident_bytes(path: Path) -> int:

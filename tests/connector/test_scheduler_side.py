@@ -234,3 +234,18 @@ def test_every_rank_reports_its_in_step_loads_and_the_least_counts() -> None:
     merged = rank0.aggregate(rank1)
     assert merged.loaded == {"r": 2, "s": 1} and merged.saved == [b"a"]
     assert KVStoreWorkerMeta().is_empty() and not merged.is_empty()
+
+
+def test_slots_of_a_segment_this_host_cannot_map_load_in_the_background(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon on another host answers slots too, but its segment cannot be mapped here (the
+    other host is faked by refusing the mapping): the load stays asynchronous, where the worker
+    reads the blocks by GET, instead of an in-step load that could only recompute."""
+    from kvstore import client as client_module
+
+    req = make_request("r", 4)
+    store(daemon.address, req, 4)
+    monkeypatch.setattr(client_module.Pool, "attach", classmethod(lambda cls, name, token: None))
+    sched = side(daemon.address, load_in_step=True)
+    assert _ask(sched, req) == (4 * BLOCK, True)
+    sched.shutdown()
