@@ -316,8 +316,8 @@ class WorkerSide:
             start = time.perf_counter()
             try:
                 client = self._take_step_client()
-                is_local = client.is_local
                 num_loaded = self._copy_and_release(client, spec)
+                is_local = client.is_local  # after: a first HELLO may have mapped the segment
             except Exception as exc:  # anything: report and let vLLM recompute
                 log.warning("kvstore load of %s failed (%s): recomputing", spec.req_id, exc)
                 self._keeper.poke()

@@ -19,6 +19,9 @@ pytestmark = pytest.mark.timeout(60)
 
 BLOCK = 4
 NS = Namespace(b"sched-test")
+# A lookup budget for tests that assert which way a hit loads, not how fast: on a loaded CI
+# machine a first lookup (connecting, mapping the segment) can outrun the default 300 ms here.
+LONG_MS = 5000
 
 
 def make_request(req_id: str, num_blocks: int, extra_tokens: int = 1) -> Req:
@@ -33,8 +36,8 @@ def store(address: str, req: Req, num_blocks: int) -> None:
 
 
 def side(address: str, load_in_step: bool = False, **overrides: int) -> SchedulerSide:
-    config = ConnectorConfig(address=address, timeout_ms=500, lookup_timeout_ms=300,
-                             lookup_wait_ms=200, retry_interval_ms=1000, **overrides)
+    config = ConnectorConfig(**{"address": address, "timeout_ms": 500, "lookup_timeout_ms": 300,
+                                "lookup_wait_ms": 200, "retry_interval_ms": 1000, **overrides})
     return SchedulerSide(config, NS, BLOCK, load_in_step=load_in_step)
 
 
@@ -196,7 +199,7 @@ def test_a_cpu_engine_loads_a_same_host_hit_in_the_step_that_prefills_it(daemon:
 
     req = make_request("r", 4)
     store(daemon.address, req, 4)
-    sched = side(daemon.address, load_in_step=True)
+    sched = side(daemon.address, load_in_step=True, lookup_timeout_ms=LONG_MS)
     tokens, is_async = _ask(sched, req)
     assert tokens == 4 * BLOCK and not is_async
     sched.update_state_after_alloc(req, fakes.Blocks(), tokens)
@@ -217,7 +220,7 @@ def test_a_hit_without_slots_loads_in_the_background_even_on_a_cpu_engine(daemon
     inside the step, so the load stays asynchronous."""
     req = make_request("r", 4)
     store(daemon.address, req, 4)
-    sched = side(daemon.address, load_in_step=True, lease_ms=0)
+    sched = side(daemon.address, load_in_step=True, lease_ms=0, lookup_timeout_ms=LONG_MS)
     assert _ask(sched, req) == (4 * BLOCK, True)
     sched.update_state_after_alloc(req, fakes.Blocks(), 4 * BLOCK)
     (load,) = sched.build_connector_meta(_NoSteps()).loads
@@ -246,6 +249,6 @@ def test_slots_of_a_segment_this_host_cannot_map_load_in_the_background(
     req = make_request("r", 4)
     store(daemon.address, req, 4)
     monkeypatch.setattr(client_module.Pool, "attach", classmethod(lambda cls, name, token: None))
-    sched = side(daemon.address, load_in_step=True)
+    sched = side(daemon.address, load_in_step=True, lookup_timeout_ms=LONG_MS)
     assert _ask(sched, req) == (4 * BLOCK, True)
     sched.shutdown()
