@@ -197,7 +197,7 @@ class Job:
     vram_blocks: int = 0
     pool_blocks: int = 0
     decode_left: int = 0
-    looked_up_at: float = -1.0  # when the scheduler looked it up (-1: not yet)
+    is_looked_up: bool = False  # the scheduler has looked it up (its hits are decided)
     prefill_left: int = -1  # prompt tokens still to compute (-1: prefill not started)
     chunk: int = 0  # of those, the ones its current step computes
     ttft: float = float("nan")
@@ -254,7 +254,7 @@ class Fleet:
             if budget <= 0:  # vLLM stops at the budget: the rest wait, not even looked up
                 left.append(job)
                 continue
-            if job.looked_up_at < 0:
+            if not job.is_looked_up:
                 self._look_up(r, job)
             if job.prefill_left < 0:
                 cached = (job.vram_blocks + job.pool_blocks) * self.block_size
@@ -280,7 +280,7 @@ class Fleet:
         job.vram_blocks = r.cache.match(job.hashes, most)
         job.pool_blocks = self.pool.load(job.hashes, job.vram_blocks, most) if self.pool else 0
         job.blocks = r.cache.allocate(job.hashes, job.vram_blocks, len(prompt) + self.max_tokens)
-        job.looked_up_at = self.now
+        job.is_looked_up = True
 
     def next_step_end(self) -> float:
         """When the next step of any engine ends."""

@@ -223,8 +223,9 @@ def test_an_in_step_load_whose_lease_ended_is_recomputed(
 
 def test_in_step_slots_of_another_segment_are_recomputed(
         daemon: Daemon, replicas: list[Replica]) -> None:
-    """Slots named for another segment (a daemon restarted since the lookup) are never read,
-    and no daemon call is made inside the step: every block is reported failed."""
+    """Slots named for another segment (a daemon restarted since the lookup) are never read:
+    after one HELLO (which would attach a restarted daemon's new segment) every block is
+    reported failed, with no other daemon call inside the step."""
     saver, loader = replicas
     hashes = chain(2, b"in-step-other")
     saver.save(hashes, [1, 2])
