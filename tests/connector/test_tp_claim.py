@@ -21,8 +21,8 @@ RANKS = [Namespace(b"tp-test-rank0"), Namespace(b"tp-test-rank1")]
 
 
 def side(address: str) -> SchedulerSide:
-    # Generous budgets: CI machines are shared.
-    config = ConnectorConfig(address=address, timeout_ms=2000, lookup_timeout_ms=1000,
+    # Generous budgets: a daemon just started on a loaded CI machine took over 2 s to answer.
+    config = ConnectorConfig(address=address, timeout_ms=10_000, lookup_timeout_ms=10_000,
                              lookup_wait_ms=5)
     return SchedulerSide(config, RANKS[0], BLOCK, rank_namespaces=RANKS)
 

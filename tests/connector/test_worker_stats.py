@@ -20,6 +20,10 @@ pytestmark = pytest.mark.timeout(60)
 BLOCK = 16  # tokens per block (only scales the token counters)
 NUM_BLOCKS, NUM_LAYERS, PAGE_FLOATS = 32, 4, 256  # 4 KiB per block
 NS = Namespace(b"worker-stats-test")
+# What these tests count must not hang on how fast the machine is: a daemon just started on a
+# loaded CI machine once took more than 2 s to answer a save (two tests failed so). The tests
+# of an unreachable or dead daemon pass their own short budgets.
+LONG_MS = 10_000
 
 MakeWorker = Callable[..., WorkerSide]
 
@@ -39,7 +43,8 @@ def make_worker() -> Iterator[MakeWorker]:
     made: list[WorkerSide] = []
 
     def make(address: str, **overrides: object) -> WorkerSide:
-        settings = {"timeout_ms": 2000, "save_timeout_ms": 2000, **overrides}
+        settings = {"timeout_ms": LONG_MS, "save_timeout_ms": LONG_MS, "load_timeout_ms": LONG_MS,
+                    **overrides}
         config = ConnectorConfig(address=address, **settings)  # type: ignore[arg-type]
         worker = WorkerSide(config, NS, BLOCK, report_saves=True)
         worker.register_kv_caches(kv_caches())
