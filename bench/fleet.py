@@ -7,8 +7,8 @@ For each cache ("vram": vLLM's own prefix cache only; "pool": the same replicas 
 connector in front of one daemon), N real `vllm serve` CPU replicas are started once; then for
 each N and router policy (round_robin, consistent_hash on X-Session-ID, cache_aware with balance
 thresholds tuned for a few requests in flight, kv_aware fed by every replica's KV events, which
-with the pool include the connector's CPU-medium BlockStored/BlockRemoved), the daemon is
-restarted (an empty pool), every replica's prefix cache reset, a fresh vllm-router started, and
+with the pool include the connector's CPU-medium BlockStored/BlockRemoved), the pool is emptied
+(every namespace invalidated), every replica's prefix cache reset, a fresh vllm-router started, and
 bench/workload.py's seeded trace sent through it as streaming /v1/completions requests with
 --concurrency in flight (bench/fleet_client.py).
 
@@ -166,21 +166,36 @@ def run_cache(cache: str, ns: list[int], policies: list[str], failure: bool,
 
 
 def fresh_start(replicas: list[Replica], daemon: Any) -> None:
-    """Empty every tier: restart the daemon (an empty pool), then reset each VRAM cache.
+    """Empty every tier: reset each VRAM cache, then drop every block the pool holds.
 
-    A first request per replica lets its connector rejoin the restarted daemon and keeps
-    first-call costs out of the figures.
+    A first request per replica keeps first-call costs out of the figures. The daemon keeps
+    running: a restarted one (as these runs did before 2026-12-04) maps a new 1 GiB segment that
+    it and every replica's connector then fault in, 1-4 s of a core each on this VM, in the
+    first seconds of the run that follows (its first second's TTFT p50 was 1.2-1.5x the VRAM
+    runs', against 0.8-1.1x later in the run).
     """
     from bench.fleet_model import text
     from bench.fleet_procs import MODEL_NAME, http
 
-    if daemon:
-        daemon.restart()
     for i, r in enumerate(replicas):
         warm = [(7 * i + j) % 500 + 1 for j in range(4 * BLOCK_SIZE + 5)]
         http("POST", r.url + "/v1/completions", {"model": MODEL_NAME, "prompt": text(warm),
              "max_tokens": 1, "ignore_eos": True}, timeout_s=600).close()
         r.reset_prefix_cache()
+    if daemon:
+        empty_pool(daemon.address)
+
+
+def empty_pool(address: str) -> None:
+    """Invalidate every namespace the daemon holds and wait until its blocks are gone (the
+    daemon drops a large invalidation in slices between messages)."""
+    from bench.daemon import wait_until
+    from kvstore.client import Client
+
+    with Client(address, timeout_s=30, use_shm=False) as client:
+        for name in client.stats()["namespaces"]:
+            client.invalidate(bytes.fromhex(name))
+        wait_until(lambda: client.stats()["num_blocks"] == 0, 60, what="pool emptied")
 
 
 def run_one(cache: str, policy: str, replicas: list[Replica], daemon: Any,
@@ -432,7 +447,7 @@ def render(res: dict[str, Any]) -> str:
         f"({p['pool_blocks']} blocks, `pool`). One seeded trace ({t['num_requests']} requests, "
         f"{t['num_prompt_tokens']} prompt tokens, {t['num_distinct_blocks']} distinct blocks; "
         f"{t['kinds']}) sent as streaming /v1/completions with {p['concurrency']} in flight, each "
-        f"session's turns in order, {p['max_tokens']} tokens generated each. Daemon restarted, "
+        f"session's turns in order, {p['max_tokens']} tokens generated each. Pool emptied, "
         "prefix caches reset and a fresh router per row. Hit rate = cached prompt tokens (usage) / "
         "prompt tokens; pool share from the connector's `vllm:kvstore_prompt_tokens{tier=\"pool\"}`; "
         "TTFT = first streamed chunk through the router. cache_aware runs with "

@@ -39,8 +39,9 @@ class Watcher:
 
 
 def config(address: str, **overrides: int) -> ConnectorConfig:
-    # Generous budgets: CI machines are shared; what is tested never waits them out.
-    settings = {"timeout_ms": 2000, "lookup_timeout_ms": 1000, "lookup_wait_ms": 5,
+    # Generous budgets: CI machines are shared (a daemon just restarted there once took over 1 s
+    # to answer a lookup); what is tested never waits them out.
+    settings = {"timeout_ms": 5000, "lookup_timeout_ms": 5000, "lookup_wait_ms": 5,
                 "retry_interval_ms": 1000, **overrides}
     return ConnectorConfig(address=address, **settings)  # type: ignore[arg-type]
 
