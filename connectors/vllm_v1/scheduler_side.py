@@ -262,9 +262,13 @@ class SchedulerSide:
     def _resolve(self, st: _ReqState) -> bool:
         """Settle st's lookup if it has finished or run out of time; False while still pending."""
         assert st.lookup is not None
+        # vLLM's whole step waits here: counted, as is each pass the request sits out.
+        start = time.perf_counter()
         wait_futures([st.lookup], timeout=self.config.lookup_wait_ms / 1000)
+        self._stats.add(lookup_wait_s=time.perf_counter() - start)
         if not st.lookup.done():
             if time.monotonic() < st.deadline_s:
+                self._stats.add(lookup_waits=1)
                 return False
             st.lookup.add_done_callback(self._release_late)  # give a late lease back
             log.warning("kvstore lookup slower than %d ms: treating as a miss",

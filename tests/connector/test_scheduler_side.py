@@ -252,3 +252,31 @@ def test_slots_of_a_segment_this_host_cannot_map_load_in_the_background(
     sched = side(daemon.address, load_in_step=True)
     assert _ask(sched, req) == (4 * BLOCK, True)
     sched.shutdown()
+
+
+def test_a_lookup_the_daemon_has_not_answered_is_counted_as_a_wait(daemon: Daemon) -> None:
+    """A stalled daemon (SIGSTOP) leaves the lookup pending: the request sits the pass out, and
+    the counters say so (lookup_waits) and how long the scheduler waited (lookup_wait_s). Once
+    the daemon answers, the hit comes as if nothing happened."""
+    import signal
+
+    req = make_request("r", 4)
+    store(daemon.address, req, 4)
+    sched = side(daemon.address, lookup_wait_ms=50)
+    try:
+        wait_until(lambda: sched.is_connected, 10, what="connected")
+        sched.take_stats()
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert sched.get_num_new_matched_tokens(req, 0) == (None, False)
+            stats = sched.take_stats()
+            assert stats is not None and stats.data["lookup_waits"] == 1
+            assert stats.data["lookup_wait_s"] >= 0.04
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        assert _ask(sched, req) == (4 * BLOCK, True)
+        stats = sched.take_stats()
+        assert stats is not None and stats.data["lookup_wait_s"] > 0
+    finally:
+        sched.shutdown()
