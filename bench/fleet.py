@@ -64,6 +64,17 @@ VRAM_BLOCKS = 192  # per replica: ~3 prompts of 2k tokens, well under the workin
 POOL_BLOCKS = 8192  # holds the whole working set
 BLOCK_BYTES = (FLEET_MODEL.num_layers * 2 * FLEET_MODEL.num_kv_heads * BLOCK_SIZE * 4
                * (FLEET_MODEL.hidden_size // FLEET_MODEL.num_heads))  # float32 K and V
+# The connector's counters of what it cost vLLM's steps (connectors/vllm_v1/stats.py), recorded
+# per pool run under the names on the right.
+CONNECTOR_COSTS = {
+    "vllm:kvstore_lookups_total": "lookups",
+    "vllm:kvstore_lookup_waits_total": "lookup_waits",
+    "vllm:kvstore_lookup_wait_seconds_total": "lookup_wait_s",
+    'vllm:kvstore_transfer_seconds_total{direction="save"}': "save_s",
+    'vllm:kvstore_transfer_seconds_total{direction="load"}': "load_s",
+    "vllm:kvstore_saved_blocks_total": "saved_blocks",
+    "vllm:kvstore_loads_total": "loads",
+}
 START_TIMEOUT_S = 900.0  # engines start in ~50 s idle, minutes when several share 2 loaded cores
 
 
@@ -227,9 +238,10 @@ def run_one(cache: str, policy: str, replicas: list[Replica], daemon: Any,
         router.stop()
     survivors = [r for r in replicas if r.alive()]
     after = {r.name: r.metrics() for r in survivors}
-    pool_tokens = sum(after[r.name].get('vllm:kvstore_prompt_tokens_total{tier="pool"}', 0.0)
-                      - b.get('vllm:kvstore_prompt_tokens_total{tier="pool"}', 0.0)
+    moved = {key: sum(after[r.name].get(key, 0.0) - b.get(key, 0.0)
                       for r, b in zip(replicas, before) if r.name in after)
+             for key in ('vllm:kvstore_prompt_tokens_total{tier="pool"}', *CONNECTOR_COSTS)}
+    pool_tokens = moved.pop('vllm:kvstore_prompt_tokens_total{tier="pool"}')
     served_by = {}
     for r in replicas:  # a request retried after the kill is counted where it completed
         for request_id in r.served_ids():
@@ -243,6 +255,8 @@ def run_one(cache: str, policy: str, replicas: list[Replica], daemon: Any,
            "load_avg_1m": os.getloadavg()[0],  # TTFT depends on what else the machine runs
            "killed": killed[0].name if killed else None, "killed_at_s": killed_at[0] if killed_at else None,
            "wall_s": wall_s, "pool_tokens": pool_tokens,
+           # what the connector cost the replicas' steps, summed over them (pool runs only)
+           "connector": {CONNECTOR_COSTS[k]: v for k, v in moved.items()} if daemon else None,
            # where consistent_hash sends a session depends on these (bench/router_hash.py)
            "worker_urls": [r.url for r in replicas], "requests": rows}
     summary = summarize_run(run)
@@ -251,6 +265,12 @@ def run_one(cache: str, policy: str, replicas: list[Replica], daemon: Any,
         f"{summary['ttft_p50_s']:.2f} s p95 {summary['ttft_p95_s']:.2f} s, "
         f"{summary['requests_per_s']:.2f} req/s, per replica {summary['per_replica']}, "
         f"{summary['failed']} failed, {wall_s:.0f} s")
+    if run["connector"]:
+        c = run["connector"]
+        log(f"{tag}: connector: {c['lookups']:.0f} lookups, scheduler waited "
+            f"{c['lookup_wait_s'] * 1e3:.0f} ms on them ({c['lookup_waits']:.0f} passes sat out); "
+            f"saves {c['save_s'] * 1e3:.0f} ms ({c['saved_blocks']:.0f} blocks), loads "
+            f"{c['load_s'] * 1e3:.0f} ms ({c['loads']:.0f})")
     return run
 
 
@@ -490,6 +510,10 @@ def simulated(res: dict[str, Any]) -> list[str]:
         f"outside the engine, outside load {w.get('outside_load', 0):.1f} engines, "
         + (f"a pool load of {w['pool_load_s'] * 1e3:.1f} ms + {w['pool_s_per_token'] * 1e6:.1f} "
            "us per loaded token of its prefill step's work, " if w.get("pool_load_s") else "")
+        + ("and, measured by the connector's counters in the real runs, "
+           f"{w['save_s_per_token'] * 1e6:.1f} us of saves per computed token and a "
+           f"{w['lookup_s'] * 1e3:.1f} ms wait of the scheduler per lookup, "
+           if w.get("save_s_per_token") else "")
         + f"step noise sigma {sim.get('step_noise_sigma', {}).get(cache, 0):.2f}"
         for cache, w in sim["engine_model"].items())
     replay = sim["cache_replay"]

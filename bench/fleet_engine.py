@@ -180,6 +180,12 @@ class EngineModel:
     # loaded tokens (the copy). 0: pool hits cost as VRAM hits do.
     pool_load_s: float = 0.0
     pool_s_per_token: float = 0.0
+    # What the connector's other calls cost a pool run's steps, measured by its own counters in
+    # the real runs (bench.fleet's "connector"), not fitted: the worker's saves of the blocks a
+    # step computed (seconds per computed token), and the scheduler's wait for each request's
+    # lookup (its step waits with it).
+    save_s_per_token: float = 0.0
+    lookup_s: float = 0.0
 
     def rate(self, num_busy: int) -> float:
         """The speed of each of num_busy busy engines, in units of work per second."""
@@ -256,6 +262,8 @@ class Fleet:
                 continue
             if not job.is_looked_up:
                 self._look_up(r, job)
+                if self.pool:
+                    work += m.lookup_s
             if job.prefill_left < 0:
                 cached = (job.vram_blocks + job.pool_blocks) * self.block_size
                 job.prefill_left = len(job.request["prompt"]) - cached
@@ -266,6 +274,8 @@ class Fleet:
             job.chunk = min(job.prefill_left, budget)
             budget -= job.chunk
             work += m.recompute_s_per_token * job.chunk
+            if self.pool:  # the connector saves what the step computed
+                work += m.save_s_per_token * job.chunk
             prefill.append(job)
         if self.noise_sigma:
             work *= float(np.exp(self.rng.normal(0.0, self.noise_sigma)))

@@ -30,11 +30,15 @@ What it models, each part checked against the real runs' per-request records:
   TTFT = the end of the request's prefill step + http_s (router and server, off the engine);
   the client's worker is free for its next request only then too. A pool hit is loaded as the
   connector loads one on a CPU engine: in the step that prefills the request, whose work it adds
-  to (pool_load_s per load, pool_s_per_token x loaded tokens).
+  to (pool_load_s per load, pool_s_per_token x loaded tokens). The connector's other costs in a
+  pool run are measured, not fitted: its counters in the real runs (bench.fleet's "connector")
+  give the saves' seconds per computed token, which every step's computed tokens add, and the
+  scheduler's wait per lookup, which the step that looks a request up adds.
   The engine's costs are fitted on the real N = 2 VRAM-only runs replayed open loop (real start
   times and replicas), by least absolute log error of each request's TTFT and latency; the pool
-  runs keep that engine and fit only what the pool adds (its load, and outside load for the
-  daemon's and connector's threads). Those runs are then
+  runs keep that engine, add the measured save and lookup costs, and fit only what the pool adds
+  beyond them (its load, and outside load for the daemon's and connector's threads). Those runs
+  are then
   simulated closed loop with the simulated routers and arrivals ("validation_n2"), and the real
   N = 3 runs, three one-thread replicas on two cores, predicted out of sample ("validation_n3").
   Each step's work is
@@ -107,6 +111,23 @@ def fit(runs: list[dict[str, Any]], trace_by_id: dict[int, dict[str, Any]],
         return total
 
     return model_of(nelder_mead(loss, np.log(start), FIT_ROUNDS))
+
+
+def connector_costs(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The connector's step costs as its counters measured them over the pool runs: save
+    seconds per computed prompt token (the simulator charges each step's computed tokens), and
+    the scheduler's lookup wait per lookup. Zero for results recorded before bench.fleet kept
+    the counters (2026-12-04)."""
+    measured = [run for run in runs if run.get("connector")]
+    if not measured:
+        return {"save_s_per_token": 0.0, "lookup_s": 0.0}
+    computed = sum(r["prompt_tokens"] - r["cached_tokens"]
+                   for run in measured for r in run["requests"] if r["ok"])
+    lookups = sum(run["connector"]["lookups"] for run in measured)
+    return {"save_s_per_token": sum(run["connector"]["save_s"] for run in measured)
+            / max(computed, 1),
+            "lookup_s": sum(run["connector"]["lookup_wait_s"] for run in measured)
+            / max(lookups, 1)}
 
 
 def nelder_mead(f: Any, x0: np.ndarray, rounds: int, step: float = 0.7) -> np.ndarray:
@@ -219,7 +240,9 @@ def calibrate(res: dict[str, Any]) -> dict[str, Any]:
                  for cache in res["hit_rate"]}
     models = {"vram": fit(fitted_on["vram"], by_id, setup)}
     if "pool" in fitted_on:
-        models["pool"] = fit(fitted_on["pool"], by_id, setup, base=models["vram"])
+        measured = connector_costs(fitted_on["pool"])
+        models["pool"] = fit(fitted_on["pool"], by_id, setup,
+                             base=replace(models["vram"], **measured))
     noise = {cache: spread(runs, by_id, models[cache], setup) for cache, runs in fitted_on.items()}
     urls = run_urls(plain)
     out: dict[str, Any] = {"hit_rate": {}, "pool_hit_rate": {}, "ttft_p50_s": {},
@@ -229,8 +252,9 @@ def calibrate(res: dict[str, Any]) -> dict[str, Any]:
                            "step_noise_sigma": noise, "seeds": SEEDS,
                            "hit_rate_p10_p90": {}, "ttft_p50_s_p10_p90": {},
                            "fitted_on": f"the real N={FIT_N} VRAM-only runs, replayed; the "
-                                        "pool runs keep that engine and fit only the pool's load "
-                                        "and the outside load"}
+                                        "pool runs keep that engine with the connector's measured "
+                                        "save and lookup costs and fit only the pool's load and "
+                                        "the outside load"}
     for run in plain:
         key = (run["cache"], run["policy"], str(run["n"]))
         replay = run_replay(run, by_id, models[run["cache"]], **_replay_setup(run, setup))

@@ -13,7 +13,7 @@ from bench.fleet_model import make_fleet_model, text
 from bench.fleet_engine import (CacheAware, EngineCache, EngineModel, Fleet, FewestPrefilling,
                                 Job, PrefixTree, RouterView, common_prefix, run_closed_loop,
                                 run_replay)
-from bench.fleet_sim import against_repeats, repeatability
+from bench.fleet_sim import against_repeats, connector_costs, repeatability
 from bench.models import TinyLlama
 from bench.sim import Pool, block_hashes
 
@@ -253,6 +253,35 @@ def test_a_pool_hit_is_copied_in_the_step_that_prefills_it() -> None:
     # beside c's 90-token prefill, in the same step: both end together
     assert abs(ttfts[1][0] - (0.01 + load + 0.002 + 0.09)) < 1e-9
     assert abs(ttfts[1][1] - ttfts[1][0]) < 1e-9
+
+
+def test_a_pool_run_pays_the_measured_save_and_lookup_costs_in_the_step() -> None:
+    """The connector's other costs (fleet_sim.connector_costs): its saves add to every step's
+    computed tokens, the scheduler's lookup wait to the step that looks the request up; neither
+    is paid without a pool."""
+    costly = EngineModel(**{**MODEL.__dict__, "save_s_per_token": 0.0002, "lookup_s": 0.004})
+    prompt = list(range(1, 91))
+    for pool, expected in ((None, 0.01 + 0.09), (Pool(64, 1, "leaf-lru"),
+                                                 0.01 + 0.09 + 0.004 + 0.0002 * 90)):
+        fleet = Fleet(1, costly, 64, pool, BS, max_tokens=1)
+        job = Job({"prompt": prompt}, 0.0)
+        fleet.arrive(job, 0)
+        fleet.advance(0.0)
+        _drain(fleet)
+        assert abs(job.ttft - expected) < 1e-9
+
+
+def test_connector_costs_are_the_counters_per_computed_token_and_per_lookup() -> None:
+    rows = [{"ok": True, "prompt_tokens": 100, "cached_tokens": 40},
+            {"ok": True, "prompt_tokens": 50, "cached_tokens": 10},
+            {"ok": False, "prompt_tokens": 999, "cached_tokens": 0}]  # never answered: not counted
+    runs = [{"requests": rows, "connector": {"save_s": 0.01, "lookups": 2, "lookup_wait_s": 0.006}},
+            {"requests": rows, "connector": {"save_s": 0.03, "lookups": 2, "lookup_wait_s": 0.002}},
+            {"requests": rows, "connector": None}]  # a VRAM-only run records none
+    costs = connector_costs(runs)
+    assert abs(costs["save_s_per_token"] - 0.04 / 200) < 1e-12
+    assert abs(costs["lookup_s"] - 0.008 / 4) < 1e-12
+    assert connector_costs([{"requests": rows}]) == {"save_s_per_token": 0.0, "lookup_s": 0.0}
 
 
 def test_a_closed_loop_worker_sends_again_only_when_it_has_the_answer() -> None:
