@@ -121,6 +121,11 @@ class Client(Calls):
         """Whether slots are reachable through shared memory (same host as the daemon)."""
         return self.pool is not None
 
+    def maps(self, token: bytes | None) -> bool:
+        """Whether the segment of token (a LOOKUP's answer names it) is the one mapped here: its
+        slots can be copied by this process."""
+        return self.pool is not None and token is not None and self.pool.token == token
+
     def has_shm(self) -> bool:
         """Connect if needed; True when the shared segment is attached (same host)."""
         return self._shm_ready()

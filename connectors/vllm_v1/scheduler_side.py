@@ -268,7 +268,7 @@ class SchedulerSide:
         self._stats.add(lookup_wait_s=time.perf_counter() - start)
         if not st.lookup.done():
             if time.monotonic() < st.deadline_s:
-                self._stats.add(lookup_waits=1)
+                self._stats.add(num_lookup_waits=1)
                 return False
             st.lookup.add_done_callback(self._release_late)  # give a late lease back
             log.warning("kvstore lookup slower than %d ms: treating as a miss",
@@ -319,9 +319,8 @@ class SchedulerSide:
         slots = [None if r.slots is None or r.sizes is None else list(zip(r.slots, r.sizes))
                  for r in results]
         token = results[0].token
-        is_local = client.pool is not None and token is not None and client.pool.token == token
         return _Claim(min(r.num_hits for r in results), [r.lease for r in results],
-                      slots if with_slots else [], token, is_local)
+                      slots if with_slots else [], token, client.maps(token))
 
     def _release(self, st: _ReqState) -> None:
         if st.lookup is not None:

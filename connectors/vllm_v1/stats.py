@@ -30,9 +30,9 @@ _METRICS: dict[str, tuple[str, str | None, str | None, str]] = {
     "num_lookups": ("vllm:kvstore_lookups", None, None, "Lookups sent to the daemon."),
     "num_failed_lookups": ("vllm:kvstore_lookup_failures", None, None,
                            "Lookups that failed or ran out of time (treated as misses)."),
-    "lookup_waits": ("vllm:kvstore_lookup_waits", None, None,
-                     "Scheduling passes a request sat out: its lookup had not answered within "
-                     "lookup_wait_ms."),
+    "num_lookup_waits": ("vllm:kvstore_lookup_waits", None, None,
+                         "Scheduling passes a request sat out: its lookup had not answered "
+                         "within lookup_wait_ms."),
     "lookup_wait_s": ("vllm:kvstore_lookup_wait_seconds", None, None,
                       "Seconds the scheduler waited for lookups (its step waits with it)."),
     "num_loads": ("vllm:kvstore_loads", None, None, "Loads from the pool started by a worker."),

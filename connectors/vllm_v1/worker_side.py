@@ -335,8 +335,8 @@ class WorkerSide:
         assert self.kv is not None
         lease = self._lease(spec)
         found = self._found_refs(client, spec)
-        if found is None and lease is not None and spec.token is not None and (
-                client.pool is None or client.pool.token != spec.token):
+        if (found is None and lease is not None and spec.token is not None
+                and not client.maps(spec.token)):
             # This client still knows the segment of a daemon that has restarted since (the
             # keeper has not handed out a new client yet): one HELLO attaches the new one.
             self._forget_pool(client)
@@ -486,8 +486,7 @@ class WorkerSide:
     def _found_refs(self, client: Client, spec: LoadSpec) -> list[SlotRef] | None:
         """The slots the lookup found for this rank, when they lie in client's segment."""
         slots = spec.slots[self.rank] if self.rank < len(spec.slots) else None
-        if (slots is None or self._lease(spec) is None or client.pool is None
-                or spec.token != client.pool.token):
+        if slots is None or self._lease(spec) is None or not client.maps(spec.token):
             return None  # no slots asked, or another daemon (restarted) or host: GET them
         return [SlotRef(SlotId(offset), nbytes) for offset, nbytes in slots[:len(spec.hashes)]]
 

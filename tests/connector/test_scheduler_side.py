@@ -256,8 +256,8 @@ def test_slots_of_a_segment_this_host_cannot_map_load_in_the_background(
 
 def test_a_lookup_the_daemon_has_not_answered_is_counted_as_a_wait(daemon: Daemon) -> None:
     """A stalled daemon (SIGSTOP) leaves the lookup pending: the request sits the pass out, and
-    the counters say so (lookup_waits) and how long the scheduler waited (lookup_wait_s). Once
-    the daemon answers, the hit comes as if nothing happened."""
+    the counters say so (num_lookup_waits) and how long the scheduler waited (lookup_wait_s).
+    Once the daemon answers, the hit comes as if nothing happened."""
     import signal
 
     req = make_request("r", 4)
@@ -271,7 +271,7 @@ def test_a_lookup_the_daemon_has_not_answered_is_counted_as_a_wait(daemon: Daemo
         try:
             assert sched.get_num_new_matched_tokens(req, 0) == (None, False)
             stats = sched.take_stats()
-            assert stats is not None and stats.data["lookup_waits"] == 1
+            assert stats is not None and stats.data["num_lookup_waits"] == 1
             assert stats.data["lookup_wait_s"] >= 0.04
         finally:
             daemon.proc.send_signal(signal.SIGCONT)

@@ -55,14 +55,13 @@ class Cluster:
         self.stop_daemon()
         self.daemon = Daemon(port=self.daemon.port, **kwargs).start()
         from kvstore.client import Client
-
         from kvstore.errors import ServerUnavailable
 
         own = [1]  # this client's HELLOs: one more after each call that got no answer
 
         def keepers_said_hello(client: Client) -> bool:
-            # A daemon just started may take a while to answer on a loaded 2-core machine (it
-            # listens before its segment is reserved): a late answer is "not yet", not a failure.
+            # A daemon just started may take over 2 s to answer on a loaded 2-core machine
+            # (seen in CI): a late answer is "not yet", not a failure.
             try:
                 return client.stats()["requests"].get("hello", 0) >= KEEPER_HELLOS + own[0]
             except ServerUnavailable:
