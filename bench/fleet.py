@@ -181,9 +181,10 @@ def fresh_start(replicas: list[Replica], daemon: Any) -> None:
 
     A first request per replica keeps first-call costs out of the figures. The daemon keeps
     running: a restarted one (as these runs did before 2026-12-04) maps a new 1 GiB segment that
-    it and every replica's connector then fault in, 1-4 s of a core each on this VM, in the
-    first seconds of the run that follows (its first second's TTFT p50 was 1.2-1.5x the VRAM
-    runs', against 0.8-1.1x later in the run).
+    it and every replica's connector then fault in (the daemon's prefault took 2.5-4.3 s of a
+    core here) in the first seconds of the run that follows. Over nine runs of each, the first
+    second's TTFT p50 of a pool run was 0.86-1.47x the VRAM run's (round_robin 1.29x,
+    cache_aware 1.47x); with the pool emptied instead, 0.84-1.09x.
     """
     from bench.fleet_model import text
     from bench.fleet_procs import MODEL_NAME, http
