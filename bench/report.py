@@ -45,6 +45,8 @@ class Section:
 # Order: the cheap, self-contained figures first, so a slow vLLM run cannot starve them.
 SECTIONS = (
     Section("store", "store", "Store throughput and lookup latency", (), 300),
+    Section("lookup_cost", "lookup_cost", "What a lookup costs, by hashes and busy-poll window",
+            (), 300),
     Section("eviction", "eviction", "Eviction policies on a mixed workload", (), 300),
     Section("fingerprint", "fingerprint", "Weights fingerprint at replica startup",
             ("--drop-caches",), 600),

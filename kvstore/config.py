@@ -39,9 +39,12 @@ MIN_PAGES = 8  # small pools still get several pages, so two models can share th
 # the pool). Real vLLM blocks are tens of KiB and more (docs/operating.md, Memory).
 DEFAULT_MIN_BLOCK_BYTES = 4096
 DEFAULT_METRICS_PORT = 9400  # Prometheus exporters' customary range; 0 turns the endpoint off
-# After a message the loop polls without sleeping this long: a core that went idle takes tens of
-# microseconds to wake (a VM's, a halt exit), more than a lookup's own work (bench.store).
-DEFAULT_BUSY_POLL_US = 100
+# After a message the loop polls without sleeping this long, while the talk is tight (server.py):
+# a core that went idle takes tens of microseconds to wake (a VM's, a halt exit), more than a
+# lookup's own work. 300, not 100: a client's turnaround between a reply and its next request
+# (LOOKUP -> RELEASE -> LOOKUP) takes 100-200 us on the AMD VM, past a 100 us window
+# (bench/results/lookup_cost.json).
+DEFAULT_BUSY_POLL_US = 300
 MAX_BUSY_POLL_US = 10_000
 DEFAULT_METRICS_HOST = "127.0.0.1"  # docker passes 0.0.0.0; metrics name models and traffic
 ENV_PREFIX = "KVSTORE_"
@@ -299,8 +302,8 @@ OPTIONS: tuple[Option, ...] = (
            "address the metrics endpoint listens on"),
     Option("busy_poll_us", "busy_poll_us", _count,
            "microseconds the loop keeps polling after a message before it sleeps, while "
-           "messages come more often than every millisecond (0: off); costs up to that much "
-           "CPU per message, saves a sleeping core's wake-up on the next one"),
+           "each message comes within that long of the loop starting to wait (0: off); costs "
+           "up to that much CPU per message, saves a sleeping core's wake-up on the next one"),
     Option("tier", "tier", _text, "a tier below the pool (FOR TESTS ONLY so far: memory, "
            "memory-slow:300ms, memory-failing; default none)"),
     Option("tier_timeout", "tier_timeout_s", _seconds,

@@ -56,6 +56,9 @@ class Index:
     """All records of the pool, by namespace then block hash."""
 
     tables: dict[Namespace, dict[BlockHash, Entry]] = field(default_factory=dict)
+    # The committed entries of tables (what a lookup may find), kept beside them so that
+    # prefix() needs no per-entry state check; one more dict slot per block (~100 bytes).
+    readable: dict[Namespace, dict[BlockHash, Entry]] = field(default_factory=dict)
     leases: dict[int, Lease] = field(default_factory=dict)
     _lease_heap: list[tuple[float, int]] = field(default_factory=list)
     _reserve_heap: list[tuple[float, int, Entry]] = field(default_factory=list)
@@ -74,16 +77,22 @@ class Index:
 
     def prefix(self, ns: Namespace, hashes: Sequence[BlockHash], now: float) -> list[Entry]:
         """Committed, unexpired entries matching hashes as a consecutive prefix."""
-        table = self.tables.get(ns)
-        found: list[Entry] = []
+        table = self.readable.get(ns)
         if not table:
-            return found
-        # Hot path (a lookup of a whole prompt): locals instead of attribute and enum lookups.
-        committed, append = State.COMMITTED, found.append
-        for entry in map(table.get, hashes):
-            if entry is None or entry.state is not committed or entry.deadline_s <= now:
-                break
-            append(entry)
+            return []
+        # Hot path (a lookup of a whole prompt): the table holds only committed entries, so one
+        # C pass finds the prefix (~17 vs ~24 us in process for 256 freshly decoded hashes; a
+        # 256-hash LOOKUP through the daemon answered 17-23 us sooner).
+        found = list(map(table.get, hashes))
+        if None in found:
+            del found[found.index(None):]
+        if self._ttl_heap and self._ttl_heap[0][0] <= now:
+            # Some block may be past its TTL (every committed one with a TTL is on this heap until
+            # expire() removes it): the slow check, only then.
+            for i, entry in enumerate(found):
+                if entry.deadline_s <= now:
+                    del found[i:]
+                    break
         # A table holds each entry under its own hash only, so the entries repeat exactly where
         # the hashes do; a set of the hashes (their hash() cached by the lookups above) costs a
         # fifth of one of the entries' ids (~5 vs ~22 us for 256).
@@ -116,6 +125,9 @@ class Index:
         assert entry.state is State.RESERVED and entry.is_live, "commit of a non-reserved entry"
         entry.state = State.COMMITTED
         entry.deadline_s = expiry_s
+        ns, block_hash = entry.key
+        if self.tables.get(ns, {}).get(block_hash) is entry:  # not when its table was taken
+            self.readable.setdefault(ns, {})[block_hash] = entry
         parent_key = _parent_key(entry)
         if parent_key is not None:
             self._by_parent.setdefault(parent_key, set()).add(entry)
@@ -138,6 +150,9 @@ class Index:
         # Not there when its table was taken by take_tables(); the caller drains that one.
         if table is not None and table.get(block_hash) is entry:
             del table[block_hash]
+            readable = self.readable.get(ns)
+            if readable is not None and readable.get(block_hash) is entry:
+                del readable[block_hash]
             if not table:
                 self._drop_table(ns)
         self.num_entries -= 1
@@ -175,6 +190,7 @@ class Index:
 
     def _drop_table(self, ns: Namespace) -> None:
         del self.tables[ns]
+        self.readable.pop(ns, None)
         names = self._by_name[ns.name]
         names.discard(ns)
         if not names:

@@ -45,9 +45,6 @@ _BIG_FRAMES = DEFAULT_TRIM_BYTES // protocol.CHUNK_BYTES  # fewer frames cannot 
 # keep coming, not after every one: a fifth of a PING's daemon time was _maintain. Idle or busy
 # loops still run it at once; a due run bounds the next wait, so nothing waits longer than this.
 _MAINTAIN_S = 0.001
-# Busy polling (--busy-poll-us) only while a conversation is on: messages less than this apart.
-# A daemon asked now and then never spins; one asked back to back pays no wake-up per message.
-_BUSY_POLL_WITHIN_S = 0.001
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: IntFlag's | runs in Python (send_multipart, per frame)
 _NOBLOCK_SNDMORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
@@ -155,8 +152,12 @@ class Server(Handlers):
         if self.tier is not None:
             poller.register(self.tier.wake_fd, zmq.POLLIN)  # the tier's thread has an answer
         busy_poll_s = self.config.busy_poll_us / 1e6
-        last_ready_s = 0.0  # perf_counter when messages last arrived
-        is_talking = False  # they arrived within _BUSY_POLL_WITHIN_S of the ones before
+        # Busy polling (--busy-poll-us) only while the talk is tight: the last message came within
+        # busy_poll_s of the loop starting to wait, so the next one likely will too. A client
+        # asking back to back pays no wake-up per message; one that paces its messages further
+        # apart never makes the loop spin, as a spin it outlasts buys nothing (bench.lookup_cost:
+        # the daemon's CPU per message of a conversation paced 0.5 ms apart).
+        is_tight = False
         try:
             is_busy = False
             maintain_at_s = 0.0  # perf_counter from which maintenance runs again after a message
@@ -168,18 +169,18 @@ class Server(Handlers):
                     if is_skipped:
                         wait_ms = min(wait_ms, 1 + int((maintain_at_s - time.perf_counter()) * 1e3))
                     ready = {}
-                    if is_talking and not is_busy and busy_poll_s:
+                    wait_from_s = time.perf_counter()
+                    if is_tight and not is_busy and busy_poll_s:
                         ready = busy_poll(poller, busy_poll_s)
-                        is_talking = bool(ready)  # the talk paused: sleep until it resumes
                     if not ready:
                         ready = dict(poller.poll(0 if is_busy else max(wait_ms, 0)))
                 except zmq.ZMQError as exc:
                     if exc.errno == errno.EINTR:
                         continue  # a signal arrived; the loop condition decides
                     raise
+                # A wait that ended empty (the idle loop's maintenance wake-ups) ends the talk.
+                is_tight = bool(ready) and time.perf_counter() - wait_from_s < busy_poll_s
                 if ready:
-                    now_s = time.perf_counter()
-                    is_talking, last_ready_s = now_s - last_ready_s < _BUSY_POLL_WITHIN_S, now_s
                     self._drain()
                 if self.tier is not None:
                     self._finish_tier_lookups(self.tier.wake_fd in ready)

@@ -92,6 +92,24 @@ def test_ttl_expires_committed_blocks() -> None:
     assert store.slabs.num_slots_used() == 0
 
 
+def test_lookup_ends_at_a_block_past_its_ttl_that_expire_has_not_dropped() -> None:
+    """A chain stops at its first block past the TTL, whether or not expire() removed it yet (a
+    sliced expiry leaves some for later), and a reserved block is never a hit."""
+    store, clock = make_store(ttl_s=30.0)
+    put(store, [("a", None)])
+    clock.advance(10.0)
+    put(store, [("b", "a"), ("c", "b")])
+    clock.advance(20.0)  # a is due now, b and c are not
+    assert store.lookup(NS, [h("a"), h("b"), h("c")]) == 0
+    assert store.lookup(NS, [h("b"), h("c")]) == 2
+    store.reserve(NS, [(h("d"), h("c"), SMALL_BYTES)])
+    assert store.lookup(NS, [h("b"), h("c"), h("d")]) == 2
+    clock.advance(10.0)  # b and c are due too; expire() drops one of the three, by its budget
+    assert store.expire(1) == 1
+    assert store.lookup(NS, [h("b"), h("c")]) == 0
+    assert store.lookup(NS, [h("c")]) == 0
+
+
 def test_pinned_block_keeps_its_slot_through_invalidate_until_unpinned() -> None:
     """Invalidate hides a leased block but its slot is not reused before the lease ends."""
     store, _ = make_store()

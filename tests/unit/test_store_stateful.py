@@ -383,6 +383,10 @@ class StoreMachine(RuleBasedStateMachine):
             assert entry.state is (State.COMMITTED if block.is_committed else State.RESERVED)
             assert entry.parent_hash == parent_of(key[1])
         assert len(self.store.policy) == sum(b.is_committed for b in self.model.blocks.values())
+        # Lookups read the readable tables: exactly the committed entries of the tables.
+        readable = {(ns, h): e for ns, table in index.readable.items() for h, e in table.items()}
+        assert readable == {k: e for k, e in live.items() if e.state is State.COMMITTED}
+        assert set(index.readable) <= set(index.tables)
 
     @invariant()
     def pins_match_leases(self) -> None:
