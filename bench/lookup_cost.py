@@ -278,7 +278,7 @@ def render(res: dict[str, Any]) -> str:
               f"{d['lookup_us_per_hash_1_to_250']:.2f} us per hash from 1 to 250. "
               f"Daemon CPU per LOOKUP + RELEASE (all sizes) by window: {cpu}; per PING paced "
               f"{p['pace_us']} us apart (what a longer window costs): {paced}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
