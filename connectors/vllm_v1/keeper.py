@@ -34,6 +34,9 @@ RETRY_S = 0.2
 # moment on a loaded machine still answers lookups, which have their own budget and breaker.
 # A user's call failing (poke) probes again at once, so a dead daemon is down within two probes.
 FAILED_PROBES_DOWN = 2
+# How long stop() waits for the thread beyond a probe's timeout: the slot clients' connects after
+# a probe that answered (each stops early once stop() is called).
+STOP_JOIN_S = 1.0
 
 
 class Keeper:
@@ -61,12 +64,21 @@ class Keeper:
         return self
 
     def stop(self) -> None:
+        """End the thread and close the clients no user thread took. Waits for the thread (a
+        HELLO in flight ends within the probe's timeout), so none of its connects or log lines
+        comes after the connector has shut down."""
         self._stop.set()
         self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(self._probe_timeout_s + STOP_JOIN_S)
         with self._lock:
             ready, self._ready = self._ready, {}
         for client in ready.values():
             client.close()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
 
     # --- for the user threads -----------------------------------------------------------------
     @property
@@ -124,7 +136,8 @@ class Keeper:
         except KVStoreError as exc:
             self._num_failed_probes += 1
             if self._generation is not None and self._num_failed_probes >= FAILED_PROBES_DOWN:
-                log.warning("kvstore daemon at %s stopped answering (%s)", probe.address, exc)
+                if not self._stop.is_set():
+                    log.warning("kvstore daemon at %s stopped answering (%s)", probe.address, exc)
                 self._generation = None
             return
         self._num_failed_probes = 0
@@ -132,18 +145,24 @@ class Keeper:
         if generation == self._generation and not self._refresh:
             return
         self._refresh = False
-        clients = {}
+        clients: dict[str, Client] = {}
         try:
             for slot, use_shm in self._slots.items():
+                if self._stop.is_set():
+                    break
                 client = clients[slot] = self._make_client(use_shm)
                 client.connect()
         except KVStoreError as exc:  # gone again already: try again later
-            log.warning("kvstore daemon at %s: connecting failed (%s)", probe.address, exc)
+            if not self._stop.is_set():
+                log.warning("kvstore daemon at %s: connecting failed (%s)", probe.address, exc)
             for client in clients.values():
                 client.close()
             return
         with self._lock:
-            old, self._ready = self._ready, clients
+            if self._stop.is_set():  # stopped meanwhile: nobody will take these
+                old, clients = clients, {}
+            else:
+                old, self._ready = self._ready, clients
         for client in old.values():
             client.close()  # never taken: its thread did no call since the last new daemon
         if self._generation is None and self._num_generations:

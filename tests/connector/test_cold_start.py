@@ -143,3 +143,25 @@ def test_one_slow_keepalive_does_not_turn_lookups_into_misses(daemon: Daemon) ->
         wait_until(lambda: keeper.is_up, 10, what="up again")
     finally:
         keeper.stop()
+
+
+def test_stop_waits_for_a_hello_in_flight_and_leaves_no_client(daemon: Daemon) -> None:
+    """stop() while the keeper's HELLO waits on a stalled daemon: when stop() returns the thread
+    has ended and no connected client is left for a slot. (Before, stop() returned at once and
+    the thread logged its failed connect after the connector had shut down: seen in a CI log.)"""
+    keeper = Keeper(lambda use_shm: Client(daemon.address, 0.5, use_shm=False),
+                    {"lookup": False}, probe_timeout_s=0.5).start()
+    assert daemon.proc is not None
+    try:
+        wait_until(lambda: keeper.is_up, 10, what="first HELLO")
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            keeper.poke()  # probe now: the HELLO waits on the stalled daemon
+            time.sleep(0.1)
+            keeper.stop()
+            assert not keeper.is_running, "stop() returned with the keeper's thread still running"
+            assert keeper.take("lookup") is None
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+    finally:
+        keeper.stop()
