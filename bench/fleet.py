@@ -205,8 +205,7 @@ def empty_pool(address: str) -> None:
     from kvstore.client import Client
 
     with Client(address, timeout_s=30, use_shm=False) as client:
-        for name in client.stats()["namespaces"]:
-            client.invalidate(bytes.fromhex(name))
+        client.invalidate_all()
         wait_until(lambda: client.stats()["num_blocks"] == 0, 60, what="pool emptied")
 
 

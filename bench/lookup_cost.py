@@ -32,7 +32,6 @@ Writes bench/results/lookup_cost.json (figures, ratios, parameters, machine) and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import shlex
@@ -47,6 +46,7 @@ import zmq
 
 from bench.daemon import Daemon
 from bench.machine import CLOCK_TICKS, describe, proc_jiffies, summary
+from bench.store import chain
 from kvstore.client import Client
 from kvstore.config import DEFAULT_BUSY_POLL_US
 from kvstore.keys import Namespace
@@ -119,14 +119,6 @@ class Echo:
         self.proc.join(5)
 
 
-def chain(num: int) -> list[bytes]:
-    hashes, parent = [], b""
-    for i in range(num):
-        parent = hashlib.sha256(parent + i.to_bytes(4, "little")).digest()
-        hashes.append(parent)
-    return hashes
-
-
 def median_us(call: Callable[[], Any], after: Callable[[Any], None] | None = None) -> float:
     """The median of CALLS timed calls after WARM untimed ones; after(result) runs untimed."""
     time.sleep(SETTLE_S)
@@ -158,7 +150,8 @@ def paced_median_us(call: Callable[[], Any]) -> float:
 
 class Bench:
     def __init__(self) -> None:
-        self.hashes = chain(max(NUM_HASHES))
+        self.chain = chain(b"lookup-cost", max(NUM_HASHES))  # (hash, parent), root first
+        self.hashes = [h for h, _ in self.chain]
         self.series: dict[str, list[float]] = {}
         self.cpu: dict[int, list[int]] = {w: [0, 0] for w in WINDOWS_US}  # jiffies, calls
         self.paced_cpu: dict[int, list[int]] = {w: [0, 0] for w in WINDOWS_US}
@@ -169,8 +162,7 @@ class Bench:
         self.echo_sleeping = Echo(0)
         self.daemons: dict[int, Daemon] = {}
         self.clients: dict[int, Client] = {}
-        blocks = [(h, self.hashes[i - 1] if i else None, bytes(BLOCK_BYTES))
-                  for i, h in enumerate(self.hashes)]
+        blocks = [(h, parent, bytes(BLOCK_BYTES)) for h, parent in self.chain]
         for window in WINDOWS_US:
             daemon = Daemon(pool_size="64MiB", extra_args=["--busy-poll-us", str(window)])
             self.daemons[window] = daemon.start()

@@ -324,15 +324,16 @@ def _invalidate(args: argparse.Namespace) -> int:
     if (args.namespace is None) == (not args.all):
         raise ValueError("give a NAMESPACE (hex, or a unique prefix of it) or --all, not both")
     with _client(args) as client:
-        known = [name for name in client.stats()["namespaces"] if name]
-        names = known if args.all else [_match_namespace(args.namespace, known)]
-        total = 0
-        for name in names:
-            num = client.invalidate(bytes.fromhex(name), args.below_epoch)
-            total += num
-            print(f"kvstore: dropped {num} blocks of namespace {name}")
+        if args.all:
+            dropped = client.invalidate_all(args.below_epoch)
+        else:
+            known = [name for name in client.stats()["namespaces"] if name]
+            name = _match_namespace(args.namespace, known)
+            dropped = {name: client.invalidate(bytes.fromhex(name), args.below_epoch)}
+    for name, num in dropped.items():
+        print(f"kvstore: dropped {num} blocks of namespace {name}")
     if args.all:
-        print(f"kvstore: dropped {total} blocks of {len(names)} namespaces")
+        print(f"kvstore: dropped {sum(dropped.values())} blocks of {len(dropped)} namespaces")
     return 0
 
 

@@ -202,6 +202,11 @@ class Client(Calls):
     def invalidate(self, name: bytes, below_epoch: int | None = None) -> int:
         return int(self._request(Invalidate(name=name, below_epoch=below_epoch)).num_dropped)
 
+    def invalidate_all(self, below_epoch: int | None = None) -> dict[str, int]:
+        """invalidate() every namespace name the daemon reports; blocks dropped per name (hex)."""
+        names = [name for name in self.stats()["namespaces"] if name]
+        return {name: self.invalidate(bytes.fromhex(name), below_epoch) for name in names}
+
     # --- reads -----------------------------------------------------------------------------
     # One transfer path: get, get_into and reading all go through _read, so both transports
     # treat a lease alike: get and get_into keep the caller's lease (it holds until RELEASE, a

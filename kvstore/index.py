@@ -6,6 +6,7 @@ evict and allocate; this module only keeps the records consistent.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import heapq
 import itertools
@@ -84,7 +85,7 @@ class Index:
         # C pass finds the prefix (~17 vs ~24 us in process for 256 freshly decoded hashes; a
         # 256-hash LOOKUP through the daemon answered 17-23 us sooner).
         found = list(map(table.get, hashes))
-        if None in found:
+        with contextlib.suppress(ValueError):  # all found
             del found[found.index(None):]
         if self._ttl_heap and self._ttl_heap[0][0] <= now:
             # Some block may be past its TTL (every committed one with a TTL is on this heap until
@@ -150,9 +151,7 @@ class Index:
         # Not there when its table was taken by take_tables(); the caller drains that one.
         if table is not None and table.get(block_hash) is entry:
             del table[block_hash]
-            readable = self.readable.get(ns)
-            if readable is not None and readable.get(block_hash) is entry:
-                del readable[block_hash]
+            self.readable.get(ns, {}).pop(block_hash, None)  # it mirrors table: entry or nothing
             if not table:
                 self._drop_table(ns)
         self.num_entries -= 1

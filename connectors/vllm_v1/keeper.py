@@ -34,8 +34,8 @@ RETRY_S = 0.2
 # moment on a loaded machine still answers lookups, which have their own budget and breaker.
 # A user's call failing (poke) probes again at once, so a dead daemon is down within two probes.
 FAILED_PROBES_DOWN = 2
-# How long stop() waits for the thread beyond a probe's timeout: the slot clients' connects after
-# a probe that answered (each stops early once stop() is called).
+# How long stop() waits for the thread beyond a probe's timeout: a slot client's connect after a
+# probe that answered (no further one starts once stop() is called).
 STOP_JOIN_S = 1.0
 
 
@@ -69,7 +69,7 @@ class Keeper:
         comes after the connector has shut down."""
         self._stop.set()
         self._wake.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._thread.is_alive():
             self._thread.join(self._probe_timeout_s + STOP_JOIN_S)
         with self._lock:
             ready, self._ready = self._ready, {}
