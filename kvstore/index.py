@@ -6,7 +6,6 @@ evict and allocate; this module only keeps the records consistent.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import heapq
 import itertools
@@ -85,7 +84,9 @@ class Index:
         # C pass finds the prefix (~17 vs ~24 us in process for 256 freshly decoded hashes; a
         # 256-hash LOOKUP through the daemon answered 17-23 us sooner).
         found = list(map(table.get, hashes))
-        with contextlib.suppress(ValueError):  # all found
+        # all() first: an Entry is true in C (~1 us for 256), while index(None) compares each one
+        # with None through its type's rich comparison (~3 us), so it runs only on a miss.
+        if not all(found):
             del found[found.index(None):]
         if self._ttl_heap and self._ttl_heap[0][0] <= now:
             # Some block may be past its TTL (every committed one with a TTL is on this heap until

@@ -244,11 +244,26 @@ def _hashes_wire(hashes: tuple[BlockHash, ...]) -> dict[str, Any]:
         except TypeError:
             return {"hashes": list(hashes)}  # not bytes-like: refused by the daemon as before
         size = len(hashes[0])
-        # None longer than the first and as many bytes as n of it: all of one length (one C
-        # pass; a set of the lengths took three times as long).
-        if len(blob) == size * len(hashes) and max(map(len, hashes)) == size:
+        if len(blob) == size * len(hashes) and _all_of_length(hashes, size):
             return {"hashes": blob, "hash_bytes": size}
     return {"hashes": list(hashes)}
+
+
+def _all_of_length(hashes: tuple[BlockHash, ...], size: int) -> bool:
+    """Whether every hash is size bytes long, given that together they are len(hashes) * size.
+
+    NOTE: one struct pack, not max(map(len, hashes)): a Pascal-string field of size + 1 bytes
+    starts with min(len, size), so none is shorter iff every such byte is size, and none shorter
+    with that total means none longer. ~1.5 vs ~6 us for a prompt's 256 hashes (len() per item
+    is a Python call); the request's encode was a third of a 256-hash LOOKUP's client time."""
+    if size <= MAX_HASH_BYTES:  # a length byte holds it (larger: refused by the daemon anyway)
+        try:
+            packed = _pascals(len(hashes), size).pack(*hashes)
+        except struct.error:  # not bytes (a memoryview, say): the plain way below
+            pass
+        else:
+            return packed[::size + 1] == bytes((size,)) * len(hashes)
+    return max(map(len, hashes)) == size
 
 
 def _u64s(values: list[int]) -> bytes:
@@ -485,6 +500,11 @@ def _packed_hashes(h: dict[str, Any]) -> tuple[BlockHash, ...]:
 @lru_cache(maxsize=64)  # bounded: a hostile client's many shapes only churn it
 def _splitter(count: int, size: int) -> struct.Struct:
     return struct.Struct(f"{size}s" * count)
+
+
+@lru_cache(maxsize=64)
+def _pascals(count: int, size: int) -> struct.Struct:
+    return struct.Struct(f"{size + 1}p" * count)
 
 
 def _pairs(h: dict[str, Any], width: int) -> list[list[Any]]:

@@ -48,6 +48,31 @@ def test_hashes_of_mixed_lengths_or_none_travel_as_a_list() -> None:
         assert decode_request([encode(req, 5)]) == Lookup(req_id=5, ns=NS, hashes=hashes)
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=MAX_HASH_BYTES), min_size=1, max_size=12))
+def test_hashes_pack_only_when_each_is_the_first_ones_length(hashes: list[bytes]) -> None:
+    """Packed means split back at one length: any other length (even lengths that add up to the
+    same total) must travel as a list, or the daemon would look up hashes nobody sent."""
+    h = header_of(Lookup(ns=NS, hashes=tuple(hashes)))
+    assert ("hash_bytes" in h) == (len(set(map(len, hashes))) == 1)
+    assert decode_request([encode(Lookup(ns=NS, hashes=tuple(hashes)), 5)]).hashes == \
+        tuple(hashes)
+
+
+@pytest.mark.parametrize("hashes", [
+    (b"\0" * 31, b"\0" * 33),  # one short, one long: the same total, zeros a padding check misses
+    (b"a" * 32, b"\0" * 31, b"\0" * 33),
+    (b"\0" * 32, b"\0" * 33, b"\0" * 31),
+    (memoryview(b"m" * 32), b"b" * 32),  # bytes-like but not bytes: checked the plain way
+])
+def test_lengths_that_only_add_up_are_not_packed(hashes: tuple[Any, ...]) -> None:
+    h = header_of(Lookup(ns=NS, hashes=hashes))
+    same = len(set(map(len, hashes))) == 1
+    assert ("hash_bytes" in h) == same
+    if same:
+        assert h["hashes"] == b"".join(hashes)
+
+
 def test_a_lookup_of_256_hashes_is_smaller_packed() -> None:
     hashes = tuple(bytes([i]) * 32 for i in range(256))
     listed = protocol.encode_request(Op.LOOKUP, 5, ns=NS, hashes=list(hashes), lease_ms=100)
