@@ -99,6 +99,7 @@ class Client(Calls):
         self._curve = load_client_keys(Path(curve_dir)) if curve_dir else None
         self._ids = itertools.count(1)
         self._sock: zmq.Socket | None = None
+        self._sndtimeo: tuple[zmq.Socket, int] | None = None
         self._hello: HelloReply | None = None
         self.pool: Pool | None = None  # the daemon's segment, when on its host
 
