@@ -19,6 +19,12 @@ value is the median of CALLS calls made after WARM untimed ones:
                 a RELEASE (untimed); N = 1, 64, 128, 250, 256, 512. 250 hashes (8,000 bytes) fit
                 one write batch with the request's header; 256 (bench.store's prompt) do not.
 
+  raw_ping, raw_lookup256
+                the same PING, and LOOKUP of 256 hashes with a lease (then a RELEASE, untimed),
+                against the default window's daemon, encoded once before the timing and sent by a
+                bare DEALER: the daemon and the wire without the Client's Python, so ping and
+                lookup256 minus these are what the client costs (encode, send, decode).
+
 Also per window, the daemon's CPU (/proc, every thread, busy polling included):
   per LOOKUP + RELEASE, over all the sizes above (a back-to-back conversation), and
   per PING of a conversation paced PACE_US apart (a client's reply to its next send): what a
@@ -47,13 +53,16 @@ import zmq
 from bench.daemon import Daemon
 from bench.machine import CLOCK_TICKS, describe, proc_jiffies, summary
 from bench.store import chain
+from kvstore import protocol
 from kvstore.client import Client
 from kvstore.config import DEFAULT_BUSY_POLL_US
 from kvstore.keys import Namespace
+from kvstore.messages import Lookup, Ping, Release
 from kvstore.server import busy_poll
 
 ECHO_BYTES = (16, 8000, 8300, 16400)
 NUM_HASHES = (1, 64, 128, 250, 256, 512)
+BARE_HASHES = 256  # bench.store's prompt
 WINDOWS_US = tuple(sorted({0, 100, 300, 1000, DEFAULT_BUSY_POLL_US}))  # 0: never polls
 WARM, CALLS = 50, 200
 # Idle before each series: every process that polls after its last message (the daemons, the
@@ -119,6 +128,37 @@ class Echo:
         self.proc.join(5)
 
 
+class Bare:
+    """A DEALER sending requests encoded beforehand to a daemon: no Client code in the timing."""
+
+    def __init__(self, address: str, hashes: list[bytes]) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        self.sock.connect(address)
+        self.ping_frame = protocol.encode(Ping(), 1)
+        self.lookup_frame = protocol.encode(Lookup(ns=NS, hashes=tuple(hashes),
+                                                   lease_ms=LEASE_MS), 2)
+
+    def call(self, frame: bytes) -> dict[str, Any]:
+        self.sock.send(frame)
+        reply = protocol.decode_header(self.sock.recv())
+        if not reply.get("ok"):
+            raise AssertionError(f"bare request refused: {reply}")
+        return reply
+
+    def release(self, reply: dict[str, Any], num: int) -> None:
+        if reply.get("num_hits") != num:
+            raise AssertionError(f"bare lookup of {num} stored hashes: {reply}")
+        if not self.call(protocol.encode(Release(lease=reply["lease"]), 3)).get("released"):
+            raise AssertionError("bare release of a fresh lease failed")
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
 def median_us(call: Callable[[], Any], after: Callable[[Any], None] | None = None) -> float:
     """The median of CALLS timed calls after WARM untimed ones; after(result) runs untimed."""
     time.sleep(SETTLE_S)
@@ -170,6 +210,7 @@ class Bench:
             client = self.clients[window] = Client(daemon.address, timeout_s=10)
             if client.put(NS, blocks).num_stored != len(blocks):
                 raise RuntimeError("the chain did not fit the pool")
+        self.bare = Bare(self.daemons[DEFAULT_BUSY_POLL_US].address, self.hashes[:BARE_HASHES])
 
     def record(self, name: str, value_us: float) -> None:
         self.series.setdefault(name, []).append(value_us)
@@ -190,6 +231,12 @@ class Bench:
                     lambda found: self._release(client, found, n)))
                 self.cpu[window][0] += proc_jiffies(pid) - before
                 self.cpu[window][1] += WARM + CALLS
+            if window == DEFAULT_BUSY_POLL_US:
+                bare = self.bare
+                self.record("raw_ping", median_us(lambda: bare.call(bare.ping_frame)))
+                self.record(f"raw_lookup{BARE_HASHES}", median_us(
+                    lambda: bare.call(bare.lookup_frame),
+                    lambda reply: bare.release(reply, BARE_HASHES)))
             before = proc_jiffies(pid)
             self.record(f"paced_ping/{window}", paced_median_us(client.ping))
             self.paced_cpu[window][0] += proc_jiffies(pid) - before
@@ -201,6 +248,8 @@ class Bench:
             raise AssertionError(f"lookup of {num} stored hashes: {found}")
 
     def close(self) -> None:
+        if hasattr(self, "bare"):
+            self.bare.close()
         for client in getattr(self, "clients", {}).values():
             client.close()
         for daemon in getattr(self, "daemons", {}).values():
@@ -227,6 +276,9 @@ def results(bench: Bench, rounds: int, command: str, wall_s: float) -> dict[str,
         "lookup_us_per_hash_1_to_250": round((med[f"lookup250/{default}"]
                                               - med[f"lookup1/{default}"]) / 249, 3),
         "lookup1_minus_ping_us": round(med[f"lookup1/{default}"] - med[f"ping/{default}"], 1),
+        "client_us_ping": round(med[f"ping/{default}"] - med["raw_ping"], 1),
+        f"client_us_lookup{BARE_HASHES}": round(med[f"lookup{BARE_HASHES}/{default}"]
+                                                - med[f"raw_lookup{BARE_HASHES}"], 1),
         "daemon_cpu_us_per_lookup_release": {
             str(w): round(j / CLOCK_TICKS / calls * 1e6, 1) for w, (j, calls) in bench.cpu.items()},
         "daemon_cpu_us_per_paced_ping": {
@@ -269,7 +321,14 @@ def render(res: dict[str, Any]) -> str:
               f"{d['lookup_step_us_250_to_256']:+.0f} us; "
               f"{d['lookup_us_per_hash_1_to_250']:.2f} us per hash from 1 to 250. "
               f"Daemon CPU per LOOKUP + RELEASE (all sizes) by window: {cpu}; per PING paced "
-              f"{p['pace_us']} us apart (what a longer window costs): {paced}."]
+              f"{p['pace_us']} us apart (what a longer window costs): {paced}.", "",
+              f"The same requests encoded beforehand and sent by a bare DEALER (default window): "
+              f"PING {s['raw_ping']['median_us']:.0f} us "
+              f"({r['raw_ping_vs_rtt']:.2f}x), LOOKUP of {BARE_HASHES} hashes "
+              f"{s[f'raw_lookup{BARE_HASHES}']['median_us']:.0f} us "
+              f"({r[f'raw_lookup{BARE_HASHES}_vs_rtt']:.2f}x): the Client's Python costs "
+              f"{d['client_us_ping']:.0f} us of a PING and "
+              f"{d[f'client_us_lookup{BARE_HASHES}']:.0f} us of that LOOKUP."]
     return "\n".join(lines)
 
 

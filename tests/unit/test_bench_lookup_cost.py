@@ -22,6 +22,9 @@ class FakeBench:
             for n in lc.NUM_HASHES:
                 # 1 us per hash over the ping, and 20 us more past one write batch (> 250 hashes)
                 self.series[f"lookup{n}/{w}"] = [110.0 + n + (n > 250) * 20, 220.0 + n]
+        # The same requests from a bare DEALER: 30 us (ping) and 50 us (lookup) less client code.
+        self.series["raw_ping"] = [80.0, 190.0]
+        self.series[f"raw_lookup{lc.BARE_HASHES}"] = [336.0, 426.0]
         self.cpu = {w: [lc.CLOCK_TICKS, 1000] for w in lc.WINDOWS_US}  # 1 s over 1000 calls
         self.paced_cpu = {w: [lc.CLOCK_TICKS, 2000] for w in lc.WINDOWS_US}
 
@@ -46,6 +49,8 @@ def test_derived_costs_come_from_the_default_window() -> None:
     assert d["lookup_step_us_250_to_256"] == 16.0
     assert d["lookup_us_per_hash_1_to_250"] == 1.0
     assert d["lookup1_minus_ping_us"] == 1.0
+    assert d["client_us_ping"] == 30.0  # ping 165 - raw_ping 135 (medians)
+    assert d[f"client_us_lookup{lc.BARE_HASHES}"] == 50.0  # 431 - 381
     assert d["daemon_cpu_us_per_lookup_release"][str(lc.DEFAULT_BUSY_POLL_US)] == 1000.0
     assert d["daemon_cpu_us_per_paced_ping"][str(lc.DEFAULT_BUSY_POLL_US)] == 500.0
 
@@ -57,3 +62,4 @@ def test_render_has_a_column_per_window_and_marks_the_default() -> None:
     assert f"busy-poll {lc.DEFAULT_BUSY_POLL_US} us (default)" in header
     rows = [line for line in text.splitlines() if line.startswith("| lookup")]
     assert len(rows) == len(lc.NUM_HASHES)
+    assert "the Client's Python costs 30 us of a PING and 50 us of that LOOKUP" in text
