@@ -7,10 +7,11 @@ default window, `lookup_vs_rtt`); this shows where that figure comes from on the
 Series, interleaved round by round (a busy moment on the machine hits every series); each round's
 value is the median of CALLS calls made after WARM untimed ones:
   echo/B        a DEALER -> ROUTER round trip of a B-byte request and a 2-byte reply, the ROUTER
-                in its own process, polling without sleeping for the daemon's default window
-                after each message (as the daemon does). B = 16, 8000, 8300, 16400: a request
-                past 8192 bytes, libzmq's write batch (out_batch_size), reaches the ROUTER in two
-                writes, and one that polls can wake between them (a step, where it shows).
+                (bench.store's raw peer) in its own process, polling without sleeping for the
+                daemon's default window after each message (as the daemon does). B = 16, 8000,
+                8300, 16400: a request past 8192 bytes, libzmq's write batch (out_batch_size),
+                reaches the ROUTER in two writes, and one that polls can wake between them (a
+                step, where it shows).
   rtt           the same 16-byte echo, its ROUTER sleeping in poll: bench.store's bare round trip
                 (the `rtt` every ratio below divides by).
   ping/W        kvstore ping, against a daemon run with --busy-poll-us W (0: off, 100, 300, 1000
@@ -22,8 +23,9 @@ value is the median of CALLS calls made after WARM untimed ones:
   raw_ping, raw_lookup256
                 the same PING, and LOOKUP of 256 hashes with a lease (then a RELEASE, untimed),
                 against the default window's daemon, encoded once before the timing and sent by a
-                bare DEALER: the daemon and the wire without the Client's Python, so ping and
-                lookup256 minus these are what the client costs (encode, send, decode).
+                bare DEALER, each right after the Client's own series: the daemon and the wire
+                without the Client's Python, so ping and lookup256 minus these are what the
+                client costs (encode, send, decode).
 
 Also per window, the daemon's CPU (/proc, every thread, busy polling included):
   per LOOKUP + RELEASE, over all the sizes above (a back-to-back conversation), and
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import shlex
 import statistics
 import sys
@@ -52,13 +53,12 @@ import zmq
 
 from bench.daemon import Daemon
 from bench.machine import CLOCK_TICKS, describe, proc_jiffies, summary
-from bench.store import chain
+from bench.store import RawPeer, chain
 from kvstore import protocol
 from kvstore.client import Client
 from kvstore.config import DEFAULT_BUSY_POLL_US
 from kvstore.keys import Namespace
 from kvstore.messages import Lookup, Ping, Release
-from kvstore.server import busy_poll
 
 ECHO_BYTES = (16, 8000, 8300, 16400)
 NUM_HASHES = (1, 64, 128, 250, 256, 512)
@@ -73,59 +73,6 @@ BLOCK_BYTES = 4096  # the blocks' size does not enter a LOOKUP; small keeps the 
 NS = Namespace(b"lookup-cost")
 PACE_US = 500  # the paced conversation's gap between one reply and the next send
 PACED_CALLS = 1000
-
-
-def _echo_peer(conn: Any, busy_us: int) -> None:
-    """ROUTER: answer every request with b"ok"; poll without sleeping for busy_us after each."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    conn.send(sock.bind_to_random_port("tcp://127.0.0.1"))
-    conn.close()
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    try:
-        while True:
-            if busy_us:
-                busy_poll(poller, busy_us / 1e6)  # then the blocking receive, as the daemon does
-            ident, msg = sock.recv_multipart()
-            sock.send_multipart([ident, b"ok"])
-            if msg == b"stop":
-                break
-    finally:
-        sock.close(0)
-        ctx.term()
-
-
-class Echo:
-    """A DEALER talking to an _echo_peer process."""
-
-    def __init__(self, busy_us: int) -> None:
-        parent, child = multiprocessing.Pipe()
-        self.proc = multiprocessing.get_context("spawn").Process(
-            target=_echo_peer, args=(child, busy_us), daemon=True)
-        self.proc.start()
-        if not parent.poll(30):
-            raise RuntimeError("echo peer did not start")
-        port = parent.recv()
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        self.sock.connect(f"tcp://127.0.0.1:{port}")
-
-    def call(self, request: bytes) -> None:
-        self.sock.send(request)
-        self.sock.recv()
-
-    def close(self) -> None:
-        try:
-            self.call(b"stop")
-        except zmq.ZMQError:
-            pass
-        self.sock.close(0)
-        self.ctx.term()
-        self.proc.join(5)
 
 
 class Bare:
@@ -198,8 +145,9 @@ class Bench:
 
     def setup(self) -> None:
         print("starting the echo peers and one daemon per busy-poll window", flush=True)
-        self.echo_busy = Echo(DEFAULT_BUSY_POLL_US)
-        self.echo_sleeping = Echo(0)
+        self.echo_busy = RawPeer()  # bench.store's raw peer, answering with two bytes
+        self.echo_busy.busy_poll(DEFAULT_BUSY_POLL_US)
+        self.echo_sleeping = RawPeer()  # the same as bench.store's rtt
         self.daemons: dict[int, Daemon] = {}
         self.clients: dict[int, Client] = {}
         blocks = [(h, parent, bytes(BLOCK_BYTES)) for h, parent in self.chain]
@@ -220,8 +168,12 @@ class Bench:
         for nbytes in ECHO_BYTES:
             request = b"p" * nbytes
             self.record(f"echo/{nbytes}", median_us(lambda: self.echo_busy.call(request)))
+        bare = self.bare
         for window, client in self.clients.items():
+            is_default = window == DEFAULT_BUSY_POLL_US
             self.record(f"ping/{window}", median_us(client.ping))
+            if is_default:  # right after the Client's own, so both meet the daemon alike
+                self.record("raw_ping", median_us(lambda: bare.call(bare.ping_frame)))
             pid = self.daemons[window].proc.pid  # type: ignore[union-attr]
             for n in NUM_HASHES:
                 hashes = self.hashes[:n]
@@ -231,12 +183,9 @@ class Bench:
                     lambda found: self._release(client, found, n)))
                 self.cpu[window][0] += proc_jiffies(pid) - before
                 self.cpu[window][1] += WARM + CALLS
-            if window == DEFAULT_BUSY_POLL_US:
-                bare = self.bare
-                self.record("raw_ping", median_us(lambda: bare.call(bare.ping_frame)))
-                self.record(f"raw_lookup{BARE_HASHES}", median_us(
-                    lambda: bare.call(bare.lookup_frame),
-                    lambda reply: bare.release(reply, BARE_HASHES)))
+                if is_default and n == BARE_HASHES:
+                    self.record(f"raw_lookup{n}", median_us(
+                        lambda: bare.call(bare.lookup_frame), lambda r: bare.release(r, n)))
             before = proc_jiffies(pid)
             self.record(f"paced_ping/{window}", paced_median_us(client.ping))
             self.paced_cpu[window][0] += proc_jiffies(pid) - before

@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from bench.machine import describe, summary  # noqa: E402
 from bench.peers_clients import ExampleDisk, KVStore, Redis, System, as_bytes  # noqa: E402
 from bench.peers_report import plot, ratio_lines, render, table, ttft_lines  # noqa: E402
-from bench.store import Params, RawPeer, chain, prefaulted  # noqa: E402
+from bench.store import RawPeer, chain, prefaulted  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 1024 * 1024
@@ -153,9 +153,7 @@ class Harness:
         for w in self.workloads:
             # Raw ZeroMQ of the same bytes in the frames kvstore sends (blocks of <= 4 MiB).
             frame = min(w.nbytes, 4 * MiB)
-            params = Params(rounds=1, rtt_samples=0, lookup_samples=0, quick=True,
-                            num_blocks=w.total_bytes // frame, block_bytes=frame)
-            self.raw[w.label] = peer = RawPeer(params)
+            self.raw[w.label] = peer = RawPeer(w.total_bytes // frame, frame)
             self._stack.callback(peer.close)
 
     def _add(self, system: System) -> None:

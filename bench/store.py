@@ -216,7 +216,8 @@ def zero(bufs: list[np.ndarray]) -> None:
 def _zmq_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
     """ROUTER: b"get" -> header + num frames of nbytes (copy=False); b"busy N" (echoed) polls
     for the next message without sleeping for N us after each, as the daemon's loop does
-    (kvstore/server.py busy_poll; 0: off); anything else is echoed."""
+    (kvstore/server.py busy_poll; 0: off); anything else is answered with its first two bytes
+    (a round trip of a request of any size and a tiny reply)."""
     frames = [b.data for b in random_blocks(num, nbytes, seed)]  # memoryviews, sent zero-copy
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
@@ -241,7 +242,7 @@ def _zmq_peer(conn: Any, num: int, nbytes: int, seed: int) -> None:
                 sock.send_multipart([ident, b"bye"])
                 break
             else:
-                sock.send_multipart([ident, msg])
+                sock.send_multipart([ident, msg[:2]])
     finally:
         sock.close(0)
         ctx.term()
@@ -317,9 +318,11 @@ class SocketPeer:
 
 
 class RawPeer:
-    def __init__(self, params: Params) -> None:
-        self.proc, self.port = _start_peer(_zmq_peer, "raw ZeroMQ peer", params.num_blocks,
-                                           params.block_bytes, SEED)
+    """A DEALER talking to a _zmq_peer process that holds num_blocks blocks of block_bytes."""
+
+    def __init__(self, num_blocks: int = 0, block_bytes: int = 0) -> None:
+        self.proc, self.port = _start_peer(_zmq_peer, "raw ZeroMQ peer", num_blocks, block_bytes,
+                                           SEED)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -339,9 +342,13 @@ class RawPeer:
 
     def rtt(self) -> float:
         t0 = time.perf_counter()
-        self.sock.send(b"p")
-        self.sock.recv()
+        self.call(b"p")
         return time.perf_counter() - t0
+
+    def call(self, request: bytes) -> None:
+        """One round trip of request and a reply of at most two bytes."""
+        self.sock.send(request)
+        self.sock.recv()
 
     def busy_poll(self, micros: int) -> None:
         """From now on the peer polls without sleeping for micros after each message."""
@@ -415,7 +422,7 @@ class Bench:
         self.dest_views = [d.data for d in self.dests]
 
         progress("starting the raw ZeroMQ ROUTER peer process (it builds the same 512 MiB)")
-        self.peer = RawPeer(p)
+        self.peer = RawPeer(p.num_blocks, p.block_bytes)
         progress("starting the plain-socket peer process (the same 512 MiB again)")
         self.socket_peer = SocketPeer(p.num_blocks, p.block_bytes)
 
