@@ -131,7 +131,7 @@ class Calls:
         NOTE: not send_multipart, and SNDTIMEO set only when it changes (a connected socket's
         wait is always _STALE_SOCKET_WAIT_MS; reading it back costs as much as setting it): each
         cost a small call about as much as encoding it, and a 256-hash LOOKUP's client Python
-        is ~40 of its ~180 us round trip (2 cores: client_us_lookup256 in bench.lookup_cost)."""
+        is ~36 of its ~164 us round trip (2 cores: client_us_lookup256 in bench.lookup_cost)."""
         if self._sndtimeo != (sock, wait_ms):
             sock.setsockopt(zmq.SNDTIMEO, wait_ms)
             self._sndtimeo = (sock, wait_ms)

@@ -21,6 +21,8 @@ import zmq
 from kvstore import bulk, protocol
 from kvstore.calls import LINGER_MS, Calls, Place, load_client_keys
 from kvstore.errors import ProtocolError, ServerError, ServerUnavailable
+from kvstore.hashfiles import MIN_HASHES as HASH_FILE_MIN_HASHES
+from kvstore.hashfiles import HashFile, record_bytes
 from kvstore.ipc import default_address
 from kvstore.keys import Namespace, SlotId
 from kvstore.pool import Pool
@@ -102,6 +104,10 @@ class Client(Calls):
         self._sndtimeo: tuple[zmq.Socket, int] | None = None
         self._hello: HelloReply | None = None
         self.pool: Pool | None = None  # the daemon's segment, when on its host
+        # Where large lookups' hashes go on the daemon's host (kvstore/hashfiles.py): made on
+        # first use, dropped with the socket; _hash_file_failed: /dev/shm refused one.
+        self._hash_file: HashFile | None = None
+        self._hash_file_failed = False
 
     # --- connection ------------------------------------------------------------------------
     def connect(self) -> HelloReply:
@@ -135,6 +141,7 @@ class Client(Calls):
         if self._sock is not None:
             self._sock.close(LINGER_MS)
             self._sock = None
+        self._drop_hash_file()
         if self.pool is not None:
             self.pool.close()
             self.pool = None
@@ -161,7 +168,15 @@ class Client(Calls):
         segment (refs, token), so a same-host reader copies them and releases the lease: two
         round trips, no GET. Read them only from the segment of that token (same host), and
         trust the copy only if release() then says True (the lease held throughout)."""
-        reply = self._request(self._lookup_request(ns, hashes, lease_ms, with_slots))
+        if self._hello is None:
+            self.connect()  # first: whether the hashes may go by file is in HELLO's answer
+        try:
+            reply = self._request(self._lookup_request(ns, hashes, lease_ms, with_slots))
+        except ServerError as exc:
+            if exc.code != "hashes_gone":
+                raise
+            self._drop_hash_file()  # the daemon no longer holds it: these go inline
+            reply = self._request(self._lookup_request(ns, hashes, lease_ms, with_slots))
         return _found(reply, self._token() if with_slots else None)
 
     def lookup_many(self, queries: Sequence[tuple[Namespace, Sequence[bytes]]],
@@ -170,29 +185,71 @@ class Client(Calls):
         (tensor parallelism: a namespace per rank). A failed one fails all; their leases expire."""
         if self._hello is None:
             self.connect()
-        requests = [self._lookup_request(ns, hashes, lease_ms, with_slots)
-                    for ns, hashes in queries]
         try:
-            replies = self._call_many(requests)
+            replies = self._call_many(self._lookup_requests(queries, lease_ms, with_slots))
         except ServerError as exc:
-            if exc.code != "stale_segment":
+            if exc.code == "stale_segment":
+                self.connect()  # the daemon restarted between calls: once more, its new token
+            elif exc.code == "hashes_gone":
+                self._drop_hash_file()  # the daemon no longer holds it: these go inline
+            else:
                 raise
-            self.connect()  # the daemon restarted between calls: retry once with its new token
-            requests = [self._lookup_request(ns, hashes, lease_ms, with_slots)
-                        for ns, hashes in queries]
-            replies = self._call_many(requests)
+            replies = self._call_many(self._lookup_requests(queries, lease_ms, with_slots))
         return [_found(r, self._token() if with_slots else None) for r in replies]
 
+    def _lookup_requests(self, queries: Sequence[tuple[Namespace, Sequence[bytes]]],
+                         lease_ms: int, with_slots: bool) -> list[Lookup]:
+        """One LOOKUP per query, their hashes side by side in the hash file while they fit."""
+        requests, offset = [], 0
+        for ns, hashes in queries:
+            requests.append(self._lookup_request(ns, hashes, lease_ms, with_slots, offset))
+            ref = requests[-1].hashes_file
+            if ref is not None:
+                offset += record_bytes(len(requests[-1].hashes), ref[2])
+        return requests
+
     def _lookup_request(self, ns: Namespace, hashes: Sequence[bytes], lease_ms: int,
-                        with_slots: bool) -> Lookup:
+                        with_slots: bool, offset: int = 0) -> Lookup:
+        """The LOOKUP of hashes; by the hash file at offset when they go that way."""
+        hashes = tuple(hashes)
         if not with_slots:
-            return Lookup(ns=ns, hashes=tuple(hashes), lease_ms=lease_ms)
+            return Lookup(ns=ns, hashes=hashes, lease_ms=lease_ms,
+                          hashes_file=self._hashes_file(hashes, offset))
         if not lease_ms:
             raise ValueError("slot references need a lease (lease_ms > 0)")
         if self._hello is None:
             self.connect()  # the request carries the token HELLO hands out
-        return Lookup(ns=ns, hashes=tuple(hashes), lease_ms=lease_ms, shm=True,
-                      token=self._token())
+        return Lookup(ns=ns, hashes=hashes, lease_ms=lease_ms, shm=True, token=self._token(),
+                      hashes_file=self._hashes_file(hashes, offset))
+
+    def _hashes_file(self, hashes: tuple[bytes, ...], offset: int) -> tuple[str, int, int] | None:
+        """(name, offset, hash size) once hashes are written in this client's hash file, when
+        they go that way: on the daemon's host, which takes them, enough of them to gain by it,
+        all of one length, and room left at offset (kvstore/hashfiles.py); else None (inline)."""
+        if (len(hashes) < HASH_FILE_MIN_HASHES or self.pool is None or self._hello is None
+                or not self._hello.hash_files or self._hash_file_failed):
+            return None
+        if self._hash_file is None:
+            try:
+                self._hash_file = HashFile()
+            except OSError:  # /dev/shm full or closed to us: inline, as over TCP
+                self._hash_file_failed = True
+                return None
+        size = len(hashes[0])
+        if not self._hash_file.put(hashes, size, offset):
+            return None
+        return self._hash_file.name, offset, size
+
+    def _drop_hash_file(self) -> None:
+        if self._hash_file is not None:
+            self._hash_file.close()
+            self._hash_file = None
+
+    def _reset(self) -> None:
+        """Drop the socket and the hash file: a new connection starts a new file (the daemon
+        holds the old one per connection, and unlinked its name)."""
+        super()._reset()
+        self._drop_hash_file()
 
     def release(self, lease: int) -> bool:
         return bool(self._request(Release(lease=lease)).released)

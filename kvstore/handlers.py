@@ -19,6 +19,7 @@ from kvstore.bulk import BULK_MIN_BYTES, BulkServer, Offer
 from kvstore.connections import Unsent
 from kvstore.errors import ProtocolError
 from kvstore.gate import Gate
+from kvstore.hashfiles import HashFiles
 from kvstore.keys import BlockHash, Namespace, SlotId
 from kvstore.listeners import Listener
 from kvstore.metrics import Metrics, ServerCounters, error_kinds, namespace_label
@@ -94,6 +95,7 @@ class Handlers:
         gate: Gate | None
         tier: TierLink | None
         unsent: Unsent
+        hash_files: HashFiles | None
 
         def _send(self, listener: Listener, owner: bytes, identity: zmq.Frame,
                   reply: Answer) -> None: ...
@@ -108,7 +110,8 @@ class Handlers:
             version=protocol.VERSION, segment=self.pool.path.name,
             segment_bytes=self.pool.size_bytes, token=self.pool.token,
             chunk_bytes=protocol.CHUNK_BYTES, pid=os.getpid(), max_rows=protocol.max_rows(),
-            max_put_bytes=protocol.MAX_PUT_BYTES, **self.store.slot_rules()))])
+            max_put_bytes=protocol.MAX_PUT_BYTES, hash_files=self.hash_files is not None,
+            **self.store.slot_rules()))])
 
     def _ping(self, req: Ping, _: list[zmq.Frame], call: Call) -> Answer:
         # When it was answered (CLOCK_MONOTONIC, one clock host-wide): a pinger on the host tells

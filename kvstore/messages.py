@@ -60,6 +60,9 @@ class Lookup:
     lease_ms: int = 0
     shm: bool = False
     token: bytes = b""
+    # (name, offset, hash size): a same-host client wrote hashes there (kvstore/hashfiles.py);
+    # the wire names the file instead of carrying them. The daemon's decode reads them back.
+    hashes_file: tuple[str, int, int] | None = None
 
 
 @dataclass(**_MESSAGE)
@@ -166,6 +169,7 @@ class HelloReply:
     max_reserved_bytes: int | None
     min_slot_bytes: int
     slot_align_bytes: int
+    hash_files: bool  # whether a LOOKUP may name a hash file (kvstore/hashfiles.py)
 
 
 @dataclass(**_MESSAGE)

@@ -37,7 +37,8 @@ _TRANSFER_BUCKETS_S = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0
 # "dropped" for replies ZeroMQ could not queue; "full" (a write refused, wholly or partly, for
 # lack of evictable room) and "timeout" (a reservation abandoned past its deadline) are not
 # error replies and are counted apart (error_kinds()).
-REPLY_ERROR_KINDS = ("protocol", "version", "stale_segment", "too_large", "internal", "dropped")
+REPLY_ERROR_KINDS = ("protocol", "version", "stale_segment", "too_large", "hashes_gone",
+                     "internal", "dropped")
 
 
 @dataclass

@@ -27,17 +27,22 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
     HELLO      {version}                          -> {version, segment, segment_bytes, token,
                                                       page_bytes, chunk_bytes, max_rows,
                                                       max_put_bytes, max_reserved_bytes,
-                                                      min_slot_bytes, slot_align_bytes}
+                                                      min_slot_bytes, slot_align_bytes,
+                                                      hash_files}
                max_rows: rows per message of each block-listing op ({"put": 512, ...});
                max_put_bytes: payload of a PUT of more than one block; max_reserved_bytes: slot
                bytes one connection may hold reserved (a slot is a block rounded up to
                min_slot_bytes, then to a multiple of slot_align_bytes). Larger requests are
-               answered "too_large".
+               answered "too_large". hash_files: whether a LOOKUP may name a hash file.
     PING       {}                                 -> {at_s}  (the daemon's time.monotonic())
     LOOKUP     {ns, hashes, lease_ms, shm, token} -> {num_hits, lease, slots, sizes}
                hashes of one length may travel packed: one bin of the hashes end to end, with
                hash_bytes their length (a prompt's 256 hashes decode ~5x faster than as a
                list); slots and sizes always travel packed, each a bin of little-endian uint64s.
+               A client on the daemon's host may instead write them into a file of its own (a
+               record per hash: a length byte, the hash, a zero) and send hashes_file = [name,
+               offset, count, hash_bytes] (kvstore/hashfiles.py; error "hashes_gone": send them
+               inline, start a new file).
                How many of hashes (chained, root first) are stored as a consecutive prefix. With
                lease_ms > 0 the hits are pinned for that long (lease = id, or nil when num_hits is
                0), so eviction cannot take them before they are read. lease_ms = 0 changes nothing.
@@ -91,7 +96,8 @@ Errors
     "too_large" (a block larger than one page, more rows or PUT bytes than HELLO's max_rows and
     max_put_bytes, nothing done; or a message of more than 1 + MAX_PAYLOAD_FRAMES frames: its
     frames are dropped as they are read), "busy" (this client's replies are not being
-    read). Nothing a client sends can crash the daemon, leak a slot, or grow its memory past the
+    read), "hashes_gone" (a LOOKUP's hashes_file is not one the daemon can read: send them
+    inline). Nothing a client sends can crash the daemon, leak a slot, or grow its memory past the
     bounds in this module and kvstore/clients.py. A connection's leases and reservations end when
     it closes.
 
@@ -110,6 +116,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from collections.abc import Callable
 from dataclasses import fields
 from functools import lru_cache
 from typing import Any
@@ -131,9 +138,12 @@ __all__ = ["CHUNK_BYTES", "MAX_BLOCKS", "MAX_GET_ROWS", "MAX_HEADER_BYTES", "MAX
            "Done", "Get", "GetReply", "Hello", "HelloReply", "Invalidate", "InvalidateReply",
            "Lookup", "LookupReply", "NsRequest", "Op", "Ping", "Pong", "Put", "PutReply",
            "Release", "ReleaseReply", "Reply", "Request", "Reserve", "ReserveReply", "Stats",
-           "StatsReply", "TooLarge", "chunk", "decode_header", "decode_reply", "decode_request",
-           "encode", "encode_error", "encode_reply", "encode_request", "max_rows", "num_frames",
-           "pack", "request", "size_refusal"]
+           "StatsReply", "HashesGone", "TooLarge", "chunk", "decode_header", "decode_reply",
+           "decode_request", "encode", "encode_error", "encode_reply", "encode_request",
+           "max_rows", "num_frames", "pack", "request", "size_refusal"]
+
+# A daemon's reader of a LOOKUP's hashes_file: (name, offset, count, hash_bytes) -> the hashes.
+ReadHashes = Callable[[str, int, int, int], tuple[BlockHash, ...]]
 
 CHUNK_BYTES = 4 * 1024 * 1024  # ZeroMQ moves 2-4 MiB frames ~4x faster than 32 MiB ones
 MAX_HEADER_BYTES = 2 << 20  # MAX_BLOCKS rows of two 64-byte hashes and a size (~1.2 MB) fit
@@ -203,6 +213,12 @@ def encode_request(op: Op, req_id: int, **fields: Any) -> bytes:
 
 def encode(req: Request, req_id: int) -> bytes:
     """The header frame of a typed request, under req_id (whatever req.req_id says)."""
+    if type(req) is Lookup and req.hashes_file is not None and not req.shm:
+        # A same-host scheduler's every lookup: spelled out, a third of the generic path's cost.
+        name, offset, size = req.hashes_file
+        return pack({"v": VERSION, "op": _LOOKUP, "id": req_id,
+                     "ns": [req.ns.name, req.ns.epoch], "lease_ms": req.lease_ms,
+                     "hashes_file": [name, offset, len(req.hashes), size]})
     return pack({"v": VERSION, "op": int(req.OP), "id": req_id, **_wire_fields(req)})
 
 
@@ -218,11 +234,14 @@ def _wire_fields(req: Request) -> dict[str, Any]:
                 "sizes": list(req.sizes)}
     if isinstance(req, Lookup) and not req.shm:  # the hot path: a scheduler's every lookup
         return {"ns": [req.ns.name, req.ns.epoch], "lease_ms": req.lease_ms,
-                **_hashes_wire(req.hashes)}
+                **_lookup_hashes_wire(req)}
     out = {name: getattr(req, name) for name in _field_names(type(req)) if name != "req_id"}
     if "ns" in out:
         out["ns"] = _ns_wire(out["ns"])
-    if "hashes" in out:
+    if isinstance(req, Lookup):
+        del out["hashes"], out["hashes_file"]
+        out.update(_lookup_hashes_wire(req))
+    elif "hashes" in out:
         out.update(_hashes_wire(out["hashes"]))
     if isinstance(req, (Lookup, Get)) and not req.shm:
         del out["shm"], out["token"]  # only a shared-memory request proves the segment
@@ -247,6 +266,13 @@ def _hashes_wire(hashes: tuple[BlockHash, ...]) -> dict[str, Any]:
         if len(blob) == size * len(hashes) and _all_of_length(hashes, size):
             return {"hashes": blob, "hash_bytes": size}
     return {"hashes": list(hashes)}
+
+
+def _lookup_hashes_wire(req: Lookup) -> dict[str, Any]:
+    if req.hashes_file is None:
+        return _hashes_wire(req.hashes)
+    name, offset, size = req.hashes_file
+    return {"hashes_file": [name, offset, len(req.hashes), size]}
 
 
 def _all_of_length(hashes: tuple[BlockHash, ...], size: int) -> bool:
@@ -304,6 +330,10 @@ def encode_reply(req_id: int | None, reply: Reply | None = None, **values: Any) 
 def decode_reply(op: Op, header: dict[str, Any]) -> Any:
     """A successful reply header of op as its typed reply; raises ProtocolError when a field is
     missing or of the wrong type (a daemon of another build)."""
+    if op is Op.LOOKUP and "slots" not in header:  # the hot path, checked as below
+        num_hits, lease = header.get("num_hits"), header.get("lease", False)
+        if type(num_hits) is int and num_hits >= 0 and (lease is None or type(lease) is int):
+            return LookupReply(num_hits=num_hits, lease=lease)
     kind = REPLY_TYPES[op]
     if op is Op.LOOKUP and "slots" in header:
         header = _unpacked_slots(header)
@@ -387,11 +417,21 @@ class TooLarge(ProtocolError):
         self.req_id = req_id  # for the refusal's reply
 
 
-def decode_request(frames: list[bytes | memoryview], check_rows: bool = False) -> Request:
+class HashesGone(ProtocolError):
+    """A LOOKUP names a hash file the daemon cannot read (error "hashes_gone": the client sends
+    the hashes inline and starts a new file; kvstore/hashfiles.py)."""
+
+    req_id: int | None = None  # for the refusal's reply, set once the header's id is read
+
+
+def decode_request(frames: list[bytes | memoryview], check_rows: bool = False,
+                   read_hashes: ReadHashes | None = None) -> Request:
     """Validate a request's frames (header first) into a Request; raises ProtocolError. With
     check_rows, a request over its op's row cap raises TooLarge before its rows are validated:
     one by one in Python that is most of a refused message's cost (~15 ms for 8,192 RESERVE
-    rows, against ~2 ms to unpack them), and a refused message must cost the loop little."""
+    rows, against ~2 ms to unpack them), and a refused message must cost the loop little.
+    read_hashes reads a LOOKUP's hashes_file (the daemon's, on the client's host); without it
+    a LOOKUP that names one is refused."""
     if not frames:
         raise ProtocolError("empty message")
     h = decode_header(frames[0])
@@ -405,13 +445,43 @@ def decode_request(frames: list[bytes | memoryview], check_rows: bool = False) -
         raise ProtocolError(f"header version {h.get('v')!r}, this daemon speaks {VERSION}")
     if check_rows:
         _check_rows(op, h, req_id)
+    file_hashes = None
+    if op is Op.LOOKUP and "hashes_file" in h:
+        file_hashes = _hashes_from_file(h, read_hashes, req_id)
     decoder = _DECODERS[op]
     values = decoder(h)
+    if file_hashes is not None:
+        values["hashes"] = file_hashes
     num_payload = len(frames) - 1
     expected = sum(num_frames(n) for n in values.get("sizes", ())) if op is Op.PUT else 0
     if num_payload != expected:
         raise ProtocolError(f"{op.name} carries {num_payload} payload frames, expected {expected}")
     return request(op, req_id, **values)
+
+
+def _hashes_from_file(h: dict[str, Any], read_hashes: ReadHashes | None,
+                      req_id: int) -> tuple[BlockHash, ...]:
+    """A LOOKUP's hashes named by hashes_file [name, offset, count, hash_bytes] (which leaves h,
+    its hashes an empty list for the decoder to pass)."""
+    if read_hashes is None:
+        raise ProtocolError("'hashes_file' is not served here (another host, or CURVE): send "
+                            "the hashes inline")
+    if "hashes" in h:
+        raise ProtocolError("a LOOKUP carries 'hashes' or 'hashes_file', not both")
+    ref = h.pop("hashes_file")
+    if not isinstance(ref, list) or len(ref) != 4 or not isinstance(ref[0], str):
+        raise ProtocolError("'hashes_file' must be [name, offset, count, hash_bytes]")
+    name, offset, count, size = ref
+    if not (type(offset) is int and 0 <= offset <= 2**31 and type(count) is int
+            and 0 < count <= MAX_BLOCKS and type(size) is int and 0 < size <= MAX_HASH_BYTES):
+        raise ProtocolError(f"'hashes_file' needs an offset in [0, 2**31], a count in [1, "
+                            f"{MAX_BLOCKS}] and hash_bytes in [1, {MAX_HASH_BYTES}]: {ref!r}")
+    h["hashes"] = []
+    try:
+        return read_hashes(name, offset, count, size)
+    except HashesGone as exc:
+        exc.req_id = req_id
+        raise
 
 
 def _check_rows(op: Op, h: dict[str, Any], req_id: int) -> None:
@@ -593,6 +663,7 @@ _MAX_ROWS = {Op.PUT: MAX_WRITE_ROWS, Op.RESERVE: MAX_WRITE_ROWS, Op.COMMIT: MAX_
 _LISTING_OPS = (Op.LOOKUP, Op.GET, Op.RESERVE, Op.COMMIT, Op.ABORT, Op.PUT)
 
 _OPS = {int(op): op for op in Op}  # by wire value: Op(value) runs EnumType.__call__ in Python
+_LOOKUP = int(Op.LOOKUP)
 
 _DECODERS = {
     Op.HELLO: _hello, Op.PING: _empty, Op.LOOKUP: _lookup, Op.GET: _get,

@@ -12,6 +12,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import zmq
@@ -23,6 +24,7 @@ from kvstore.connections import MAX_UNSENT_AGE_S, Unsent
 from kvstore.errors import ProtocolError
 from kvstore.gate import Gate, user_id
 from kvstore.gcpolicy import FullPasses
+from kvstore.hashfiles import HashFiles
 from kvstore.handlers import SLICE_BLOCKS, Answer, Call, Handlers, Refused, TierSlots
 from kvstore.inbox import Oversized
 from kvstore.listeners import AddressInUse, Listener
@@ -93,6 +95,9 @@ class Server(Handlers):
                     self.bulk[listener.index] = BulkServer(bulk_host(listener.address))
                 except OSError as exc:  # e.g. an interface name: its GETs stay on ZeroMQ
                     log.warning("no side stream next to %s: %s", listener.address, exc)
+        # Same-host LOOKUPs' hashes read from the clients' files (kvstore/hashfiles.py); none
+        # under CURVE, where a remote client has no file and a name must not reach local files.
+        self.hash_files = HashFiles() if self.gate is None else None
         self._stopping = False
         self._releases = Releases(give_back)  # big messages' frames, let go in slices
         # The daemon's own full GC passes (kvstore/gcpolicy.py; set by `kvstore serve`): None
@@ -202,6 +207,8 @@ class Server(Handlers):
         self.metrics.close()
         for listener in self.listeners:
             listener.close()
+        if self.hash_files is not None:
+            self.hash_files.close()
         for bulk in self.bulk.values():
             bulk.close()
         if self.gate is not None:
@@ -247,11 +254,13 @@ class Server(Handlers):
         # The connection a message came on: its holdings end when it closes (Connections).
         fd = body[0].get(zmq.SRCFD) if body else -1
         for ended in listener.connections.seen(identity.bytes, fd):
-            self.store.end_client(listener.owner(ended))
+            self._end_client(listener.owner(ended))
         req_id, op = None, None
         errors = self.counters.num_errors
         try:
-            request = protocol.decode_request([f.buffer for f in body], check_rows=True)
+            read_hashes = None if self.hash_files is None else partial(self.hash_files.read, owner)
+            request = protocol.decode_request([f.buffer for f in body], check_rows=True,
+                                              read_hashes=read_hashes)
             req_id, op = request.req_id, request.OP
             name = self._op_names[op]
             self.counters.num_requests[name] = self.counters.num_requests.get(name, 0) + 1
@@ -269,6 +278,9 @@ class Server(Handlers):
         except protocol.TooLarge as exc:  # refused from its row count, its rows never read
             errors["too_large"] = errors.get("too_large", 0) + 1
             reply = Answer([protocol.encode_error(exc.req_id, "too_large", str(exc))])
+        except protocol.HashesGone as exc:  # the client sends them inline instead
+            errors["hashes_gone"] += 1
+            reply = Answer([protocol.encode_error(exc.req_id, "hashes_gone", str(exc))])
         except ProtocolError as exc:
             errors["protocol"] += 1
             log.warning("bad request from %s: %s", identity.bytes.hex(), exc)
@@ -318,7 +330,7 @@ class Server(Handlers):
         and drop invalidated blocks, a slice at a time; whether work is left for the next step."""
         for listener in self.listeners:
             for ended in listener.connections.closed():
-                self.store.end_client(listener.owner(ended))
+                self._end_client(listener.owner(ended))
         self._collect_sent()
         for owner in self.unsent.stale(time.monotonic() - MAX_UNSENT_AGE_S):
             index, identity = listeners.identity_of(owner)
@@ -331,6 +343,12 @@ class Server(Handlers):
         if self.full_passes is not None:
             self.full_passes.collect_if_due(time.monotonic())
         return self.store.drain_invalidated(SLICE_BLOCKS) or self.store.is_expiry_due()
+
+    def _end_client(self, owner: bytes) -> None:
+        """A connection closed: its leases, reservations and hash file end."""
+        self.store.end_client(owner)
+        if self.hash_files is not None:
+            self.hash_files.end(owner)
 
     def _collect_sent(self) -> None:
         for entries in self.unsent.collect():

@@ -25,6 +25,8 @@ class FakeBench:
         # The same requests from a bare DEALER: 30 us (ping) and 50 us (lookup) less client code.
         self.series["raw_ping"] = [80.0, 190.0]
         self.series[f"raw_lookup{lc.BARE_HASHES}"] = [336.0, 426.0]
+        # The same LOOKUP inline instead of by hash file: 12 us more.
+        self.series[f"raw_lookup{lc.BARE_HASHES}_inline"] = [348.0, 438.0]
         self.cpu = {w: [lc.CLOCK_TICKS, 1000] for w in lc.WINDOWS_US}  # 1 s over 1000 calls
         self.paced_cpu = {w: [lc.CLOCK_TICKS, 2000] for w in lc.WINDOWS_US}
 
@@ -51,6 +53,7 @@ def test_derived_costs_come_from_the_default_window() -> None:
     assert d["lookup1_minus_ping_us"] == 1.0
     assert d["client_us_ping"] == 30.0  # ping 165 - raw_ping 135 (medians)
     assert d[f"client_us_lookup{lc.BARE_HASHES}"] == 50.0  # 431 - 381
+    assert d[f"file_saves_us_lookup{lc.BARE_HASHES}"] == 12.0  # 393 - 381
     assert d["daemon_cpu_us_per_lookup_release"][str(lc.DEFAULT_BUSY_POLL_US)] == 1000.0
     assert d["daemon_cpu_us_per_paced_ping"][str(lc.DEFAULT_BUSY_POLL_US)] == 500.0
 
@@ -63,3 +66,4 @@ def test_render_has_a_column_per_window_and_marks_the_default() -> None:
     rows = [line for line in text.splitlines() if line.startswith("| lookup")]
     assert len(rows) == len(lc.NUM_HASHES)
     assert "the Client's Python costs 30 us of a PING and 50 us of that LOOKUP" in text
+    assert "inline (the file saves 12 us)" in text

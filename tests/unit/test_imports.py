@@ -33,7 +33,9 @@ ALLOWED: dict[str, set[str]] = {
     "messages": {"keys"},
     "protocol": {"keys", "errors", "messages"},
     "calls": {"protocol", "errors", "ipc"},
-    "client": {"calls", "protocol", "keys", "errors", "pool", "ipc", "bulk"},
+    "client": {"calls", "protocol", "keys", "errors", "pool", "ipc", "bulk", "hashfiles"},
+    # A same-host LOOKUP's hashes through a file: both ends, no cache logic.
+    "hashfiles": {"errors", "keys", "pool", "protocol"},
     # A TCP GET's payload on a side stream (issue 12): plain sockets, no kvstore parts.
     "bulk": set(),
     "ipc": set(),
@@ -51,10 +53,10 @@ ALLOWED: dict[str, set[str]] = {
     "cluster": {"client", "directory", "keys", "tiers"},
     # The loop decodes, calls the Store, encodes and sends: none of the Store's parts.
     "handlers": {"listeners", "protocol", "connections", "errors", "gate", "keys", "metrics",
-                 "pool", "store", "tiers", "bulk"},
+                 "pool", "store", "tiers", "bulk", "hashfiles"},
     "server": {"ipc", "listeners", "protocol", "config", "connections", "errors", "gate", "inbox",
                "malloc", "metrics", "pool", "store", "gcpolicy", "releases", "tiers", "handlers", "cluster",
-               "bulk"},
+               "bulk", "hashfiles"},
     "cli": {"config", "errors", "ipc", "keys", "units", "malloc", "pool", "server", "tenants",
             "client", "gcpolicy"},
 }

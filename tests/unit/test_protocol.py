@@ -273,7 +273,8 @@ def test_reply_decode_checks_the_fields_clients_act_on() -> None:
     header = {"v": 1, "id": 1, "ok": True, "num_hits": 2, "lease": 7}
     assert decode_reply(Op.LOOKUP, header) == LookupReply(num_hits=2, lease=7)
     for bad in ({"num_hits": 2}, {"num_hits": "2", "lease": 7}, {"num_hits": 2, "lease": b"7"},
-                {"num_hits": -1, "lease": None}):
+                {"num_hits": -1, "lease": None}, {"num_hits": True, "lease": 7},
+                {"num_hits": 2, "lease": True}):
         with pytest.raises(ProtocolError):
             decode_reply(Op.LOOKUP, bad)
     assert decode_reply(Op.PING, {"ok": True}) == Pong()  # a daemon that does not stamp PINGs
