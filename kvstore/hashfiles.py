@@ -160,7 +160,6 @@ def _open(name: str) -> int:
     return fd
 
 
-
 def record_bytes(count: int, size: int) -> int:
     """Bytes of count records of size-byte hashes in a hash file."""
     return count * (size + 2)
