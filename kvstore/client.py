@@ -185,16 +185,20 @@ class Client(Calls):
         (tensor parallelism: a namespace per rank). A failed one fails all; their leases expire."""
         if self._hello is None:
             self.connect()
-        try:
-            replies = self._call_many(self._lookup_requests(queries, lease_ms, with_slots))
-        except ServerError as exc:
-            if exc.code == "stale_segment":
-                self.connect()  # the daemon restarted between calls: once more, its new token
-            elif exc.code == "hashes_gone":
-                self._drop_hash_file()  # the daemon no longer holds it: these go inline
-            else:
-                raise
-            replies = self._call_many(self._lookup_requests(queries, lease_ms, with_slots))
+        # A daemon restarted between calls answers each refusal below once, in either order.
+        retries = {"stale_segment", "hashes_gone"}
+        while True:
+            try:
+                replies = self._call_many(self._lookup_requests(queries, lease_ms, with_slots))
+                break
+            except ServerError as exc:
+                if exc.code not in retries:
+                    raise
+                retries.discard(exc.code)
+                if exc.code == "stale_segment":
+                    self.connect()  # again, with the new segment's token
+                else:
+                    self._drop_hash_file()  # the daemon no longer holds it: these go inline
         return [_found(r, self._token() if with_slots else None) for r in replies]
 
     def _lookup_requests(self, queries: Sequence[tuple[Namespace, Sequence[bytes]]],

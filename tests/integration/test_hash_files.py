@@ -101,12 +101,34 @@ def test_a_restarted_daemon_answers_hashes_gone_once_and_the_client_goes_on(make
         first = client._hash_file
         assert first is not None
         d.restart()
-        client.put(NS, as_chain(hashes[:100], random_blocks(2, [BLOCK_BYTES] * 100)))
-        assert client.lookup(NS, hashes).num_hits == 100
+        with Client(d.address, timeout_s=2.0) as writer:  # the first client's next call: LOOKUP
+            writer.put(NS, as_chain(hashes[:100], random_blocks(2, [BLOCK_BYTES] * 100)))
+        found = client.lookup(NS, hashes, lease_ms=5000, with_slots=True)  # then stale_segment
+        assert found.num_hits == 100 and client.maps(found.token) and client.release(found.lease)
         assert stats(d.address)["errors_by_kind"].get("hashes_gone") == 1
         assert client._hash_file is not None and client._hash_file is not first
         assert client.lookup(NS, hashes).num_hits == 100  # by the new file, no error
         assert stats(d.address)["errors_by_kind"].get("hashes_gone") == 1
+
+
+@pytest.mark.timeout(90)
+def test_lookup_many_with_slots_goes_on_across_a_daemon_restart(make_daemon):
+    """After a restart a tensor-parallel lookup meets both refusals in turn (hashes_gone for the
+    old file, stale_segment for the old segment's token): it must answer, not fail."""
+    d = make_daemon().start()
+    hashes = sha_chain("restart-many", 128)
+    ranks = [Namespace(b"hash-files-r0"), Namespace(b"hash-files-r1")]
+    with Client(d.address, timeout_s=2.0) as client:
+        assert [r.num_hits for r in client.lookup_many([(ns, hashes) for ns in ranks])] == [0, 0]
+        d.restart()
+        with Client(d.address, timeout_s=2.0) as writer:  # the first client's next call: LOOKUP
+            for ns in ranks:
+                writer.put(ns, as_chain(hashes[:50], random_blocks(3, [BLOCK_BYTES] * 50)))
+        found = client.lookup_many([(ns, hashes) for ns in ranks], lease_ms=5000,
+                                   with_slots=True)
+        assert [r.num_hits for r in found] == [50, 50]
+        assert all(client.maps(r.token) and len(r.slots) == 50 for r in found)
+        assert all(client.release(r.lease) for r in found)
 
 
 def _lookup_by_file(sock, name: str, offset: int = 0,  # type: ignore[no-untyped-def]
