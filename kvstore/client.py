@@ -29,6 +29,9 @@ from kvstore.pool import Pool
 from kvstore.protocol import (Abort, Commit, Get, GetReply, Hello, HelloReply, Invalidate, Lookup,
                               LookupReply, Ping, Put, Release, Request, Reserve, Stats)
 
+# What a daemon restarted between calls refuses once per call, for the segment or hash file of
+# the daemon before it (Client._recover).
+_RESTART_REFUSALS = ("stale_segment", "hashes_gone")
 # First wait before asking again for the rest of a partial TCP GET answered busy (doubles).
 _BUSY_RETRY_S = 0.001
 
@@ -170,13 +173,7 @@ class Client(Calls):
         trust the copy only if release() then says True (the lease held throughout)."""
         if self._hello is None:
             self.connect()  # first: whether the hashes may go by file is in HELLO's answer
-        try:
-            reply = self._request(self._lookup_request(ns, hashes, lease_ms, with_slots))
-        except ServerError as exc:
-            if exc.code != "hashes_gone":
-                raise
-            self._drop_hash_file()  # the daemon no longer holds it: these go inline
-            reply = self._request(self._lookup_request(ns, hashes, lease_ms, with_slots))
+        reply = self._request(self._lookup_request(ns, hashes, lease_ms, with_slots))
         return _found(reply, self._token() if with_slots else None)
 
     def lookup_many(self, queries: Sequence[tuple[Namespace, Sequence[bytes]]],
@@ -185,20 +182,13 @@ class Client(Calls):
         (tensor parallelism: a namespace per rank). A failed one fails all; their leases expire."""
         if self._hello is None:
             self.connect()
-        # A daemon restarted between calls answers each refusal below once, in either order.
-        retries = {"stale_segment", "hashes_gone"}
+        retries = _RESTART_REFUSALS
         while True:
             try:
                 replies = self._call_many(self._lookup_requests(queries, lease_ms, with_slots))
                 break
             except ServerError as exc:
-                if exc.code not in retries:
-                    raise
-                retries.discard(exc.code)
-                if exc.code == "stale_segment":
-                    self.connect()  # again, with the new segment's token
-                else:
-                    self._drop_hash_file()  # the daemon no longer holds it: these go inline
+                retries = self._recover(exc, retries)
         return [_found(r, self._token() if with_slots else None) for r in replies]
 
     def _lookup_requests(self, queries: Sequence[tuple[Namespace, Sequence[bytes]]],
@@ -610,20 +600,39 @@ class Client(Calls):
         return max(1, int(announced.get(op, protocol.MAX_BLOCKS)))
 
     def _request(self, req: Request) -> Any:
-        """req's typed reply (protocol.py); a shared-memory request is retried once after a
-        daemon restart, with the new segment's token."""
+        """req's typed reply (protocol.py), sent again after each refusal a daemon restarted
+        between calls gives (_recover)."""
         if self._hello is None:
             self.connect()
-        try:
-            return self._call(req)
-        except ServerError as exc:
-            if exc.code != "stale_segment":
-                raise
-        # The daemon restarted between calls: re-attach and retry once with the new token.
-        self.connect()
+        retries = _RESTART_REFUSALS
+        while True:
+            try:
+                return self._call(req)
+            except ServerError as exc:
+                retries = self._recover(exc, retries)
+            req = self._renewed(req)
+
+    def _recover(self, exc: ServerError, retries: tuple[str, ...]) -> tuple[str, ...]:
+        """Make good a refusal from a daemon restarted between calls, each kind once per call
+        (retries: the kinds left; returns those left after this one), in either order:
+        re-attach its segment (stale_segment) or drop the hash file it never held
+        (hashes_gone). Anything else raises exc."""
+        if exc.code not in retries:
+            raise exc
+        if exc.code == "stale_segment":
+            self.connect()
+        else:
+            self._drop_hash_file()
+        return tuple(code for code in retries if code != exc.code)
+
+    def _renewed(self, req: Request) -> Request:
+        """req to send again after _recover(): a LOOKUP built anew (the new token, a new hash
+        file), another request with the new token."""
+        if isinstance(req, Lookup):
+            return self._lookup_request(req.ns, req.hashes, req.lease_ms, req.shm)
         if getattr(req, "token", b""):
-            req = dataclasses.replace(req, token=self._token())  # type: ignore[type-var]
-        return self._call(req)
+            return dataclasses.replace(req, token=self._token())  # type: ignore[type-var]
+        return req
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     """items in consecutive slices of at most size (one empty slice for no items)."""

@@ -19,7 +19,8 @@ on a connection's first use, without following links or blocking, only a regular
 unlinks it at once: from then on the open descriptor, kept per connection, is the only way to it,
 and nothing is left behind when either process dies. A later request naming a file the daemon no
 longer holds (restarted, connection replaced, evicted) answers "hashes_gone" and the client sends
-that lookup's hashes inline and starts a new file. Off under CURVE: a remote client has no file.
+that lookup again by a new file (inline if /dev/shm refuses one). Off under CURVE: a remote
+client has no file.
 
 Safety: the daemon copies the bytes out with pread, so a client rewriting its file can only
 change its own lookup's answer, as sending other hashes would; the client never writes while a
@@ -37,13 +38,12 @@ import stat
 import struct
 import weakref
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
 from kvstore import pool as pool_module
 from kvstore.errors import ProtocolError
 from kvstore.keys import MAX_HASH_BYTES
-from kvstore.protocol import HashesGone
+from kvstore.protocol import HashesGone, repeated
 
 PREFIX = "kvstore-hashes-"
 _NAME = re.compile(re.escape(PREFIX) + r"[0-9a-f]{32}")
@@ -84,7 +84,7 @@ class HashFile:
         if self._map is None or end > FILE_BYTES or not 0 < size <= MAX_HASH_BYTES:
             return False
         try:
-            _writer(len(hashes), size).pack_into(self._map, offset, *hashes)
+            repeated("{}p", len(hashes), size + 2).pack_into(self._map, offset, *hashes)
         except struct.error:  # not bytes (a memoryview, say)
             return False
         return self._map[offset:end:size + 2] == bytes((size,)) * len(hashes)
@@ -127,7 +127,7 @@ class HashFiles:
         data = os.pread(held[1], nbytes, offset)
         if len(data) != nbytes:
             raise HashesGone(f"hash file {name} holds no {count} hashes at offset {offset}")
-        return _reader(count, size).unpack(data)  # type: ignore[no-any-return]
+        return repeated("x{}sx", count, size).unpack(data)  # type: ignore[no-any-return]
 
     def end(self, owner: bytes) -> None:
         """owner's connection closed: its file goes too."""
@@ -164,12 +164,3 @@ def record_bytes(count: int, size: int) -> int:
     """Bytes of count records of size-byte hashes in a hash file."""
     return count * (size + 2)
 
-
-@lru_cache(maxsize=64)  # bounded: a hostile client's many shapes only churn it
-def _writer(count: int, size: int) -> struct.Struct:
-    return struct.Struct(f"{size + 2}p" * count)
-
-
-@lru_cache(maxsize=64)
-def _reader(count: int, size: int) -> struct.Struct:
-    return struct.Struct(f"x{size}sx" * count)

@@ -42,7 +42,7 @@ Messages (request fields -> reply fields; every reply has "ok": true and echoes 
                A client on the daemon's host may instead write them into a file of its own (a
                record per hash: a length byte, the hash, a zero) and send hashes_file = [name,
                offset, count, hash_bytes] (kvstore/hashfiles.py; error "hashes_gone": send them
-               inline, start a new file).
+               inline, or by a new file).
                How many of hashes (chained, root first) are stored as a consecutive prefix. With
                lease_ms > 0 the hits are pinned for that long (lease = id, or nil when num_hits is
                0), so eviction cannot take them before they are read. lease_ms = 0 changes nothing.
@@ -140,7 +140,7 @@ __all__ = ["CHUNK_BYTES", "MAX_BLOCKS", "MAX_GET_ROWS", "MAX_HEADER_BYTES", "MAX
            "Release", "ReleaseReply", "Reply", "Request", "Reserve", "ReserveReply", "Stats",
            "StatsReply", "HashesGone", "TooLarge", "chunk", "decode_header", "decode_reply",
            "decode_request", "encode", "encode_error", "encode_reply", "encode_request",
-           "max_rows", "num_frames", "pack", "request", "size_refusal"]
+           "max_rows", "num_frames", "pack", "repeated", "request", "size_refusal"]
 
 # A daemon's reader of a LOOKUP's hashes_file: (name, offset, count, hash_bytes) -> the hashes.
 ReadHashes = Callable[[str, int, int, int], tuple[BlockHash, ...]]
@@ -213,12 +213,11 @@ def encode_request(op: Op, req_id: int, **fields: Any) -> bytes:
 
 def encode(req: Request, req_id: int) -> bytes:
     """The header frame of a typed request, under req_id (whatever req.req_id says)."""
-    if type(req) is Lookup and req.hashes_file is not None and not req.shm:
-        # A same-host scheduler's every lookup: spelled out, a third of the generic path's cost.
-        name, offset, size = req.hashes_file
+    if type(req) is Lookup and not req.shm:
+        # A scheduler's every lookup: spelled out, without the generic path's merge of fields.
         return pack({"v": VERSION, "op": _LOOKUP, "id": req_id,
                      "ns": [req.ns.name, req.ns.epoch], "lease_ms": req.lease_ms,
-                     "hashes_file": [name, offset, len(req.hashes), size]})
+                     **_lookup_hashes_wire(req)})
     return pack({"v": VERSION, "op": int(req.OP), "id": req_id, **_wire_fields(req)})
 
 
@@ -232,9 +231,6 @@ def _wire_fields(req: Request) -> dict[str, Any]:
     if isinstance(req, Put):
         return {"ns": _ns_wire(req.ns), "blocks": [list(r) for r in zip(req.hashes, req.parents)],
                 "sizes": list(req.sizes)}
-    if isinstance(req, Lookup) and not req.shm:  # the hot path: a scheduler's every lookup
-        return {"ns": [req.ns.name, req.ns.epoch], "lease_ms": req.lease_ms,
-                **_lookup_hashes_wire(req)}
     out = {name: getattr(req, name) for name in _field_names(type(req)) if name != "req_id"}
     if "ns" in out:
         out["ns"] = _ns_wire(out["ns"])
@@ -284,7 +280,7 @@ def _all_of_length(hashes: tuple[BlockHash, ...], size: int) -> bool:
     is a Python call); the request's encode was a third of a 256-hash LOOKUP's client time."""
     if size <= MAX_HASH_BYTES:  # a length byte holds it (larger: refused by the daemon anyway)
         try:
-            packed = _pascals(len(hashes), size).pack(*hashes)
+            packed = repeated("{}p", len(hashes), size + 1).pack(*hashes)
         except struct.error:  # not bytes (a memoryview, say): the plain way below
             pass
         else:
@@ -419,7 +415,7 @@ class TooLarge(ProtocolError):
 
 class HashesGone(ProtocolError):
     """A LOOKUP names a hash file the daemon cannot read (error "hashes_gone": the client sends
-    the hashes inline and starts a new file; kvstore/hashfiles.py)."""
+    it again by a new file; kvstore/hashfiles.py)."""
 
     req_id: int | None = None  # for the refusal's reply, set once the header's id is read
 
@@ -564,17 +560,15 @@ def _packed_hashes(h: dict[str, Any]) -> tuple[BlockHash, ...]:
     count = len(blob) // size
     if count > MAX_BLOCKS:
         raise ProtocolError(f"'hashes' must hold at most {MAX_BLOCKS} hashes, got {count}")
-    return _splitter(count, size).unpack(blob) if count else ()
+    return repeated("{}s", count, size).unpack(blob) if count else ()
 
 
-@lru_cache(maxsize=64)  # bounded: a hostile client's many shapes only churn it
-def _splitter(count: int, size: int) -> struct.Struct:
-    return struct.Struct(f"{size}s" * count)
-
-
-@lru_cache(maxsize=64)
-def _pascals(count: int, size: int) -> struct.Struct:
-    return struct.Struct(f"{size + 1}p" * count)
+@lru_cache(maxsize=256)  # bounded: a hostile client's many shapes only churn it
+def repeated(field: str, count: int, size: int) -> struct.Struct:
+    """A struct of count fields, each field (a template such as "{}s") filled with size: a
+    message's hashes packed or split in one C call. The template is a constant, so a call
+    hashes no new string."""
+    return struct.Struct(field.format(size) * count)
 
 
 def _pairs(h: dict[str, Any], width: int) -> list[list[Any]]:
